@@ -1,0 +1,34 @@
+"""Per-SaaS adapters behind one small interface (see :mod:`adapters.base`).
+
+``get_adapter(name, options)`` builds the adapter an upstream names in the rules file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Adapter, AdapterOptionsError, NotCompensable, Operation, PlannedRequest, SyntheticResponse, UndoPlan
+
+_REGISTRY: dict[str, str] = {
+    "generic": "adapters.generic:GenericRestAdapter",
+}
+
+
+def adapter_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(name: str, options: dict[str, Any] | None = None) -> Adapter:
+    """Instantiate the adapter called ``name``; AdapterOptionsError names what is wrong."""
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise AdapterOptionsError(f"unknown adapter {name!r} (known: {', '.join(adapter_names())})")
+    module_name, _, cls_name = target.partition(":")
+    import importlib
+
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(options or {})
+
+
+__all__ = ["Adapter", "AdapterOptionsError", "NotCompensable", "Operation", "PlannedRequest", "SyntheticResponse",
+           "UndoPlan", "adapter_names", "get_adapter"]

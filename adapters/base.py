@@ -1,0 +1,226 @@
+"""The adapter interface: one upstream's knowledge, behind a few pure methods.
+
+An adapter answers questions about a SaaS API that the gateway cannot answer generically:
+
+* how its paths behave (case-insensitive object names, id formats, method overrides);
+* whether a request is a composite/batch request, and which sub-operations it really executes;
+* what a realistic synthetic response to a dry-run write looks like;
+* how to read the pre-image of a record and how to undo a write (the compensation plan);
+* whether a response is a failure despite its status (Slack's ``{"ok": false}`` with 200);
+* how to stamp provenance into the record being written.
+
+Methods that *decide* do no I/O, so they are tested with plain data (as mitmproxy tests addons with fake
+flows); the gateway performs every request an adapter plans, through its normal forward path.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+JSON_CT = "application/json"
+FORM_CT = "application/x-www-form-urlencoded"
+
+
+@dataclass(slots=True)
+class Operation:
+    """One operation the upstream will execute: the request itself, or one unpacked sub-request."""
+
+    method: str
+    path: str  # raw, validated, upstream-relative path (what is forwarded)
+    query: str = ""
+    segments: tuple[str, ...] = ()
+    body: Any = None  # parsed body (JSON value, or dict for a form), None when there is none
+    content_type: str | None = None
+    raw_body: bytes | None = None
+    ref: str | None = None  # a composite sub-request's reference id
+    index: int | None = None  # position inside a composite request
+    # filled in by matching
+    capability: Any = None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SyntheticResponse:
+    status: int
+    body: Any = None  # JSON-serialisable, or bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = JSON_CT
+
+    def body_bytes(self) -> bytes:
+        if self.body is None:
+            return b""
+        if isinstance(self.body, bytes):
+            return self.body
+        return orjson.dumps(self.body)
+
+
+@dataclass(slots=True)
+class PlannedRequest:
+    """A request the gateway will send on an adapter's behalf (a pre-image read, an undo step)."""
+
+    method: str
+    path: str
+    query: str = ""
+    body: Any = None
+    content_type: str | None = JSON_CT
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "path": self.path, "query": self.query, "body": self.body,
+                "content_type": self.content_type, "headers": self.headers}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PlannedRequest":
+        return cls(method=d["method"], path=d["path"], query=d.get("query", ""), body=d.get("body"),
+                   content_type=d.get("content_type"), headers=d.get("headers") or {})
+
+
+@dataclass(slots=True)
+class UndoPlan:
+    """How to undo one write. ``kind`` is delete / restore / recreate / cancel / void / custom.
+
+    ``request`` may contain ``{created_id}`` placeholders filled from the forward response when the plan
+    is armed. ``expect`` holds the values the agent wrote (for conflict detection before restoring)."""
+
+    kind: str
+    request: PlannedRequest | None = None
+    pre_image: Any = None
+    expect: dict[str, Any] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "request": self.request.to_dict() if self.request else None,
+                "pre_image": self.pre_image, "expect": self.expect, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UndoPlan":
+        req = d.get("request")
+        return cls(kind=d["kind"], request=PlannedRequest.from_dict(req) if req else None,
+                   pre_image=d.get("pre_image"), expect=d.get("expect"), note=d.get("note", ""))
+
+
+class NotCompensable(Exception):
+    """This write cannot be undone (raised by plan_undo with the reason)."""
+
+
+class AdapterOptionsError(ValueError):
+    """Adapter options in the rules file are wrong; the message names the option."""
+
+
+class Adapter:
+    """Generic behaviour; SaaS adapters override what differs."""
+
+    name: ClassVar[str] = "base"
+    case_insensitive_paths: ClassVar[bool] = False
+    default_param_pattern: ClassVar[str | None] = None
+    id_param_names: ClassVar[frozenset[str]] = frozenset({"id"})
+    id_pattern: ClassVar[str | None] = None
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+        unknown = set(self.options) - set(self.option_names())
+        if unknown:
+            raise AdapterOptionsError(f"unknown adapter option(s) for {self.name}: {', '.join(sorted(unknown))}")
+        self._id_re = re.compile(self.options.get("id_pattern") or self.id_pattern) if (
+            self.options.get("id_pattern") or self.id_pattern) else None
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("id_pattern",)
+
+    # -- matching -------------------------------------------------------------------------------
+
+    def param_pattern(self, name: str) -> re.Pattern[str] | None:
+        """Default pattern a path parameter must fully match (ids in the upstream's format)."""
+        if name in self.id_param_names and self._id_re is not None:
+            return self._id_re
+        return None
+
+    def infer_operation(self, method: str, template: str, effect: str) -> str:
+        if effect == "read":
+            return "read"
+        last = template.rstrip("/").rsplit("/", 1)[-1]
+        if method == "POST" and not last.startswith("{"):
+            return "create"
+        if method in ("PATCH", "PUT", "POST"):
+            return "update"
+        if method == "DELETE":
+            return "delete"
+        return "action"
+
+    def method_override(self, method: str, query: list[tuple[str, str]]) -> str | None:
+        """The method the upstream will really execute when the request carries an override it honours
+        (Salesforce's ``_HttpMethod``); None when there is no override this upstream honours."""
+        return None
+
+    # -- composite ------------------------------------------------------------------------------
+
+    def is_composite(self, op: Operation) -> bool:
+        """Is this a composite/batch endpoint whose sub-requests must each be matched and granted?"""
+        return False
+
+    def unpack(self, op: Operation) -> list[Operation] | None:
+        """Sub-operations of a composite/batch request, or None if ``op`` is a plain request.
+
+        Every sub-operation is matched, granted and validated on its own; raising TetherError refuses
+        the whole request."""
+        return None
+
+    # -- dry-run --------------------------------------------------------------------------------
+
+    def new_id(self, op: Operation) -> str:
+        return secrets.token_hex(12)
+
+    def synthetic_response(self, op: Operation, item_id: str) -> SyntheticResponse:
+        cap_op = getattr(op.capability, "operation", "action")
+        body = op.body if isinstance(op.body, dict) else {}
+        if cap_op == "create":
+            return SyntheticResponse(201, {"id": self.new_id(op), **body})
+        if cap_op == "delete":
+            return SyntheticResponse(204)
+        if cap_op in ("update", "upsert"):
+            rid = op.params.get("id")
+            return SyntheticResponse(200, ({"id": rid} if rid else {}) | body)
+        return SyntheticResponse(202, {"accepted": True, "dry_run": item_id})
+
+    # -- outcome --------------------------------------------------------------------------------
+
+    def is_failure(self, status: int, body: Any) -> bool:
+        return status >= 400
+
+    def created_ids(self, op: Operation, status: int, headers: dict[str, str], body: Any) -> list[str]:
+        if status >= 300 or not isinstance(body, dict):
+            return []
+        rid = body.get("id")
+        return [str(rid)] if rid is not None else []
+
+    # -- compensation ---------------------------------------------------------------------------
+
+    def pre_image_request(self, op: Operation) -> PlannedRequest | None:
+        """The read that captures the record before an update/delete (None: none needed)."""
+        return None
+
+    def plan_undo(self, op: Operation, pre_image: Any) -> UndoPlan:
+        raise NotCompensable(f"the {self.name} adapter cannot undo {op.method} {op.path}")
+
+    def arm_undo(self, plan: UndoPlan, op: Operation, status: int, headers: dict[str, str], body: Any) -> UndoPlan:
+        """Fill the plan with what the forward response revealed (the created id)."""
+        return plan
+
+    def current_matches(self, plan: UndoPlan, current: Any) -> bool:
+        """Before restoring a pre-image: does the record still hold what the agent wrote?"""
+        if not plan.expect or not isinstance(current, dict):
+            return True
+        return all(current.get(k) == v for k, v in plan.expect.items())
+
+    # -- provenance -----------------------------------------------------------------------------
+
+    def stamp_provenance(self, op: Operation, fields: dict[str, str]) -> Any:
+        """Return the body with provenance fields added (``fields`` maps record field -> value), or the
+        body unchanged where this upstream has no place for it."""
+        return op.body

@@ -1,0 +1,7 @@
+"""``python -m proxy`` is the ``tether`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The admin listener: a separate port for reviewers, operators and metrics — never for agents.
+
+Every route except the health probes requires a reviewer token (a JWT carrying the configured reviewer
+role, verified like agent tokens). An agent's token is refused with 403 ``reviewer_required``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .errors import TetherError
+from .exchange import new_request_id
+from .headers import REQUEST_ID
+from .identity import Identity
+from .responses import error_response, json_response
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+GATEWAY = web.AppKey("gateway", object)
+
+
+def reviewer(request: web.Request) -> Identity:
+    """Authenticate the caller as a reviewer, or raise."""
+    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    verifier = gw.state.verifier
+    ident = verifier.authenticate(request.headers.get("Authorization"))
+    if not verifier.is_reviewer(ident):
+        raise TetherError("reviewer_required",
+                          f"this token has no {verifier.cfg.reviewer_role!r} role; the admin API is for reviewers")
+    return ident
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    rid = new_request_id()
+    request["request_id"] = rid
+    try:
+        resp = await handler(request)
+    except TetherError as err:
+        return error_response(err, rid)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+            return error_response(TetherError(code, exc.reason, status=exc.status), rid)
+        raise
+    resp.headers.setdefault(REQUEST_ID, rid)
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    ok, checks = await gw.readiness()
+    return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
+
+
+def build_admin_app(gw: "Gateway") -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
+    app[GATEWAY] = gw
+    app.router.add_get("/_tether/healthz", healthz)
+    app.router.add_get("/_tether/readyz", readyz)
+    return app

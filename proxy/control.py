@@ -1,0 +1,57 @@
+"""Tether's own endpoints on the agent listeners, under the reserved ``/_tether/`` prefix.
+
+* ``GET /_tether/healthz`` — the process is alive (liveness probe); no token needed.
+* ``GET /_tether/readyz`` — store writable, journal healthy, upstream credentials readable; no token.
+* ``GET /_tether/whoami`` — who Tether thinks the caller is and which capabilities it holds, in which
+  mode: agents discover their tools here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .errors import TetherError
+from .exchange import new_request_id
+from .headers import REQUEST_ID
+from .registry import describe
+from .responses import error_response, json_response
+
+if TYPE_CHECKING:
+    from .gateway import Gateway, Listener
+
+
+async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener") -> web.StreamResponse:
+    path = request.raw_path.partition("?")[0]
+    rid = new_request_id()
+    try:
+        if path == "/_tether/healthz" and request.method in ("GET", "HEAD"):
+            return json_response({"status": "ok"}, headers={REQUEST_ID: rid})
+        if path == "/_tether/readyz" and request.method in ("GET", "HEAD"):
+            ok, checks = await gw.readiness()
+            return json_response({"ready": ok, "checks": checks}, 200 if ok else 503, headers={REQUEST_ID: rid})
+        state = gw.state
+        ident = state.verifier.authenticate(request.headers.get("Authorization"))
+        if ident.agent not in state.rules.agents:
+            raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
+        if path == "/_tether/whoami" and request.method == "GET":
+            modes = await gw.governance.grant_modes(ident.agent) if hasattr(gw.governance, "grant_modes") else {}
+            grants = []
+            for g in state.registry.agent_grants.get(ident.agent, []):
+                d = describe(g.capability)
+                d["mode"] = modes.get(g.capability.name, g.mode)
+                if lst.upstream_name is None:
+                    d["base_path"] = f"/{g.capability.upstream}"
+                grants.append(d)
+            return json_response({
+                "agent": ident.agent,
+                "on_behalf_of": ident.on_behalf_of,
+                "display": f"Agent {ident.agent} | on behalf of {ident.on_behalf_of or ident.agent}",
+                "listener": lst.name,
+                "capabilities": grants,
+                "rules_version": state.registry.version,
+            }, headers={REQUEST_ID: rid})
+        raise TetherError("not_found", f"no Tether endpoint {request.method} {path}")
+    except TetherError as err:
+        return error_response(err, rid)

@@ -1,0 +1,429 @@
+"""The gateway runtime: shared state, listeners, lifecycle.
+
+:class:`Gateway` owns everything long-lived — the store, the journal writer, the one client session,
+the compiled rules (:class:`RulesState`, swapped atomically on hot reload) — and the listeners:
+
+* the **main agent listener** (``server.listen``): Tether's own ``/_tether/*`` endpoints and path-prefix
+  routing ``/<upstream>/<path>`` to every upstream;
+* one **dedicated listener per upstream** that sets ``listen`` (the SDK's base URL is then just
+  ``http(s)://127.0.0.1:<port>``, which every SDK accepts unchanged), optionally with TLS;
+* the **admin listener** (``server.admin_listen``): reviewers, metrics; agents are refused there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from adapters import AdapterOptionsError, get_adapter
+from adapters.base import Adapter
+
+from . import headers as H
+from . import stages as S
+from .config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_hostport
+from .credentials import CredentialError, Injector, build_injector
+from .errors import TetherError
+from .exchange import Exchange
+from .forward import make_session
+from .identity import TokenVerifier
+from .journal import JournalWriter, base_record
+from .pipeline import Pipeline
+from .registry import Registry
+from .responses import error_response, json_response
+from .store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger("tether.gateway")
+
+STAGES: list[tuple[str, Any]] = [
+    ("parse_request", S.parse_request),
+    ("authenticate", S.authenticate),
+    ("match_route", S.match_route),
+    ("read_body", S.read_body),
+    ("parse_body", S.parse_body_stage),
+    ("unpack_composite", S.unpack_composite),
+    ("check_grant", S.check_grant),
+    ("require_intent", S.require_intent),
+    ("decide_mode", S.decide_mode),
+    ("journal_intent", S.journal_intent),
+    ("forward", S.forward),
+]
+
+
+class UpstreamRuntime:
+    """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
+
+    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.adapter = adapter
+        self.base_url = cfg.url
+        self.injector: Injector = build_injector(cfg.credentials, f"upstreams.{name}.credentials", session_getter)
+        cred_headers = {h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+        self.credential_headers = frozenset(cred_headers)
+        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers)
+        self.credential_params = tuple(p.lower() for p in cfg.credential_params)
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeouts.connect,
+                                             sock_read=cfg.timeouts.read)
+        self.ssl: Any = None
+        if cfg.url.startswith("https://"):
+            if not cfg.verify_tls:
+                self.ssl = False
+            elif cfg.ca_file:
+                self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
+        self.provenance_headers = cfg.provenance.headers
+        self.record_fields = dict(cfg.provenance.record_fields)
+        self.max_response_bytes = cfg.max_response_bytes
+
+    async def apply_credentials(self, headers: Any) -> None:
+        try:
+            await self.injector.apply(headers)
+        except CredentialError as exc:
+            log.error("credentials for upstream %s unavailable: %s", self.name, exc)
+            raise TetherError("upstream_unavailable",
+                              f"Tether cannot produce the credentials for upstream {self.name!r}") from None
+
+    def stamp_provenance(self, ex: Exchange) -> tuple[bytes, str] | None:
+        """The body with provenance fields stamped in, when the rules ask for it and the adapter can."""
+        if not self.record_fields or not ex.is_write or ex.composite:
+            return None
+        from .provenance import stamp
+
+        return stamp(self, ex)
+
+
+@dataclass(frozen=True)
+class RulesState:
+    """Everything compiled from one rules file; replaced as a whole on reload."""
+
+    rules: RulesFile
+    registry: Registry
+    upstreams: dict[str, UpstreamRuntime]
+    verifier: TokenVerifier
+
+
+def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") -> RulesState:
+    """Compile a validated rules file; ConfigError names anything that still cannot be built."""
+    problems: list[tuple[str, str]] = []
+    adapters: dict[str, Adapter] = {}
+    for name, up in rules.upstreams.items():
+        try:
+            adapters[name] = get_adapter(up.adapter, up.adapter_options)
+        except AdapterOptionsError as exc:
+            problems.append((f"upstreams.{name}.adapter", str(exc)))
+    try:
+        verifier = TokenVerifier(rules.identity)
+    except ValueError as exc:
+        problems.append(("identity", str(exc)))
+    if problems:
+        raise ConfigError(file, problems)
+    registry = Registry(rules, adapters)
+    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter) for n in rules.upstreams}
+    return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
+
+
+class Listener:
+    """An agent-facing listener: which upstream it serves (None: path prefixes) and its Host policy."""
+
+    def __init__(self, name: str, address: str, upstream: str | None, credential_aliases: frozenset[str],
+                 tls: Any = None) -> None:
+        self.name = name
+        self.address = address
+        self.host, self.port = parse_hostport(address)
+        self.upstream_name = upstream
+        self.upstream: UpstreamRuntime | None = None
+        self.credential_aliases = credential_aliases
+        self.tls = tls
+        self.bound_port: int | None = None
+        try:
+            ip = ipaddress.ip_address(self.host)
+            self._loopback = ip.is_loopback
+            self._wildcard = ip.is_unspecified
+        except ValueError:
+            self._loopback = self.host == "localhost"
+            self._wildcard = False
+        self._hosts_ok: dict[str, bool] = {}
+
+    def host_allowed(self, host: str) -> bool:
+        """The Host header must name this listener: any name on a wildcard bind, a loopback name on a
+        loopback bind, the bound name otherwise."""
+        ok = self._hosts_ok.get(host)
+        if ok is not None:
+            return ok
+        name = host
+        if name.startswith("["):
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.lower()
+        if self._wildcard:
+            ok = True
+        elif self._loopback:
+            ok = name in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
+        else:
+            ok = name == self.host.lower()
+        if len(self._hosts_ok) < 1024:
+            self._hosts_ok[host] = ok
+        return ok
+
+
+class Gateway:
+    def __init__(self, rules: RulesFile, *, rules_path: str | None = None, store: Store | None = None) -> None:
+        self.rules_path = rules_path
+        self.server_cfg = rules.server
+        self.limits = rules.server.limits
+        self.session: aiohttp.ClientSession | None = None
+        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>")
+        self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
+        self.journal = JournalWriter(self.store, max_batch=rules.server.journal.max_batch,
+                                     mirror_file=rules.server.journal.mirror_file,
+                                     on_commit=self._on_journal_commit)
+        from .governance import Governance
+
+        self.governance = Governance(self)
+        self.pipeline = Pipeline(self, STAGES)
+        self.listeners: list[Listener] = []
+        self._runners: list[web.BaseRunner] = []
+        self._sites: list[web.BaseSite] = []
+        self.ready = False
+        self.draining = False
+        self.started_at = time.time()
+        self.instance_id = f"{os.uname().nodename}:{os.getpid()}"
+        self._in_flight = 0
+        self.counters: dict[tuple[str, str, str], int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the client session is opened at start()"
+        return self.session
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.journal.start()
+        self.session = make_session()
+        await self.governance.start()
+        await self.journal.write(base_record("system", event="started", instance=self.instance_id,
+                                             rules_version=self.state.registry.version, pid=os.getpid()))
+        await self._start_listeners()
+        self.ready = True
+        log.info("tether ready", extra={"fields": {"listeners": [f"{l.name}={l.host}:{l.bound_port}"
+                                                                 for l in self.listeners]}})
+
+    async def _start_listeners(self) -> None:
+        srv = self.server_cfg
+        all_cred = frozenset().union(*(u.credential_headers for u in self.state.upstreams.values()))
+        main = Listener("main", srv.listen, None, all_cred, srv.tls)
+        self.listeners.append(main)
+        for name, up in self.state.upstreams.items():
+            if up.cfg.listen:
+                self.listeners.append(Listener(f"upstream:{name}", up.cfg.listen, name, up.credential_headers,
+                                               up.cfg.tls))
+        for lst in self.listeners:
+            if lst.upstream_name:
+                lst.upstream = self.state.upstreams[lst.upstream_name]
+            await self._serve(lst)
+        from .admin import build_admin_app
+
+        admin_app = build_admin_app(self)
+        runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        ah, ap = parse_hostport(srv.admin_listen)
+        site = web.TCPSite(runner, ah, ap, reuse_port=srv.workers > 1)
+        await site.start()
+        self._runners.append(runner)
+        self._sites.append(site)
+        self.admin_port = _bound_port(site)
+
+    async def _serve(self, lst: Listener) -> None:
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.handle(request, lst)
+
+        server = web.Server(handler, max_line_size=max(self.limits.max_url_length + 64, 8190),
+                            max_field_size=self.limits.max_header_bytes, max_headers=self.limits.max_headers + 32,
+                            access_log=None, auto_decompress=False)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        ctx = None
+        if lst.tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(lst.tls.cert), str(lst.tls.key))
+        site = web.TCPSite(runner, lst.host, lst.port, ssl_context=ctx, reuse_port=self.server_cfg.workers > 1)
+        await site.start()
+        lst.bound_port = _bound_port(site)
+        self._runners.append(runner)
+        self._sites.append(site)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``grace``), flush the journal."""
+        self.ready = False
+        self.draining = True
+        grace = self.server_cfg.grace_period if grace is None else grace
+        for site in self._sites:
+            try:
+                await site.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        deadline = time.monotonic() + grace
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for runner in self._runners:
+            try:
+                await runner.cleanup()
+            except Exception:  # noqa: BLE001
+                pass
+        await self.governance.stop()
+        try:
+            await self.journal.write(base_record("system", event="stopped", instance=self.instance_id))
+        except Exception:  # noqa: BLE001
+            pass
+        await self.journal.close()
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    async def reload(self, source: str | None = None) -> tuple[bool, str]:
+        """Atomically swap in the rules from ``rules_path``; a bad file leaves the old rules in force."""
+        path = self.rules_path
+        if path is None:
+            return False, "no rules file to reload"
+        try:
+            rules = load_rules(path)
+            new_state = build_state(rules, self._get_session, path)
+        except ConfigError as exc:
+            log.error("rules reload rejected; the previous rules stay in force: %s", exc)
+            await self._journal_system("rules_reload_failed", error=str(exc), source=source)
+            await self.governance.alert("rules_reload_failed", {"file": path, "error": str(exc)})
+            return False, str(exc)
+        self.state = new_state
+        for lst in self.listeners:
+            if lst.upstream_name:
+                lst.upstream = new_state.upstreams.get(lst.upstream_name)
+        await self._journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
+        log.info("rules reloaded (version %s)", new_state.registry.version)
+        return True, new_state.registry.version
+
+    async def _journal_system(self, event: str, **fields: Any) -> None:
+        try:
+            await self.journal.write(base_record("system", event=event, instance=self.instance_id, **fields))
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not journal %s: %s", event, exc)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest, lst: Listener) -> web.StreamResponse:
+        raw = request.raw_path
+        if raw.startswith("/_tether/"):
+            from .control import handle_control
+
+            return await handle_control(self, request, lst)
+        state = self.state
+        ex = Exchange(request, state.registry, lst.upstream, request.raw_path)
+        ex.state = state
+        ex.listener = lst
+        self._in_flight += 1
+        try:
+            return await self.pipeline.run(ex)
+        finally:
+            self._in_flight -= 1
+
+    def observe(self, ex: Exchange) -> None:
+        """Count a finished request (metrics and the governance SLIs read these)."""
+        self.governance.observe(ex)
+
+    def _on_journal_commit(self, seconds: float, records: int) -> None:
+        self.governance.on_journal_commit(seconds, records)
+
+    # -- readiness ------------------------------------------------------------------------------
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        ok = self.ready and not self.draining
+        checks["listening"] = self.ready
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except StoreUnavailable as exc:
+            checks["store"] = f"unavailable: {exc}"
+            ok = False
+        checks["journal"] = "ok" if self.journal.healthy else f"failing: {self.journal.last_error}"
+        ok = ok and self.journal.healthy
+        creds: dict[str, str] = {}
+        for name, up in self.state.upstreams.items():
+            try:
+                up.injector.check()
+                creds[name] = "ok"
+            except CredentialError as exc:
+                creds[name] = f"unavailable: {exc}"
+                ok = False
+        checks["credentials"] = creds
+        return ok, checks
+
+
+def _bound_port(site: web.BaseSite) -> int:
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        return int(server.sockets[0].getsockname()[1])
+    return 0
+
+
+async def run_forever(gw: Gateway) -> None:
+    """Start, serve until SIGTERM/SIGINT (graceful drain), reload on SIGHUP."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload("SIGHUP")))
+    await gw.start()
+    watcher = asyncio.ensure_future(_watch_rules(gw, stop))
+    print(_ready_banner(gw), flush=True)
+    await stop.wait()
+    log.info("draining (grace %ss)", gw.server_cfg.grace_period)
+    watcher.cancel()
+    await gw.stop()
+
+
+async def _watch_rules(gw: Gateway, stop: asyncio.Event) -> None:
+    """Reload when the rules file changes (a ConfigMap update), polling its mtime each second."""
+    if not gw.rules_path:
+        return
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = os.stat(gw.rules_path)  # type: ignore[arg-type]
+            return (st.st_mtime, st.st_size)
+        except OSError:
+            return None
+    last = stamp()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        cur = stamp()
+        if cur is not None and cur != last:
+            last = cur
+            await gw.reload("file changed")
+
+
+def _ready_banner(gw: Gateway) -> str:
+    import orjson
+
+    return orjson.dumps({
+        "event": "ready",
+        "listeners": {l.name: f"{'https' if l.tls else 'http'}://{l.host}:{l.bound_port}" for l in gw.listeners},
+        "admin": f"http://{parse_hostport(gw.server_cfg.admin_listen)[0]}:{gw.admin_port}",
+        "store": gw.store.description,
+        "rules_version": gw.state.registry.version,
+    }).decode()
+
+
+__all__ = ["Gateway", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
+           "json_response"]

@@ -1,0 +1,45 @@
+"""Governance: which mode a write runs in, and what the gateway observes about each agent.
+
+``decide`` turns grants (and, as they are added, stored promotions, canary shares and quarantines) into
+the mode of one request: ``live`` or ``dry_run``. A composite request runs live only if every write
+inside it is live; otherwise it is captured whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .gateway import Gateway
+
+log = logging.getLogger("tether.governance")
+
+
+class Governance:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def decide(self, ex: "Exchange") -> str:
+        grants = ex.extra.get("grants") or []
+        modes = [g.mode for g in grants if g is not None and g.capability.is_write]
+        if not modes:
+            return "live"
+        return "live" if all(m == "live" for m in modes) else "dry_run"
+
+    def observe(self, ex: "Exchange") -> None:
+        key = (ex.agent or "-", ex.decision or "-", str(ex.status or "-"))
+        self.gw.counters[key] = self.gw.counters.get(key, 0) + 1
+
+    def on_journal_commit(self, seconds: float, records: int) -> None:
+        return None
+
+    async def alert(self, event: str, payload: dict[str, Any]) -> None:
+        log.warning("alert %s: %s", event, payload)

@@ -1,0 +1,259 @@
+"""The audit journal: group-committed, hash-chained, mirrored, readable.
+
+:class:`JournalWriter` owns the write path. ``await write(record)`` returns once the record is durable
+in the store (the gateway awaits this before forwarding anything); ``submit(record)`` queues a record
+whose durability the caller does not wait for (outcomes, after the response). A single background task
+drains the queue: every record that arrived while the previous batch was committing goes into the next
+batch, so under load many requests share one commit (group commit) while an idle gateway commits a
+lone record at once — there is no timer to wait for.
+
+If the store cannot commit, every waiter in the batch gets :class:`JournalUnavailable` (the gateway
+answers 503 ``journal_unavailable`` and forwards nothing); the next batch simply tries again, so the
+gateway recovers by itself when the store comes back.
+
+Records follow a fixed schema (like OPA decision logs): see :func:`base_record`. Redactions are listed
+in the record (``redacted``), never silently applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from .chain import INDEXED_FIELDS, StoredRecord, VerifyResult, canonical, verify_chain
+from .store.base import Store, StoreUnavailable
+
+log = logging.getLogger("tether.journal")
+
+REDACTED = "[redacted]"
+
+
+class JournalUnavailable(Exception):
+    """The record could not be committed; nothing may be forwarded."""
+
+
+def now_iso(t: float | None = None) -> str:
+    """RFC 3339 UTC with microseconds: sortable as text."""
+    d = _dt.datetime.fromtimestamp(time.time() if t is None else t, tz=_dt.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def base_record(kind: str, **fields: Any) -> dict[str, Any]:
+    """A record with the fixed fields present (None where not applicable)."""
+    rec: dict[str, Any] = {
+        "ts": now_iso(),
+        "kind": kind,
+        "request_id": None,
+        "agent": None,
+        "on_behalf_of": None,
+        "intent": None,
+        "capability": None,
+        "upstream": None,
+        "method": None,
+        "path": None,
+        "decision": None,
+        "reason": None,
+    }
+    rec.update(fields)
+    return rec
+
+
+class JournalWriter:
+    def __init__(self, store: Store, *, max_batch: int = 256, mirror_file: str | os.PathLike[str] | None = None,
+                 on_commit: Callable[[float, int], None] | None = None) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._mirror_path = Path(mirror_file) if mirror_file else None
+        self._mirror: Any = None
+        self._on_commit = on_commit
+        self.healthy = True
+        self.last_error: str | None = None
+        self.committed = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._listeners: list[asyncio.Event] = []
+
+    def start(self) -> None:
+        if self._mirror_path is not None:
+            self._mirror_path.parent.mkdir(parents=True, exist_ok=True)
+            self._mirror = open(self._mirror_path, "ab", buffering=0)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="journal-writer")
+
+    async def write(self, record: dict[str, Any]) -> int:
+        """Queue a record and wait until it is durable. Returns its sequence number."""
+        if self._closing and self._task is None:
+            raise JournalUnavailable("the journal is closed")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((record, fut))
+        self._idle.clear()
+        self._wakeup.set()
+        return await fut
+
+    def submit(self, record: dict[str, Any]) -> None:
+        """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome)."""
+        self._queue.append((record, None))
+        self._idle.clear()
+        self._wakeup.set()
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set after each commit (tail -f from inside the process, SSE)."""
+        ev = asyncio.Event()
+        self._listeners.append(ev)
+        return ev
+
+    def unsubscribe(self, ev: asyncio.Event) -> None:
+        if ev in self._listeners:
+            self._listeners.remove(ev)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int] | None]]) -> None:
+        payloads = [canonical(rec) for rec, _ in batch]
+        columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _ in batch]
+        t0 = time.perf_counter()
+        try:
+            result = await self.store.journal_append(payloads, columns)
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_exception(JournalUnavailable("the journal writer stopped"))
+            raise
+        except (StoreUnavailable, Exception) as exc:  # noqa: BLE001 - any failure means "not durable"
+            self.healthy = False
+            self.last_error = str(exc)
+            log.error("journal commit failed; %d record(s) refused: %s", len(batch), exc)
+            err = JournalUnavailable(str(exc))
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_exception(err)
+            return
+        if not self.healthy:
+            log.warning("journal store is writable again")
+        self.healthy = True
+        self.last_error = None
+        self.committed += len(batch)
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - t0, len(batch))
+        if self._mirror is not None:
+            try:
+                self._mirror.write(b"".join(
+                    orjson.dumps({"seq": seq, "hash": h, **rec}) + b"\n" for (rec, _), (seq, h) in zip(batch, result)))
+            except OSError as exc:
+                log.error("journal mirror write failed: %s", exc)
+        for (_, fut), (seq, _) in zip(batch, result):
+            if fut is not None and not fut.done():
+                fut.set_result(seq)
+        for ev in self._listeners:
+            ev.set()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued so far is committed (or failed)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+            self._task = None
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+async def verify(store: Store) -> VerifyResult:
+    """Walk the whole chain from its anchor in bounded batches; then check the recorded head, which
+    catches a deleted tail (the chain alone cannot)."""
+    seq, prev = await store.journal_anchor()
+    checked, first = 0, None
+    batch: list[StoredRecord] = []
+
+    def check() -> VerifyResult:
+        nonlocal seq, prev, checked, first
+        res = verify_chain(batch, seq, prev)
+        res.checked += checked
+        if first is None:
+            first = res.first_seq
+        res.first_seq = first
+        if res.ok and batch:
+            seq, prev = batch[-1].seq, batch[-1].hash
+        checked = res.checked
+        batch.clear()
+        return res
+
+    async for r in store.journal_scan():
+        batch.append(r)
+        if len(batch) >= 5000:
+            res = check()
+            if not res.ok:
+                return res
+    res = check()
+    if not res.ok:
+        return res
+    head_seq, head_hash = await store.journal_head()
+    if (head_seq, head_hash) != (seq, prev):
+        what = (f"records {seq + 1}..{head_seq} are missing (the head says {head_seq})" if head_seq > seq
+                else f"the recorded chain head ({head_seq}) does not match the last record ({seq})")
+        return VerifyResult(False, checked, first, seq, seq + 1, what)
+    return VerifyResult(True, checked, first, seq if checked else None)
+
+
+def human_line(seq: int, rec: dict[str, Any]) -> str:
+    """``agent=… | on_behalf_of=… | intent="…" | capability=… | action=PATCH /… | decision=live | status=204``"""
+    parts = [f"#{seq}", rec.get("ts", "")]
+    kind = rec.get("kind")
+    if kind not in ("request", "outcome"):
+        parts.append(f"event={kind}")
+    parts.append(f"agent={rec.get('agent') or '-'}")
+    parts.append(f"on_behalf_of={rec.get('on_behalf_of') or '-'}")
+    if rec.get("intent") is not None:
+        parts.append(f'intent="{rec["intent"]}"')
+    if rec.get("capability"):
+        parts.append(f"capability={rec['capability']}")
+    if rec.get("method"):
+        parts.append(f"action={rec['method']} {rec.get('path') or ''}")
+    if rec.get("decision"):
+        parts.append(f"decision={rec['decision']}")
+    if rec.get("reason"):
+        parts.append(f"reason={rec['reason']}")
+    if rec.get("status") is not None:
+        parts.append(f"status={rec['status']}")
+    if rec.get("latency_ms") is not None:
+        parts.append(f"latency_ms={rec['latency_ms']}")
+    if rec.get("tx"):
+        parts.append(f"tx={rec['tx']}")
+    if rec.get("reviewer"):
+        parts.append(f"reviewer={rec['reviewer']}")
+    if rec.get("review_item"):
+        parts.append(f"item={rec['review_item']}")
+    if rec.get("request_id"):
+        parts.append(f"request_id={rec['request_id']}")
+    return " | ".join(p for p in parts if p)

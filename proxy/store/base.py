@@ -1,0 +1,160 @@
+"""The store interface every backend implements, and nothing more.
+
+What Tether must keep across a crash lives behind these methods: the journal (hash-chained), review
+items, transactions with their compensation steps, promotions, quarantines and leases (so that a sweep
+runs on one replica at a time). Rows cross the interface as plain dicts whose JSON columns are already
+decoded, so the SQLite and PostgreSQL implementations are interchangeable and tested by one suite.
+
+State changes that must happen exactly once (deciding a review item, moving a transaction from
+``open`` to ``rolling_back``) are compare-and-set operations: they name the state they expect and
+report whether they won, so two reviewers or two replicas racing cannot both succeed.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, AsyncIterator, Iterable
+
+from ..chain import StoredRecord
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be written or read right now (disk full, read-only, server down)."""
+
+
+class Store(abc.ABC):
+    kind: str = "abstract"
+    description: str = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot answer (readiness)."""
+
+    # -- journal --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """Append records atomically, extending the chain; returns [(seq, hash)], durable on return."""
+
+    @abc.abstractmethod
+    async def journal_head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record, or (anchor_seq, anchor_hash) when empty."""
+
+    @abc.abstractmethod
+    async def journal_anchor(self) -> tuple[int, str]:
+        """The chain's starting point: (0, GENESIS), or the last archived record's (seq, hash)."""
+
+    @abc.abstractmethod
+    async def journal_query(
+        self,
+        *,
+        after_seq: int = 0,
+        before_seq: int | None = None,
+        limit: int = 1000,
+        filters: dict[str, Any] | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        descending: bool = False,
+    ) -> list[StoredRecord]:
+        """Records in sequence order with optional equality filters on indexed columns."""
+
+    @abc.abstractmethod
+    def journal_scan(self, batch: int = 5000) -> AsyncIterator[StoredRecord]:
+        """Every record from the anchor on, in order (for verify)."""
+
+    @abc.abstractmethod
+    async def journal_archive(self, upto_seq: int) -> list[StoredRecord]:
+        """Remove records up to ``upto_seq`` (returned, for the archive file) and move the anchor."""
+
+    async def journal_wait(self, after_seq: int, timeout: float) -> None:
+        """Wait until a record past ``after_seq`` may exist (tail -f). Default: sleep."""
+        import asyncio
+
+        await asyncio.sleep(min(timeout, 0.2))
+
+    # -- review items ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def review_insert(self, item: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def review_get(self, item_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def review_list(self, *, state: str | None = None, agent: str | None = None,
+                          capability: str | None = None, upstream: str | None = None,
+                          older_than: float | None = None, limit: int = 200) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str,
+                                updates: dict[str, Any]) -> bool:
+        """Compare-and-set the item's state; True when this caller won."""
+
+    @abc.abstractmethod
+    async def review_count(self, state: str = "pending") -> int: ...
+
+    @abc.abstractmethod
+    async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
+        """Counts of decided items for a grant: approved, approved_edited, rejected, replay_failed, ..."""
+
+    # -- transactions ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def tx_insert(self, tx: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def tx_get(self, tx_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def tx_list(self, *, state: str | None = None, agent: str | None = None,
+                      limit: int = 200) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
+                            updates: dict[str, Any] | None = None) -> bool: ...
+
+    @abc.abstractmethod
+    async def tx_due(self, now: float) -> list[dict[str, Any]]:
+        """Open transactions whose deadline has passed."""
+
+    @abc.abstractmethod
+    async def step_insert(self, step: dict[str, Any]) -> int:
+        """Add a compensation step; returns its id. Durable on return."""
+
+    @abc.abstractmethod
+    async def step_update(self, step_id: int, updates: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def steps_for(self, tx_id: str) -> list[dict[str, Any]]: ...
+
+    # -- governance -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def promotion_add(self, row: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def promotions(self, *, agent: str | None = None, capability: str | None = None,
+                         history: bool = False) -> list[dict[str, Any]]:
+        """Latest promotion per (agent, capability), or every promotion with ``history``."""
+
+    @abc.abstractmethod
+    async def quarantine_set(self, agent: str, row: dict[str, Any]) -> bool:
+        """Quarantine an agent; False if it already was."""
+
+    @abc.abstractmethod
+    async def quarantine_release(self, agent: str, by: str, reason: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def quarantines(self) -> dict[str, dict[str, Any]]:
+        """Agents currently quarantined."""
+
+    # -- leases ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Hold a named lease (sweeps run on one replica at a time)."""

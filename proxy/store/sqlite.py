@@ -1,0 +1,515 @@
+"""The embedded store: one SQLite file (aiosqlite), WAL mode, durable commits.
+
+``synchronous=FULL`` by default: a commit is on disk when it returns, so a journal record the gateway
+waited for survives kill -9 and power loss. The journal writer batches records (group commit), so the
+cost of the fsync is shared by every request in the batch.
+
+All writes go through one connection and one lock, and every multi-statement change runs inside
+``BEGIN IMMEDIATE`` so that several gateway processes sharing the file (``--workers``) still extend a
+single hash chain: the chain head is read inside the write transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Iterable
+
+import aiosqlite
+import orjson
+
+from ..chain import GENESIS, INDEXED_FIELDS, StoredRecord, link
+from .base import Store, StoreUnavailable
+
+_MIGRATIONS: list[str] = [
+    # 1: journal
+    """
+    CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        request_id TEXT,
+        agent TEXT,
+        on_behalf_of TEXT,
+        capability TEXT,
+        decision TEXT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        record BLOB NOT NULL
+    );
+    CREATE INDEX journal_agent ON journal(agent, seq);
+    CREATE INDEX journal_request ON journal(request_id);
+    CREATE INDEX journal_ts ON journal(ts);
+    CREATE TABLE journal_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        anchor_seq INTEGER NOT NULL,
+        anchor_hash TEXT NOT NULL,
+        head_seq INTEGER NOT NULL,
+        head_hash TEXT NOT NULL
+    );
+    INSERT INTO journal_meta VALUES (1, 0, '%s', 0, '%s');
+    """ % (GENESIS, GENESIS),
+    # 2: review items, transactions and steps, governance, leases
+    """
+    CREATE TABLE review_items (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL,
+        agent TEXT NOT NULL,
+        capability TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        doc BLOB NOT NULL
+    );
+    CREATE INDEX review_state ON review_items(state, created_at);
+    CREATE INDEX review_agent ON review_items(agent, capability, state);
+    CREATE TABLE transactions (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        deadline REAL,
+        doc BLOB NOT NULL
+    );
+    CREATE INDEX tx_state ON transactions(state, deadline);
+    CREATE TABLE tx_steps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tx_id TEXT NOT NULL REFERENCES transactions(id),
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        doc BLOB NOT NULL
+    );
+    CREATE INDEX steps_tx ON tx_steps(tx_id, id);
+    CREATE TABLE promotions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        capability TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        at REAL NOT NULL,
+        doc BLOB NOT NULL
+    );
+    CREATE INDEX promotions_grant ON promotions(agent, capability, id);
+    CREATE TABLE quarantine (
+        agent TEXT PRIMARY KEY,
+        since REAL NOT NULL,
+        doc BLOB NOT NULL
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until REAL NOT NULL
+    );
+    """,
+]
+
+# Columns kept outside the JSON document (for filtering / CAS); everything else lives in ``doc``.
+_REVIEW_COLS = ("id", "state", "created_at", "updated_at", "expires_at", "agent", "capability", "upstream")
+_TX_COLS = ("id", "state", "agent", "created_at", "updated_at", "deadline")
+_STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
+
+
+def _split(row: dict[str, Any], cols: tuple[str, ...]) -> tuple[dict[str, Any], bytes]:
+    doc = {k: v for k, v in row.items() if k not in cols}
+    return {k: row.get(k) for k in cols}, orjson.dumps(doc)
+
+
+def _join(cols: dict[str, Any], doc: bytes) -> dict[str, Any]:
+    out = orjson.loads(doc)
+    out.update(cols)
+    return out
+
+
+class SQLiteStore(Store):
+    kind = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "full") -> None:
+        self.path = path
+        self.description = f"sqlite:{path}"
+        self.synchronous = synchronous.upper()
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise StoreUnavailable(f"{self.path}: folder {parent} does not exist")
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    async def _migrate(self) -> None:
+        async with self._write():
+            db = self._conn()
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur = await db.execute("SELECT version FROM schema_version")
+            row = await cur.fetchone()
+            current = row[0] if row else 0
+            if row is None:
+                await db.execute("INSERT INTO schema_version VALUES (0)")
+            for i, script in enumerate(_MIGRATIONS[current:], start=current + 1):
+                for stmt in [s.strip() for s in script.split(";") if s.strip()]:
+                    await db.execute(stmt)
+                await db.execute("UPDATE schema_version SET version = ?", (i,))
+
+    async def schema_version(self) -> int:
+        cur = await self._conn().execute("SELECT version FROM schema_version")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def ping(self) -> None:
+        try:
+            await self._conn().execute("SELECT 1")
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable("store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """One write transaction at a time on this connection; BEGIN IMMEDIATE across processes."""
+        async with self._lock:
+            db = self._conn()
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"{self.path}: {exc}") from None
+            try:
+                yield
+            except BaseException:
+                try:
+                    await db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+            else:
+                try:
+                    await db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    try:
+                        await db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise StoreUnavailable(f"{self.path}: commit failed: {exc}") from None
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self._lock:
+                cur = await self._conn().execute(sql, tuple(params))
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    # -- journal --------------------------------------------------------------------------------
+
+    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        try:
+            async with self._write():
+                db = self._conn()
+                cur = await db.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1")
+                head_seq, head_hash = await cur.fetchone()  # type: ignore[misc]
+                linked = link(head_seq, head_hash, payloads)
+                rows = [
+                    (seq, c.get("ts"), c.get("kind"), c.get("request_id"), c.get("agent"), c.get("on_behalf_of"),
+                     c.get("capability"), c.get("decision"), prev, h, p)
+                    for (seq, prev, h), c, p in zip(linked, columns, payloads)
+                ]
+                await db.executemany(
+                    "INSERT INTO journal (seq, ts, kind, request_id, agent, on_behalf_of, capability, decision, "
+                    "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                last_seq, _, last_hash = linked[-1]
+                await db.execute("UPDATE journal_meta SET head_seq = ?, head_hash = ? WHERE id = 1",
+                                 (last_seq, last_hash))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+        return [(seq, h) for seq, _, h in linked]
+
+    async def journal_head(self) -> tuple[int, str]:
+        rows = await self._fetchall("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1")
+        return int(rows[0][0]), str(rows[0][1])
+
+    async def journal_anchor(self) -> tuple[int, str]:
+        rows = await self._fetchall("SELECT anchor_seq, anchor_hash FROM journal_meta WHERE id = 1")
+        return int(rows[0][0]), str(rows[0][1])
+
+    @staticmethod
+    def _record(row: sqlite3.Row | tuple[Any, ...]) -> StoredRecord:
+        cols = dict(zip(INDEXED_FIELDS, row[4:11]))
+        return StoredRecord(seq=row[0], prev_hash=row[1], hash=row[2], payload=bytes(row[3]), columns=cols)
+
+    _SELECT = "SELECT seq, prev_hash, hash, record, ts, kind, request_id, agent, on_behalf_of, capability, decision FROM journal"
+
+    async def journal_query(self, *, after_seq: int = 0, before_seq: int | None = None, limit: int = 1000,
+                            filters: dict[str, Any] | None = None, since: str | None = None,
+                            until: str | None = None, descending: bool = False) -> list[StoredRecord]:
+        where = ["seq > ?"]
+        params: list[Any] = [after_seq]
+        if before_seq is not None:
+            where.append("seq < ?")
+            params.append(before_seq)
+        for col, val in (filters or {}).items():
+            if col not in INDEXED_FIELDS:
+                raise ValueError(f"cannot filter on {col}")
+            where.append(f"{col} = ?")
+            params.append(val)
+        if since:
+            where.append("ts >= ?")
+            params.append(since)
+        if until:
+            where.append("ts < ?")
+            params.append(until)
+        order = "DESC" if descending else "ASC"
+        sql = f"{self._SELECT} WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
+        params.append(limit)
+        return [self._record(r) for r in await self._fetchall(sql, params)]
+
+    async def journal_scan(self, batch: int = 5000) -> AsyncIterator[StoredRecord]:  # type: ignore[override]
+        after = (await self.journal_anchor())[0]
+        while True:
+            rows = await self._fetchall(f"{self._SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after, batch))
+            if not rows:
+                return
+            for r in rows:
+                yield self._record(r)
+            after = rows[-1][0]
+
+    async def journal_archive(self, upto_seq: int) -> list[StoredRecord]:
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute(f"{self._SELECT} WHERE seq <= ? ORDER BY seq", (upto_seq,))
+            rows = [self._record(r) for r in await cur.fetchall()]
+            if rows:
+                last = rows[-1]
+                await db.execute("DELETE FROM journal WHERE seq <= ?", (last.seq,))
+                await db.execute("UPDATE journal_meta SET anchor_seq = ?, anchor_hash = ? WHERE id = 1",
+                                 (last.seq, last.hash))
+        return rows
+
+    # -- review items ---------------------------------------------------------------------------
+
+    async def review_insert(self, item: dict[str, Any]) -> None:
+        cols, doc = _split(item, _REVIEW_COLS)
+        async with self._write():
+            await self._conn().execute(
+                f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc) VALUES ({', '.join('?' * (len(_REVIEW_COLS) + 1))})",
+                (*cols.values(), doc))
+
+    async def review_get(self, item_id: str) -> dict[str, Any] | None:
+        rows = await self._fetchall(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE id = ?", (item_id,))
+        return _join(dict(zip(_REVIEW_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+
+    async def review_list(self, *, state: str | None = None, agent: str | None = None,
+                          capability: str | None = None, upstream: str | None = None,
+                          older_than: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        where, params = ["1=1"], []
+        for col, val in (("state", state), ("agent", agent), ("capability", capability), ("upstream", upstream)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        if older_than is not None:
+            where.append("created_at <= ?")
+            params.append(older_than)
+        rows = await self._fetchall(
+            f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
+        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
+        expect = tuple(expect)
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute(
+                f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(expect))})", (item_id, *expect))
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            item = _join(dict(zip(_REVIEW_COLS, row[:-1])), row[-1])
+            item.update(updates)
+            item["state"] = to
+            item["updated_at"] = time.time()
+            cols, doc = _split(item, _REVIEW_COLS)
+            await db.execute("UPDATE review_items SET state = ?, updated_at = ?, doc = ? WHERE id = ?",
+                             (to, cols["updated_at"], doc, item_id))
+            return True
+
+    async def review_count(self, state: str = "pending") -> int:
+        rows = await self._fetchall("SELECT COUNT(*) FROM review_items WHERE state = ?", (state,))
+        return int(rows[0][0])
+
+    async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
+        rows = await self._fetchall(
+            "SELECT state, doc FROM review_items WHERE agent = ? AND capability = ? AND updated_at >= ?",
+            (agent, capability, since))
+        return _review_stats(rows)
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    async def tx_insert(self, tx: dict[str, Any]) -> None:
+        cols, doc = _split(tx, _TX_COLS)
+        async with self._write():
+            await self._conn().execute(
+                f"INSERT INTO transactions ({', '.join(_TX_COLS)}, doc) VALUES ({', '.join('?' * (len(_TX_COLS) + 1))})",
+                (*cols.values(), doc))
+
+    async def tx_get(self, tx_id: str) -> dict[str, Any] | None:
+        rows = await self._fetchall(f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE id = ?", (tx_id,))
+        return _join(dict(zip(_TX_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+
+    async def tx_list(self, *, state: str | None = None, agent: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        where, params = ["1=1"], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if agent is not None:
+            where.append("agent = ?")
+            params.append(agent)
+        rows = await self._fetchall(
+            f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
+        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+
+    async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
+                            updates: dict[str, Any] | None = None) -> bool:
+        expect = tuple(expect)
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute(
+                f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(expect))})", (tx_id, *expect))
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            tx = _join(dict(zip(_TX_COLS, row[:-1])), row[-1])
+            tx.update(updates or {})
+            tx["state"] = to
+            tx["updated_at"] = time.time()
+            cols, doc = _split(tx, _TX_COLS)
+            await db.execute("UPDATE transactions SET state = ?, updated_at = ?, deadline = ?, doc = ? WHERE id = ?",
+                             (to, cols["updated_at"], cols["deadline"], doc, tx_id))
+            return True
+
+    async def tx_due(self, now: float) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE state = 'open' AND deadline IS NOT NULL "
+            f"AND deadline <= ? ORDER BY deadline", (now,))
+        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+
+    async def step_insert(self, step: dict[str, Any]) -> int:
+        step = dict(step)
+        step.pop("id", None)
+        cols = ("tx_id", "state", "created_at", "updated_at")
+        doc = orjson.dumps({k: v for k, v in step.items() if k not in cols})
+        async with self._write():
+            cur = await self._conn().execute(
+                "INSERT INTO tx_steps (tx_id, state, created_at, updated_at, doc) VALUES (?,?,?,?,?)",
+                (step["tx_id"], step["state"], step["created_at"], step.get("updated_at", step["created_at"]), doc))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    async def step_update(self, step_id: int, updates: dict[str, Any]) -> None:
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute(f"SELECT {', '.join(_STEP_COLS)}, doc FROM tx_steps WHERE id = ?", (step_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise KeyError(step_id)
+            step = _join(dict(zip(_STEP_COLS, row[:-1])), row[-1])
+            step.update(updates)
+            step["updated_at"] = time.time()
+            cols, doc = _split(step, _STEP_COLS)
+            await db.execute("UPDATE tx_steps SET state = ?, updated_at = ?, doc = ? WHERE id = ?",
+                             (cols["state"], cols["updated_at"], doc, step_id))
+
+    async def steps_for(self, tx_id: str) -> list[dict[str, Any]]:
+        rows = await self._fetchall(f"SELECT {', '.join(_STEP_COLS)}, doc FROM tx_steps WHERE tx_id = ? ORDER BY id",
+                                    (tx_id,))
+        return [_join(dict(zip(_STEP_COLS, r[:-1])), r[-1]) for r in rows]
+
+    # -- governance -----------------------------------------------------------------------------
+
+    async def promotion_add(self, row: dict[str, Any]) -> None:
+        doc = orjson.dumps(row)
+        async with self._write():
+            await self._conn().execute(
+                "INSERT INTO promotions (agent, capability, mode, at, doc) VALUES (?,?,?,?,?)",
+                (row["agent"], row["capability"], row["mode"], row["at"], doc))
+
+    async def promotions(self, *, agent: str | None = None, capability: str | None = None,
+                         history: bool = False) -> list[dict[str, Any]]:
+        where, params = ["1=1"], []
+        if agent is not None:
+            where.append("agent = ?")
+            params.append(agent)
+        if capability is not None:
+            where.append("capability = ?")
+            params.append(capability)
+        if history:
+            sql = f"SELECT doc FROM promotions WHERE {' AND '.join(where)} ORDER BY id"
+        else:
+            sql = (f"SELECT doc FROM promotions WHERE id IN (SELECT MAX(id) FROM promotions WHERE "
+                   f"{' AND '.join(where)} GROUP BY agent, capability) ORDER BY id")
+        return [orjson.loads(r[0]) for r in await self._fetchall(sql, params)]
+
+    async def quarantine_set(self, agent: str, row: dict[str, Any]) -> bool:
+        async with self._write():
+            cur = await self._conn().execute(
+                "INSERT OR IGNORE INTO quarantine (agent, since, doc) VALUES (?,?,?)",
+                (agent, row.get("since", time.time()), orjson.dumps(row)))
+            return cur.rowcount == 1
+
+    async def quarantine_release(self, agent: str, by: str, reason: str) -> bool:
+        async with self._write():
+            cur = await self._conn().execute("DELETE FROM quarantine WHERE agent = ?", (agent,))
+            return cur.rowcount == 1
+
+    async def quarantines(self) -> dict[str, dict[str, Any]]:
+        rows = await self._fetchall("SELECT agent, doc FROM quarantine")
+        return {r[0]: orjson.loads(r[1]) for r in rows}
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        now = time.time()
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "holder = excluded.holder, until = excluded.until WHERE leases.holder = excluded.holder "
+                "OR leases.until < ?", (name, holder, now + ttl, now))
+            return cur.rowcount == 1
+
+
+def _review_stats(rows: Iterable[Any]) -> dict[str, int]:
+    stats = {"approved": 0, "approved_edited": 0, "rejected": 0, "expired": 0, "replay_failed": 0, "pending": 0}
+    for state, doc in rows:
+        d = orjson.loads(doc) if isinstance(doc, (bytes, str)) else doc
+        if state in ("approved", "replayed", "replay_failed"):
+            stats["approved"] += 1
+            if (d.get("decision") or {}).get("edited"):
+                stats["approved_edited"] += 1
+            if state == "replay_failed":
+                stats["replay_failed"] += 1
+        elif state in stats:
+            stats[state] += 1
+    return stats
