@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 GATEWAY = web.AppKey("gateway", object)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 def reviewer(request: web.Request) -> Identity:
@@ -36,7 +37,7 @@ def reviewer(request: web.Request) -> Identity:
 @web.middleware
 async def errors_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
     rid = new_request_id()
-    request["request_id"] = rid
+    request[REQUEST_ID_KEY] = rid
     try:
         resp = await handler(request)
     except TetherError as err:

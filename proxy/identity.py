@@ -71,7 +71,13 @@ class TokenVerifier:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Return the token's claims or raise AuthError with a precise code."""
-        secret_version = self._secret.version if self._secret is not None else 0
+        secret_version = 0
+        if self._secret is not None:
+            try:
+                self._secret.get()  # cheap unless the re-check interval passed; picks up a rotated file
+            except SecretUnavailable:
+                raise AuthError("token_unknown_key", "the gateway's token secret is unavailable") from None
+            secret_version = self._secret.version
         hit = self._cache.get(token)
         now = time.time()
         if hit is not None and hit[3] == secret_version:
@@ -84,8 +90,6 @@ class TokenVerifier:
                 raise AuthError("token_not_yet_valid")
             return claims
         claims = self._verify_uncached(token)
-        if self._secret is not None and self._secret.version != secret_version:
-            secret_version = self._secret.version
         if len(self._cache) >= self._CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (claims, float(claims.get("exp") or 0), float(claims.get("nbf") or 0), secret_version)
