@@ -212,6 +212,12 @@ class Adapter:
         """Fill the plan with what the forward response revealed (the created id)."""
         return plan
 
+    version_header: str | None = None
+
+    def check_request(self, plan: UndoPlan) -> PlannedRequest | None:
+        """A read to run before an undo step, to detect a concurrent change (None: no check)."""
+        return None
+
     def current_matches(self, plan: UndoPlan, current: Any) -> bool:
         """Before restoring a pre-image: does the record still hold what the agent wrote?"""
         if not plan.expect or not isinstance(current, dict):

@@ -130,7 +130,7 @@ def nest_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
                     node[idx] = value
                 else:
                     if node[idx] is None:
-                        node[idx] = [] if parts[i + 1] in ("",) else {}
+                        node[idx] = [] if parts[i + 1] == "" or parts[i + 1].isdigit() else {}
                     node = node[idx]
                 continue
             if last:
@@ -142,7 +142,7 @@ def nest_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
                 nxt = parts[i + 1]
                 child = node.get(part)
                 if child is None:
-                    child = [] if nxt == "" else {}
+                    child = [] if nxt == "" or nxt.isdigit() else {}
                     node[part] = child
                 elif not isinstance(child, (dict, list)):
                     raise TetherError("ambiguous_request", f"form key {key!r} is given both as a value and a container")

@@ -53,6 +53,7 @@ STAGES: list[tuple[str, Any]] = [
     ("unpack_composite", S.unpack_composite),
     ("check_grant", S.check_grant),
     ("require_intent", S.require_intent),
+    ("validate_body", S.validate_body),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
     ("forward", S.forward),
@@ -127,6 +128,17 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") ->
     if problems:
         raise ConfigError(file, problems)
     registry = Registry(rules, adapters)
+    from .validation import BodyValidator
+
+    for name, cap in registry.capabilities.items():
+        if cap.config.body is not None:
+            try:
+                registry.validators[name] = BodyValidator(name, cap.config.body)
+            except Exception as exc:  # jsonschema.SchemaError and friends
+                problems.append((f"capabilities.{name}.body.json_schema", f"invalid JSON Schema: "
+                                 f"{getattr(exc, 'message', exc)}"))
+    if problems:
+        raise ConfigError(file, problems)
     upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter) for n in rules.upstreams}
     return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
 

@@ -150,6 +150,7 @@ class Registry:
         self.rules = rules
         self.version = hashlib.sha256(orjson.dumps(rules.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
         self.adapters = adapters
+        self.validators: dict[str, Any] = {}  # capability -> BodyValidator (compiled at build time)
         self.capabilities: dict[str, Capability] = {}
         self.routers: dict[str, Router] = {}
         for up_name in rules.upstreams:

@@ -41,6 +41,8 @@ from .forward import WHOLE_BODY_LIMIT, Timer, build_url, read_whole, relay, resp
 from .journal import JournalUnavailable
 from .normalise import ambiguous, decode_segments, parse_query, split_target
 from .pipeline import request_record
+from .upstream_calls import call_upstream
+from .validation import validator_for
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -266,6 +268,48 @@ def check_grant(gw: "Gateway", ex: Exchange) -> None:
 def require_intent(gw: "Gateway", ex: Exchange) -> None:
     if ex.intent is None and ex.is_write:
         raise TetherError("intent_required", "writes must declare their business intent in X-Tether-Intent")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+async def validate_body(gw: "Gateway", ex: Exchange) -> None:
+    """Each operation's body against its capability's rules (proxy.validation)."""
+    for op in ex.operations:
+        v = validator_for(ex.registry, op.capability)
+        if v is None:
+            continue
+        if op.index is not None:
+            kind = "json" if op.body is not None else "empty"
+        else:
+            kind = ex.extra.get("body_kind") or ("empty" if not ex.body else "other")
+        pre_image = None
+        if v.needs_pre_image:
+            pre_image = await read_pre_image(gw, ex, op)
+        v.validate(kind, op.body, pre_image)
+
+
+async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
+    """The record as it is now (for relative caps and undo plans); read once per operation."""
+    cache = ex.extra.setdefault("pre_images", {})
+    key = op.index if op.index is not None else -1
+    if key in cache:
+        return cache[key]
+    up = ex.upstream
+    assert up is not None and ex.identity is not None
+    plan = up.adapter.pre_image_request(op)
+    if plan is None:
+        cache[key] = None
+        return None
+    status, _, _, parsed = await call_upstream(gw, up, plan, agent=ex.identity.agent,
+                                               on_behalf_of=ex.identity.on_behalf_of, intent=ex.intent,
+                                               request_id=ex.request_id)
+    if status >= 400:
+        raise TetherError("upstream_unavailable",
+                          f"reading the current record ({plan.method} {plan.path}) answered {status}; "
+                          "Tether cannot check or undo this write without it")
+    cache[key] = parsed
+    return parsed
 
 
 # --------------------------------------------------------------------------- mode

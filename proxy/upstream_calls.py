@@ -1,0 +1,115 @@
+"""Requests Tether itself sends to an upstream: pre-image reads, undo steps, approved replays.
+
+They take the same road as an agent's request — the upstream's base URL plus a validated path, its
+injected credentials, provenance headers naming the agent (and the reviewer, for a replay), the shared
+client session — and they are read whole (they are small and their content matters).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import orjson
+from multidict import CIMultiDict
+
+from adapters.base import FORM_CT, PlannedRequest
+
+from . import headers as H
+from .forward import WHOLE_BODY_LIMIT, build_url, read_whole, send
+from .normalise import decode_segments, split_target
+
+if TYPE_CHECKING:
+    from .gateway import Gateway, UpstreamRuntime
+
+
+def encode_body(body: Any, content_type: str | None) -> bytes | None:
+    """Serialise a planned body the way its content type says (JSON, or a nested form)."""
+    if body is None:
+        return None
+    if isinstance(body, bytes):
+        return body
+    if content_type and content_type.split(";")[0].strip().lower() == FORM_CT:
+        return encode_form(body).encode("ascii")
+    return orjson.dumps(body)
+
+
+def encode_form(value: Any, prefix: str = "") -> str:
+    """Nested dicts/lists -> ``a[b][0]=v`` form encoding (Stripe's)."""
+    pairs: list[tuple[str, str]] = []
+
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, dict):
+            if not v and key:
+                pairs.append((key, ""))
+            for k, x in v.items():
+                walk(x, f"{key}[{k}]" if key else str(k))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{key}[{i}]")
+        elif v is None:
+            pairs.append((key, ""))
+        elif isinstance(v, bool):
+            pairs.append((key, "true" if v else "false"))
+        else:
+            pairs.append((key, str(v)))
+
+    walk(value, prefix)
+    return urlencode(pairs)
+
+
+async def call_upstream(
+    gw: "Gateway",
+    up: "UpstreamRuntime",
+    req: PlannedRequest,
+    *,
+    agent: str,
+    on_behalf_of: str | None = None,
+    intent: str | None = None,
+    request_id: str | None = None,
+    authz_event: str | None = None,
+    reviewer: str | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes, Any]:
+    """Send a planned request; returns (status, headers, raw body, parsed JSON or None).
+
+    Raises TetherError (upstream_unavailable / upstream_timeout) when the upstream cannot answer."""
+    # The planned path is validated exactly like an agent's (it may embed ids from a response).
+    path, _ = split_target(req.path, 1 << 16)
+    decode_segments(path)
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Accept"] = "application/json"
+    body = encode_body(req.body, req.content_type)
+    if body is not None and req.content_type:
+        headers["Content-Type"] = req.content_type
+    for k, v in (req.headers or {}).items():
+        headers[k] = v
+    for k, v in (extra_headers or {}).items():
+        headers[k] = v
+    if up.provenance_headers:
+        headers[H.AGENT] = agent
+        if on_behalf_of:
+            headers[H.ON_BEHALF_OF] = on_behalf_of
+        if intent:
+            headers[H.INTENT] = intent
+        if authz_event:
+            headers[H.AUTHZ_EVENT] = authz_event
+        if request_id:
+            headers[H.REQUEST_ID] = request_id
+        if reviewer:
+            headers["X-Tether-Reviewer"] = reviewer
+    await up.apply_credentials(headers)
+    assert gw.session is not None
+    resp = await send(gw.session, req.method, build_url(up.base_url, path, req.query), headers, body, up.timeout,
+                      up.ssl)
+    try:
+        data = await read_whole(resp, WHOLE_BODY_LIMIT)
+    finally:
+        resp.release()
+    parsed: Any = None
+    if data:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+    return resp.status, dict(resp.headers), data, parsed
