@@ -449,6 +449,13 @@ class JournalConfig(Model):
     retention_age: Duration | None = None
     retention_records: int | None = Field(None, ge=1)
     archive_dir: Path | None = None
+    retention_interval: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _retention(self) -> "JournalConfig":
+        if (self.retention_age is not None or self.retention_records is not None) and self.archive_dir is None:
+            raise ValueError("retention needs archive_dir: old records are moved to files there, never dropped")
+        return self
 
 
 class LimitsConfig(Model):

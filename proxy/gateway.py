@@ -211,6 +211,7 @@ class Gateway:
         self.started_at = time.time()
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}"
         self._in_flight = 0
+        self._background: list[asyncio.Future[Any]] = []
         self.counters: dict[tuple[str, str, str], int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -227,6 +228,9 @@ class Gateway:
         await self.journal.write(base_record("system", event="started", instance=self.instance_id,
                                              rules_version=self.state.registry.version, pid=os.getpid()))
         await self._start_listeners()
+        jc = self.server_cfg.journal
+        if jc.retention_age is not None or jc.retention_records is not None:
+            self._background.append(asyncio.ensure_future(self._retention_loop()))
         self.ready = True
         log.info("tether ready", extra={"fields": {"listeners": [f"{l.name}={l.host}:{l.bound_port}"
                                                                  for l in self.listeners]}})
@@ -293,6 +297,9 @@ class Gateway:
                 await runner.cleanup()
             except Exception:  # noqa: BLE001
                 pass
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.governance.stop()
         try:
             await self.journal.write(base_record("system", event="stopped", instance=self.instance_id))
@@ -302,6 +309,24 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
         await self.store.close()
+
+    async def _retention_loop(self) -> None:
+        """Archive old journal records periodically (one replica at a time, by lease)."""
+        from .journal import archive
+
+        jc = self.server_cfg.journal
+        while True:
+            try:
+                if await self.store.try_lease("journal-retention", self.instance_id, jc.retention_interval * 2):
+                    path = await archive(self.store, str(jc.archive_dir), older_than=jc.retention_age,
+                                         keep_records=jc.retention_records)
+                    if path is not None:
+                        await self._journal_system("journal_archived", file=str(path))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retry next round
+                log.error("journal retention failed: %s", exc)
+            await asyncio.sleep(jc.retention_interval)
 
     # -- reload ---------------------------------------------------------------------------------
 

@@ -257,3 +257,91 @@ def human_line(seq: int, rec: dict[str, Any]) -> str:
     if rec.get("request_id"):
         parts.append(f"request_id={rec['request_id']}")
     return " | ".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def archive_line(r: StoredRecord) -> bytes:
+    """One archived record: the exact payload bytes are kept so the chain stays verifiable."""
+    return orjson.dumps({"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash,
+                         "payload": r.payload.decode("utf-8")}) + b"\n"
+
+
+async def archive(store: Store, archive_dir: str | os.PathLike[str], *, older_than: float | None = None,
+                  keep_records: int | None = None, now: float | None = None) -> Path | None:
+    """Move old records to ``archive_dir/journal-<first>-<last>.jsonl`` and advance the chain's anchor.
+
+    The file is written and fsynced *before* the records leave the store, so a crash between the two
+    steps leaves the records in both places (the next run supersedes the partial file), never in none.
+    Returns the archive file, or None when nothing was old enough."""
+    head_seq, _ = await store.journal_head()
+    anchor_seq, _ = await store.journal_anchor()
+    upto = anchor_seq
+    if keep_records is not None:
+        upto = max(upto, head_seq - keep_records)
+    if older_than is not None:
+        cutoff = now_iso((now if now is not None else time.time()) - older_than)
+        last_old = await store.journal_query(after_seq=anchor_seq, until=cutoff, descending=True, limit=1)
+        if last_old:
+            upto = max(upto, last_old[0].seq)
+    if upto <= anchor_seq:
+        return None
+    rows = await store.journal_query(after_seq=anchor_seq, before_seq=upto + 1, limit=upto - anchor_seq)
+    if not rows:
+        return None
+    folder = Path(archive_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    first, last = rows[0].seq, rows[-1].seq
+    for stale in folder.glob(f"journal-{first:012d}-*.jsonl"):
+        stale.unlink()  # an earlier attempt that crashed before its records left the store
+    final = folder / f"journal-{first:012d}-{last:012d}.jsonl"
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for r in rows:
+            f.write(archive_line(r))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    removed = await store.journal_archive(last)
+    if not removed or removed[-1].hash != rows[-1].hash:
+        log.error("archive of records %d..%d: the store's records changed while archiving", first, last)
+    return final
+
+
+def read_archive(path: str | os.PathLike[str]) -> list[StoredRecord]:
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                d = orjson.loads(line)
+                payload = d["payload"].encode("utf-8")
+                rec = orjson.loads(payload)
+                out.append(StoredRecord(seq=d["seq"], prev_hash=d["prev_hash"], hash=d["hash"], payload=payload,
+                                        columns={k: rec.get(k) for k in INDEXED_FIELDS}))
+    return out
+
+
+def verify_archives(folder: str | os.PathLike[str]) -> tuple[VerifyResult, tuple[int, str]]:
+    """Verify the archive files of a folder as one chain from GENESIS; returns the result and the last
+    (seq, hash), which must be the store's anchor."""
+    from .chain import GENESIS
+
+    seq, prev = 0, GENESIS
+    checked = 0
+    for path in sorted(Path(folder).glob("journal-*.jsonl")):
+        rows = read_archive(path)
+        res = verify_chain(rows, seq, prev)
+        if not res.ok:
+            res.problem = f"{path.name}: {res.problem}"
+            res.checked += checked
+            return res, (seq, prev)
+        checked += res.checked
+        if rows:
+            seq, prev = rows[-1].seq, rows[-1].hash
+    return VerifyResult(True, checked, 1 if checked else None, seq if checked else None), (seq, prev)

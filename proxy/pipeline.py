@@ -123,6 +123,8 @@ def request_record(ex: Exchange) -> dict[str, Any]:
     rec["tx"] = ex.transaction_id
     rec["trace_id"] = trace_id(ex.traceparent)
     rec["rules_version"] = ex.registry.version
+    if ex.audit is None:
+        collect_audit(ex)
     if ex.audit:
         rec["audit"] = ex.audit
     if ex.redacted:
@@ -142,6 +144,34 @@ def request_record(ex: Exchange) -> dict[str, Any]:
     if ex.quarantined:
         rec["quarantined"] = True
     return rec
+
+
+def collect_audit(ex: Exchange) -> None:
+    """Copy the fields capabilities mark ``audit_fields`` into the record; ``sensitive_fields`` are
+    replaced by a marker and listed in ``redacted`` (the body itself is kept only as a digest)."""
+    from .journal import REDACTED
+    from .validation import _lookup, _path_matches
+
+    audit: dict[str, Any] = {}
+    redacted: list[str] = []
+    for op in ex.operations:
+        cap = op.capability
+        if cap is None or op.body is None:
+            continue
+        cfg = cap.config
+        prefix = f"[{op.index}]." if op.index is not None else ""
+        for field in cfg.audit_fields:
+            found, value = _lookup(op.body, field)
+            if not found:
+                continue
+            if any(_path_matches(field, s) for s in cfg.sensitive_fields):
+                audit[prefix + field] = REDACTED
+                redacted.append(prefix + field)
+            else:
+                audit[prefix + field] = value
+    ex.audit = audit
+    if redacted:
+        ex.redacted = redacted
 
 
 def outcome_record(ex: Exchange) -> dict[str, Any]:

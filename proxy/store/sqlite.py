@@ -256,7 +256,9 @@ class SQLiteStore(Store):
     @staticmethod
     def _record(row: sqlite3.Row | tuple[Any, ...]) -> StoredRecord:
         cols = dict(zip(INDEXED_FIELDS, row[4:11]))
-        return StoredRecord(seq=row[0], prev_hash=row[1], hash=row[2], payload=bytes(row[3]), columns=cols)
+        raw = row[3]
+        payload = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        return StoredRecord(seq=row[0], prev_hash=row[1], hash=row[2], payload=payload, columns=cols)
 
     _SELECT = "SELECT seq, prev_hash, hash, record, ts, kind, request_id, agent, on_behalf_of, capability, decision FROM journal"
 

@@ -1,0 +1,247 @@
+"""``tether journal``: tail, verify, export, show and archive the audit journal.
+
+These commands read the store directly (the SQLite file or the PostgreSQL database), so they work
+while the gateway runs (``kubectl exec ... tether journal tail -f``) and after it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from .cli_common import add_store_args, fail, open_cli_store, rules_from, run
+from .config import parse_duration
+from .journal import archive, human_line, now_iso, verify, verify_archives
+
+_FILTERS = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capability"), ("decision", "decision"),
+            ("kind", "kind"), ("request_id", "request_id"))
+
+
+def parse_time(value: str | None) -> str | None:
+    """RFC 3339 / ISO date, or a relative age like 10m, 2h, 7d -> the journal's timestamp format."""
+    if value is None:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?\s*(ms|s|m|h|d|w)", value.strip()):
+        return now_iso(time.time() - parse_duration(value))
+    try:
+        d = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"tether: {value!r} is neither a time (2026-11-25T10:00:00Z) nor an age (10m, 2h, 7d)")
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return now_iso(d.timestamp())
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {col: getattr(args, flag) for flag, col in _FILTERS if getattr(args, flag, None) is not None}
+
+
+def _emit(seq: int, rec: dict[str, Any], as_json: bool, hash_: str | None = None) -> None:
+    if as_json:
+        doc = {"seq": seq, **rec}
+        if hash_:
+            doc["hash"] = hash_
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        sys.stdout.write(human_line(seq, rec) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            filters = _filters(args)
+            since = parse_time(args.since)
+            rows = await store.journal_query(filters=filters, since=since, descending=True, limit=args.lines)
+            after = rows[0].seq if rows else (await store.journal_head())[0]
+            for r in reversed(rows):
+                _emit(r.seq, r.record(), args.json)
+            if not args.follow:
+                return 0
+            after = max(after, (await store.journal_head())[0]) if not rows else after
+            while True:
+                head = (await store.journal_head())[0]
+                if head <= after:
+                    await store.journal_wait(after, 1.0)
+                    continue
+                cursor = after
+                while cursor < head:
+                    new = await store.journal_query(after_seq=cursor, before_seq=head + 1, filters=filters,
+                                                    since=since, limit=1000)
+                    for r in new:
+                        _emit(r.seq, r.record(), args.json)
+                    if len(new) < 1000:
+                        break
+                    cursor = new[-1].seq
+                after = head
+        finally:
+            await store.close()
+
+    try:
+        return run(go())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            anchor = await store.journal_anchor()
+            archived = 0
+            if args.archives:
+                res, last = verify_archives(args.archives)
+                if not res.ok:
+                    print(f"FAIL archive: {res.problem}")
+                    return 1
+                if last != anchor:
+                    print(f"FAIL archives end at record {last[0]} but the store's chain starts after record "
+                          f"{anchor[0]}: an archive is missing or was altered")
+                    return 1
+                archived = res.checked
+            res = await verify(store)
+            if not res.ok:
+                print(f"FAIL at record {res.broken_seq}: {res.problem} ({res.checked} records verified before it)")
+                return 1
+            extra = f", plus {archived} archived records" if archived else (
+                f" (records up to {anchor[0]} are archived; pass --archives DIR to verify them too)" if anchor[0] else "")
+            span = f"records {res.first_seq}..{res.last_seq}" if res.checked else "no records"
+            print(f"OK {res.checked} records verified ({span}){extra}")
+            return 0
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        out = open(args.output, "w") if args.output else sys.stdout
+        n = 0
+        try:
+            after = 0
+            since, until = parse_time(args.since), parse_time(args.until)
+            while True:
+                rows = await store.journal_query(after_seq=after, since=since, until=until, filters=_filters(args),
+                                                 limit=5000)
+                if not rows:
+                    break
+                for r in rows:
+                    out.write(orjson.dumps({"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash, **r.record()})
+                              .decode() + "\n")
+                    n += 1
+                after = rows[-1].seq
+        finally:
+            if args.output:
+                out.close()
+            await store.close()
+        print(f"exported {n} records", file=sys.stderr)
+        return 0
+
+    return run(go())
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            if args.id.isdigit():
+                rows = await store.journal_query(after_seq=int(args.id) - 1, limit=1)
+                rows = [r for r in rows if r.seq == int(args.id)]
+            else:
+                rows = await store.journal_query(filters={"request_id": args.id}, limit=100)
+            if not rows:
+                return fail(f"no journal record {args.id!r}")
+            for r in rows:
+                sys.stdout.write(orjson.dumps({"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash, **r.record()},
+                                              option=orjson.OPT_INDENT_2).decode() + "\n")
+            return 0
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    rules = rules_from(args)
+    folder = args.dir or (str(rules.server.journal.archive_dir) if rules and rules.server.journal.archive_dir else None)
+    if not folder:
+        return fail("give --dir (or server.journal.archive_dir in the rules file)", 2)
+    if args.older_than is None and args.keep is None:
+        return fail("give --older-than AGE and/or --keep N", 2)
+
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            path = await archive(store, folder, older_than=parse_duration(args.older_than) if args.older_than else None,
+                                 keep_records=args.keep)
+            print(f"archived to {path}" if path else "nothing to archive")
+            return 0
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("journal", help="read, verify, export and archive the audit journal",
+                       description="The audit journal: every request's intent and outcome, hash-chained.")
+    js = p.add_subparsers(dest="journal_command", metavar="SUBCOMMAND")
+
+    def filters(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--agent", help="only this agent")
+        q.add_argument("--user", help="only requests on behalf of this user")
+        q.add_argument("--capability", help="only this capability")
+        q.add_argument("--decision", help="only this decision (denied, live, dry_run, approved, ...)")
+        q.add_argument("--kind", help="only this record kind (request, outcome, review, tx, system)")
+        q.add_argument("--request-id", dest="request_id", help="only this request")
+
+    t = js.add_parser("tail", help="print recent records; -f to follow",
+                      description="Print the last records as 'agent=… | on_behalf_of=… | intent=\"…\" | …' lines "
+                                  "(or JSON lines with --json); -f keeps following new records.")
+    add_store_args(t)
+    filters(t)
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new records as they are committed")
+    t.add_argument("-n", "--lines", type=int, default=20, help="how many past records to print first (default 20)")
+    t.add_argument("--since", help="only records at or after this time (RFC 3339) or age (10m, 2h, 7d)")
+    t.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
+    t.set_defaults(func=cmd_tail)
+
+    v = js.add_parser("verify", help="check the hash chain; exit 1 at the first broken or missing record")
+    add_store_args(v)
+    v.add_argument("--archives", metavar="DIR", help="also verify archived records in DIR (they precede the store)")
+    v.set_defaults(func=cmd_verify)
+
+    e = js.add_parser("export", help="write records as JSON lines (for auditors)")
+    add_store_args(e)
+    filters(e)
+    e.add_argument("--since", help="from this time or age")
+    e.add_argument("--until", help="up to (not including) this time or age")
+    e.add_argument("--output", "-o", help="file to write (default stdout)")
+    e.set_defaults(func=cmd_export)
+
+    s = js.add_parser("show", help="show one record by sequence number, or all records of a request id")
+    add_store_args(s)
+    s.add_argument("id", help="sequence number or request id")
+    s.set_defaults(func=cmd_show)
+
+    a = js.add_parser("archive", help="move old records to an archive file; the chain stays verifiable")
+    add_store_args(a)
+    a.add_argument("--dir", help="archive folder (default server.journal.archive_dir)")
+    a.add_argument("--older-than", dest="older_than", help="archive records older than this age (e.g. 90d)")
+    a.add_argument("--keep", type=int, help="keep at most this many records in the store")
+    a.set_defaults(func=cmd_archive)
