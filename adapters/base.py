@@ -188,6 +188,14 @@ class Adapter:
             return SyntheticResponse(200, ({"id": rid} if rid else {}) | body)
         return SyntheticResponse(202, {"accepted": True, "dry_run": item_id})
 
+    def synthetic_composite(self, outer: Operation, ops: list[Operation], item_id: str) -> SyntheticResponse:
+        """The synthetic answer to a whole composite request (adapters shape their own envelope)."""
+        results = []
+        for op in ops:
+            r = self.synthetic_response(op, item_id)
+            results.append({"status": r.status, "body": r.body if not isinstance(r.body, bytes) else None})
+        return SyntheticResponse(200, {"results": results, "dry_run": item_id})
+
     # -- outcome --------------------------------------------------------------------------------
 
     def is_failure(self, status: int, body: Any) -> bool:

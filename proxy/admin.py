@@ -6,8 +6,10 @@ role, verified like agent tokens). An agent's token is refused with 403 ``review
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+import orjson
 from aiohttp import web
 
 from .errors import TetherError
@@ -61,9 +63,68 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
 
 
+def _gw(request: web.Request) -> "Gateway":
+    return request.app[GATEWAY]  # type: ignore[return-value]
+
+
+async def _json_body(request: web.Request) -> dict:
+    if not request.body_exists:
+        return {}
+    try:
+        doc = await request.json(loads=orjson.loads)
+    except ValueError:
+        raise TetherError("malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise TetherError("bad_request", "the request body must be a JSON object")
+    return doc
+
+
+def _float(v: str | None, name: str) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise TetherError("bad_request", f"{name} must be a number") from None
+
+
+async def review_list(request: web.Request) -> web.Response:
+    reviewer(request)
+    q = request.query
+    age = _float(q.get("min_age"), "min_age")
+    items = await _gw(request).store.review_list(
+        state=q.get("state") or None, agent=q.get("agent") or None, capability=q.get("capability") or None,
+        upstream=q.get("upstream") or None, older_than=(time.time() - age) if age else None,
+        limit=int(_float(q.get("limit"), "limit") or 200))
+    return json_response({"items": items, "count": len(items)})
+
+
+async def review_show(request: web.Request) -> web.Response:
+    reviewer(request)
+    return json_response(await _gw(request).review.get(request.match_info["id"]))
+
+
+async def review_approve(request: web.Request) -> web.Response:
+    who = reviewer(request)
+    doc = await _json_body(request)
+    item = await _gw(request).review.approve(request.match_info["id"], who, edit=doc.get("edit"), note=doc.get("note"))
+    return json_response(item)
+
+
+async def review_reject(request: web.Request) -> web.Response:
+    who = reviewer(request)
+    doc = await _json_body(request)
+    item = await _gw(request).review.reject(request.match_info["id"], who, str(doc.get("reason") or ""))
+    return json_response(item)
+
+
 def build_admin_app(gw: "Gateway") -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
     app.router.add_get("/_tether/healthz", healthz)
     app.router.add_get("/_tether/readyz", readyz)
+    app.router.add_get("/api/review/items", review_list)
+    app.router.add_get("/api/review/items/{id}", review_show)
+    app.router.add_post("/api/review/items/{id}/approve", review_approve)
+    app.router.add_post("/api/review/items/{id}/reject", review_reject)
     return app

@@ -471,6 +471,7 @@ class LimitsConfig(Model):
 
 class ReviewConfig(Model):
     ttl: Duration = 7 * 86400.0
+    sweep_interval: Duration = 30.0
     alert_queue_depth: int | None = None
 
 

@@ -39,6 +39,7 @@ from .identity import TokenVerifier
 from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
 from .registry import Registry
+from .review import ReviewService, capture_dry_run
 from .responses import error_response, json_response
 from .store import Store, StoreUnavailable, open_store
 
@@ -56,6 +57,7 @@ STAGES: list[tuple[str, Any]] = [
     ("validate_body", S.validate_body),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
+    ("capture_dry_run", capture_dry_run),
     ("forward", S.forward),
 ]
 
@@ -202,6 +204,7 @@ class Gateway:
         from .governance import Governance
 
         self.governance = Governance(self)
+        self.review = ReviewService(self)
         self.pipeline = Pipeline(self, STAGES)
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
@@ -228,6 +231,7 @@ class Gateway:
         await self.journal.write(base_record("system", event="started", instance=self.instance_id,
                                              rules_version=self.state.registry.version, pid=os.getpid()))
         await self._start_listeners()
+        self._background.append(asyncio.ensure_future(self.review.sweep_loop(self.server_cfg.review.sweep_interval)))
         jc = self.server_cfg.journal
         if jc.retention_age is not None or jc.retention_records is not None:
             self._background.append(asyncio.ensure_future(self._retention_loop()))

@@ -41,5 +41,11 @@ class Governance:
     def on_journal_commit(self, seconds: float, records: int) -> None:
         return None
 
+    def on_captured(self, ex: "Exchange") -> None:
+        return None
+
+    def on_review_decided(self, item: dict[str, Any], outcome: str, edited: bool = False) -> None:
+        return None
+
     async def alert(self, event: str, payload: dict[str, Any]) -> None:
         log.warning("alert %s: %s", event, payload)

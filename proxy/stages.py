@@ -232,6 +232,7 @@ def unpack_composite(gw: "Gateway", ex: Exchange) -> None:
     up = ex.upstream
     assert up is not None
     outer = ex.operations[0]
+    ex.extra["composite_outer"] = outer
     subs = up.adapter.unpack(outer)
     if not subs:
         raise TetherError("unsupported_composite", "the composite request holds no sub-request")

@@ -112,4 +112,4 @@ async def call_upstream(
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             parsed = None
-    return resp.status, dict(resp.headers), data, parsed
+    return resp.status, {str(k): v for k, v in resp.headers.items()}, data, parsed
