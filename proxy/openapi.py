@@ -428,7 +428,11 @@ def base_name(op: SpecOperation) -> str:
         tail = opid.rsplit("_", 1)[-1] if "_" in opid else ""
         if tail and _CLEAN_OPID.fullmatch(tail):
             verb = snake(tail)
-    name = ".".join(words + [verb]) if words else verb
+    if words and verb == words[-1]:
+        verb = ""  # batch/read + read -> batch.read
+    elif words and verb.endswith("_" + words[-1]):
+        words.pop()  # search + do_search -> do_search
+    name = ".".join([w for w in words + [verb] if w]) or op.method.lower()
     if not re.match(r"[a-z]", name):
         name = "op_" + name
     return name
@@ -633,7 +637,9 @@ def body_rules(spec: Spec, op: SpecOperation, mode: str) -> tuple[dict[str, Any]
 
 
 def _description(op: SpecOperation) -> str:
-    text = " ".join(op.summary.split())
+    import html
+
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", op.summary)).split())
     if len(text) > 160:
         text = text[:157].rstrip() + "..."
     return text
@@ -661,8 +667,10 @@ def build_capability(spec: Spec, op: SpecOperation, opts: ImportOptions) -> tupl
     if params:
         cap["params"] = dict(sorted(params.items()))
     why = None
-    if op.method not in ("GET", "HEAD", "OPTIONS", "DELETE") or op.raw.get("requestBody") is not None:
+    if op.raw.get("requestBody") is not None:
         body, why = body_rules(spec, op, opts.allow_fields)
+        if body and op.method in ("GET", "HEAD", "OPTIONS", "DELETE") and not body.get("allow_fields"):
+            body, why = None, None  # e.g. Stripe declares an empty form body on every GET and DELETE
         if body:
             cap["body"] = body
     if effect == "write":
@@ -878,9 +886,24 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
         return True
 
 
+class _Block(dict):  # type: ignore[type-arg]
+    """A mapping always written in block style (the small leaf mappings inside stay in flow style)."""
+
+
+_Dumper.add_representer(_Block, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data.items(),
+                                                                     flow_style=False))
+
+
 def _dump(value: Any) -> str:
     return yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True,
                      width=120)
+
+
+def _blocks(value: Any, depth: int) -> Any:
+    """Block style for the outer ``depth`` levels of mappings."""
+    if depth <= 0 or not isinstance(value, dict):
+        return value
+    return _Block({k: _blocks(v, depth - 1) for k, v in value.items()})
 
 
 HEADER = """\
@@ -898,11 +921,11 @@ def render(doc: dict[str, Any], header: str = HEADER) -> str:
             parts.append("capabilities:\n")
             chunks = []
             for name, cap in value.items():
-                text = _dump({name: cap})
+                text = _dump(_blocks({name: cap}, 3))
                 chunks.append("".join("  " + line if line.strip() else line for line in text.splitlines(True)))
             parts.append("\n".join(chunks))
         else:
-            parts.append(_dump({key: value}))
+            parts.append(_dump(_blocks({key: value}, 3)))
     return "".join(parts)
 
 
