@@ -221,6 +221,7 @@ class Adapter:
         return plan
 
     version_header: str | None = None
+    idempotency_header: str | None = None  # e.g. Stripe's Idempotency-Key: sent with undo steps
 
     def check_request(self, plan: UndoPlan) -> PlannedRequest | None:
         """A read to run before an undo step, to detect a concurrent change (None: no check)."""

@@ -118,6 +118,31 @@ async def review_reject(request: web.Request) -> web.Response:
     return json_response(item)
 
 
+async def tx_list(request: web.Request) -> web.Response:
+    reviewer(request)
+    q = request.query
+    txs = await _gw(request).store.tx_list(state=q.get("state") or None, agent=q.get("agent") or None,
+                                           limit=int(_float(q.get("limit"), "limit") or 200))
+    return json_response({"transactions": txs, "count": len(txs)})
+
+
+async def tx_show(request: web.Request) -> web.Response:
+    reviewer(request)
+    return json_response(await _gw(request).transactions.describe(request.match_info["id"]))
+
+
+async def tx_rollback(request: web.Request) -> web.Response:
+    who = reviewer(request)
+    doc = await _json_body(request)
+    resolve = doc.get("resolve_conflicts")
+    if resolve not in (None, "skip", "overwrite"):
+        raise TetherError("bad_request", "resolve_conflicts is skip or overwrite")
+    action = request.match_info["action"]
+    tx = await _gw(request).transactions.rollback(request.match_info["id"], reason=f"{action} by reviewer {who.agent}",
+                                                  by=who.agent, resolve_conflicts=resolve)
+    return json_response(tx)
+
+
 def build_admin_app(gw: "Gateway") -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
@@ -127,4 +152,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/review/items/{id}", review_show)
     app.router.add_post("/api/review/items/{id}/approve", review_approve)
     app.router.add_post("/api/review/items/{id}/reject", review_reject)
+    app.router.add_get("/api/transactions", tx_list)
+    app.router.add_get("/api/transactions/{id}", tx_show)
+    app.router.add_post("/api/transactions/{id}/{action:rollback|retry}", tx_rollback)
     return app

@@ -52,6 +52,11 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
                 "capabilities": grants,
                 "rules_version": state.registry.version,
             }, headers={REQUEST_ID: rid})
+        from .transactions import handle_tx_endpoint
+
+        resp = await handle_tx_endpoint(gw, request, ident, path, rid)
+        if resp is not None:
+            return resp
         raise TetherError("not_found", f"no Tether endpoint {request.method} {path}")
     except TetherError as err:
         return error_response(err, rid)

@@ -63,11 +63,12 @@ async def send(
                                      compress=False, chunked=None)
     except aiohttp.ConnectionTimeoutError:
         raise TetherError("upstream_unavailable", f"could not connect to the upstream within "
-                                                  f"{timeout.sock_connect:g}s") from None
+                                                  f"{timeout.sock_connect:g}s", details={"applied": False}) from None
     except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, asyncio.TimeoutError):
         raise TetherError("upstream_timeout", f"the upstream did not answer within {timeout.sock_read:g}s") from None
     except aiohttp.ClientConnectorError as exc:
-        raise TetherError("upstream_unavailable", f"cannot connect to the upstream: {exc.os_error or exc}") from None
+        raise TetherError("upstream_unavailable", f"cannot connect to the upstream: {exc.os_error or exc}",
+                          details={"applied": False}) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise TetherError("upstream_unavailable", f"the upstream connection failed: {type(exc).__name__}") from None
 

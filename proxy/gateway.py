@@ -40,6 +40,7 @@ from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
 from .registry import Registry
 from .review import ReviewService, capture_dry_run
+from .transactions import TransactionManager, prepare_compensation
 from .responses import error_response, json_response
 from .store import Store, StoreUnavailable, open_store
 
@@ -54,10 +55,12 @@ STAGES: list[tuple[str, Any]] = [
     ("unpack_composite", S.unpack_composite),
     ("check_grant", S.check_grant),
     ("require_intent", S.require_intent),
+    ("check_transaction", S.check_transaction),
     ("validate_body", S.validate_body),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
     ("capture_dry_run", capture_dry_run),
+    ("prepare_compensation", prepare_compensation),
     ("forward", S.forward),
 ]
 
@@ -205,6 +208,7 @@ class Gateway:
 
         self.governance = Governance(self)
         self.review = ReviewService(self)
+        self.transactions = TransactionManager(self)
         self.pipeline = Pipeline(self, STAGES)
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
@@ -232,6 +236,7 @@ class Gateway:
                                              rules_version=self.state.registry.version, pid=os.getpid()))
         await self._start_listeners()
         self._background.append(asyncio.ensure_future(self.review.sweep_loop(self.server_cfg.review.sweep_interval)))
+        self._background.append(asyncio.ensure_future(self.transactions.sweep_loop()))
         jc = self.server_cfg.journal
         if jc.retention_age is not None or jc.retention_records is not None:
             self._background.append(asyncio.ensure_future(self._retention_loop()))

@@ -20,12 +20,15 @@ log = logging.getLogger("tether.governance")
 class Governance:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
+        from .alerts import Alerter
+
+        self.alerter = Alerter(gw, list(gw.state.rules.governance.alerts))
 
     async def start(self) -> None:
-        return None
+        self.alerter.start()
 
     async def stop(self) -> None:
-        return None
+        await self.alerter.stop()
 
     async def decide(self, ex: "Exchange") -> str:
         grants = ex.extra.get("grants") or []
@@ -44,8 +47,15 @@ class Governance:
     def on_captured(self, ex: "Exchange") -> None:
         return None
 
+    def on_rollback(self, tx: dict[str, Any]) -> None:
+        return None
+
     def on_review_decided(self, item: dict[str, Any], outcome: str, edited: bool = False) -> None:
         return None
 
     async def alert(self, event: str, payload: dict[str, Any]) -> None:
+        """Journal the alert and queue it for the webhooks (never blocks on delivery)."""
         log.warning("alert %s: %s", event, payload)
+        await self.gw._journal_system("alert", alert=event, **{k: v for k, v in payload.items() if k != "event"})
+        self.alerter.targets = list(self.gw.state.rules.governance.alerts)
+        self.alerter.send(event, payload)

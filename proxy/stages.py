@@ -266,6 +266,12 @@ def check_grant(gw: "Gateway", ex: Exchange) -> None:
     ex.extra["grants"] = [registry.grant(agent, op.capability.name) for op in ex.operations]
 
 
+async def check_transaction(gw: "Gateway", ex: Exchange) -> None:
+    """A write naming a transaction joins it (opened on first use); it must be this agent's and open."""
+    if ex.transaction_id is not None and ex.is_write:
+        await gw.transactions.for_write(ex)
+
+
 def require_intent(gw: "Gateway", ex: Exchange) -> None:
     if ex.intent is None and ex.is_write:
         raise TetherError("intent_required", "writes must declare their business intent in X-Tether-Intent")
@@ -384,26 +390,45 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
             body = ex.request.content  # streamed request body (stream_request capabilities)
     url = build_url(up.base_url, ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
+    steps = ex.extra.get("tx_steps")
     timer = Timer()
     ex.forwarded = True
-    resp = await send(gw.session, wire_method, url, hdrs, body, up.timeout, up.ssl)
+    try:
+        resp = await send(gw.session, wire_method, url, hdrs, body, up.timeout, up.ssl)
+    except TetherError as err:
+        if steps:
+            await gw.transactions.after_forward(ex, status=None, headers={}, body=None, failed=True,
+                                                applied=(err.details or {}).get("applied"))
+        raise
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
     out_headers = response_headers(resp.headers)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
     if ex.is_write or ex.transaction_id is not None:
-        data = await read_whole(resp, min(limit or WHOLE_BODY_LIMIT, WHOLE_BODY_LIMIT))
-        resp.release()
+        try:
+            data = await read_whole(resp, min(limit or WHOLE_BODY_LIMIT, WHOLE_BODY_LIMIT))
+        except TetherError:
+            if steps:
+                await gw.transactions.after_forward(ex, status=resp.status, headers={}, body=None, failed=True,
+                                                    applied=None)
+            raise
+        finally:
+            resp.release()
         parsed = decode_json_body(data, resp.headers.get("Content-Type"))
         ex.response_body = parsed
-        op = ex.operations[0]
-        if up.adapter.is_failure(resp.status, parsed):
+        rheaders = {str(k): v for k, v in resp.headers.items()}
+        failed = up.adapter.is_failure(resp.status, parsed)
+        if failed:
             ex.extra.setdefault("outcome", {})["upstream_failure"] = True
         else:
             for o in ex.operations:
-                ex.upstream_ids.extend(up.adapter.created_ids(o, resp.status, dict(resp.headers), parsed))
-        del op
+                ex.upstream_ids.extend(up.adapter.created_ids(o, resp.status, rheaders, parsed))
+        if steps:
+            await gw.transactions.after_forward(ex, status=resp.status, headers=rheaders, body=parsed,
+                                                failed=failed, applied=not failed)
+            if ex.extra.get("tx_state"):
+                out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
         ex.response = web.Response(body=data, status=resp.status, reason=resp.reason, headers=out_headers)
         return
     streamed, sent, err = await relay(ex.request, resp, out_headers, limit)

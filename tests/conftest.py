@@ -158,3 +158,12 @@ async def gateway(make_gateway: MakeGateway, upstream: FakeUpstream, tmp_path: P
 
 def pg_dsn() -> str:
     return os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator["WebhookReceiver"]:
+    from tests.fakes import WebhookReceiver
+
+    w = await WebhookReceiver().start()
+    yield w
+    await w.stop()

@@ -150,6 +150,10 @@ class FakeUpstream:
             if rec is None:
                 return web.json_response({"error": "not found"}, status=404)
             return web.json_response(rec, headers={"ETag": f'"{rec.get("version", 1)}"'})
+        if m == "PUT" and rec is None:
+            rec = {**data, "id": rid, "version": 1}
+            table[rid] = rec
+            return web.json_response(rec, status=201)
         if m in ("PATCH", "PUT"):
             if rec is None:
                 return web.json_response({"error": "not found"}, status=404)
@@ -174,3 +178,47 @@ class FakeUpstream:
             table[rid] = rec
             return web.json_response(rec, status=201)
         return web.json_response({"error": "method"}, status=405)
+
+
+@dataclass
+class WebhookReceiver:
+    """Collects alert webhooks (a real HTTP server on loopback)."""
+
+    received: list[Any] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+    fail_first: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def start(self) -> "WebhookReceiver":
+        async def hook(request: web.Request) -> web.Response:
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return web.Response(status=503)
+            self.received.append(await request.json())
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_for(self, pred: Any, timeout: float = 5.0) -> Any:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for r in self.received:
+                if pred(r):
+                    return r
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no matching webhook in {timeout}s: {self.received}")

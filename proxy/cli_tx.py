@@ -1,0 +1,92 @@
+"""``tether tx``: list, show, roll back and retry transactions (through the admin API)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from .cli_common import AdminError, add_admin_args, admin_call, fail, print_json
+
+
+def render_tx(tx: dict[str, Any]) -> str:
+    lines = [f"Transaction {tx['id']}  ({tx['state']})",
+             f"Agent       {tx['agent']}  on behalf of {tx.get('on_behalf_of') or tx['agent']}",
+             f"Name        {tx.get('name') or '-'}",
+             f"Deadline    {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(tx['deadline']))}Z" if tx.get("deadline")
+             else "Deadline    -"]
+    if tx.get("problem"):
+        lines.append(f"Problem     {tx['problem']}")
+    steps = tx.get("steps") or []
+    if steps:
+        lines += ["", f"{'STEP':>5}  {'STATE':<15} {'CAPABILITY':<28} {'ACTION':<40} UNDO"]
+        for s in steps:
+            plan = s.get("plan") or {}
+            req = plan.get("request") or {}
+            undo = f"{req.get('method', '')} {req.get('path', '')}".strip() or "-"
+            lines.append(f"{s['id']:>5}  {s['state']:<15} {s.get('capability', ''):<28} "
+                         f"{(s.get('method', '') + ' ' + s.get('path', '')):<40} {undo}"
+                         + (f"  [{s['last_error']}]" if s.get("last_error") and s["state"] != "compensated" else ""))
+    if tx.get("remaining_steps"):
+        lines.append(f"\nRemaining steps: {', '.join(str(x) for x in tx['remaining_steps'])}")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        doc = admin_call(args, "GET", "/api/transactions", params={"state": args.state, "agent": args.agent})
+    except AdminError as exc:
+        return fail(str(exc))
+    if args.json:
+        print_json(doc["transactions"])
+        return 0
+    if not doc["transactions"]:
+        print("no transactions")
+        return 0
+    print(f"{'ID':<26} {'STATE':<16} {'AGENT':<20} NAME")
+    for tx in doc["transactions"]:
+        print(f"{tx['id']:<26} {tx['state']:<16} {tx['agent']:<20} {tx.get('name') or ''}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    try:
+        tx = admin_call(args, "GET", f"/api/transactions/{args.id}")
+    except AdminError as exc:
+        return fail(str(exc))
+    print_json(tx) if args.json else print(render_tx(tx))
+    return 0
+
+
+def _act(args: argparse.Namespace, action: str) -> int:
+    body = {"resolve_conflicts": args.resolve_conflicts} if getattr(args, "resolve_conflicts", None) else {}
+    try:
+        tx = admin_call(args, "POST", f"/api/transactions/{args.id}/{action}", body)
+    except AdminError as exc:
+        return fail(str(exc))
+    print_json(tx) if args.json else print(render_tx(tx))
+    return 0 if tx["state"] == "rolled_back" else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("tx", help="transactions and their compensation steps (admin API)",
+                       description="Inspect and roll back agents' transactions. Talks to the admin API with a "
+                                   "reviewer token ($TETHER_ADMIN_URL, $TETHER_ADMIN_TOKEN).")
+    ts = p.add_subparsers(dest="tx_command", metavar="SUBCOMMAND")
+    ls = ts.add_parser("list", help="list transactions")
+    add_admin_args(ls)
+    ls.add_argument("--state", help="open, committed, rolling_back, rolled_back or needs_attention")
+    ls.add_argument("--agent")
+    ls.set_defaults(func=cmd_list)
+    sh = ts.add_parser("show", help="a transaction with its steps and their undo operations")
+    add_admin_args(sh)
+    sh.add_argument("id")
+    sh.set_defaults(func=cmd_show)
+    for action, text in (("rollback", "roll back an open transaction (newest step first)"),
+                         ("retry", "resume the rollback of a needs_attention transaction")):
+        q = ts.add_parser(action, help=text)
+        add_admin_args(q)
+        q.add_argument("id")
+        q.add_argument("--resolve-conflicts", dest="resolve_conflicts", choices=["skip", "overwrite"],
+                       help="for steps flagged conflict: skip them, or overwrite the concurrent change")
+        q.set_defaults(func=lambda a, _action=action: _act(a, _action))
