@@ -155,9 +155,23 @@ def lint_data(data: Any, file: str = "<rules>", traffic: Any = None) -> list[Fin
             add("ERROR", path, reason, _code(reason))
         rules = RulesFile.model_construct(server=bare.server, governance=bare.governance, upstreams=bare.upstreams,
                                           capabilities=bare.capabilities, agents=agents)
-    for lvl, path, msg, code in _lints(rules, traffic):
+    held = _held_raw(data) if isinstance(data, dict) else None
+    for lvl, path, msg, code in _lints(rules, traffic, held):
         add(lvl, path, msg, code)
-    return findings
+    return sorted(findings, key=lambda f: LEVELS.index(f.level))
+
+
+def _held_raw(data: dict[str, Any]) -> set[str]:
+    """Capability names any agent's grants mention, valid grant or not."""
+    out: set[str] = set()
+    agents = data.get("agents") if isinstance(data.get("agents"), dict) else {}
+    for raw in agents.values():
+        grants = raw.get("grants") if isinstance(raw, dict) else None
+        for g in grants if isinstance(grants, list) else []:
+            name = g if isinstance(g, str) else g.get("capability") if isinstance(g, dict) else None
+            if isinstance(name, str):
+                out.add(name)
+    return out
 
 
 def _grant_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -165,7 +179,12 @@ def _grant_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
     own check runs only once the whole file validates)."""
     caps = data.get("capabilities") if isinstance(data.get("capabilities"), dict) else {}
     agents = data.get("agents") if isinstance(data.get("agents"), dict) else {}
+    ups = data.get("upstreams") if isinstance(data.get("upstreams"), dict) else {}
     errs = []
+    for name, raw in caps.items():
+        up = raw.get("upstream") if isinstance(raw, dict) else None
+        if isinstance(up, str) and up not in ups:
+            errs.append((f"capabilities.{name}.upstream", f"unknown upstream {up!r}"))
     for agent, raw in agents.items():
         grants = raw.get("grants") if isinstance(raw, dict) else None
         seen: set[str] = set()
@@ -227,15 +246,13 @@ def _partial(data: dict[str, Any]) -> tuple[RulesFile, dict[str, AgentConfig]]:
 # --------------------------------------------------------------------------- the lints
 
 
-def _lints(rules: RulesFile, traffic: Any) -> Iterable[tuple[str, str, str, str]]:
+def _lints(rules: RulesFile, traffic: Any, held_raw: set[str] | None = None) -> Iterable[tuple[str, str, str, str]]:
     caps = rules.capabilities
     adapters = yield from _adapter_lints(rules)
     yield from _route_lints(caps, adapters)
-    held: set[str] = set()
+    held: set[str] = set(held_raw or ())
     for agent, ac in rules.agents.items():
         for i, g in enumerate(ac.grants):
-            if not g.capability:
-                continue
             held.add(g.capability)
             cap = caps.get(g.capability)
             if cap is None or cap.resolved_effect != "write":
@@ -398,7 +415,7 @@ def route_findings(a: _Route, b: _Route) -> tuple[str, str, str, str]:
             return ("WARNING", f"capabilities.{loser.name}.path",
                     f"{loser.method} {loser.template} also matches requests of {winner.name!r} "
                     f"({winner.method} {winner.template}), e.g. {_example(a, b)}: {winner.name!r} wins (a literal "
-                    f"segment beats a parameter); give the parameter a pattern in params to exclude it",
+                    f"segment beats a parameter); a pattern in params on a parameter would keep them apart",
                     "overlapping-routes")
     covered = all(sa is None or sa == sb for sa, sb, ka in zip(a.sources, b.sources, a.keys) if ka is None)
     if a.template == b.template and covered:
@@ -416,11 +433,25 @@ def route_findings(a: _Route, b: _Route) -> tuple[str, str, str, str]:
 
 
 def _route_lints(caps: dict[str, CapabilityConfig], adapters: dict[str, Any]) -> Iterable[tuple[str, str, str, str]]:
+    """One finding per shadowed capability; overlaps grouped per capability that loses them, so a
+    parameter route overlapping a thousand literal ones is one line, not a thousand."""
     for (_up, _method, _n), routes in _routes(caps, adapters).items():
         if len(routes) < 2:
             continue
+        losing: dict[str, list[tuple[str, str, str, str]]] = {}
         for i, j in sorted(overlapping_pairs(routes), key=lambda p: (routes[p[1]].order, routes[p[0]].order)):
-            yield route_findings(routes[i], routes[j])
+            f = route_findings(routes[i], routes[j])
+            if f[3] == "overlapping-routes":
+                losing.setdefault(f[1], []).append(f)
+            else:
+                yield f
+        for path, fs in losing.items():
+            if len(fs) <= 3:
+                yield from fs
+                continue
+            first = fs[0]
+            more = f"; and {len(fs) - 1} more like it; a pattern in params"
+            yield (first[0], path, first[2].replace("; a pattern in params", more), first[3])
 
 
 # --------------------------------------------------------------------------- JSON Schema
