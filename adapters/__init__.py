@@ -11,6 +11,10 @@ from .base import Adapter, AdapterOptionsError, NotCompensable, Operation, Plann
 
 _REGISTRY: dict[str, str] = {
     "generic": "adapters.generic:GenericRestAdapter",
+    "salesforce": "adapters.salesforce:SalesforceAdapter",
+    "hubspot": "adapters.hubspot:HubSpotAdapter",
+    "stripe": "adapters.stripe:StripeAdapter",
+    "slack": "adapters.slack:SlackAdapter",
 }
 
 
@@ -26,7 +30,13 @@ def get_adapter(name: str, options: dict[str, Any] | None = None) -> Adapter:
     module_name, _, cls_name = target.partition(":")
     import importlib
 
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise AdapterOptionsError(f"adapter {name!r} is not installed") from None
+        raise
+    cls = getattr(module, cls_name)
     return cls(options or {})
 
 

@@ -236,6 +236,32 @@ class Adapter:
     # -- provenance -----------------------------------------------------------------------------
 
     def stamp_provenance(self, op: Operation, fields: dict[str, str]) -> Any:
-        """Return the body with provenance fields added (``fields`` maps record field -> value), or the
-        body unchanged where this upstream has no place for it."""
-        return op.body
+        """Return the body with provenance fields added (``fields`` maps record field -> value), or None
+        where this upstream has no place for it. Default: top-level fields of a JSON object."""
+        if not isinstance(op.body, dict) or not fields:
+            return None
+        return {**op.body, **fields}
+
+    # -- helpers for composite unpacking ----------------------------------------------------------
+
+    @staticmethod
+    def sub_operation(method: str, url: str, body: Any, index: int, ref: str | None = None,
+                      content_type: str | None = JSON_CT, base_prefix: str = "") -> Operation:
+        """Build a sub-request's Operation from the URL it names, validated exactly like a top-level
+        request target (so a sub-request cannot smuggle what the outer request could not).
+
+        ``url`` is upstream-relative (``/services/data/...``) or relative to ``base_prefix``."""
+        from proxy.errors import TetherError
+        from proxy.normalise import decode_segments, split_target
+
+        if not isinstance(method, str) or method.upper() != method or method not in (
+                "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            raise TetherError("ambiguous_request", f"sub-request {index}: method {method!r} refused")
+        if not isinstance(url, str) or not url:
+            raise TetherError("unsupported_composite", f"sub-request {index} has no url")
+        if not url.startswith("/"):
+            url = base_prefix.rstrip("/") + "/" + url
+        path, query = split_target(url, 8192)
+        segments = decode_segments(path)
+        return Operation(method=method, path=path, query=query, segments=segments, body=body,
+                         content_type=content_type, index=index, ref=ref)
