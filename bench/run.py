@@ -1,0 +1,1278 @@
+#!/usr/bin/env python3
+"""Tether benchmark harness (issue 13). See bench/README.md.
+
+    python bench/run.py                 # full: 3 interleaved rounds x 10 s per configuration
+    python bench/run.py --quick         # smoke check: 1 round x 3 s
+    python bench/run.py --soak          # memory over a 5-minute run (--soak-duration S)
+    python bench/run.py --profile       # py-spy profile of Tether under the GET and PATCH loads
+
+Everything runs on loopback: an nginx upstream answering ~200 bytes of JSON, then wrk (pinned to one
+core) against: the upstream directly, nginx as a reverse proxy, a bare aiohttp forwarder
+(bench/bare_forwarder.py), mitmproxy in reverse mode, and Tether with its full policy (and variants).
+Results are printed and written as JSON to bench/results/. Missed targets print FAIL; they never make
+the harness crash. Every process started is stopped on exit (process groups, try/finally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+MITM_VENV = BENCH / ".venv-mitm"
+SF_SPEC = Path(os.environ.get("TETHER_BENCH_SF_SPEC", "/work/shared/specs/salesforce.oas.json"))
+SF_PREFIX = "/services/data/v59.0"
+PG_DSN = os.environ.get("TETHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
+AGENT, HUMAN = "bench-bot", "ae:jane@acme.example"
+DRY_AGENT = "bench-bot-dry"
+RECORD_ID = "003xx000004TmiQAAS"
+SF_ID = "001xx000003DGb2AAG"
+MARKER = "bench-upstream-nginx"
+INTENT = "bench: move the renewal to negotiation"
+
+# ~200 bytes of JSON, answered by nginx for any method and path.
+UPSTREAM_BODY = json.dumps({
+    "id": RECORD_ID, "object": "contact", "name": "Ada Lovelace", "email": "ada@example.com",
+    "StageName": "Negotiation", "Amount": 125000, "updated": "2026-11-01T12:00:00Z", "served_by": MARKER,
+}, separators=(",", ":"))
+UPSTREAM_BODY += " " * max(0, 200 - len(UPSTREAM_BODY))
+
+
+def patch_body(size: int = 500) -> str:
+    """A 500-byte JSON PATCH body that the field rules accept."""
+    doc = {"StageName": "Negotiation", "CloseDate": "2026-12-31", "Amount": 125000,
+           "NextStep": "send the renewal quote", "Description": ""}
+    base = len(json.dumps(doc, separators=(",", ":")))
+    doc["Description"] = "x" * (size - base)
+    out = json.dumps(doc, separators=(",", ":"))
+    assert len(out) == size, len(out)
+    return out
+
+
+PATCH_BODY = patch_body()
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mint_jwt(sub: str, actor: str | None, ttl: int = 7 * 86400) -> str:
+    """HS256 JWT (stdlib only, so the harness does not depend on the gateway's internals)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iss": "tether", "aud": "tether", "iat": now, "nbf": now - 5,
+                              "exp": now + ttl}
+    if actor:
+        claims["act"] = {"sub": actor}
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(sig)}"
+
+
+def run_text(argv: list[str], timeout: float = 30) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unavailable ({exc})"
+
+
+def http_call(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+              body: str | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body.encode() if body is not None else None, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def ensure_tool(binary: str, apt_packages: list[str], *, install: bool) -> str:
+    """Path of ``binary``; installed from the system packages if missing. SystemExit if impossible."""
+    for cand in (binary, f"/usr/sbin/{binary}", f"/usr/bin/{binary}"):
+        path = shutil.which(cand)
+        if path:
+            return path
+    if not install:
+        raise SystemExit(f"bench: {binary} is missing and --no-install was given; install it "
+                         f"(apt-get install -y {apt_packages[0]})")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit(f"bench: {binary} is missing and cannot be installed here (need root and apt-get); "
+                         f"install one of: {', '.join(apt_packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    errors = []
+    for attempt in ("direct", "after apt-get update"):
+        if attempt != "direct":
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        for pkg in apt_packages:
+            log(f"  installing {pkg} (apt-get install -y {pkg}) ...")
+            p = subprocess.run(["apt-get", "install", "-y", "-qq", pkg], env=env, capture_output=True, text=True)
+            path = shutil.which(binary) or shutil.which(f"/usr/sbin/{binary}")
+            if p.returncode == 0 and path:
+                return path
+            errors.append(f"{pkg}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or p.returncode}")
+    raise SystemExit(f"bench: {binary} is missing and could not be installed: {'; '.join(map(str, errors))}")
+
+
+def ensure_mitmdump(install: bool) -> tuple[str | None, str]:
+    """(path to mitmdump in bench/.venv-mitm, '') or (None, reason it is skipped)."""
+    exe = MITM_VENV / "bin" / "mitmdump"
+    if exe.exists():
+        return str(exe), ""
+    if not install:
+        return None, "mitmproxy is not installed in bench/.venv-mitm and --no-install was given"
+    log("  creating bench/.venv-mitm and installing mitmproxy into it (pip install mitmproxy) ...")
+    base_python = getattr(sys, "_base_executable", None) or sys.executable
+    p = subprocess.run([base_python, "-m", "venv", str(MITM_VENV)], capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, f"python -m venv failed: {(p.stderr or p.stdout).strip()[-300:]}"
+    p = subprocess.run([str(MITM_VENV / "bin" / "pip"), "install", "-q", "mitmproxy"], capture_output=True,
+                       text=True, timeout=900)
+    if p.returncode != 0 or not exe.exists():
+        return None, f"pip install mitmproxy failed: {(p.stderr or p.stdout).strip()[-300:]}"
+    return str(exe), ""
+
+
+def ensure_pyspy(install: bool) -> str:
+    for cand in (Path(sys.executable).parent / "py-spy", shutil.which("py-spy")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    if not install:
+        raise SystemExit("bench: py-spy is missing (pip install py-spy)")
+    log("  installing py-spy (pip install py-spy) ...")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=False)
+    cand = Path(sys.executable).parent / "py-spy"
+    if cand.exists():
+        return str(cand)
+    raise SystemExit("bench: py-spy could not be installed (pip install py-spy)")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every process the harness starts, each in its own process group; stop_all() ends them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[Any]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str, argv: list[str], *, cpus: str | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[Any]:
+        if cpus is not None and TASKSET:
+            argv = [TASKSET, "-c", cpus, *argv]
+        out = self.workdir / f"{name}.out"
+        self.logs[name] = out
+        fh = open(out, "w")
+        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             cwd=str(cwd or self.workdir), env={**os.environ, **(env or {})}, start_new_session=True)
+        fh.close()
+        self.procs[name] = p
+        return p
+
+    def output(self, name: str) -> str:
+        try:
+            return self.logs[name].read_text(errors="replace")
+        except (KeyError, OSError):
+            return ""
+
+    def stop(self, name: str, timeout: float = 10) -> None:
+        p = self.procs.pop(name, None)
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(5)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs)[::-1]:
+            try:
+                self.stop(name)
+            except Exception as exc:  # noqa: BLE001 - cleanup must go on
+                log(f"  (could not stop {name}: {exc})")
+
+
+TASKSET = shutil.which("taskset")
+NPROC = os.cpu_count() or 1
+if NPROC >= 2:
+    LOAD_CPUS, PROXY_CPUS = "0", "1"
+    MULTI_CPUS = "1,2" if NPROC >= 3 else "0,1"
+else:
+    LOAD_CPUS = PROXY_CPUS = MULTI_CPUS = None  # type: ignore[assignment]
+if not TASKSET:
+    LOAD_CPUS = PROXY_CPUS = MULTI_CPUS = None  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def nginx_conf(workdir: Path, name: str, port: int, proxy_to: int | None = None) -> Path:
+    d = workdir / name
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    body = UPSTREAM_BODY.replace("'", "\\'")
+    if proxy_to is None:
+        server = f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        default_type application/json;
+        location / {{ return 200 '{body}'; }}
+    }}"""
+    else:
+        server = f"""
+    upstream tether_bench_up {{
+        server 127.0.0.1:{proxy_to};
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://tether_bench_up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    {server}
+}}
+""")
+    return conf
+
+
+@dataclass
+class Server:
+    key: str
+    label: str
+    port: int = 0          # the port wrk targets
+    pids: list[int] = field(default_factory=list)
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def sf_operations() -> list[tuple[str, str]]:
+    """(METHOD, path) for every operation of the Salesforce spec, paths prefixed with /services/data/v59.0."""
+    doc = json.loads(SF_SPEC.read_text())
+    ops = []
+    for path, item in doc["paths"].items():
+        for method in item:
+            if method.upper() in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+                ops.append((method.upper(), SF_PREFIX + path))
+    return ops
+
+
+def cap_name(method: str, path: str, taken: set[str]) -> str:
+    slug = re.sub(r"[{}]", "", path[len(SF_PREFIX):].strip("/")).replace("/", ".") or "root"
+    name = f"sf.{slug}.{method.lower()}"
+    n, i = name, 2
+    while n in taken:
+        n, i = f"{name}.{i}", i + 1
+    taken.add(n)
+    return n
+
+
+def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int, admin_port: int,
+                 workers: int = 1, synchronous: str = "full", registry: str = "default") -> dict[str, Any]:
+    """The full-policy rules: JWT (HS256, iss/aud/exp), delegated identity, route match with parameter
+    patterns, field rules and constraints on the PATCH, a live write grant, a dry-run grant (another
+    agent), bearer credential injection, provenance headers; journal committed before forwarding."""
+    id_pattern = "[A-Za-z0-9]{15,18}"
+    caps: dict[str, Any] = {
+        "contact.read": {"upstream": "crm", "method": "GET", "path": "/api/contacts/{id}",
+                         "params": {"id": id_pattern}},
+        "contact.update": {
+            "upstream": "crm", "method": "PATCH", "path": "/api/contacts/{id}", "params": {"id": id_pattern},
+            "effect": "write",
+            "body": {
+                "allow_fields": ["StageName", "CloseDate", "Amount", "NextStep", "Description"],
+                "constraints": {
+                    "StageName": {"enum": ["Prospecting", "Negotiation", "Closed Won", "Closed Lost"]},
+                    "Amount": {"type": "number", "min": 0, "max": 10_000_000},
+                    "CloseDate": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+                    "Description": {"type": "string", "max_length": 2000},
+                },
+                "max_bytes": 65536,
+            },
+            "audit_fields": ["StageName", "Amount"],
+        },
+    }
+    fillers = [("contact.list", "GET", "/api/contacts"), ("contact.create", "POST", "/api/contacts"),
+               ("contact.delete", "DELETE", "/api/contacts/{id}"), ("account.read", "GET", "/api/accounts/{id}"),
+               ("account.update", "PATCH", "/api/accounts/{id}"), ("account.list", "GET", "/api/accounts"),
+               ("deal.read", "GET", "/api/deals/{id}"), ("deal.update", "PATCH", "/api/deals/{id}")]
+    for name, method, path in fillers:
+        caps[name] = {"upstream": "crm", "method": method, "path": path}
+    grants: list[Any] = ["contact.read", {"capability": "contact.update", "mode": "live"}]
+    grants += [n if caps[n]["method"] == "GET" else {"capability": n, "mode": "live"} for n, _, _ in fillers]
+    dry_grants: list[Any] = ["contact.read", {"capability": "contact.update", "mode": "dry_run"}]
+    if registry != "default":
+        # registry comparison: only Salesforce operations, on the same upstream
+        ops = sf_operations()
+        if registry == "small":
+            wanted = {("GET", f"{SF_PREFIX}/sobjects/Account/{{id}}")}
+            keep = [op for op in ops if op in wanted]
+            keep += [op for op in ops if op not in wanted][:10 - len(keep)]
+            ops = keep
+        caps, taken = {}, set()
+        for method, path in ops:
+            caps[cap_name(method, path, taken)] = {"upstream": "crm", "method": method, "path": path}
+        grants = [n if c["method"] == "GET" else {"capability": n, "mode": "live"} for n, c in caps.items()]
+        dry_grants = []
+    agents: dict[str, Any] = {AGENT: {"grants": grants}}
+    if dry_grants:
+        agents[DRY_AGENT] = {"grants": dry_grants}
+    return {
+        "version": 1,
+        "server": {"listen": f"127.0.0.1:{main_port}", "admin_listen": f"127.0.0.1:{admin_port}", "store": store,
+                   "workers": workers, "log_level": "warning", "grace_period": 2,
+                   "journal": {"synchronous": synchronous}},
+        "identity": {"hs_secret": {"value": SECRET}, "issuer": "tether", "audience": "tether",
+                     "algorithms": ["HS256"]},
+        "upstreams": {"crm": {"url": upstream_url, "listen": f"127.0.0.1:{up_port}",
+                              "credentials": {"type": "bearer", "token": {"value": "UPSTREAM-REAL-SECRET"}},
+                              "provenance": {"headers": True}}},
+        "agents": agents,
+        "capabilities": caps,
+    }
+
+
+class Lab:
+    """Starts and owns the servers of one run."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs = Procs(workdir)
+        self.servers: dict[str, Server] = {}
+        self.shm_dirs: list[Path] = []
+        self.nginx = ""
+        self.upstream_port = 0
+
+    # each starter returns a Server (error set on failure); nothing raises out of here
+    def start_upstream(self) -> Server:
+        port = free_port()
+        conf = nginx_conf(self.workdir, "nginx-upstream", port)
+        p = self.procs.start("nginx-upstream", [self.nginx, "-c", str(conf)])
+        wait_port(port, 15, p)
+        self.upstream_port = port
+        s = Server("direct", "nginx upstream, called directly", port, [p.pid])
+        self.servers["direct"] = s
+        return s
+
+    def _guard(self, key: str, label: str, fn: Callable[[Server], None]) -> Server:
+        s = Server(key, label)
+        try:
+            fn(s)
+        except Exception as exc:  # noqa: BLE001 - a server that cannot start is reported, not fatal
+            s.error = str(exc).strip()[-1200:] or type(exc).__name__
+            log(f"  ! {key}: {s.error.splitlines()[-1] if s.error else ''}")
+            self.procs.stop(key)
+        self.servers[key] = s
+        return s
+
+    def start_nginx_proxy(self) -> Server:
+        def go(s: Server) -> None:
+            s.port = free_port()
+            conf = nginx_conf(self.workdir, "nginx-proxy", s.port, proxy_to=self.upstream_port)
+            p = self.procs.start("nginx", [self.nginx, "-c", str(conf)], cpus=PROXY_CPUS)
+            wait_port(s.port, 15, p)
+            s.pids = [p.pid]
+        return self._guard("nginx", "nginx 1 worker, plain reverse proxy (keepalive pool)", go)
+
+    def start_bare(self) -> Server:
+        def go(s: Server) -> None:
+            s.port = free_port()
+            p = self.procs.start("bare", [sys.executable, str(BENCH / "bare_forwarder.py"), "--port", str(s.port),
+                                          "--upstream", f"http://127.0.0.1:{self.upstream_port}"], cpus=PROXY_CPUS)
+            wait_port(s.port, 20, p)
+            s.pids = [p.pid]
+        return self._guard("bare", "bare aiohttp forwarder, uvloop, 1 pooled ClientSession", go)
+
+    def start_mitm(self, exe: str | None, reason: str) -> Server:
+        def go(s: Server) -> None:
+            if exe is None:
+                raise RuntimeError(f"skipped: {reason}")
+            s.port = free_port()
+            conf_dir = self.workdir / "mitm-conf"
+            conf_dir.mkdir(exist_ok=True)
+            p = self.procs.start("mitm", [exe, "--mode", f"reverse:http://127.0.0.1:{self.upstream_port}",
+                                          "--listen-host", "127.0.0.1", "--listen-port", str(s.port), "-q",
+                                          "--set", f"confdir={conf_dir}", "--set", "flow_detail=0",
+                                          "--set", "termlog_verbosity=error"], cpus=PROXY_CPUS)
+            wait_port(s.port, 60, p)
+            s.pids = [p.pid]
+            s.info["version"] = run_text([exe, "--version"]).splitlines()[0:1]
+        return self._guard("mitm", "mitmproxy (mitmdump) in reverse mode", go)
+
+    def start_tether(self, key: str, label: str, *, workers: int = 1, synchronous: str = "full",
+                     store: str | None = None, registry: str = "default", cpus: str | None = "proxy") -> Server:
+        def go(s: Server) -> None:
+            main_port, up_port, admin_port = free_port(), free_port(), free_port()
+            if store is None:
+                st = str(self.workdir / f"{key}.db")
+            elif store == "tmpfs":
+                d = Path(tempfile.mkdtemp(prefix="tether-bench-", dir="/dev/shm"))
+                self.shm_dirs.append(d)
+                st = str(d / "tether.db")
+            else:
+                st = store
+            rules = tether_rules(f"http://127.0.0.1:{self.upstream_port}", st, main_port=main_port, up_port=up_port,
+                                 admin_port=admin_port, workers=workers, synchronous=synchronous, registry=registry)
+            path = self.workdir / f"{key}.rules.json"  # JSON is YAML
+            path.write_text(json.dumps(rules, indent=1))
+            s.info.update(store=st, workers=workers, synchronous=synchronous, capabilities=len(rules["capabilities"]),
+                          rules=str(path))
+            pin = {"proxy": PROXY_CPUS, "multi": MULTI_CPUS}.get(cpus or "", None)
+            p = self.procs.start(key, [sys.executable, "-m", "proxy", "serve", "--config", str(path)], cpus=pin,
+                                 env={"PYTHONPATH": str(ROOT)}, cwd=self.workdir)
+            deadline = time.monotonic() + 120
+            banners: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and len(banners) < workers:
+                if p.poll() is not None:
+                    raise RuntimeError(f"tether exited with code {p.returncode}: {self.procs.output(key)[-1500:]}")
+                banners = []
+                for line in self.procs.output(key).splitlines():
+                    if line.startswith("{") and '"ready"' in line:
+                        try:
+                            banners.append(json.loads(line))
+                        except ValueError:
+                            pass
+                time.sleep(0.1)
+            if len(banners) < workers:
+                raise RuntimeError(f"tether not ready after 120s: {self.procs.output(key)[-1500:]}")
+            s.port = up_port
+            s.info["banner"] = banners[0]
+            s.pids = tree_pids(p.pid)
+        return self._guard(key, label, go)
+
+    def close(self) -> None:
+        self.procs.stop_all()
+        for d in self.shm_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and its descendants (a multi-worker Tether forks its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{t}/children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except OSError:
+            pass
+    return out
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------- wrk
+
+LUA_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect\":%d,\"read\":%d,\"write\":%d," ..
+    "\"timeout\":%d,\"status\":%d,\"p50\":%d,\"p90\":%d,\"p99\":%d,\"p999\":%d,\"mean\":%.1f,\"max\":%d}\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.mean, latency.max))
+end
+"""
+
+
+def lua_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def lua_script(method: str, headers: dict[str, str], body: str | None) -> str:
+    lines = [f"wrk.method = {lua_string(method)}"]
+    for k, v in headers.items():
+        lines.append(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}")
+    if body is not None:
+        lines.append(f"wrk.body = {lua_string(body)}")
+    return "\n".join(lines) + "\n" + LUA_DONE
+
+
+def mixed_lua(get_path: str, patch_path: str, headers: dict[str, str], body: str) -> str:
+    """Alternate GET and PATCH on each connection (the soak load)."""
+    hdr = "{" + ", ".join(f"[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()) + "}"
+    return f"""
+local n = 0
+local get_req, patch_req
+init = function(args)
+  local h = {hdr}
+  get_req = wrk.format("GET", {lua_string(get_path)}, h, nil)
+  h["Content-Type"] = "application/json"
+  patch_req = wrk.format("PATCH", {lua_string(patch_path)}, h, {lua_string(body)})
+end
+request = function()
+  n = n + 1
+  if n % 2 == 0 then return patch_req end
+  return get_req
+end
+""" + LUA_DONE
+
+
+def run_wrk(wrk: str, url: str, script: Path, *, connections: int, duration: float, threads: int = 1,
+            timeout: str = "5s") -> dict[str, Any]:
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--latency",
+            f"--timeout={timeout}", "-s", str(script), url]
+    if LOAD_CPUS is not None:
+        argv = [TASKSET, "-c", LOAD_CPUS, *argv]  # type: ignore[list-item]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    m = re.search(r"^WRKJSON (\{.*\})$", p.stdout, re.M)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-500:]}")
+    d = json.loads(m.group(1))
+    secs = d["duration_us"] / 1e6
+    errors = d["connect"] + d["read"] + d["write"] + d["timeout"]
+    return {"rps": round(d["requests"] / secs, 1) if secs else 0.0, "requests": d["requests"],
+            "p50_ms": d["p50"] / 1000, "p90_ms": d["p90"] / 1000, "p99_ms": d["p99"] / 1000,
+            "p999_ms": d["p999"] / 1000, "mean_ms": round(d["mean"] / 1000, 4), "max_ms": d["max"] / 1000,
+            "non_2xx": d["status"], "socket_errors": errors}
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+@dataclass
+class Config:
+    name: str
+    server: str
+    method: str
+    path: str
+    label: str
+    connections: int = 32
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str | None = None
+    group: str = "main"
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+    check: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "server": self.server, "method": self.method,
+                               "path": self.path, "connections": self.connections, "group": self.group}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        if self.check:
+            out["check"] = self.check
+        if self.runs:
+            for k in ("rps", "p50_ms", "p99_ms", "p90_ms", "mean_ms"):
+                out[k] = round(statistics.median(r[k] for r in self.runs), 4 if k != "rps" else 1)
+            out["non_2xx"] = sum(r["non_2xx"] for r in self.runs)
+            out["socket_errors"] = sum(r["socket_errors"] for r in self.runs)
+            out["requests"] = sum(r["requests"] for r in self.runs)
+            out["runs"] = self.runs
+        return out
+
+
+def tether_headers(agent: str = AGENT, write: bool = False) -> dict[str, str]:
+    h = {"Authorization": f"Bearer {mint_jwt(HUMAN, agent)}"}
+    if write:
+        h["X-Tether-Intent"] = INTENT
+        h["Content-Type"] = "application/json"
+    return h
+
+
+def build_configs(args: argparse.Namespace) -> list[Config]:
+    get_path = f"/api/contacts/{RECORD_ID}"
+    patch_h = {"Content-Type": "application/json"}
+    tg, tp, td = tether_headers(), tether_headers(write=True), tether_headers(DRY_AGENT, write=True)
+    c = args.connections
+    cfgs = [
+        Config("direct GET", "direct", "GET", get_path, "nginx upstream directly", c),
+        Config("nginx GET", "nginx", "GET", get_path, "nginx reverse proxy", c),
+        Config("bare GET", "bare", "GET", get_path, "bare aiohttp forwarder", c),
+        Config("mitm GET", "mitm", "GET", get_path, "mitmproxy reverse mode", c),
+        Config("tether GET", "tether", "GET", get_path, "Tether full policy, 1 worker", c, tg),
+        Config("direct PATCH", "direct", "PATCH", get_path, "nginx upstream directly", c, patch_h, PATCH_BODY),
+        Config("nginx PATCH", "nginx", "PATCH", get_path, "nginx reverse proxy", c, patch_h, PATCH_BODY),
+        Config("bare PATCH", "bare", "PATCH", get_path, "bare aiohttp forwarder", c, patch_h, PATCH_BODY),
+        Config("mitm PATCH", "mitm", "PATCH", get_path, "mitmproxy reverse mode", c, patch_h, PATCH_BODY),
+        Config("tether PATCH", "tether", "PATCH", get_path, "Tether full policy, journal durable (sync=full)", c,
+               tp, PATCH_BODY),
+        Config("tether dry-run PATCH", "tether", "PATCH", get_path, "Tether, grant mode: dry_run (capture)", c,
+               td, PATCH_BODY),
+        # sequential requests: added latency
+        Config("direct GET c1", "direct", "GET", get_path, "1 connection, sequential", 1, group="latency"),
+        Config("bare GET c1", "bare", "GET", get_path, "1 connection, sequential", 1, group="latency"),
+        Config("tether GET c1", "tether", "GET", get_path, "1 connection, sequential", 1, tg, group="latency"),
+        Config("direct PATCH c1", "direct", "PATCH", get_path, "1 connection, sequential", 1, patch_h, PATCH_BODY,
+               group="latency"),
+        Config("tether PATCH c1", "tether", "PATCH", get_path, "1 connection, sequential", 1, tp, PATCH_BODY,
+               group="latency"),
+        # registry size
+        Config("tether GET reg10", "tether-reg10", "GET", f"{SF_PREFIX}/sobjects/Account/{SF_ID}",
+               "10 Salesforce capabilities", c, tg, group="registry"),
+        Config("tether GET regSF", "tether-regsf", "GET", f"{SF_PREFIX}/sobjects/Account/{SF_ID}",
+               "every Salesforce operation as a capability", c, tg, group="registry"),
+        # workers
+        Config("tether GET w2", "tether-w2", "GET", get_path, "Tether, --workers 2", c, tg, group="workers"),
+        Config("tether PATCH w2", "tether-w2", "PATCH", get_path, "Tether, --workers 2", c, tp, PATCH_BODY,
+               group="workers"),
+        # journal durability and store
+        Config("tether PATCH sync=normal", "tether-normal", "PATCH", get_path, "journal synchronous=normal", c, tp,
+               PATCH_BODY, group="journal"),
+        Config("tether PATCH tmpfs", "tether-tmpfs", "PATCH", get_path,
+               "store on /dev/shm (fsync ~free; approximates journal cost off)", c, tp, PATCH_BODY, group="journal"),
+        Config("tether GET tmpfs", "tether-tmpfs", "GET", get_path, "store on /dev/shm", c, tg, group="journal"),
+        Config("tether PATCH pg", "tether-pg", "PATCH", get_path, "PostgreSQL store", c, tp, PATCH_BODY,
+               group="store"),
+        Config("tether GET pg", "tether-pg", "GET", get_path, "PostgreSQL store", c, tg, group="store"),
+    ]
+    if args.only:
+        pats = [re.compile(p, re.I) for p in args.only]
+        cfgs = [cf for cf in cfgs if any(p.search(cf.name) for p in pats)]
+    return cfgs
+
+
+def start_servers(lab: Lab, needed: set[str], install: bool) -> None:
+    if "nginx" in needed:
+        lab.start_nginx_proxy()
+    if "bare" in needed:
+        lab.start_bare()
+    if "mitm" in needed:
+        exe, reason = ensure_mitmdump(install)
+        lab.start_mitm(exe, reason)
+    tethers = {
+        "tether": dict(label="Tether, full policy, SQLite sync=full, 1 worker"),
+        "tether-reg10": dict(label="Tether, 10 Salesforce capabilities", registry="small"),
+        "tether-regsf": dict(label="Tether, every Salesforce operation as a capability", registry="sf"),
+        "tether-w2": dict(label="Tether, 2 workers (SO_REUSEPORT)", workers=2, cpus="multi"),
+        "tether-normal": dict(label="Tether, journal synchronous=normal", synchronous="normal"),
+        "tether-tmpfs": dict(label="Tether, store on tmpfs (/dev/shm)", store="tmpfs"),
+        "tether-pg": dict(label="Tether, PostgreSQL store", store=PG_DSN),
+    }
+    for key, kw in tethers.items():
+        if key in needed:
+            log(f"  starting {key} ...")
+            lab.start_tether(key, **kw)  # type: ignore[arg-type]
+
+
+def sanity(lab: Lab, cfg: Config) -> None:
+    """One request before measuring: is the answer what the configuration claims to measure?"""
+    srv = lab.servers[cfg.server]
+    try:
+        status, hdrs, body = http_call(srv.port, cfg.method, cfg.path, cfg.headers, cfg.body)
+    except Exception as exc:  # noqa: BLE001
+        cfg.check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return
+    forwarded = MARKER.encode() in body
+    cfg.check = {"ok": status == 200, "status": status, "reached_upstream": forwarded}
+    if status != 200:
+        cfg.check["body"] = body[:300].decode(errors="replace")
+    if cfg.server.startswith("tether") and cfg.method == "PATCH" and cfg.headers.get("Authorization"):
+        if "dry" in cfg.name:
+            cfg.check["capture_active"] = not forwarded and status < 300
+            cfg.check["synthetic_body"] = body[:200].decode(errors="replace") if not forwarded else None
+
+
+def policy_probe(lab: Lab) -> dict[str, Any]:
+    """Does the full-policy Tether enforce what its rules say? (refusals expected)"""
+    srv = lab.servers.get("tether")
+    if srv is None or srv.error:
+        return {}
+    path = f"/api/contacts/{RECORD_ID}"
+    out: dict[str, Any] = {}
+    probes = {
+        "no_token": ("GET", path, {}, None, "4xx"),
+        "undeclared_field (field rules)": ("PATCH", path, tether_headers(write=True),
+                                           json.dumps({"StageName": "Negotiation", "OwnerId": "005xx"}), "4xx"),
+        "constraint_violation (enum)": ("PATCH", path, tether_headers(write=True),
+                                        json.dumps({"StageName": "Won Big"}), "4xx"),
+        "write_without_intent": ("PATCH", path, {**tether_headers(write=True), "X-Tether-Intent": ""},
+                                 json.dumps({"StageName": "Negotiation"}), "4xx"),
+        "unregistered_route": ("GET", "/api/secrets/1", tether_headers(), None, "4xx"),
+        "bad_param_pattern": ("GET", "/api/contacts/x", tether_headers(), None, "4xx"),
+    }
+    for name, (method, p, h, body, expect) in probes.items():
+        try:
+            status, _, resp = http_call(srv.port, method, p, h, body)
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"error": str(exc)}
+            continue
+        refused = 400 <= status < 500
+        code = None
+        try:
+            code = json.loads(resp)["error"]["code"]
+        except Exception:  # noqa: BLE001
+            pass
+        out[name] = {"status": status, "refused": refused, "code": code, "as_expected": refused == (expect == "4xx")}
+    return out
+
+
+def run_matrix(args: argparse.Namespace, lab: Lab, wrk: str) -> list[Config]:
+    cfgs = build_configs(args)
+    needed = {c.server for c in cfgs}
+    start_servers(lab, needed, not args.no_install)
+    live = []
+    for c in cfgs:
+        srv = lab.servers.get(c.server)
+        if srv is None or srv.error:
+            c.skipped = srv.error if srv else "server not started"
+            continue
+        sanity(lab, c)
+        live.append(c)
+    scripts: dict[str, Path] = {}
+    for c in live:
+        sp = lab.workdir / f"wrk-{re.sub(r'[^A-Za-z0-9]+', '_', c.name)}.lua"
+        sp.write_text(lua_script(c.method, c.headers, c.body))
+        scripts[c.name] = sp
+    log(f"\nwarm-up ({args.warmup:g} s each) ...")
+    for c in live:
+        srv = lab.servers[c.server]
+        try:
+            run_wrk(wrk, f"http://127.0.0.1:{srv.port}{c.path}", scripts[c.name], connections=c.connections,
+                    duration=args.warmup)
+        except Exception as exc:  # noqa: BLE001
+            log(f"  ! warm-up {c.name}: {exc}")
+    total = len(live) * args.rounds
+    log(f"\nmeasuring {len(live)} configurations x {args.rounds} round(s) x {args.duration:g} s "
+        f"(~{total * (args.duration + 1.5) / 60:.1f} min), interleaved")
+    for r in range(args.rounds):
+        k = (r * len(live)) // max(1, args.rounds)
+        order = live[k:] + live[:k]
+        for c in order:
+            srv = lab.servers[c.server]
+            time.sleep(0.5)
+            try:
+                res = run_wrk(wrk, f"http://127.0.0.1:{srv.port}{c.path}", scripts[c.name], connections=c.connections,
+                              duration=args.duration)
+            except Exception as exc:  # noqa: BLE001
+                log(f"  ! round {r + 1} {c.name}: {exc}")
+                continue
+            res["round"] = r + 1
+            c.runs.append(res)
+            bad = f"  non-2xx={res['non_2xx']} socket_errors={res['socket_errors']}" if (
+                res["non_2xx"] or res["socket_errors"]) else ""
+            log(f"  [{r + 1}/{args.rounds}] {c.name:<26} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.3f} ms"
+                f"  p99 {res['p99_ms']:.3f} ms{bad}")
+    return cfgs
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 3)
+
+
+def evaluate(cfgs: list[Config]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    by = {c.name: c.summary() for c in cfgs}
+
+    def rps(name: str) -> float | None:
+        return by.get(name, {}).get("rps")
+
+    def lat(name: str, k: str) -> float | None:
+        return by.get(name, {}).get(k)
+
+    ratios = {
+        "tether_get/bare_get": ratio(rps("tether GET"), rps("bare GET")),
+        "tether_get/mitm_get": ratio(rps("tether GET"), rps("mitm GET")),
+        "tether_get/nginx_get": ratio(rps("tether GET"), rps("nginx GET")),
+        "tether_get/direct_get": ratio(rps("tether GET"), rps("direct GET")),
+        "tether_patch/bare_patch": ratio(rps("tether PATCH"), rps("bare PATCH")),
+        "tether_patch/mitm_patch": ratio(rps("tether PATCH"), rps("mitm PATCH")),
+        "tether_patch/nginx_patch": ratio(rps("tether PATCH"), rps("nginx PATCH")),
+        "tether_dryrun/bare_patch": ratio(rps("tether dry-run PATCH"), rps("bare PATCH")),
+        "bare_get/mitm_get": ratio(rps("bare GET"), rps("mitm GET")),
+        "registry_sf/registry_10": ratio(rps("tether GET regSF"), rps("tether GET reg10")),
+        "workers2/workers1 GET": ratio(rps("tether GET w2"), rps("tether GET")),
+        "workers2/workers1 PATCH": ratio(rps("tether PATCH w2"), rps("tether PATCH")),
+        "journal normal/full PATCH": ratio(rps("tether PATCH sync=normal"), rps("tether PATCH")),
+        "journal tmpfs/full PATCH": ratio(rps("tether PATCH tmpfs"), rps("tether PATCH")),
+        "postgresql/sqlite PATCH": ratio(rps("tether PATCH pg"), rps("tether PATCH")),
+        "postgresql/sqlite GET": ratio(rps("tether GET pg"), rps("tether GET")),
+    }
+    added = {}
+    for m in ("GET", "PATCH"):
+        for k in ("p50_ms", "p99_ms"):
+            t, d = lat(f"tether {m} c1", k), lat(f"direct {m} c1", k)
+            added[f"{m} {k}"] = round(t - d, 4) if t is not None and d is not None else None
+    ratios["added_latency_c1_ms"] = added
+
+    targets: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, op: str, bound: float, note: str = "") -> None:
+        if value is None:
+            status = "n/a"
+        elif op == ">=":
+            status = "PASS" if value >= bound else "FAIL"
+        else:
+            status = "PASS" if value <= bound else "FAIL"
+        targets.append({"target": name, "value": value, "bound": f"{op} {bound:g}", "status": status, "note": note})
+
+    dry = next((c for c in cfgs if c.name == "tether dry-run PATCH"), None)
+    dry_note = ""
+    if dry is not None and dry.check and not dry.check.get("capture_active"):
+        dry_note = ("capture NOT active: the dry-run write was forwarded to the upstream, so this measures a "
+                    "forwarded write, not a capture")
+    target("full-policy GET / bare forwarder", ratios["tether_get/bare_get"], ">=", 0.75)
+    target("full-policy GET / mitmproxy", ratios["tether_get/mitm_get"], ">=", 5)
+    target("full-policy PATCH (journal durable) / bare forwarder", ratios["tether_patch/bare_patch"], ">=", 0.6)
+    target("dry-run capture / bare forwarder (PATCH)", ratios["tether_dryrun/bare_patch"], ">=", 0.6, dry_note)
+    if dry_note and targets[-1]["status"] == "PASS":
+        targets[-1]["status"] = "n/a"
+    target("added latency c1 GET p50 (ms)", added["GET p50_ms"], "<=", 0.3)
+    target("added latency c1 GET p99 (ms)", added["GET p99_ms"], "<=", 1.0)
+    target("added latency c1 PATCH p50 (ms)", added["PATCH p50_ms"], "<=", 0.3)
+    target("added latency c1 PATCH p99 (ms)", added["PATCH p99_ms"], "<=", 1.0)
+    target("Salesforce registry / 10-capability registry", ratios["registry_sf/registry_10"], ">=", 0.95)
+    return ratios, targets
+
+
+def print_report(lab: Lab, cfgs: list[Config], ratios: dict[str, Any], targets: list[dict[str, Any]],
+                 probes: dict[str, Any]) -> None:
+    log("\n" + "=" * 96)
+    log(f"{'configuration':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}  {'errors':<8} notes")
+    log("-" * 96)
+    group = None
+    for c in cfgs:
+        if c.group != group:
+            group = c.group
+            if group != "main":
+                log(f"  -- {group}")
+        s = c.summary()
+        if c.skipped:
+            reason = c.skipped.splitlines()[-1] if c.skipped else ""
+            log(f"{c.name:<28}{'skipped':>10}{'':>18}  {'':<8} {reason[:90]}")
+            continue
+        if not c.runs:
+            log(f"{c.name:<28}{'no data':>10}")
+            continue
+        errs = s["non_2xx"] + s["socket_errors"]
+        note = c.label
+        if c.check and not c.check.get("ok", True):
+            note = f"SANITY: status {c.check.get('status')} {c.check.get('body', c.check.get('error', ''))[:60]}"
+        if "capture_active" in c.check:
+            note += "; capture active" if c.check["capture_active"] else "; NOT captured (forwarded upstream)"
+        log(f"{c.name:<28}{s['rps']:>10,.0f}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}  {errs:<8} {note}")
+    log("-" * 96)
+    log("ratios (medians of the rounds, same run):")
+    for k, v in ratios.items():
+        if k == "added_latency_c1_ms":
+            for kk, vv in v.items():
+                log(f"  added latency c1 {kk:<24} {'-' if vv is None else f'{vv:+.3f} ms'}")
+        else:
+            log(f"  {k:<36} {'-' if v is None else f'{v:.3f}'}")
+    log("targets:")
+    for t in targets:
+        v = t["value"]
+        vs = "-" if v is None else f"{v:.3f}"
+        log(f"  [{t['status']:<4}] {t['target']:<52} {vs:>8} (target {t['bound']}){'  ' + t['note'] if t['note'] else ''}")
+    for key, lines in gateway_log_excerpts(lab).items():
+        log(f"  !! {key} logged {lines[0]} of errors/warnings, e.g. {lines[1][:160]}")
+    if probes:
+        log("policy probes on the full-policy Tether (each should be refused):")
+        for k, v in probes.items():
+            flag = "ok " if v.get("as_expected") else "!! "
+            log(f"  {flag}{k:<34} status {v.get('status')} {v.get('code') or v.get('error') or ''}")
+    log("=" * 96)
+
+
+def machine_info(nginx: str | None, wrk: str | None) -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    vers: dict[str, Any] = {"python": platform.python_version()}
+    for mod in ("aiohttp", "uvloop", "aiosqlite", "orjson", "jwt", "yarl", "multidict"):
+        try:
+            m = __import__(mod)
+            vers[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001
+            vers[mod] = None
+    if nginx:
+        vers["nginx"] = run_text([nginx, "-v"]).replace("nginx version: ", "")
+    if wrk:
+        vers["wrk"] = run_text([wrk, "-v"]).splitlines()[0] if run_text([wrk, "-v"]) else "?"
+    mexe = MITM_VENV / "bin" / "mitmdump"
+    if mexe.exists():
+        vers["mitmproxy"] = run_text([str(mexe), "--version"]).splitlines()[0].replace("Mitmproxy: ", "")
+    commit = run_text(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = run_text(["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy", "adapters"])
+    vers["tether_commit"] = commit + ("+dirty(proxy/adapters)" if dirty else "")
+    return {"nproc": NPROC, "cpu_model": cpu, "memory": mem, "kernel": platform.release(),
+            "pinning": {"taskset": bool(TASKSET), "wrk": LOAD_CPUS, "proxy": PROXY_CPUS, "multi_worker": MULTI_CPUS,
+                        "upstream_nginx": "not pinned"},
+            "versions": vers}
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def run_soak(args: argparse.Namespace, lab: Lab, wrk: str) -> dict[str, Any]:
+    srv = lab.start_tether("tether", "Tether, full policy (soak)")
+    if srv.error:
+        return {"error": srv.error}
+    get_path = f"/api/contacts/{RECORD_ID}"
+    script = lab.workdir / "soak.lua"
+    h = tether_headers(write=True)
+    h.pop("Content-Type")
+    script.write_text(mixed_lua(get_path, get_path, h, PATCH_BODY))
+    dur = args.soak_duration
+    log(f"\nsoak: {dur:g} s of alternating GET/PATCH at c={args.connections}, RSS sampled every "
+        f"{args.soak_interval:g} s")
+    run_wrk(wrk, f"http://127.0.0.1:{srv.port}{get_path}", script, connections=args.connections, duration=5)
+    argv = [wrk, "-t1", f"-c{args.connections}", f"-d{int(dur)}s", "--latency", "-s", str(script),
+            f"http://127.0.0.1:{srv.port}{get_path}"]
+    if LOAD_CPUS is not None:
+        argv = [TASKSET, "-c", LOAD_CPUS, *argv]  # type: ignore[list-item]
+    out = lab.workdir / "soak-wrk.out"
+    with open(out, "w") as fh:
+        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    lab.procs.procs["soak-wrk"] = p
+    samples: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    while p.poll() is None:
+        samples.append((round(time.monotonic() - t0, 1), rss_kb(srv.pids)))
+        time.sleep(args.soak_interval)
+    samples.append((round(time.monotonic() - t0, 1), rss_kb(srv.pids)))
+    m = re.search(r"^WRKJSON (\{.*\})$", out.read_text(), re.M)
+    wres = json.loads(m.group(1)) if m else {}
+    n = len(samples)
+    base = statistics.median(s[1] for s in samples[max(1, n // 10): max(2, n // 5)])
+    final = statistics.median(s[1] for s in samples[-max(1, n // 10):])
+    growth = (final - base) / base if base else None
+    db = Path(srv.info["store"])
+    res = {
+        "duration_s": dur, "connections": args.connections, "samples_kb": samples,
+        "baseline_kb": base, "final_kb": final, "max_kb": max(s[1] for s in samples),
+        "growth": round(growth, 4) if growth is not None else None,
+        "requests": wres.get("requests"), "rps": round(wres["requests"] / (wres["duration_us"] / 1e6), 1) if wres else None,
+        "non_2xx": wres.get("status"),
+        "socket_errors": sum(wres.get(k, 0) for k in ("connect", "read", "write", "timeout")) if wres else None,
+        "store_bytes": sum(f.stat().st_size for f in db.parent.glob(db.name + "*")) if db.exists() else None,
+        "status": "PASS" if growth is not None and abs(growth) <= 0.10 else "FAIL",
+        "rule": "median RSS of the last 10% of samples within ±10% of the median of the 10%-20% window",
+    }
+    log(f"soak: RSS baseline {base / 1024:.1f} MiB -> final {final / 1024:.1f} MiB "
+        f"(max {res['max_kb'] / 1024:.1f} MiB), growth {growth:+.1%}: [{res['status']}] memory flat (±10%)")
+    log(f"soak: {res['requests']} requests, {res['rps']} req/s, non-2xx {res['non_2xx']}, "
+        f"socket errors {res['socket_errors']}, store {res['store_bytes']} bytes")
+    return res
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def summarise_speedscope(path: Path, top: int) -> dict[str, Any]:
+    """Per thread: active seconds, and the top frames by own and by cumulative time (percent of that
+    thread's active samples; frames present in every sample — the interpreter's trunk — are left out)."""
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+
+    def name(i: int) -> str:
+        f = frames[i]
+        file = f.get("file", "")
+        for prefix in (str(ROOT) + "/", "/site-packages/", "/lib/python3."):
+            if prefix in file:
+                file = file.split(prefix, 1)[1]
+        return f"{f['name']} ({file}:{f.get('line', '')})"
+
+    threads = []
+    for prof in doc["profiles"]:
+        own: dict[int, float] = {}
+        cum: dict[int, float] = {}
+        total = 0.0
+        for stack, w in zip(prof.get("samples", []), prof.get("weights", [])):
+            total += w
+            if stack:
+                own[stack[-1]] = own.get(stack[-1], 0) + w
+            for f in set(stack):
+                cum[f] = cum.get(f, 0) + w
+        if not total:
+            continue
+
+        def table(d: dict[int, float], trunk: bool) -> list[tuple[str, float]]:
+            rows = sorted(d.items(), key=lambda kv: -kv[1])
+            if trunk:
+                rows = [kv for kv in rows if kv[1] < 0.985 * total]
+            return [(name(i), round(100 * v / total, 1)) for i, v in rows[:top]]
+
+        threads.append({"thread": prof.get("name", "?"), "active_s": round(total, 2),
+                        "own": table(own, False), "cumulative": table(cum, True)})
+    threads.sort(key=lambda t: -t["active_s"])
+    return {"unit": doc["profiles"][0].get("unit") if doc["profiles"] else None, "threads": threads}
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system) per thread of a process, from /proc (names may repeat: tid appended)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            comm = stat[stat.index("(") + 1: stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[f"{comm}[{tid}]"] = (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        pass
+    return out
+
+
+def run_profile(args: argparse.Namespace, lab: Lab, wrk: str) -> dict[str, Any]:
+    pyspy = ensure_pyspy(not args.no_install)
+    srv = lab.start_tether("tether", "Tether, full policy (profiled)")
+    if srv.error:
+        return {"error": srv.error}
+    path = f"/api/contacts/{RECORD_ID}"
+    out: dict[str, Any] = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    loads = (("get", "GET", tether_headers(), None), ("patch", "PATCH", tether_headers(write=True), PATCH_BODY),
+             ("dryrun", "PATCH", tether_headers(DRY_AGENT, write=True), PATCH_BODY))
+    for kind, method, headers, body in loads:
+        script = lab.workdir / f"profile-{kind}.lua"
+        script.write_text(lua_script(method, headers, body))
+        url = f"http://127.0.0.1:{srv.port}{path}"
+        run_wrk(wrk, url, script, connections=args.connections, duration=3)
+        dst = RESULTS / f"profile-{kind}.speedscope.json"
+        dur = int(args.profile_duration)
+        spy = subprocess.Popen([pyspy, "record", "-p", str(srv.pids[0]), "-d", str(dur + 2), "-r", "250",
+                                "--function", "--format", "speedscope", "-o", str(dst)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lab.procs.procs[f"py-spy-{kind}"] = spy
+        time.sleep(1)
+        cpu0 = thread_cpu(srv.pids[0])
+        res = run_wrk(wrk, url, script, connections=args.connections, duration=dur)
+        cpu1 = thread_cpu(srv.pids[0])
+        spy_out, _ = spy.communicate(timeout=dur + 60)
+        lab.procs.procs.pop(f"py-spy-{kind}", None)
+        if not dst.exists():
+            out[kind] = {"error": f"py-spy produced nothing: {spy_out.strip()[-500:]}"}
+            log(f"  ! profile {kind}: {out[kind]['error']}")
+            continue
+        summ = summarise_speedscope(dst, args.profile_top)
+        import gzip
+
+        (RESULTS / f"profile-{kind}.speedscope.json.gz").write_bytes(gzip.compress(dst.read_bytes(), 9))
+        summ["wrk_under_profiler"] = res
+        summ["thread_cpu_s"] = {k: round(v - cpu0.get(k, 0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0) > 0.05}
+        summ["load_s"] = dur
+        summ["file"] = str(dst.relative_to(ROOT))
+        out[kind] = summ
+        log(f"\nprofile {kind}: {res['rps']:,.0f} req/s under py-spy for {dur} s -> {dst.relative_to(ROOT)}")
+        log("  CPU seconds per thread (from /proc): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                              summ["thread_cpu_s"].items()))
+        for th in summ["threads"]:
+            log(f"  thread {th['thread']}: active {th['active_s']:.1f} s (py-spy, non-idle samples)")
+            log("    own time (% of this thread's active samples):")
+            for n, pct in th["own"]:
+                log(f"      {pct:5.1f}%  {n}")
+            log("    cumulative:")
+            for n, pct in th["cumulative"]:
+                log(f"      {pct:5.1f}%  {n}")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Tether benchmark harness (issue 13); see bench/README.md")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 1 round x 3 s (results: quick.json)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    ap.add_argument("--duration", type=float, help="seconds per measurement (default 10; --quick 3)")
+    ap.add_argument("--warmup", type=float, help="warm-up seconds per configuration (default 2; --quick 1)")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    ap.add_argument("--only", action="append", metavar="REGEX", help="only configurations whose name matches")
+    ap.add_argument("--soak", action="store_true", help="run the memory soak instead of the matrix")
+    ap.add_argument("--soak-duration", type=float, default=300, help="soak seconds (default 300)")
+    ap.add_argument("--soak-interval", type=float, default=5, help="RSS sampling interval (default 5 s)")
+    ap.add_argument("--profile", action="store_true", help="profile Tether with py-spy instead of the matrix")
+    ap.add_argument("--profile-duration", type=float, default=20, help="seconds per profiled load (default 20)")
+    ap.add_argument("--profile-top", type=int, default=25, help="rows in the profile tables")
+    ap.add_argument("--no-install", action="store_true", help="never install missing tools")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temporary folder (logs, rules, stores)")
+    ap.add_argument("--output", help="results file (default bench/results/latest.json, quick.json, soak-latest.json"
+                                     " or profile-latest.json)")
+    args = ap.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    mode = "soak" if args.soak else "profile" if args.profile else "quick" if args.quick else "full"
+
+    log(f"tether bench ({mode}) — {NPROC} cores; wrk on cpu {LOAD_CPUS}, proxies on cpu {PROXY_CPUS}"
+        + ("" if TASKSET else " (taskset missing: nothing pinned)"))
+    install = not args.no_install
+    wrk = ensure_tool("wrk", ["wrk"], install=install)
+    nginx = ensure_tool("nginx", ["nginx-light", "nginx"], install=install)
+    try:
+        import aiohttp  # noqa: F401
+        import uvloop  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"bench: run it with the project's Python (e.g. /work/venv/bin/python): {exc}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    lab = Lab(args, workdir)
+    lab.nginx = nginx
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    doc: dict[str, Any] = {"date": started.isoformat(timespec="seconds"), "mode": mode,
+                           "machine": machine_info(nginx, wrk)}
+    try:
+        lab.start_upstream()
+        if args.soak:
+            doc["soak"] = run_soak(args, lab, wrk)
+            default_out = RESULTS / "soak-latest.json"
+        elif args.profile:
+            doc["profile"] = run_profile(args, lab, wrk)
+            default_out = RESULTS / "profile-latest.json"
+        else:
+            doc["settings"] = {"rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
+                               "warmup_s": args.warmup, "wrk_threads": 1, "patch_body_bytes": len(PATCH_BODY),
+                               "upstream_body_bytes": len(UPSTREAM_BODY)}
+            cfgs = run_matrix(args, lab, wrk)
+            probes = policy_probe(lab)
+            ratios, targets = evaluate(cfgs)
+            print_report(lab, cfgs, ratios, targets, probes)
+            doc["configs"] = {c.name: c.summary() for c in cfgs}
+            doc["ratios"] = ratios
+            doc["targets"] = targets
+            doc["policy_probes"] = probes
+            doc["servers"] = {k: {"label": s.label, "error": s.error,
+                                  "info": {kk: vv for kk, vv in s.info.items() if kk != "banner"}}
+                              for k, s in lab.servers.items()}
+            doc["gateway_log_warnings"] = gateway_log_excerpts(lab)
+            default_out = RESULTS / ("quick.json" if args.quick else "latest.json")
+        doc["elapsed_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+        dst = Path(args.output) if args.output else default_out
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        log(f"results written to {dst}")
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    finally:
+        lab.close()
+        if args.keep_workdir:
+            log(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def gateway_log_excerpts(lab: Lab) -> dict[str, list[str]]:
+    """Warnings and errors the Tether processes logged during the run (first few of each)."""
+    out: dict[str, list[str]] = {}
+    for key in lab.servers:
+        if not key.startswith("tether"):
+            continue
+        lines = [ln for ln in lab.procs.output(key).splitlines()
+                 if '"level":"error"' in ln or '"level":"warning"' in ln or "Traceback" in ln]
+        if lines:
+            out[key] = [f"{len(lines)} lines"] + [ln[:400] for ln in lines[:5]]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
