@@ -268,11 +268,12 @@ class SpecOp:
     shape: tuple[str, ...] | None
     template: str | None
     why: str | None
+    effect: str = "write"
 
 
 def spec_operations(spec_path: str, rules: RulesFile, upstream: str, path_prefix: str | None) -> tuple[str, list[SpecOp]]:
     """(upstream, operations of the spec) with the path prefix put in front (given, or guessed)."""
-    from .openapi import Spec, iter_operations, shape, validate_prefix
+    from .openapi import READ_METHODS, Spec, is_post_read, iter_operations, shape, validate_prefix
 
     spec = Spec.load(spec_path)
     raw = list(iter_operations(spec, ""))
@@ -281,7 +282,9 @@ def spec_operations(spec_path: str, rules: RulesFile, upstream: str, path_prefix
     prefix = validate_prefix(path_prefix)
     ops = []
     for o in iter_operations(spec, prefix):
-        ops.append(SpecOp(o.key, o.method, shape(o.template) if o.template else None, o.template, o.skip_reason))
+        effect = "read" if o.method in READ_METHODS or is_post_read(o.method, o.spec_path) else "write"
+        ops.append(SpecOp(o.key, o.method, shape(o.template) if o.template else None, o.template, o.skip_reason,
+                          effect))
     return upstream, ops
 
 
@@ -337,7 +340,7 @@ def build(rules: RulesFile, traffic: Traffic | None = None,
         for op in ops:
             if op.shape is None:
                 rows.append(Row(name="", upstream=up, method=op.method, path=op.key.split(" ", 1)[1],
-                                effect="read" if op.method in ("GET", "HEAD", "OPTIONS") else "write", holders=[],
+                                effect=op.effect, holders=[],
                                 rate_limit="", compensation="", requests=None, decisions={}, readiness=INCOMPATIBLE,
                                 reasons=[f"no route: {op.why}"], operation=op.key, registered=False))
                 continue
@@ -347,7 +350,7 @@ def build(rules: RulesFile, traffic: Traffic | None = None,
                     r.operation = r.operation or op.key
                 continue
             rows.append(Row(name="", upstream=up, method=op.method, path=op.template or "",
-                            effect="read" if op.method in ("GET", "HEAD", "OPTIONS") else "write", holders=[],
+                            effect=op.effect, holders=[],
                             rate_limit="", compensation="", requests=None, decisions={}, readiness=NOT_REGISTERED,
                             reasons=[], operation=op.key, registered=False))
     summaries = [summarise(up, [r for r in rows if r.upstream == up], rules, traffic)
