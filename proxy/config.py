@@ -117,6 +117,13 @@ def _fold_secret_shorthands(data: Any, names: tuple[str, ...]) -> Any:
 # --------------------------------------------------------------------------- upstreams
 
 
+class RateLimit(Model):
+    """A token bucket: ``per_minute`` refill rate, ``burst`` capacity (default: per_minute)."""
+
+    per_minute: float = Field(gt=0)
+    burst: int | None = Field(None, gt=0)
+
+
 class NoCredentials(Model):
     type: Literal["none"]
 
@@ -212,6 +219,7 @@ class UpstreamConfig(Model):
         [], description="query parameters that carry credentials (a request carrying one is refused)")
     timeouts: Timeouts = Timeouts()
     max_response_bytes: Size | None = None
+    rate_limit: RateLimit | None = None
     verify_tls: bool = True
     ca_file: Path | None = None
     provenance: ProvenanceConfig = ProvenanceConfig()
@@ -286,13 +294,6 @@ class BodyRules(Model):
     constraints: dict[str, Constraint] = {}
     json_schema: dict[str, Any] | None = None
     max_bytes: Size | None = None
-
-
-class RateLimit(Model):
-    """A token bucket: ``per_minute`` refill rate, ``burst`` capacity (default: per_minute)."""
-
-    per_minute: float = Field(gt=0)
-    burst: int | None = Field(None, gt=0)
 
 
 class AgentRateLimits(Model):
@@ -459,6 +460,10 @@ class JournalConfig(Model):
 
 
 class LimitsConfig(Model):
+    """Bounds on what one request may be. ``client_timeout`` bounds how long a client may take to send
+    a request's headers, and then its body (slow-loris); ``max_in_flight`` bounds concurrent requests
+    (beyond it: fast 503 ``overloaded``)."""
+
     max_body_bytes: Size = 10 * 1024 * 1024
     max_url_length: int = 8192
     max_headers: int = 100

@@ -38,6 +38,8 @@ from .forward import make_session
 from .identity import TokenVerifier
 from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
+from .protocol import GuardedServer
+from .ratelimit import RateLimiter, rate_limit
 from .registry import Registry
 from .review import ReviewService, capture_dry_run
 from .transactions import TransactionManager, prepare_compensation
@@ -57,6 +59,7 @@ STAGES: list[tuple[str, Any]] = [
     ("require_intent", S.require_intent),
     ("check_transaction", S.check_transaction),
     ("validate_body", S.validate_body),
+    ("rate_limit", rate_limit),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
     ("capture_dry_run", capture_dry_run),
@@ -209,6 +212,7 @@ class Gateway:
         self.governance = Governance(self)
         self.review = ReviewService(self)
         self.transactions = TransactionManager(self)
+        self.rate_limiter = RateLimiter()
         self.pipeline = Pipeline(self, STAGES)
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
@@ -273,9 +277,10 @@ class Gateway:
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             return await self.handle(request, lst)
 
-        server = web.Server(handler, max_line_size=max(self.limits.max_url_length + 64, 8190),
-                            max_field_size=self.limits.max_header_bytes, max_headers=self.limits.max_headers + 32,
-                            access_log=None, auto_decompress=False)
+        server = GuardedServer(handler, header_timeout=self.limits.client_timeout, on_parse_error=self._on_parse_error,
+                               max_line_size=max(self.limits.max_url_length + 64, 8190),
+                               max_field_size=self.limits.max_header_bytes, max_headers=self.limits.max_headers + 32,
+                               access_log=None, auto_decompress=False, keepalive_timeout=75.0)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         ctx = None
@@ -374,6 +379,8 @@ class Gateway:
             from .control import handle_control
 
             return await handle_control(self, request, lst)
+        if self._in_flight >= self.limits.max_in_flight or self.draining:
+            return self._overloaded(request, lst)
         state = self.state
         ex = Exchange(request, state.registry, lst.upstream, request.raw_path)
         ex.state = state
@@ -383,6 +390,34 @@ class Gateway:
             return await self.pipeline.run(ex)
         finally:
             self._in_flight -= 1
+
+    def _overloaded(self, request: web.BaseRequest, lst: Listener) -> web.StreamResponse:
+        """Fast refusal beyond max_in_flight (bounded work, bounded memory); recorded without waiting."""
+        from .exchange import new_request_id
+
+        rid = new_request_id()
+        code = "not_ready" if self.draining else "overloaded"
+        err = TetherError(code, "the gateway is draining" if self.draining else
+                          f"more than {self.limits.max_in_flight} requests in flight", headers={"Retry-After": "1"})
+        self.journal.submit(base_record("request", request_id=rid, method=request.method,
+                                        path=request.raw_path.partition("?")[0][:2048], decision="denied",
+                                        reason=code, upstream=lst.upstream_name) | {"status": err.status})
+        self.governance.on_overload()
+        return error_response(err, rid)
+
+    async def _on_parse_error(self, request: web.BaseRequest, err: TetherError) -> web.StreamResponse:
+        """A request llhttp refused: answer Tether's JSON error and journal the denial."""
+        from .exchange import new_request_id
+
+        rid = new_request_id()
+        try:
+            await self.journal.write(base_record(
+                "request", request_id=rid, method=request.method if request.method else None,
+                path=None, decision="denied", reason=err.code) | {"status": err.status, "stage": "http_parser",
+                                                                    "message": err.message})
+        except Exception:  # noqa: BLE001 - the refusal stands either way
+            log.error("could not journal a parser refusal")
+        return error_response(err, rid)
 
     def observe(self, ex: Exchange) -> None:
         """Count a finished request (metrics and the governance SLIs read these)."""

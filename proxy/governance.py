@@ -47,6 +47,9 @@ class Governance:
     def on_captured(self, ex: "Exchange") -> None:
         return None
 
+    def on_overload(self) -> None:
+        return None
+
     def on_rollback(self, tx: dict[str, Any]) -> None:
         return None
 

@@ -23,6 +23,7 @@ forward                credentials, provenance, stream to the upstream and back
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import TYPE_CHECKING, Any
 
@@ -194,14 +195,19 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
     chunks: list[bytes] = []
     size = 0
     content = req.content
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(gw.limits.client_timeout):
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise TetherError("client_timeout", f"the request body did not arrive within "
+                                            f"{gw.limits.client_timeout:g}s") from None
     body = b"".join(chunks)
     ex.body = body
     ex.body_digest = hashlib.sha256(body).hexdigest() if body else None

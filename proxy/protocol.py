@@ -1,0 +1,109 @@
+"""The agent listeners' HTTP connection handling: JSON errors for unparseable requests, slow-loris guard.
+
+aiohttp's C parser (llhttp) refuses malformed requests before any handler runs — a lower-case or unknown
+method, a raw non-ASCII byte or NUL in the target, both Content-Length and Transfer-Encoding, a duplicate
+Host, an over-long line. By default aiohttp answers those in plain text and nothing is recorded. Here the
+refusal becomes Tether's JSON error with a stable code, and it is journaled like any denial.
+
+A client that opens a connection and then trickles the headers of a request (slow-loris) is cut off
+once ``limits.client_timeout`` passes without a complete request head; reading the body is bounded by
+the same timeout in the ``read_body`` stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import TetherError
+
+ParseErrorHook = Callable[[web.BaseRequest, TetherError], Awaitable[web.StreamResponse]]
+
+
+def parse_error_to_tether(exc: BaseException | None, message: str) -> TetherError:
+    """Map an llhttp refusal to Tether's error codes."""
+    text = (message or str(exc) or "").split("\n")[0][:200]
+    if isinstance(exc, http_exceptions.LineTooLong):
+        if "status line" in text.lower() or "request line" in text.lower() or "url" in text.lower():
+            return TetherError("uri_too_long", f"the request line is too long: {text}")
+        return TetherError("headers_too_large", f"a header line is too long: {text}")
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return TetherError("method_not_allowed", "unknown or lower-case method refused", status=405)
+    if "too many headers" in text.lower():
+        return TetherError("headers_too_large", text)
+    return TetherError("ambiguous_request", f"the HTTP request could not be parsed unambiguously: {text}")
+
+
+class GuardedRequestHandler(RequestHandler):
+    def __init__(self, manager: Any, *, header_timeout: float, on_parse_error: ParseErrorHook, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._tg_header_timeout = header_timeout
+        self._tg_on_parse_error = on_parse_error
+        self._tg_pending_since: float | None = None
+        self._tg_timer: asyncio.TimerHandle | None = None
+        self._tg_busy = 0
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._tg_pending_since = None
+        elif data and not self._tg_busy and self._tg_pending_since is None:
+            self._tg_pending_since = self._loop.time()
+            self._tg_arm()
+
+    def _tg_arm(self) -> None:
+        if self._tg_timer is None:
+            self._tg_timer = self._loop.call_later(self._tg_header_timeout, self._tg_check)
+
+    def _tg_check(self) -> None:
+        self._tg_timer = None
+        since = self._tg_pending_since
+        if since is None or self._tg_busy or self.transport is None:
+            return
+        if self._loop.time() - since >= self._tg_header_timeout:
+            self.transport.close()  # a request head that never completes
+        else:
+            self._tg_timer = self._loop.call_at(since + self._tg_header_timeout, self._tg_check)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._tg_timer is not None:
+            self._tg_timer.cancel()
+            self._tg_timer = None
+        super().connection_lost(exc)
+
+    async def _handle_request(self, request: Any, start_time: Any, request_handler: Any) -> Any:  # type: ignore[override]
+        self._tg_busy += 1
+        self._tg_pending_since = None
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._tg_busy -= 1
+            self._tg_pending_since = None
+
+    def _make_error_handler(self, err_info: Any) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        hook = self._tg_on_parse_error
+
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            err = parse_error_to_tether(err_info.exc, err_info.message)
+            resp = await hook(request, err)
+            resp.force_close()
+            return resp
+
+        return handler
+
+
+class GuardedServer(web.Server):
+    """web.Server whose connections use GuardedRequestHandler."""
+
+    def __init__(self, handler: Any, *, header_timeout: float, on_parse_error: ParseErrorHook, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._tg_header_timeout = header_timeout
+        self._tg_on_parse_error = on_parse_error
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, header_timeout=self._tg_header_timeout,
+                                     on_parse_error=self._tg_on_parse_error, **self._kwargs)
