@@ -360,3 +360,38 @@ async def test_stripe_form_bodies_checked_against_the_spec(tmp_path: Path, make_
     status, body = await send("POST", "/v1/customers/cus_123", "name=Jane")
     assert status == 200, body
     assert upstream.seen("POST", "/v1/customers/cus_123")[0].body == b"name=Jane"
+
+
+# --------------------------------------------------------------------------- the committed examples
+
+
+IMPORTED = Path(__file__).resolve().parent.parent / "rules" / "imported"
+EXAMPLES = {
+    "stripe-customers.yaml": ["stripe.oas.json", "--upstream", "stripe", "--include", "/v1/customers",
+                              "--include", "/v1/customers/{customer}", "--agent", "billing-bot"],
+    "salesforce-opportunity.yaml": ["salesforce.oas.json", "--upstream", "salesforce", "--url",
+                                    "https://example.my.salesforce.com", "--path-prefix", "/services/data/{version}",
+                                    "--param", r"version=v[0-9]+\.[0-9]+", "--include", "/sobjects/Opportunity",
+                                    "--include", "/sobjects/Opportunity/{id}", "--agent", "renewal-bot"],
+    "hubspot-deals.yaml": ["hubspot-crm-deals-v3-namedpath.json", "--upstream", "hubspot", "--agent", "renewal-bot"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_committed_examples_load_and_lint_clean(name: str) -> None:
+    from proxy.lint import lint_file
+
+    registry_of(IMPORTED / name)
+    assert [f.line() for f in lint_file(IMPORTED / name, use_default_store=False) if f.level == "ERROR"] == []
+
+
+@needs_specs
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_committed_examples_are_what_the_import_makes(name: str, tmp_path: Path) -> None:
+    """Re-running the documented command over the committed file changes nothing."""
+    out = tmp_path / name
+    shutil.copy(IMPORTED / name, out)
+    shutil.copy(IMPORTED / (name + ".import-state.json"), tmp_path / (name + ".import-state.json"))
+    spec, *args = EXAMPLES[name]
+    assert run_import(str(SPECS / spec), *args, "-o", str(out), "-q") == 0
+    assert out.read_text() == (IMPORTED / name).read_text()
