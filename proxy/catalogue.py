@@ -129,10 +129,11 @@ def read_traffic_sync(url: str) -> Traffic:
     return asyncio.run(go())
 
 
-def default_store(rules: RulesFile | None, explicit: str | None) -> str | None:
+def default_store(rules_store: str | None, explicit: str | None) -> str | None:
     """The journal to read: ``--store``, else ``$TETHER_STORE``, else the rules file's ``server.store``
-    when that is PostgreSQL or an existing SQLite file (a catalogue never creates a database)."""
-    url = explicit or os.environ.get("TETHER_STORE") or (rules.server.store if rules is not None else None)
+    (``rules_store``) when that is PostgreSQL or an existing SQLite file (a catalogue or a lint never
+    creates a database)."""
+    url = explicit or os.environ.get("TETHER_STORE") or rules_store
     if not url:
         return None
     if url.startswith(("postgres://", "postgresql://")):

@@ -261,7 +261,7 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
         return 2
     traffic = None
     if not args.no_store:
-        url = cat.default_store(rules, args.store)
+        url = cat.default_store(rules.server.store, args.store)
         if url is not None:
             try:
                 traffic = cat.read_traffic_sync(url)

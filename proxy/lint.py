@@ -26,6 +26,7 @@ code                       level    what
 ``write-without-fields``   WARNING  a write (other than DELETE) with neither ``allow_fields`` nor ``json_schema``
 ``unheld-capability``      WARNING  no agent holds the capability
 ``unused-capability``      WARNING  held, but no request record for it in the whole journal (with a store)
+``journal-unavailable``    WARNING  a store was to be read and could not be
 =========================  =======  ==========================================================================
 
 Exit status (``cmd_check``): 1 with an ERROR, or a WARNING under ``--strict``; else 0.
@@ -94,26 +95,23 @@ def lint_file(path: str | Path, *, store: str | None = None, use_default_store: 
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         return [Finding("ERROR", file, where, f"YAML error: {getattr(exc, 'problem', None) or exc}", "yaml")]
+    problems: list[Finding] = []
     if traffic is None and (store or use_default_store):
-        traffic = _traffic_for(data, store)
-    return lint_data(data, file, traffic=traffic)
+        try:
+            traffic = _traffic_for(data, store)
+        except Exception as exc:  # StoreUnavailable, a PostgreSQL server that is down...
+            problems.append(Finding("WARNING", file, "server.store", f"cannot read the journal, so unused "
+                                    f"capabilities are not reported: {exc}", "journal-unavailable"))
+    return lint_data(data, file, traffic=traffic) + problems
 
 
 def _traffic_for(data: Any, store: str | None) -> Any:
     from .catalogue import default_store, read_traffic_sync
 
-    server_store = None
-    if isinstance(data, dict) and isinstance(data.get("server"), dict):
-        server_store = data["server"].get("store")
-    try:
-        rules_like = ServerConfig.model_validate({"store": server_store} if server_store else {})
-    except ValidationError:
-        rules_like = ServerConfig()
-
-    class _R:  # just what default_store reads
-        server = rules_like
-
-    url = default_store(_R() if server_store else None, store)  # type: ignore[arg-type]
+    server = data.get("server") if isinstance(data, dict) else None
+    rules_store = server.get("store") if isinstance(server, dict) else None
+    default = ServerConfig().store  # what the gateway would use when the file names none
+    url = default_store(rules_store if isinstance(rules_store, str) else default, store)
     if url is None:
         return None
     return read_traffic_sync(url)

@@ -217,6 +217,7 @@ class SchemaResolver:
             more: set[tuple[str, str]] = set()
             defs[self.def_name(key)] = self._ref(key, (key,), more)
             todo.extend(more - done)
+        _break_ref_loops(defs)
         if isinstance(out, dict):
             out = dict(out)
             out["$defs"] = {**out.get("$defs", {}), **dict(sorted(defs.items()))}
@@ -287,6 +288,26 @@ class SchemaResolver:
             elif out:
                 out = {"anyOf": [out, {"type": "null"}]}
         return out
+
+
+def _break_ref_loops(defs: dict[str, Any]) -> None:
+    """A definition that is only a $ref, in a chain leading back to itself (``A: {$ref: A}``, A -> B ->
+    A), describes nothing and would send a validator round forever: such definitions become ``{}``."""
+
+    def target(name: str) -> str | None:
+        d = defs.get(name)
+        if isinstance(d, dict) and set(d) == {"$ref"} and str(d["$ref"]).startswith("#/$defs/"):
+            return str(d["$ref"])[len("#/$defs/"):]
+        return None
+
+    for name in list(defs):
+        chain, cur = [name], target(name)
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            cur = target(cur)
+        if cur is not None:  # looped
+            for n in chain[chain.index(cur):]:
+                defs[n] = {}
 
 
 # --------------------------------------------------------------------------- operations

@@ -23,13 +23,15 @@ from .errors import TetherError
 ParseErrorHook = Callable[[web.BaseRequest, TetherError], Awaitable[web.StreamResponse]]
 
 
-def parse_error_to_tether(exc: BaseException | None, message: str) -> TetherError:
-    """Map an llhttp refusal to Tether's error codes."""
+def parse_error_to_tether(exc: BaseException | None, message: str, line_limit: int | None = None) -> TetherError:
+    """Map an llhttp refusal to Tether's error codes. ``line_limit`` tells the request-line limit from the
+    header-field limit (LineTooLong carries the limit it hit)."""
     text = (message or str(exc) or "").split("\n")[0][:200]
     if isinstance(exc, http_exceptions.LineTooLong):
-        if "status line" in text.lower() or "request line" in text.lower() or "url" in text.lower():
-            return TetherError("uri_too_long", f"the request line is too long: {text}")
-        return TetherError("headers_too_large", f"a header line is too long: {text}")
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if line_limit is not None and limit == line_limit:
+            return TetherError("uri_too_long", "the request target is too long")
+        return TetherError("headers_too_large", "a header line is too long")
     if isinstance(exc, http_exceptions.BadHttpMethod):
         return TetherError("method_not_allowed", "unknown or lower-case method refused", status=405)
     if "too many headers" in text.lower():
@@ -86,9 +88,10 @@ class GuardedRequestHandler(RequestHandler):
 
     def _make_error_handler(self, err_info: Any) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         hook = self._tg_on_parse_error
+        line_limit = self.max_line_size
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
-            err = parse_error_to_tether(err_info.exc, err_info.message)
+            err = parse_error_to_tether(err_info.exc, err_info.message, line_limit)
             resp = await hook(request, err)
             resp.force_close()
             return resp
