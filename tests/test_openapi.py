@@ -395,3 +395,29 @@ def test_committed_examples_are_what_the_import_makes(name: str, tmp_path: Path)
     spec, *args = EXAMPLES[name]
     assert run_import(str(SPECS / spec), *args, "-o", str(out), "-q") == 0
     assert out.read_text() == (IMPORTED / name).read_text()
+
+
+def test_reference_cycles_terminate() -> None:
+    """Pure $ref cycles (A -> A, A -> B -> A) and deep mutual recursion give finite, valid schemas."""
+    validator = jsonschema_validator()
+    doc = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+        "paths": {f"/{n}": {"post": {"operationId": n, "requestBody": {"content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{n}"}}}}, "responses": {}}} for n in ("Self", "A", "Node")},
+        "components": {"schemas": {
+            "Self": {"$ref": "#/components/schemas/Self"},
+            "A": {"$ref": "#/components/schemas/B"},
+            "B": {"$ref": "#/components/schemas/A"},
+            "Node": {"type": "object", "properties": {"next": {"$ref": "#/components/schemas/Edge"}}},
+            "Edge": {"type": "object", "properties": {"to": {"$ref": "#/components/schemas/Node"},
+                                                      "weight": {"type": "number"}}},
+        }},
+    }
+    res = import_operations(Spec(doc), ImportOptions(upstream="t"))
+    for name in ("t.self", "t.a", "t.node"):
+        schema = res.capabilities[name]["body"]["json_schema"]
+        validator.check_schema(schema)
+        validator(schema).is_valid({"next": {"to": {"next": {"weight": 1}}}})
+    node = validator(res.capabilities["t.node"]["body"]["json_schema"])
+    assert node.is_valid({"next": {"to": {"next": {"weight": 2}}}})
+    assert not node.is_valid({"next": {"to": {"next": {"weight": "heavy"}}}})
