@@ -148,6 +148,8 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
                   f"{len(report.vanished)} vanished from the spec", file=out)
         if report.grants_added:
             print(f"agent {args.agent}: {len(report.grants_added)} grant(s) added (writes as mode: dry_run)", file=out)
+        for name in report.grants_not_restored:
+            print(f"note: agent {args.agent} no longer holds {name} (removed by hand): not granted again", file=out)
         for name in imported.post_reads:
             print(f"note: {name}: a POST used as a query, imported with effect: read", file=out)
         for line in imported.no_body_rules:

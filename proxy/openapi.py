@@ -769,6 +769,7 @@ class MergeReport:
     kept_edits: list[str] = field(default_factory=list)
     vanished: list[tuple[str, str]] = field(default_factory=list)  # (capability, operation key)
     grants_added: list[str] = field(default_factory=list)
+    grants_not_restored: list[str] = field(default_factory=list)
     comments_dropped: int = 0
 
 
@@ -855,6 +856,8 @@ def merge(existing: dict[str, Any] | None, state: dict[str, Any] | None, importe
                     and not _filtered_capability(c, opts)):
                 report.vanished.append((cname, f"{c.get('method')} {c.get('path')}"))
 
+    grants_state: dict[str, list[str]] = dict(up_state.get("grants") or {})
+    granted_before = set(grants_state.get(agent, [])) if agent else set()
     if agent:
         agents = doc.setdefault("agents", {}) or {}
         doc["agents"] = agents
@@ -866,10 +869,14 @@ def merge(existing: dict[str, Any] | None, state: dict[str, Any] | None, importe
         for name in sorted(seen_targets, key=list(new_caps).index):
             if name in held:
                 continue
+            if name in granted_before:
+                report.grants_not_restored.append(name)  # granted by an earlier import, removed by a person
+                continue
             c = new_caps[name]
             effect = c.get("effect") or ("read" if c.get("method") in READ_METHODS else "write")
             grants.append(name if effect == "read" else {"capability": name, "mode": "dry_run"})
             report.grants_added.append(name)
+        grants_state[agent] = sorted(granted_before | set(report.grants_added) | (held & seen_targets))
 
     # keep the conventional key order
     order = ["version", "server", "identity", "governance", "upstreams", "agents", "capabilities"]
@@ -883,6 +890,7 @@ def merge(existing: dict[str, Any] | None, state: dict[str, Any] | None, importe
         "path_prefix": opts.path_prefix,
         "operations": {**keep_ops, **new_ops},
         "capabilities": {**keep_caps, **new_state_caps},
+        **({"grants": grants_state} if grants_state else {}),
     }
     return doc, new_state, report
 

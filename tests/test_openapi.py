@@ -177,6 +177,7 @@ def test_rerun_merges_and_keeps_hand_edits(tmp_path: Path, capsys: pytest.Captur
     for g in doc["agents"]["bot"]["grants"]:
         if isinstance(g, dict) and g["capability"] == "mini.create_widget":
             g["mode"] = "live"
+    doc["agents"]["bot"]["grants"].remove("mini.search_widgets")
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     # the spec changes: /trees vanishes, /gadgets appears, a schema tightens
@@ -202,6 +203,8 @@ def test_rerun_merges_and_keeps_hand_edits(tmp_path: Path, capsys: pytest.Captur
     grants = doc["agents"]["bot"]["grants"]
     assert {"capability": "mini.create_widget", "mode": "live"} in grants  # the promotion is the person's
     assert "mini.list_gadgets" in grants
+    assert "mini.search_widgets" not in grants  # a grant the person removed is not granted again
+    assert "no longer holds mini.search_widgets" in err
     load_rules(out)
 
 
