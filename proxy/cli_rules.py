@@ -135,6 +135,8 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
     for cname, key in report.vanished:
         print(f"warning: {cname} ({key}) is no longer in the spec; it was kept — delete it by hand if it is gone",
               file=out)
+    for cname, key in report.removed_by_hand:
+        print(f"note: {cname} ({key}) was deleted by hand after an earlier import: not added again", file=out)
     if comments:
         print(f"warning: {args.output}: {comments} comment line(s) were not kept (keep imports in their own file)",
               file=out)

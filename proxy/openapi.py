@@ -42,7 +42,10 @@ Re-running into an existing ``--output`` file merges (see :func:`merge`): a stat
 (``<output>.import-state.json``) remembers what was generated last time, so a key the person changed,
 added or deleted stays as the person left it, a key the person left alone follows the spec, new
 operations are appended (never reordered: declaration order breaks routing ties), and operations that
-vanished from the spec are reported, not deleted.
+vanished from the spec are reported, not deleted. A capability or a grant the person deleted is not
+brought back. Without the state file (a file written by hand, or the state lost) every existing value
+is taken as the person's: only keys and operations that are missing are added. Comments in an
+existing file are not kept (the import says how many were dropped): keep imports in their own file.
 """
 
 from __future__ import annotations
@@ -770,6 +773,7 @@ class MergeReport:
     vanished: list[tuple[str, str]] = field(default_factory=list)  # (capability, operation key)
     grants_added: list[str] = field(default_factory=list)
     grants_not_restored: list[str] = field(default_factory=list)
+    removed_by_hand: list[tuple[str, str]] = field(default_factory=list)  # (capability, operation key)
     comments_dropped: int = 0
 
 
@@ -818,6 +822,13 @@ def merge(existing: dict[str, Any] | None, state: dict[str, Any] | None, importe
     for name, gen in imported.capabilities.items():
         key = imported.op_of[name]
         target = ops_before.get(key)
+        if target is not None and target not in caps and existing is not None and \
+                by_route.get((opts.upstream, gen["method"], shape(gen["path"]))) is None:
+            # imported before, then deleted by a person: not brought back
+            report.removed_by_hand.append((target, key))
+            new_state_caps[target] = gen
+            new_ops[key] = target
+            continue
         if target not in caps:
             target = by_route.get((opts.upstream, gen["method"], shape(gen["path"])))
         if target is None and name in caps:
@@ -845,7 +856,7 @@ def merge(existing: dict[str, Any] | None, state: dict[str, Any] | None, importe
     doc["capabilities"] = new_caps
 
     # operations that were imported before (or capabilities of this upstream) and are gone now
-    seen_targets = set(new_ops.values())
+    seen_targets = {v for v in new_ops.values() if v in new_caps}
     filtered = imported.filtered_out
     for key, cname in ops_before.items():
         if key not in new_ops and key not in filtered and cname in new_caps and cname not in seen_targets:

@@ -178,6 +178,8 @@ def test_rerun_merges_and_keeps_hand_edits(tmp_path: Path, capsys: pytest.Captur
         if isinstance(g, dict) and g["capability"] == "mini.create_widget":
             g["mode"] = "live"
     doc["agents"]["bot"]["grants"].remove("mini.search_widgets")
+    del caps["mini.free.post"]
+    doc["agents"]["bot"]["grants"].remove({"capability": "mini.free.post", "mode": "dry_run"})
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     # the spec changes: /trees vanishes, /gadgets appears, a schema tightens
@@ -205,6 +207,8 @@ def test_rerun_merges_and_keeps_hand_edits(tmp_path: Path, capsys: pytest.Captur
     assert "mini.list_gadgets" in grants
     assert "mini.search_widgets" not in grants  # a grant the person removed is not granted again
     assert "no longer holds mini.search_widgets" in err
+    assert "mini.free.post" not in caps  # a capability the person deleted is not brought back
+    assert "mini.free.post (POST /free) was deleted by hand" in err
     load_rules(out)
 
 
@@ -285,12 +289,6 @@ def gateway_rules(path: Path, upstream_url: str, store: str, live: tuple[str, ..
             g["mode"] = "live"
     parse_rules(doc)
     return doc
-
-
-def error_of(resp: Any, body: bytes) -> dict[str, Any]:
-    import json
-
-    return json.loads(body)["error"]
 
 
 @needs_specs
