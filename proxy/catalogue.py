@@ -321,6 +321,9 @@ def build(rules: RulesFile, traffic: Traffic | None = None,
         hs = holders.get(name, [])
         rate = _rate(cap.rate_limit.per_minute, cap.rate_limit.burst) if cap.rate_limit else ""
         grant_rates = [f"{a}: {rl}" for a, _, rl in hs if rl]
+        up_rl = getattr(rules.upstreams.get(cap.upstream), "rate_limit", None)
+        if up_rl is not None:
+            grant_rates.append(f"upstream: {_rate(up_rl.per_minute, up_rl.burst)}")
         if grant_rates:
             rate = "; ".join(([rate] if rate else []) + grant_rates)
         comp = "" if cap.resolved_effect == "read" else (

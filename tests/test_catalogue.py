@@ -104,6 +104,15 @@ def rules_with(caps: dict[str, Any], grants: list[Any]) -> Any:
                         "agents": {"bot": {"grants": grants}}, "capabilities": caps})
 
 
+def test_rate_limits_of_capability_grant_and_upstream() -> None:
+    rules = parse_rules({"identity": {"hs_secret": {"value": "x" * 32}},
+                         "upstreams": {"crm": {"url": "http://127.0.0.1:9", "rate_limit": {"per_minute": 600}}},
+                         "agents": {"bot": {"grants": [{"capability": "a", "rate_limit": {"per_minute": 5}}]}},
+                         "capabilities": {"a": {"upstream": "crm", "method": "GET", "path": "/a",
+                                                "rate_limit": {"per_minute": 60, "burst": 10}}}})
+    assert build(rules).rows[0].rate_limit == "60/min burst 10; bot: 5/min; upstream: 600/min"
+
+
 def test_stages() -> None:
     read = {"upstream": "crm", "method": "GET", "path": "/a/{id}"}
     write = {"upstream": "crm", "method": "PATCH", "path": "/a/{id}", "body": {"allow_fields": ["x"]}}
