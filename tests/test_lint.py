@@ -237,10 +237,11 @@ def test_check_command_output_and_exit_codes(tmp_path: Path, capsys: pytest.Capt
 
 
 def schema_validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a test dependency")
+    from jsonschema import Draft202012Validator  # a runtime dependency (proxy.validation uses it)
+
     schema = rules_json_schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
 
 
 def test_schema_validates_the_example_rules_file() -> None:
