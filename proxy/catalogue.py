@@ -435,8 +435,12 @@ def _cells(r: Row) -> list[str]:
 SUMMARY_COLUMNS = ("upstream", "operations", AGENT_READY, NEEDS_WRAPPING, INCOMPATIBLE, NOT_REGISTERED, "stage")
 
 
+def _pct(share: float) -> str:
+    return "<1%" if 0 < share < 0.005 else ">99%" if 0.995 <= share < 1 else f"{share:.0%}"
+
+
 def _summary_cells(s: Summary) -> list[str]:
-    return [s.upstream, str(s.total)] + [f"{s.counts[c]} ({s.share(c):.0%})" for c in CLASSES] + [
+    return [s.upstream, str(s.total)] + [f"{s.counts[c]} ({_pct(s.share(c))})" for c in CLASSES] + [
         f"{s.stage} {STAGES[s.stage]}"]
 
 
