@@ -143,6 +143,69 @@ async def tx_rollback(request: web.Request) -> web.Response:
     return json_response(tx)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (no token: the admin listener is reachable only from the operator's side)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    body = _gw(request).governance.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def agents_status(request: web.Request) -> web.Response:
+    reviewer(request)
+    return json_response({"agents": await _gw(request).governance.agents_status()})
+
+
+async def agent_action(request: web.Request) -> web.Response:
+    who = reviewer(request)
+    doc = await _json_body(request)
+    reason = str(doc.get("reason") or "")
+    gov = _gw(request).governance
+    agent = request.match_info["agent"]
+    if request.match_info["action"] == "release":
+        await gov.release(agent, by=who.agent, reason=reason)
+        return json_response({"agent": agent, "quarantined": False})
+    if not reason.strip():
+        raise TetherError("bad_request", "a quarantine needs a reason")
+    row = await gov.quarantine(agent, by=who.agent, reason=reason)
+    return json_response({"agent": agent, "quarantined": row})
+
+
+async def grants_status(request: web.Request) -> web.Response:
+    reviewer(request)
+    return json_response({"grants": await _gw(request).governance.grants_status()})
+
+
+async def promotions_list(request: web.Request) -> web.Response:
+    reviewer(request)
+    q = request.query
+    rows = await _gw(request).store.promotions(agent=q.get("agent") or None, capability=q.get("capability") or None,
+                                               history=q.get("history") in ("1", "true"))
+    return json_response({"promotions": rows})
+
+
+async def promotions_create(request: web.Request) -> web.Response:
+    who = reviewer(request)
+    doc = await _json_body(request)
+    for k in ("agent", "capability", "to"):
+        if not isinstance(doc.get(k), str):
+            raise TetherError("bad_request", f"{k} is required")
+    row = await _gw(request).governance.promote(doc["agent"], doc["capability"], doc["to"], by=who.agent,
+                                                force=bool(doc.get("force")), reason=doc.get("reason"))
+    return json_response(row, 201)
+
+
+async def promotion_evidence(request: web.Request) -> web.Response:
+    reviewer(request)
+    q = request.query
+    gov = _gw(request).governance
+    agent, cap = q.get("agent", ""), q.get("capability", "")
+    if _gw(request).state.registry.grant(agent, cap) is None:
+        raise TetherError("not_found", f"capability {cap!r} is not granted to agent {agent!r}")
+    ev = await gov.evidence(agent, cap)
+    return json_response({"evidence": ev, "missing": gov.gate_problems(ev)})
+
+
 def build_admin_app(gw: "Gateway") -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
@@ -152,6 +215,13 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/review/items/{id}", review_show)
     app.router.add_post("/api/review/items/{id}/approve", review_approve)
     app.router.add_post("/api/review/items/{id}/reject", review_reject)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/agents", agents_status)
+    app.router.add_post("/api/agents/{agent}/{action:release|quarantine}", agent_action)
+    app.router.add_get("/api/grants", grants_status)
+    app.router.add_get("/api/promotions", promotions_list)
+    app.router.add_post("/api/promotions", promotions_create)
+    app.router.add_get("/api/promotions/evidence", promotion_evidence)
     app.router.add_get("/api/transactions", tx_list)
     app.router.add_get("/api/transactions/{id}", tx_show)
     app.router.add_post("/api/transactions/{id}/{action:rollback|retry}", tx_rollback)
