@@ -292,7 +292,61 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- registration
 
 
-RULES_SUBCOMMANDS: list[Callable[[Any], None]] = [add_import_openapi, add_check, add_schema]
+def add_test(rsub: Any) -> None:
+    p = rsub.add_parser(
+        "test", help="run the *.cases.yaml beside rules files (like opa test)",
+        description="Run each cases file (requests and the decisions they must get) through a real gateway built "
+                    "from its rules file, with upstreams replaced by a local sink. Give rules files (their "
+                    "<stem>.cases.yaml is used), cases files, or folders (every *.cases.yaml in them).")
+    p.add_argument("paths", nargs="*", default=["rules"], help="rules files, cases files or folders (default: rules/)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print passing cases too")
+    p.set_defaults(func=cmd_test)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .casetest import run_cases_sync
+    from .config import ConfigError
+
+    cases_files: list[Path] = []
+    for raw in args.paths:
+        p = Path(raw)
+        if p.is_dir():
+            cases_files += sorted(p.glob("*.cases.yaml"))
+        elif p.name.endswith(".cases.yaml"):
+            cases_files.append(p)
+        elif p.suffix in (".yaml", ".yml"):
+            c = p.with_name(p.name[: -len(p.suffix)] + ".cases.yaml")
+            if not c.exists():
+                _err(f"{p}: no cases file {c.name} beside it")
+                return 2
+            cases_files.append(c)
+        else:
+            _err(f"{p}: not a rules file, cases file or folder")
+            return 2
+    if not cases_files:
+        _err("no *.cases.yaml found")
+        return 2
+    failed = total = 0
+    for cf in cases_files:
+        try:
+            results = run_cases_sync(cf)
+        except ConfigError as exc:
+            print(f"ERROR {cf}: {exc}")
+            failed += 1
+            continue
+        for r in results:
+            total += 1
+            if not r.ok:
+                failed += 1
+            if args.verbose or not r.ok:
+                print(f"{cf.name}: {r.describe()}")
+    print(f"{total - failed}/{total} cases passed" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+RULES_SUBCOMMANDS: list[Callable[[Any], None]] = [add_import_openapi, add_check, add_schema, add_test]
 
 
 def register(subparsers: Any) -> None:
