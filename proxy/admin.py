@@ -6,6 +6,7 @@ role, verified like agent tokens). An agent's token is refused with 403 ``review
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -206,6 +207,105 @@ async def promotion_evidence(request: web.Request) -> web.Response:
     return json_response({"evidence": ev, "missing": gov.gate_problems(ev)})
 
 
+_JOURNAL_FILTERS = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capability"),
+                    ("decision", "decision"), ("kind", "kind"), ("request_id", "request_id"))
+
+
+async def journal_list(request: web.Request) -> web.Response:
+    """Newest first; ``before_seq`` pages back; ``q`` searches intent, path, reason and ids."""
+    reviewer(request)
+    from .cli_journal import parse_time
+
+    q = request.query
+    filters = {col: q[name] for name, col in _JOURNAL_FILTERS if q.get(name)}
+    limit = min(int(_float(q.get("limit"), "limit") or 100), 1000)
+    before = int(q["before_seq"]) if q.get("before_seq", "").isdigit() else None
+    text = (q.get("q") or "").strip().lower()
+    try:
+        since, until = parse_time(q.get("since") or None), parse_time(q.get("until") or None)
+    except SystemExit as exc:
+        raise TetherError("bad_request", str(exc)) from None
+    store = _gw(request).store
+    out: list[dict] = []
+    cursor = before
+    while len(out) < limit:
+        rows = await store.journal_query(before_seq=cursor, filters=filters, since=since, until=until,
+                                         descending=True, limit=500 if text else limit)
+        if not rows:
+            break
+        for r in rows:
+            rec = r.record()
+            if text and text not in orjson.dumps(rec).decode().lower():
+                continue
+            out.append({"seq": r.seq, "hash": r.hash, **rec})
+            if len(out) >= limit:
+                break
+        cursor = rows[-1].seq
+        if not text:
+            break
+    return json_response({"records": out, "next_before_seq": out[-1]["seq"] if out else None})
+
+
+async def journal_record(request: web.Request) -> web.Response:
+    """One record with its context: the other records of its request, its review item, its transaction."""
+    reviewer(request)
+    gw = _gw(request)
+    seq = int(request.match_info["seq"])
+    rows = await gw.store.journal_query(after_seq=seq - 1, before_seq=seq + 1, limit=1)
+    if not rows:
+        raise TetherError("not_found", f"no journal record {seq}")
+    rec = {"seq": rows[0].seq, "hash": rows[0].hash, "prev_hash": rows[0].prev_hash, **rows[0].record()}
+    related = []
+    if rec.get("request_id"):
+        related = [{"seq": r.seq, **r.record()} for r in
+                   await gw.store.journal_query(filters={"request_id": rec["request_id"]}, limit=50)]
+    item_id = rec.get("review_item") or next((r["review_item"] for r in related if r.get("review_item")), None)
+    item = await gw.store.review_get(item_id) if item_id else None
+    tx = await gw.transactions.describe(rec["tx"]) if rec.get("tx") and await gw.store.tx_get(rec["tx"]) else None
+    return json_response({"record": rec, "related": related, "review_item": item, "transaction": tx})
+
+
+async def journal_verify(request: web.Request) -> web.Response:
+    reviewer(request)
+    from .journal import verify
+
+    res = await verify(_gw(request).store)
+    return json_response({"ok": res.ok, "checked": res.checked, "first_seq": res.first_seq, "last_seq": res.last_seq,
+                          "broken_seq": res.broken_seq, "problem": res.problem})
+
+
+async def review_diff(request: web.Request) -> web.Response:
+    """For an update: the current record (read now through the gateway) beside the captured change."""
+    reviewer(request)
+    gw = _gw(request)
+    item = await gw.review.get(request.match_info["id"])
+    return json_response(await gw.review.diff(item))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one ``journal`` event per commit (the console refreshes on it)."""
+    reviewer(request)
+    gw = _gw(request)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    ev = gw.journal.subscribe()
+    try:
+        await resp.write(b"event: hello\ndata: {}\n\n")
+        while True:
+            try:
+                await asyncio.wait_for(ev.wait(), 15)
+                ev.clear()
+                head = (await gw.store.journal_head())[0]
+                await resp.write(b"event: journal\ndata: " + orjson.dumps({"head": head}) + b"\n\n")
+            except asyncio.TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        gw.journal.unsubscribe(ev)
+    return resp
+
+
 def build_admin_app(gw: "Gateway") -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
@@ -216,6 +316,11 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_post("/api/review/items/{id}/approve", review_approve)
     app.router.add_post("/api/review/items/{id}/reject", review_reject)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/journal", journal_list)
+    app.router.add_get("/api/journal/verify", journal_verify)
+    app.router.add_get("/api/journal/{seq:[0-9]+}", journal_record)
+    app.router.add_get("/api/review/items/{id}/diff", review_diff)
+    app.router.add_get("/api/events", events)
     app.router.add_get("/api/agents", agents_status)
     app.router.add_post("/api/agents/{agent}/{action:release|quarantine}", agent_action)
     app.router.add_get("/api/grants", grants_status)

@@ -170,6 +170,49 @@ class ReviewService:
         if reviewer.agent == item["agent"] or (reviewer.on_behalf_of is not None and reviewer.on_behalf_of == item["agent"]):
             raise TetherError("self_approval", "a reviewer may not decide items made by their own identity")
 
+    async def diff(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Field-by-field: the record as it is now (read through the gateway) and what the item would write."""
+        gw = self.gw
+        up = gw.state.upstreams.get(item["upstream"])
+        req = item["request"]
+        proposed = req.get("body_json")
+        out: dict[str, Any] = {"item": item["id"], "operation": None, "current": None, "fields": [], "error": None}
+        if up is None or not isinstance(proposed, dict):
+            return out
+        from .normalise import decode_segments
+
+        segments = decode_segments(req["path"])
+        found = gw.state.registry.match(up.name, req["method"], segments)
+        if found is None:
+            out["error"] = "the captured call no longer matches a capability"
+            return out
+        op = Operation(method=req["method"], path=req["path"], query=req["query"], segments=segments, body=proposed,
+                       capability=found[0], params=found[1])
+        out["operation"] = found[0].operation
+        plan = up.adapter.pre_image_request(op)
+        if plan is None:
+            out["fields"] = [{"field": k, "current": None, "proposed": v, "changed": True} for k, v in proposed.items()]
+            return out
+        try:
+            status, _, _, current = await call_upstream(gw, up, plan, agent=item["agent"],
+                                                        on_behalf_of=item.get("on_behalf_of"),
+                                                        intent=f"review of {item['id']}")
+        except TetherError as err:
+            out["error"] = f"{err.code}: {err.message}"
+            return out
+        if status >= 400 or not isinstance(current, dict):
+            out["error"] = f"reading the current record answered {status}"
+            return out
+        out["current"] = current
+        from .bodies import flatten
+        from .validation import _lookup
+
+        for path, value in flatten(proposed).items():
+            found_now, now_value = _lookup(current, path)
+            out["fields"].append({"field": path, "current": now_value if found_now else None, "proposed": value,
+                                  "changed": not found_now or now_value != value})
+        return out
+
     async def reject(self, item_id: str, reviewer: Identity, reason: str) -> dict[str, Any]:
         if not reason or not reason.strip():
             raise TetherError("bad_request", "a rejection needs a reason")
