@@ -211,10 +211,10 @@ def _parse_instant(value: str) -> datetime | None:
 def same_value(written: Any, current: Any) -> bool:
     """Does the record still hold what was written, allowing for Salesforce's normalisation (1200 is
     1200.0; ``2024-05-01T10:00:00Z`` is ``2024-05-01T10:00:00.000+0000``)?"""
+    if isinstance(written, bool) or isinstance(current, bool):
+        return written is current
     if written == current:
         return True
-    if isinstance(written, bool) or isinstance(current, bool):
-        return False
     if isinstance(written, (int, float)) and isinstance(current, (int, float)):
         return float(written) == float(current)
     if isinstance(written, str) and isinstance(current, str):
@@ -245,9 +245,8 @@ class SalesforceAdapter(Adapter):
                 "readonly_fields")
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
-        super().__init__(options)
-        o = self.options
-        for opt in ("id_pattern", "api_version_pattern"):
+        o = dict(options or {})
+        for opt in ("id_pattern", "api_version_pattern"):  # checked before the base class compiles id_pattern
             if opt in o:
                 if not isinstance(o[opt], str) or not o[opt]:
                     raise AdapterOptionsError(f"{opt} must be a regular expression (a non-empty string)")
@@ -255,6 +254,7 @@ class SalesforceAdapter(Adapter):
                     re.compile(o[opt])
                 except re.error as exc:
                     raise AdapterOptionsError(f"{opt}: invalid regular expression: {exc}") from None
+        super().__init__(o)
         self._version_re = re.compile(o.get("api_version_pattern") or DEFAULT_VERSION_PATTERN)
         self._id_re = re.compile(o.get("id_pattern") or DEFAULT_ID_PATTERN)
         recreate = o.get("recreate_on_delete", False)
