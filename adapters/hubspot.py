@@ -125,8 +125,12 @@ def _text(value: Any) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal as HubSpot values (strings; empty and absent are the same; case of e-mails is not kept)."""
-    return _text(a).strip().casefold() == _text(b).strip().casefold()
+    """Equal as HubSpot values: strings, empty and absent alike; e-mail addresses compared without case
+    (HubSpot stores them lower-cased)."""
+    x, y = _text(a).strip(), _text(b).strip()
+    if x == y:
+        return True
+    return "@" in x and x.casefold() == y.casefold()
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
@@ -147,8 +151,9 @@ class Target:
 
     @property
     def collection_path(self) -> str:
-        """The canonical collection URL (what undo steps and sub-requests address)."""
-        return "/" + "/".join((*self.prefix, self.type))
+        """The collection URL in the agent's own type spelling (what sub-requests, pre-image reads and
+        undo steps address: the upstream accepted it; the dated API takes type ids only)."""
+        return "/" + "/".join((*self.prefix, quote(self.type_raw, safe="")))
 
     def item_path(self, rid: str) -> str:
         return f"{self.collection_path}/{quote(str(rid), safe='')}"
@@ -254,8 +259,9 @@ class HubSpotAdapter(Adapter):
             return segments
         segs = list(segments)
         for i in positions:
-            if not segs[i].startswith("{"):
-                segs[i] = self.canonical_type(segs[i])
+            if query is None and segs[i].startswith("{"):
+                continue  # a template's {objectType} parameter
+            segs[i] = self.canonical_type(segs[i])
         if query is not None:
             target = self._target_of(tuple(segs), query)
             if target is not None and target.kind == "item":

@@ -167,8 +167,9 @@ def test_batch_writes_are_composite_and_batch_read_is_not(hs):
 def test_unpack_batch_create_per_input(hs):
     inputs = [{"properties": {"email": "a@x.com"}, "associations": []}, {"properties": {"email": "b@x.com"}}]
     subs = hs.unpack(op("POST", "/crm/v3/objects/0-1/batch/create", {"inputs": inputs}))
+    # the agent's spelling is kept in what is addressed; the canonical one is what is matched
     assert [(s.method, s.path, s.index, s.body) for s in subs] == [
-        ("POST", "/crm/v3/objects/contacts", 0, inputs[0]), ("POST", "/crm/v3/objects/contacts", 1, inputs[1])]
+        ("POST", "/crm/v3/objects/0-1", 0, inputs[0]), ("POST", "/crm/v3/objects/0-1", 1, inputs[1])]
     assert subs[0].segments == ("crm", "v3", "objects", "contacts")
 
 
@@ -317,7 +318,7 @@ def test_result_for_uses_trace_ids_and_refuses_to_guess(hs):
 def test_update_pre_image_reads_the_touched_and_provenance_properties(hs):
     o = op("PATCH", "/crm/v3/objects/0-3/77", {"properties": {"dealstage": "contractsent", "amount": 5}})
     assert hs.pre_image_request(o) == PlannedRequest(
-        "GET", "/crm/v3/objects/deals/77", "properties=dealstage,amount,tether_agent,tether_intent", content_type=None)
+        "GET", "/crm/v3/objects/0-3/77", "properties=dealstage,amount,tether_agent,tether_intent", content_type=None)
     o = op("PATCH", "/crm/v3/objects/contacts/j%40x.com?idProperty=email", {"properties": {"firstname": "J"}})
     pre = hs.pre_image_request(o)
     assert pre is not None and pre.path == "/crm/v3/objects/contacts/j%40x.com"
@@ -330,9 +331,9 @@ def test_plan_undo_create_is_archive_of_the_created_record(hs):
     o = op("POST", "/crm/v3/objects/0-1", {"properties": {"email": "a@x.com"}})
     plan = hs.plan_undo(o, None)
     assert plan.kind == "delete" and plan.request.method == "DELETE"
-    assert plan.request.path == "/crm/v3/objects/contacts/{created_id}" and plan.expect == {"email": "a@x.com"}
+    assert plan.request.path == "/crm/v3/objects/0-1/{created_id}" and plan.expect == {"email": "a@x.com"}
     armed = hs.arm_undo(plan, o, 201, {}, {"id": "901", "properties": {}})
-    assert armed.request.path == "/crm/v3/objects/contacts/901"
+    assert armed.request.path == "/crm/v3/objects/0-1/901"
     with pytest.raises(NotCompensable):
         hs.arm_undo(hs.plan_undo(o, None), o, 201, {}, {"properties": {}})
 
@@ -354,6 +355,13 @@ def test_plan_undo_update_restores_by_numeric_id_and_clears_what_was_empty(hs):
     assert not hs.current_matches(plan, {"status": "error"})
     with pytest.raises(NotCompensable):
         hs.plan_undo(o, {"status": "error"})
+
+
+def test_conflict_checks_ignore_only_the_case_of_e_mail_addresses(hs):
+    plan = UndoPlan("restore", PlannedRequest("PATCH", "/crm/v3/objects/contacts/1"),
+                    expect={"email": "Jane@Acme.com", "company": "Acme", "n": "3"})
+    assert hs.current_matches(plan, {"properties": {"email": "jane@acme.com", "company": "Acme", "n": 3}})
+    assert not hs.current_matches(plan, {"properties": {"email": "jane@acme.com", "company": "ACME", "n": "3"}})
 
 
 def test_plan_undo_upsert_depends_on_whether_the_record_existed(hs):
@@ -384,9 +392,11 @@ def test_archive_is_not_compensable_unless_recreate_is_chosen(hs):
     rec = get_adapter("hubspot", {"archive_undo": "recreate"})
     pre = rec.pre_image_request(o)
     assert pre is not None and pre.query == "properties=dealname,amount,dealstage,pipeline,closedate"
+    dated = op("DELETE", "/crm/objects/2026-03/0-3/77")
+    assert rec.pre_image_request(dated).path == "/crm/objects/2026-03/0-3/77"
     plan = rec.plan_undo(o, {"id": "77", "properties": {"dealname": "Acme", "amount": "10", "closedate": None,
                                                         "hs_object_id": "77", "createdate": "2024-01-01T00:00:00Z"}})
-    assert plan.kind == "recreate" and (plan.request.method, plan.request.path) == ("POST", "/crm/v3/objects/deals")
+    assert plan.kind == "recreate" and (plan.request.method, plan.request.path) == ("POST", "/crm/v3/objects/0-3")
     assert plan.request.body == {"properties": {"dealname": "Acme", "amount": "10"}}
     assert "NEW id" in plan.note
     assert rec.check_request(plan) is None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from pathlib import Path
 from typing import Any, Callable
 
 import orjson
@@ -27,12 +26,14 @@ from hubspot import HubSpot
 from hubspot.crm.contacts import (
     BatchInputSimplePublicObjectBatchInput,
     BatchInputSimplePublicObjectBatchInputForCreate,
+    BatchInputSimplePublicObjectBatchInputUpsert,
     BatchInputSimplePublicObjectId,
     Filter,
     FilterGroup,
     PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
     SimplePublicObjectBatchInputForCreate,
+    SimplePublicObjectBatchInputUpsert,
     SimplePublicObjectId,
     SimplePublicObjectInput,
     SimplePublicObjectInputForCreate,
@@ -71,7 +72,8 @@ def hubspot_rules(hub_url: str, store: str) -> dict[str, Any]:
             "provenance": {"record_fields": RECORD_FIELDS}}},
         "agents": {
             "sdr-bot": {"grants": ["contact.read", "contact.search", "company.read", "deal.read",
-                                   live("contact.create"), live("contact.update"), live("deal.update_stage")]},
+                                   live("contact.create"), live("contact.update"), live("contact.upsert"),
+                                   live("deal.update_stage")]},
             "sdr-trainee": {"grants": ["contact.read", "contact.create"]},  # writes unset: dry-run
         },
         "capabilities": {
@@ -87,6 +89,8 @@ def hubspot_rules(hub_url: str, store: str) -> dict[str, Any]:
                                                          "properties.jobtitle"]}),
             "contact.update_by_lookup": cap("PATCH", "/crm/v3/objects/contacts/{lookup}",
                                             params={"lookup": "[A-Za-z0-9_]+=.+"}),
+            "contact.upsert": cap("PUT", "/crm/v3/objects/contacts/{contactId}", params={"contactId": "email=.+"},
+                                  body={"allow_fields": ["properties.firstname", "properties.lastname"]}),
             "contact.archive": cap("DELETE", "/crm/v3/objects/contacts/{contactId}",
                                    compensation="non_compensable"),
             "company.read": cap("GET", "/crm/v3/objects/companies/{companyId}"),
@@ -108,7 +112,16 @@ async def hub():
 
 @pytest.fixture
 def canonical_match(monkeypatch):
-    """Emulates the proposed core change: match_route matches the adapter's canonical segments."""
+    """Emulates the proposed core change: every registry match sees the adapter's canonical segments
+    (Registry.match; review re-checks go through it too), and match_route passes the query so that
+    an ``?idProperty=`` lookup is matched as ``property=value``."""
+    from proxy.registry import Registry
+
+    original = Registry.match
+
+    def match(self: Any, upstream: str, method: str, segments: tuple[str, ...], query: str | None = None) -> Any:
+        hook = getattr(self.adapters[upstream], "canonical_segments", None)
+        return original(self, upstream, method, hook(segments, query) if hook is not None else segments)
 
     def match_route(gw: Any, ex: Any) -> None:
         hook = getattr(getattr(ex.upstream, "adapter", None), "canonical_segments", None)
@@ -116,6 +129,7 @@ def canonical_match(monkeypatch):
             ex.segments = hook(ex.segments, ex.query)
         S.match_route(gw, ex)
 
+    monkeypatch.setattr(Registry, "match", match)
     stages = [(name, match_route if name == "match_route" else fn) for name, fn in gateway_module.STAGES]
     monkeypatch.setattr(gateway_module, "STAGES", stages)
 
@@ -305,6 +319,19 @@ async def test_dry_run_create_and_batch_create_are_answered_in_shapes_the_sdk_pa
     assert sorted(i["capability"] for i in items) == ["contact.create", "contact.create"]
 
 
+async def test_a_dry_run_capture_under_a_type_id_is_approved_and_replayed(gw, hub):
+    c = agent(gw, "sdr-trainee", **{"X-Tether-Intent": "add a lead"})
+    obj, _, headers = await call(c.crm.objects.basic_api.create_with_http_info, "0-1",
+                                 SimplePublicObjectInputForCreate(properties={"email": "lee@globex.com"}, associations=[]))
+    assert obj.id.isdigit() and hub.received == []
+    r = await gw.admin("POST", f"/api/review/items/{headers['X-Tether-Dry-Run']}/approve", json={})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["state"] == "replayed"
+    (sent,) = hub.seen("POST")
+    assert sent.raw_path == "/crm/v3/objects/0-1" and sent.headers["Authorization"] == f"Bearer {PAT}"
+    assert [rec["properties"]["email"] for rec in hub.records["contacts"].values()] == ["lee@globex.com"]
+
+
 # --------------------------------------------------------------------------- transactions
 
 
@@ -326,7 +353,7 @@ async def test_a_rolled_back_transaction_restores_hubspots_prior_state(gw, hub):
     assert hub.records["contacts"][made.id]["archived"] is True
     undo = [(x.method, x.path) for x in hub.received
             if x.headers.get("X-Tether-Intent", "").startswith("rollback") and x.method != "GET"]
-    assert undo == [("PATCH", f"/crm/v3/objects/deals/{deal['id']}"), ("DELETE", f"/crm/v3/objects/contacts/{made.id}")]
+    assert undo == [("PATCH", f"/crm/v3/objects/0-3/{deal['id']}"), ("DELETE", f"/crm/v3/objects/contacts/{made.id}")]
     restore = [x for x in hub.received if x.method == "PATCH"][-1].json()
     assert restore == {"properties": {"dealstage": "appointmentscheduled", "tether_agent": "",
                                       "tether_on_behalf_of": "", "tether_intent": ""}}
@@ -350,6 +377,24 @@ async def test_a_batch_create_in_a_transaction_is_undone_input_by_input(gw, hub)
         assert (await r.json())["state"] == "rolled_back"
     assert hub.visible() == before
     assert len(hub.seen("DELETE")) == 3
+
+
+async def test_a_batch_upsert_in_a_transaction_restores_or_archives_per_input(gw, hub):
+    jane = hub.put("contacts", {"email": "jane@acme.com", "firstname": "Jane"})
+    before = copy.deepcopy(hub.visible())
+    c = agent(gw, **{"X-Tether-Intent": "sync the webinar list", "X-Tether-Transaction": "tx-upsert"})
+    out = await call(c.crm.contacts.batch_api.upsert, BatchInputSimplePublicObjectBatchInputUpsert(inputs=[
+        SimplePublicObjectBatchInputUpsert(id="jane@acme.com", id_property="email", properties={"firstname": "Janet"}),
+        SimplePublicObjectBatchInputUpsert(id="lee@globex.com", id_property="email", properties={"firstname": "Lee"})]))
+    assert sorted(r.new for r in out.results) == [False, True]
+    assert hub.props("contacts", jane["id"])["firstname"] == "Janet"
+    reads = [x.json() for x in hub.seen("POST", "/crm/v3/objects/contacts/batch/read")]
+    assert [r["inputs"] for r in reads] == [[{"id": "jane@acme.com"}], [{"id": "lee@globex.com"}]]
+    async with gw.session.post(f"{gw.url}/_tether/transactions/tx-upsert/rollback", headers=gw.headers("sdr-bot")) as r:
+        tx = await r.json()
+    assert tx["state"] == "rolled_back", tx
+    assert [s["plan"]["kind"] for s in sorted(tx["steps"], key=lambda s: s["op_index"])] == ["restore", "delete"]
+    assert hub.visible() == before
 
 
 # --------------------------------------------------------------------------- batches
@@ -406,9 +451,3 @@ async def test_batch_inputs_are_stamped_once_composite_stamping_lands(make_gatew
     (out_rec,) = await journal_of(gw, "outcome")
     assert sorted(out_rec["upstream_ids"]) == sorted(r.id for r in out.results)
 
-
-def test_the_sdk_under_test_is_the_one_the_brief_names():
-    from importlib.metadata import version
-
-    assert int(version("hubspot-api-client").split(".")[0]) >= 8
-    assert Path(DiscoveryBase.__module__.replace(".", "/")).name == "discovery_base"
