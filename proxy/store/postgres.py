@@ -308,17 +308,8 @@ class PostgresStore(Store):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._pool is not None:
-            return
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=self.pool_min, max_size=self.pool_max, timeout=self.connect_timeout,
-                command_timeout=self.command_timeout, max_inactive_connection_lifetime=300.0,
-                server_settings={"application_name": "tether"} if "application_name=" not in self._dsn else None)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - refused, unknown host, bad password, no database, ...
-            raise StoreUnavailable(f"{redact(self.url)}: cannot connect: {_describe(exc)}") from None
+        """Connect (pool) and apply pending migrations, or refuse an old schema with ``migrate=false``."""
+        await self.open_pool()
         try:
             if self.auto_migrate:
                 await self.migrate()
@@ -331,6 +322,20 @@ class PostgresStore(Store):
         except BaseException:
             await self.close()
             raise
+
+    async def open_pool(self) -> None:
+        """Connect without touching the schema (``tether store info``)."""
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=self.pool_min, max_size=self.pool_max, timeout=self.connect_timeout,
+                command_timeout=self.command_timeout, max_inactive_connection_lifetime=300.0,
+                server_settings={"application_name": "tether"} if "application_name=" not in self._dsn else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, unknown host, bad password, no database, ...
+            raise StoreUnavailable(f"{redact(self.url)}: cannot connect: {_describe(exc)}") from None
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending migrations under a transaction-level advisory lock; returns (before, after)."""
