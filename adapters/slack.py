@@ -231,9 +231,12 @@ class SlackAdapter(Adapter):
             return True
         return isinstance(body, dict) and body.get("ok") is False
 
-    def is_gone(self, status: int, body: Any) -> bool:
-        """Does this answer say the thing an undo would remove is already gone? (Proposed hook: Slack
-        answers ``message_not_found`` with 200, never 404.)"""
+    def undo_already_done(self, plan: UndoPlan, status: int, body: Any) -> bool:
+        """Does this answer (to an undo step, or to the read before it) show that what the step would
+        remove is already gone? Slack says so with ``{"ok": false, "error": "message_not_found"}``
+        under HTTP 200, never with a 404. (Proposed gateway hook; see the report.)"""
+        if plan.kind != "delete":
+            return False
         if status in (404, 410):
             return True
         return isinstance(body, dict) and body.get("ok") is False and body.get("error") in (
@@ -364,7 +367,7 @@ class SlackAdapter(Adapter):
 
         Deletes are not checked: a bot's message changes only through its own token, and Slack
         answers "already gone" with ``ok: false`` under HTTP 200, which the gateway would read as a
-        conflict (see :meth:`is_gone`)."""
+        conflict (see :meth:`undo_already_done`)."""
         req = plan.request
         if plan.kind != "restore" or req is None or not isinstance(req.body, dict):
             return None

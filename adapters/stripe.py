@@ -614,6 +614,30 @@ class StripeAdapter(Adapter):
         hdrs = {k: v for k, v in (req.headers or {}).items() if k.lower() in ACCOUNT_HEADERS}
         return PlannedRequest("GET", t.item_path, content_type=None, headers=hdrs)
 
+    def undo_already_done(self, plan: UndoPlan, status: int, body: Any) -> bool:
+        """Does this answer (to an undo step, or to the read before it) show the step's effect is
+        already there: deleted, canceled, voided, archived? Then the step is done, not in conflict.
+        (Proposed gateway hook; see the report. The common case: a transaction that created *and*
+        finalized an invoice rolls back the finalize by voiding, after which the draft-delete step
+        finds a void invoice, which is as undone as Stripe allows.)"""
+        req = plan.request
+        if req is None:
+            return False
+        if status in (404, 410):
+            return plan.kind == "delete"
+        if status >= 300 or not isinstance(body, dict):
+            return False
+        state = body.get("status")
+        if plan.kind == "delete":
+            return body.get("deleted") is True or (req.path.startswith("/v1/invoices/") and state == "void")
+        if plan.kind == "cancel":
+            return state in ("canceled", "incomplete_expired")
+        if plan.kind == "void":
+            return state == "void"
+        if plan.kind == "custom" and req.body == {"active": "false"}:
+            return body.get("active") is False
+        return False
+
     def current_matches(self, plan: UndoPlan, current: Any) -> bool:
         """Is the object still as the agent left it (so the undo overwrites nobody else's change)?"""
         if not isinstance(current, dict):

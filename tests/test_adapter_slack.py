@@ -67,11 +67,16 @@ def test_ok_false_with_200_is_a_failure(status: int, body: Any, failed: bool) ->
     assert A.is_failure(status, body) is failed
 
 
-def test_gone_is_slacks_message_not_found() -> None:
-    assert A.is_gone(200, {"ok": False, "error": "message_not_found"})
-    assert A.is_gone(404, None)
-    assert not A.is_gone(200, {"ok": False, "error": "channel_not_found"})
-    assert not A.is_gone(200, {"ok": True})
+def test_already_undone_is_slacks_message_not_found() -> None:
+    o = op("chat.postMessage", {"channel": "C1", "text": "x"})
+    plan = A.arm_undo(A.plan_undo(o, None), o, 200, {}, {"ok": True, "channel": "C1", "ts": "1.1"})
+    assert A.undo_already_done(plan, 200, {"ok": False, "error": "message_not_found"})
+    assert A.undo_already_done(plan, 404, None)
+    assert not A.undo_already_done(plan, 200, {"ok": False, "error": "channel_not_found"})
+    assert not A.undo_already_done(plan, 200, {"ok": True})
+    restore = A.plan_undo(op("chat.update", {"channel": "C1", "ts": "5.5", "text": "n"}),
+                          history({"ts": "5.5", "text": "o"}))
+    assert not A.undo_already_done(restore, 200, {"ok": False, "error": "message_not_found"})
 
 
 def test_created_ids_are_channel_and_ts_only_when_ok() -> None:
