@@ -66,7 +66,7 @@ import copy
 import re
 import secrets
 from dataclasses import dataclass, fields as dc_fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Any, Iterator
 from urllib.parse import quote, urlencode
@@ -916,7 +916,8 @@ class SalesforceAdapter(Adapter):
     def precondition_headers(self, plan: UndoPlan, headers: dict[str, str], current: Any) -> dict[str, str]:
         """The conditional headers an undo PATCH could carry after the check read (not yet called by the
         gateway): ``If-Match`` with the Account's ETag, else ``If-Unmodified-Since`` from LastModifiedDate
-        (second resolution, as HTTP dates are). Salesforce supports neither on DELETE."""
+        (rounded up to whole seconds, as HTTP dates are: a change in the same second goes unseen, which is
+        why Salesforce calls it weak validation). Salesforce supports neither on DELETE."""
         if plan.request is None or plan.request.method != "PATCH":
             return {}
         etag = {k.lower(): v for k, v in headers.items()}.get("etag")
@@ -924,7 +925,12 @@ class SalesforceAdapter(Adapter):
             return {"If-Match": etag}
         last = current.get("LastModifiedDate") if isinstance(current, dict) else None
         when = _parse_instant(last) if isinstance(last, str) else None
-        return {"If-Unmodified-Since": format_datetime(when.astimezone(timezone.utc), usegmt=True)} if when else {}
+        if when is None:
+            return {}
+        when = when.astimezone(timezone.utc)
+        if when.microsecond:  # HTTP dates have whole seconds: round up, or the record would look newer
+            when = when.replace(microsecond=0) + timedelta(seconds=1)
+        return {"If-Unmodified-Since": format_datetime(when, usegmt=True)}
 
     # -- provenance -----------------------------------------------------------------------------
 

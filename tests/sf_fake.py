@@ -249,8 +249,8 @@ class SalesforceFake:
                 since = parsedate_to_datetime(h["if-unmodified-since"])
             except (TypeError, ValueError):
                 raise SFError(400, "INVALID_HEADER_TYPE", "If-Unmodified-Since is not an HTTP date") from None
-            last = datetime.strptime(rec["LastModifiedDate"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
-            if last > since:
+            last = datetime.strptime(rec["LastModifiedDate"][:23], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
+            if last > since:  # to the millisecond: a date rounded down would make every record look newer
                 raise SFError(412, "PRECONDITION_FAILED", "The record was modified after If-Unmodified-Since")
 
     @staticmethod

@@ -591,6 +591,8 @@ def test_precondition_headers_for_a_future_gateway_hook() -> None:
     patch = UndoPlan("restore", PlannedRequest("PATCH", f"{V}/sobjects/Account/{ACC}", body={}))
     assert AD.precondition_headers(patch, {"ETag": '"abc--gzip"'}, {}) == {"If-Match": '"abc--gzip"'}
     assert AD.precondition_headers(patch, {}, {"LastModifiedDate": "2026-01-05T09:00:01.500+0000"}) == {
+        "If-Unmodified-Since": "Mon, 05 Jan 2026 09:00:02 GMT"}
+    assert AD.precondition_headers(patch, {}, {"LastModifiedDate": "2026-01-05T10:00:01.000+0100"}) == {
         "If-Unmodified-Since": "Mon, 05 Jan 2026 09:00:01 GMT"}
     delete = UndoPlan("delete", PlannedRequest("DELETE", f"{V}/sobjects/Account/{ACC}"))
     assert AD.precondition_headers(delete, {"ETag": "x"}, {}) == {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,8 @@ import yaml
 from simple_salesforce import Salesforce
 from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSession, SalesforceRefusedRequest
 
-from adapters.salesforce import to_18
+from adapters.base import PlannedRequest, UndoPlan
+from adapters.salesforce import SalesforceAdapter, to_18
 from proxy.certs import make_dev_cert
 from tests.conftest import SECRET, GatewayHandle
 from tests.sf_fake import SalesforceFake
@@ -247,7 +249,9 @@ async def test_a_granted_composite_runs_live_with_its_references(gw, fake, cert,
     assert is_sf_id(signer, "003") and fake.record("Contact", signer)["AccountId"] == world["acct"]
     assert fake.record("Opportunity", world["opp"])["StageName"] == "Closed Won"
     (sent,) = fake.writes()
-    assert sent.path == f"{V}/composite" and sent.json() == body  # forwarded as the agent sent it
+    assert sent.path == f"{V}/composite" and sent.json()["allOrNone"] is True  # the envelope passes through
+    assert [(i["method"], i["url"]) for i in sent.json()["compositeRequest"]] == [
+        (i["method"], i["url"]) for i in body["compositeRequest"]]
     (rec,) = [r for r in await gw.journal() if r["kind"] == "request"]
     assert [(o["method"], o["capability"]) for o in rec["operations"]] == [
         ("GET", "opportunity.read"), ("PATCH", "opportunity.update_stage"), ("POST", "contact.create")]
@@ -394,3 +398,35 @@ async def test_deletes_stay_out_of_transactions_unless_recreating_is_allowed(mak
     assert tx["state"] == "rolled_back" and "NEW id" in tx["steps"][0]["plan"]["note"]
     (back,) = [r for r in fake.state()["Contact"].values() if r.get("LastName") == "Roe"]
     assert back["Id"] != again["Id"] and back["AccountId"] == world["acct"]  # re-created, with a new id
+
+
+@pytest.mark.parametrize("obj", ["Account", "Opportunity"])
+async def test_precondition_headers_proposed_for_undo_steps_hold_against_salesforce(http, fake, world, obj) -> None:
+    """What SalesforceAdapter.precondition_headers would add to an undo PATCH once the gateway asks for it:
+    If-Match with the ETag (Account records only) or If-Unmodified-Since; a change after the check read fails
+    the undo with 412 instead of being overwritten."""
+    ad = SalesforceAdapter({})
+    rid = world["acct" if obj == "Account" else "opp"]
+    url = f"{fake.url}{V}/sobjects/{obj}/{rid}"
+    auth = {"Authorization": f"Bearer {fake.token}"}
+    plan = UndoPlan("restore", PlannedRequest("PATCH", f"{V}/sobjects/{obj}/{rid}", body={"Description": "old"}))
+
+    async def check_then_undo(before_undo: Callable[[], Any]) -> int:
+        async with http.get(url, headers=auth) as r:
+            pre = ad.precondition_headers(plan, dict(r.headers), await r.json())
+        assert list(pre) == (["If-Match"] if obj == "Account" else ["If-Unmodified-Since"])
+        await before_undo()
+        async with http.patch(url, json=plan.request.body, headers={**auth, **pre}) as r:
+            return r.status
+
+    async def nothing() -> None:
+        return None
+
+    async def someone_edits() -> None:
+        fake._clock += timedelta(seconds=5)  # a later edit, past the rounding
+        async with http.patch(url, json={"Description": "a human's edit"}, headers=auth) as r:
+            assert r.status == 204
+
+    assert await check_then_undo(nothing) == 204
+    assert await check_then_undo(someone_edits) == 412
+    assert fake.record(obj, rid)["Description"] == "a human's edit"
