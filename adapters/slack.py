@@ -212,7 +212,8 @@ class SlackAdapter(Adapter):
             for key in ("blocks", "attachments"):
                 if key in body:
                     message[key] = _json_field(body[key])
-            return self._ok({"channel": channel, "ts": body.get("ts"), "text": body.get("text", ""), "message": message})
+            return self._ok({"channel": channel, "ts": body.get("ts"), "text": body.get("text", ""),
+                             "message": message})
         if name == "chat.delete":
             return self._ok({"channel": channel, "ts": body.get("ts")})
         if name == "chat.deleteScheduledMessage":
@@ -275,7 +276,6 @@ class SlackAdapter(Adapter):
     def plan_undo(self, op: Operation, pre_image: Any) -> UndoPlan:
         name = method_of(op.segments or op.path) or op.path
         body = op.body if isinstance(op.body, dict) else {}
-        channel = body.get("channel")
         if name in ("chat.postMessage", "chat.meMessage"):
             # The path carries the {created_id} placeholder until arm_undo fills channel and ts from
             # Slack's answer: an unarmed plan is then never sent (the gateway reports it unknown).
@@ -298,7 +298,8 @@ class SlackAdapter(Adapter):
         if name == "chat.update":
             return self._undo_update(body, pre_image)
         if name == "chat.delete":
-            raise NotCompensable("a deleted Slack message cannot be restored (a re-post gets a new ts, time and author)")
+            raise NotCompensable("a deleted Slack message cannot be restored "
+                                 "(a re-post gets a new ts, time and author)")
         if name == "chat.postEphemeral":
             raise NotCompensable("an ephemeral message cannot be deleted through the Web API")
         verb = _verb(name) if isinstance(name, str) else ""

@@ -460,7 +460,8 @@ class StripeAdapter(Adapter):
         now = int(time.time())
         if kind == "create":
             given = body.get("id")
-            rid = given if res.custom_ids and isinstance(given, str) and _ANY_ID_RE.fullmatch(given) else self.new_id(op)
+            custom = res.custom_ids and isinstance(given, str) and _ANY_ID_RE.fullmatch(given)
+            rid = given if custom else self.new_id(op)
             rec: dict[str, Any] = {**fields, "id": rid, "object": res.object, "livemode": False, "created": now}
             rec.setdefault("metadata", {})
             parent = RESOURCES.get(t.collection)

@@ -81,7 +81,8 @@ def test_already_undone_is_slacks_message_not_found() -> None:
 
 def test_created_ids_are_channel_and_ts_only_when_ok() -> None:
     o = op("chat.postMessage", {"channel": "C1", "text": "x"})
-    assert A.created_ids(o, 200, {}, {"ok": True, "channel": "C1", "ts": "1700000001.000100"}) == ["C1/1700000001.000100"]
+    answer = {"ok": True, "channel": "C1", "ts": "1700000001.000100"}
+    assert A.created_ids(o, 200, {}, answer) == ["C1/1700000001.000100"]
     assert A.created_ids(o, 200, {}, {"ok": False, "error": "channel_not_found"}) == []
     sched = op("chat.scheduleMessage", {"channel": "C1", "text": "x", "post_at": 2000000000})
     assert A.created_ids(sched, 200, {}, {"ok": True, "channel": "C1", "scheduled_message_id": "Q123"}) == ["Q123"]
@@ -226,7 +227,8 @@ def test_provenance_goes_into_message_metadata() -> None:
     assert json.loads(body["metadata"])["event_payload"] == fields
     # methods without message metadata are left alone; so is metadata Slack would not accept
     assert A.stamp_provenance(op("chat.delete", {"channel": "C1", "ts": "1.1"}), fields) is None
-    assert A.stamp_provenance(op("chat.postMessage", {"channel": "C1", "metadata": "not json"}, form=True), fields) is None
+    bad = op("chat.postMessage", {"channel": "C1", "metadata": "not json"}, form=True)
+    assert A.stamp_provenance(bad, fields) is None
     custom = SlackAdapter({"provenance_event_type": "acme_audit"})
     assert custom.stamp_provenance(op("chat.update", {"channel": "C1", "ts": "1.1", "text": "x"}),
                                    fields)["metadata"]["event_type"] == "acme_audit"

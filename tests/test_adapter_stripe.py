@@ -393,7 +393,8 @@ FIELDS = {"metadata[tether_agent]": "billing-bot", "tether_intent": "renew"}
 def test_provenance_goes_into_metadata_and_cannot_be_forged() -> None:
     body = A.stamp_provenance(op("POST", "/v1/customers", {"email": "a@b.test",
                                                            "metadata": {"crm": "1", "tether_agent": "forged"}}), FIELDS)
-    assert body == {"email": "a@b.test", "metadata": {"crm": "1", "tether_agent": "billing-bot", "tether_intent": "renew"}}
+    assert body == {"email": "a@b.test",
+                    "metadata": {"crm": "1", "tether_agent": "billing-bot", "tether_intent": "renew"}}
     body = A.stamp_provenance(upd({"name": "x"}), FIELDS)
     assert body["metadata"] == {"tether_agent": "billing-bot", "tether_intent": "renew"}
     assert "metadata%5Btether_agent%5D=billing-bot" in encode_form(body)
@@ -441,7 +442,8 @@ def test_a_repeated_account_header_is_ambiguous() -> None:
 def test_an_allowed_account_follows_the_pre_image_undo_and_check() -> None:
     o = OpWithContext(upd({"name": "New"}))
     o._o.capability.config.allow_accounts = ["acct_1Allowed"]
-    assert A.check_request_headers(o, CIMultiDict({"Stripe-Account": "acct_1Allowed"})) is None  # type: ignore[arg-type]
+    headers = CIMultiDict({"Stripe-Account": "acct_1Allowed"})
+    assert A.check_request_headers(o, headers) is None  # type: ignore[arg-type]
     assert o.context == {"Stripe-Account": "acct_1Allowed"}
     assert A.pre_image_request(o).headers == {"Stripe-Account": "acct_1Allowed"}  # type: ignore[arg-type]
     plan = UndoPlan.from_dict(A.plan_undo(o, PRE).to_dict())  # type: ignore[arg-type]
