@@ -74,7 +74,6 @@ from urllib.parse import quote, urlencode
 from proxy.errors import TetherError
 
 from .base import (
-    JSON_CT,
     Adapter,
     AdapterOptionsError,
     NotCompensable,
@@ -232,6 +231,8 @@ def _soql_string(value: str) -> str:
 
 
 class SalesforceAdapter(Adapter):
+    """Salesforce's REST API behind the adapter interface (see the module docstring for every decision)."""
+
     name = "salesforce"
     case_insensitive_paths = True
     id_pattern = DEFAULT_ID_PATTERN
