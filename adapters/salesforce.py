@@ -519,7 +519,8 @@ class SalesforceAdapter(Adapter):
             return self._unpack_collection_delete(op, base)
         if method in ("GET", "POST") and len(extra) == 1:
             return self._unpack_collection_retrieve(op, base, extra[0])
-        if method not in ("POST", "PATCH") or (method == "POST" and extra) or (method == "PATCH" and len(extra) not in (0, 2)):
+        if method not in ("POST", "PATCH") or (method == "POST" and extra) or \
+                (method == "PATCH" and len(extra) not in (0, 2)):
             raise _unsupported(f"{method} {op.path} is not an sObject Collections request Tether unpacks")
         doc = self._body(op)
         records = doc.get("records")

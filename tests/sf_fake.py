@@ -509,7 +509,8 @@ class SalesforceFake:
             return [self._substitute(v, results) for v in value]
         return value
 
-    def _sub_request(self, method: str, url: str, data: Any, headers: dict[str, str], base: str = "") -> tuple[int, dict[str, str], Any]:
+    def _sub_request(self, method: str, url: str, data: Any, headers: dict[str, str],
+                     base: str = "") -> tuple[int, dict[str, str], Any]:
         if not url.startswith("/"):
             url = base + url
         path, _, qs = url.partition("?")

@@ -446,7 +446,8 @@ def test_create_is_undone_by_deleting_the_created_record() -> None:
     o = op("POST", f"{V}/sobjects/contact/", {"LastName": "Doe", "Email": "j@acme.example"})
     assert AD.pre_image_request(o) is None
     plan = AD.plan_undo(o, None)
-    assert (plan.kind, plan.request.method, plan.request.path) == ("delete", "DELETE", f"{V}/sobjects/contact/{{created_id}}")
+    assert (plan.kind, plan.request.method, plan.request.path) == (
+        "delete", "DELETE", f"{V}/sobjects/contact/{{created_id}}")
     armed = AD.arm_undo(UndoPlan.from_dict(plan.to_dict()), o, 201, {}, {"id": CON, "success": True, "errors": []})
     assert armed.request.path == f"{V}/sobjects/contact/{CON}"
     check = AD.check_request(armed)
