@@ -331,11 +331,23 @@ class PostgresStore(Store):
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=self.pool_min, max_size=self.pool_max, timeout=self.connect_timeout,
                 command_timeout=self.command_timeout, max_inactive_connection_lifetime=300.0,
-                server_settings={"application_name": "tether"} if "application_name=" not in self._dsn else None)
+                server_settings=self._server_settings())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, unknown host, bad password, no database, ...
             raise StoreUnavailable(f"{redact(self.url)}: cannot connect: {_describe(exc)}") from None
+
+    def _server_settings(self) -> dict[str, str]:
+        """Session settings for pooled connections.
+
+        ``idle_in_transaction_session_timeout``: if a replica vanishes (partition, frozen VM) in the middle
+        of a journal append, its transaction holds the chain's head row lock and every other replica's
+        appends wait; the server ends such a session after this long instead of waiting for TCP to notice.
+        Tether's transactions never sit idle for more than a few milliseconds."""
+        settings = {"idle_in_transaction_session_timeout": str(int(max(5.0, 2 * self.command_timeout) * 1000))}
+        if "application_name=" not in self._dsn:
+            settings["application_name"] = "tether"
+        return settings
 
     async def migrate(self) -> tuple[int, int]:
         """Apply pending migrations under a transaction-level advisory lock; returns (before, after)."""
@@ -793,8 +805,8 @@ class PostgresStore(Store):
 class _Acquire:
     """``async with store._conn() as conn``: a pooled connection; outages become StoreUnavailable.
 
-    A connection that failed is terminated rather than returned for reuse, so the pool opens a fresh one
-    next time and never waits on a dead socket while releasing it."""
+    A connection that failed is terminated rather than returned for reuse, and the pool's other
+    connections are expired, so the next use opens fresh ones and nothing waits on a dead socket."""
 
     __slots__ = ("store", "conn")
 
@@ -818,18 +830,28 @@ class _Acquire:
         conn, self.conn = self.conn, None
         pool = self.store._pool
         broken = exc is not None and _is_outage(exc)
-        if broken or (exc is not None and isinstance(exc, asyncio.CancelledError)):
-            conn.terminate()
+        if broken or (exc is not None and isinstance(exc, asyncio.CancelledError)) or pool is None:
+            _terminate(conn)
+        if broken and pool is not None:
+            # one dead connection usually means all of them (server restart, failover): replace every
+            # pooled connection on its next use instead of finding them dead one request at a time
+            await pool.expire_connections()
         if pool is not None:
             try:
                 await pool.release(conn, timeout=self.store.command_timeout)
             except Exception:  # noqa: BLE001 - a connection that cannot be reset is dropped
-                conn.terminate()
-        else:
-            conn.terminate()
+                _terminate(conn)
         if exc is not None and isinstance(exc, self.store._unavailable) and not _is_integrity(exc):
             raise self.store._fail(exc) from None
         return False
+
+
+def _terminate(conn: Any) -> None:
+    """Drop a pooled connection now (a closed one was already handed back to the pool by asyncpg)."""
+    try:
+        conn.terminate()
+    except Exception:  # noqa: BLE001 - already released or closed
+        pass
 
 
 def _is_integrity(exc: BaseException) -> bool:
