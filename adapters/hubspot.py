@@ -9,7 +9,10 @@ What this adapter knows about HubSpot that the gateway cannot guess:
   rules template to one canonical name (lower-case plural), so matching — literal or ``{objectType}``
   with a pattern — sees one spelling. The path forwarded upstream is never rewritten. Literal segments
   are matched case-insensitively (``case_insensitive_paths``): folding spellings together can only
-  tie a request to the capability of the object it names, never to another one.
+  tie a request to the capability of the object it names, never to another one. Batch sub-requests are
+  matched by their canonical segments already; top-level requests, rules templates and review
+  re-checks need the core to call this hook (proposed: in ``Registry.match``). Until then a spelling
+  that no template names is refused (default deny), never let through.
 * **Record ids are numeric** (``\\d+``), except when the request names ``?idProperty=email`` (or any
   unique property): then the id segment is a property value. The canonical form of such a segment is
   ``email=jane@acme.com`` — so a lookup by property matches the *same* capability as a lookup by id,
