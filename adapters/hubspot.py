@@ -11,8 +11,10 @@ What this adapter knows about HubSpot that the gateway cannot guess:
   are matched case-insensitively (``case_insensitive_paths``): folding spellings together can only
   tie a request to the capability of the object it names, never to another one. Batch sub-requests are
   matched by their canonical segments already; top-level requests, rules templates and review
-  re-checks need the core to call this hook (proposed: in ``Registry.match``). Until then a spelling
-  that no template names is refused (default deny), never let through.
+  re-checks need the core to call this hook (proposed: in ``Registry.match``). Until then a type id
+  meets literal templates as a different word: refused by default deny, unless an ``{objectType}``
+  pattern admits it — so rules should list every spelling in their patterns (rules/hubspot.yaml does)
+  and never use a negative one (``(?!deals$).+`` would let ``0-3`` through).
 * **Record ids are numeric** (``\\d+``), except when the request names ``?idProperty=email`` (or any
   unique property): then the id segment is a property value. The canonical form of such a segment is
   ``email=jane@acme.com`` — so a lookup by property matches the *same* capability as a lookup by id,
