@@ -583,6 +583,16 @@ async def test_lease_is_exclusive_renewable_and_expires(store, replica):
     assert not await store.try_lease("review-expiry", "replica-a", 5)
 
 
+async def test_a_lease_renewed_with_ttl_zero_is_released(store, replica):
+    other = await replica()
+    assert await store.try_lease("tx-rollback:t1", "replica-a", 30)
+    assert not await other.try_lease("tx-rollback:t1", "replica-b", 30)
+    assert not await other.try_lease("tx-rollback:t1", "replica-b", 0)  # only the holder can release
+    assert await store.try_lease("tx-rollback:t1", "replica-a", 0)  # the holder lets go
+    await asyncio.sleep(0.01)
+    assert await other.try_lease("tx-rollback:t1", "replica-b", 30)
+
+
 async def test_many_replicas_racing_for_a_lease_exactly_one_gets_it(store, replica):
     others = [await replica() for _ in range(3)]
     stores = [store, *others]
