@@ -61,7 +61,10 @@ How each guarantee of the store interface is kept when several processes share t
   journal append that fails *before* its commit was sent is retried once on a fresh connection (a
   connection that died while idle in the pool is the common case after a server restart); a failure
   during the commit itself is never retried (its outcome is unknown, and the chain stays consistent
-  either way because the head is re-read under the lock).
+  either way because the head is re-read under the lock). After a connection failure every pooled
+  connection is replaced on its next use (a server restart kills them all). A replica that vanishes
+  mid-append (partition, frozen VM) cannot hold the chain's head row lock for long: pooled sessions run
+  with ``idle_in_transaction_session_timeout`` (twice ``command_timeout``, at least 5 s).
 """
 
 from __future__ import annotations
