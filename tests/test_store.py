@@ -954,3 +954,28 @@ async def test_a_frozen_server_times_out_instead_of_hanging():
         await s.close()
         await proxy.down()
         drop_schema(schema)
+
+
+@pg_only
+async def test_a_replica_frozen_inside_an_append_cannot_stall_the_chain_for_long():
+    require_pg()
+    url, schema = new_pg_url(command_timeout=1)  # idle_in_transaction_session_timeout: max(5 s, 2 x 1 s)
+    frozen, other = open_store(url), open_store(with_params(url, command_timeout=15))
+    await frozen.open()
+    await other.open()
+    try:
+        async with frozen._conn() as conn:  # type: ignore[attr-defined]
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "5s"
+            tr = conn.transaction()
+            await tr.start()
+            await conn.fetchrow(frozen._sql["head_lock"])  # type: ignore[attr-defined]
+            # ... and this replica stops talking, holding the chain head
+            t0 = time.monotonic()
+            out = await asyncio.wait_for(append(other, [mk(1)]), 20)
+            waited = time.monotonic() - t0
+            assert out[0][0] == 1 and 4.0 <= waited < 10.0, waited
+        assert (await verify(other)).ok
+    finally:
+        await frozen.close()
+        await other.close()
+        drop_schema(schema)
