@@ -1,0 +1,441 @@
+"""The reviewer web console (issue 12), driven in headless Chromium against a real gateway and fake upstream.
+
+The gateway and the fake upstream run on the pytest event loop, so the browser is driven with
+Playwright's *async* API. Screenshots of every screen are written to ``test-artifacts/console/``.
+The browser tests skip with a reason when Playwright or Chromium is missing; the static-file tests
+always run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from proxy import admin
+from proxy.console_routes import CONSOLE_DIR, add_console_routes
+from tests.conftest import ROOT, base_rules
+
+SHOTS = ROOT / "test-artifacts" / "console"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 10_000
+
+
+def chromium_path() -> str | None:
+    for cand in (os.environ.get("TETHER_TEST_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if cand and (shutil.which(cand) or (os.path.isabs(cand) and os.access(cand, os.X_OK))):
+            return shutil.which(cand) or cand
+    return None
+
+
+@pytest.fixture(autouse=True)
+def console_on_admin_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve the console from the admin listener the gateway starts (a no-op once build_admin_app does it)."""
+    original = admin.build_admin_app
+
+    def build(gw: Any) -> Any:
+        app = original(gw)
+        if not any(getattr(r, "canonical", None) == "/console/" for r in app.router.resources()):
+            add_console_routes(app)
+        return app
+
+    monkeypatch.setattr(admin, "build_admin_app", build)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install playwright); browser tests skipped")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium, or set TETHER_TEST_CHROMIUM); "
+                    "browser tests skipped")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Console:
+    """Gateways and browser pages of one test; closes the pages before the gateways stop."""
+
+    def __init__(self, make_gateway: Any, browser: Any) -> None:
+        self.make_gateway = make_gateway
+        self.browser = browser
+        self.gateways: list[Any] = []
+        self.pages: list[Any] = []
+
+    async def gateway(self, rules: dict[str, Any]) -> Any:
+        gw = await self.make_gateway(rules)
+        self.gateways.append(gw)
+        return gw
+
+    async def page(self, url: str) -> Any:
+        page = await self.browser.new_page(viewport={"width": 1360, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.js_errors = errors  # checked at the end of each test
+        self.pages.append(page)
+        await page.goto(url)
+        return page
+
+    async def close(self) -> None:
+        for page in self.pages:
+            await page.close()
+        await asyncio.sleep(0.1)  # let the server see the connections close
+        # The admin API's /api/events handler notices a gone client only when it next writes (a commit
+        # or its 15 s keep-alive), and the gateway's stop waits for it: wake it now so that it finds
+        # the closed connection and ends, instead of holding each test's teardown for 15 s.
+        for gw in self.gateways:
+            for ev in list(gw.gw.journal._listeners):
+                ev.set()
+        for _ in range(50):
+            if not any(gw.gw.journal._listeners for gw in self.gateways):
+                break
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def console(make_gateway: Any, browser: Any) -> AsyncIterator[Console]:
+    c = Console(make_gateway, browser)
+    yield c
+    await c.close()
+
+
+async def sign_in(page: Any, token: str) -> None:
+    await page.fill("#token-input", token)
+    await page.click("#signin-form button[type=submit]")
+    await page.wait_for_selector("#nav:not([hidden])")
+
+
+async def unlabelled(page: Any) -> list[str]:
+    """Visible form controls and buttons with no accessible name (a label, aria-label or text)."""
+    return await page.evaluate("""() => Array.from(document.querySelectorAll('input, select, textarea, button'))
+        .filter(e => e.getClientRects().length > 0)
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                     && !(e.tagName === 'BUTTON' && e.textContent.trim()))
+        .map(e => e.outerHTML.slice(0, 100))""")
+
+
+async def shot(page: Any, name: str, full: bool = True) -> None:
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full)
+
+
+def dry_rules(upstream: Any, tmp_path: Path) -> dict[str, Any]:
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    caps = rules["capabilities"]
+    caps["contact.update"]["body"] = {"allow_fields": ["name", "stage"],
+                                      "constraints": {"stage": {"enum": ["open", "won"]}}}
+    caps["account.update"] = {"upstream": "crm", "method": "PATCH", "path": "/api/accounts/{id}"}
+    rules["agents"]["bot"]["grants"] = ["contact.read", "contact.create",
+                                        {"capability": "contact.update", "mode": "dry_run"},
+                                        "contact.delete", {"capability": "account.update", "mode": "live"}]
+    rules["agents"]["renewal-bot"] = {"grants": ["contact.read", {"capability": "contact.update", "mode": "dry_run"}]}
+    rules["server"]["transactions"] = {"retry_attempts": 2, "retry_backoff": 0.01, "sweep_interval": 30}
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------- static files
+
+
+async def test_console_is_served_locally_with_a_strict_policy(make_gateway, upstream, tmp_path):
+    gw = await make_gateway(dry_rules(upstream, tmp_path))
+    async with gw.session.get(f"{gw.admin_url}/", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == "/console/"
+    async with gw.session.get(f"{gw.admin_url}/console", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == "/console/"
+    async with gw.session.get(f"{gw.admin_url}/console/") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+        csp = r.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        html = await r.text()
+    for name, ctype in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        assert f'"{name}"' in html
+        async with gw.session.get(f"{gw.admin_url}/console/{name}") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith(ctype)
+    for bad in ("/console/nope.js", "/console/..%2fadmin.py", "/console/%2e%2e/console_routes.py",
+                "/console/.hidden.js", "/console/sub/app.js"):
+        async with gw.session.get(f"{gw.admin_url}{bad}") as r:
+            assert r.status == 404, bad
+    # everything the page loads comes from this listener: no other host is named anywhere
+    for f in CONSOLE_DIR.iterdir():
+        text = f.read_text()
+        assert not re.search(r"(?i)\b(src|href|url)\s*[=(]\s*['\"]?\s*(https?:)?//", text), f.name
+        assert "innerHTML" not in text and "insertAdjacentHTML" not in text and "document.write" not in text, f.name
+    # the console is static; the data behind it still needs a reviewer token
+    async with gw.session.get(f"{gw.admin_url}/api/review/items") as r:
+        assert r.status == 401
+
+
+# ---------------------------------------------------------------------------------------------- in the browser
+
+
+async def test_sign_in_explains_refusals_and_keeps_the_token_in_the_tab(console, upstream, tmp_path):
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    page = await console.page(f"{gw.admin_url}/")
+    assert page.url.endswith("/console/")
+    await page.wait_for_selector("#signin:not([hidden])")
+    assert await page.evaluate("document.activeElement.id") == "token-input"
+    # an agent's token: valid, but not a reviewer
+    await page.fill("#token-input", gw.token("bot"))
+    await page.click("#signin-form button[type=submit]")
+    await page.wait_for_selector("#signin-error:has-text('reviewer_required')")
+    assert await page.get_attribute("#token-input", "aria-invalid") == "true"
+    await shot(page, "signin-refused", full=False)
+    # garbage
+    await page.fill("#token-input", "not-a-token")
+    await page.click("#signin-form button[type=submit]")
+    await page.wait_for_selector("#signin-error:has-text('401')")
+    assert await page.evaluate("sessionStorage.length") == 0
+    # a reviewer
+    await sign_in(page, "Bearer " + gw.reviewer_token("rita"))
+    assert await page.text_content("#who-name") == "rita"
+    assert await page.evaluate("sessionStorage.getItem('tether.reviewerToken')") == gw.reviewer_token("rita")
+    await page.wait_for_selector("#live-state.live")  # the event stream is connected, with the header
+    await page.reload()
+    await page.wait_for_selector("#nav:not([hidden])")  # still signed in in this tab
+    await page.click("#sign-out")
+    await page.wait_for_selector("#signin:not([hidden])")
+    assert await page.evaluate("sessionStorage.length") == 0
+    assert page.js_errors == []
+
+
+async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstream, tmp_path):
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    upstream.put_record("contacts", {"id": "5", "name": "Ann Lee", "stage": "open", "email": "ann@acme.example"})
+    page = await console.page(f"{gw.admin_url}/console/")
+    await sign_in(page, gw.reviewer_token("rita"))
+    await page.wait_for_selector("#live-state.live")
+    await page.wait_for_selector(".list-pane .empty")
+
+    # dry-run writes made while the page is open appear without a reload
+    hostile = 'close the Acme renewal <img src=x onerror="window.__xss=1">'
+    r = await gw.request("PATCH", "/api/contacts/5", json={"stage": "won", "name": "Ann Lee"},
+                         on_behalf_of="ae:jane@acme", intent=hostile)
+    upd = r.headers["X-Tether-Dry-Run"]
+    await page.wait_for_selector(f'a.item-link[data-id="{upd}"]')
+    await page.wait_for_function("() => document.getElementById('announcer').textContent.includes('new item')")
+    r = await gw.request("POST", "/api/contacts", json={"name": "Bo Chen", "stage": "open"},
+                         on_behalf_of="ae:jane@acme", intent="add Bo from the discovery call")
+    new = r.headers["X-Tether-Dry-Run"]
+    r = await gw.request("DELETE", "/api/contacts/5", intent="remove a duplicate of Ann")
+    dele = r.headers["X-Tether-Dry-Run"]
+    await page.wait_for_selector(f'a.item-link[data-id="{dele}"]')
+    ids = await page.eval_on_selector_all("a.item-link", "els => els.map(e => e.dataset.id)")
+    assert ids == [dele, new, upd]  # newest first
+    await page.wait_for_function("() => document.getElementById('queue-count').textContent === '3'")
+
+    # filter by agent and capability
+    await page.select_option("select[name=capability]", "contact.create")
+    await page.wait_for_function("() => document.querySelectorAll('a.item-link').length === 1")
+    await page.select_option("select[name=capability]", "")
+    await page.wait_for_function("() => document.querySelectorAll('a.item-link').length === 3")
+    await page.evaluate("() => document.activeElement.blur()")  # shortcuts are off while a field has focus
+
+    # j/k move through the list; the update shows its diff against the live record
+    await page.keyboard.press("j")
+    await page.wait_for_selector(f'a.item-link[data-id="{dele}"][aria-current="true"]')
+    await page.keyboard.press("j")
+    await page.keyboard.press("j")
+    await page.wait_for_selector(f'a.item-link[data-id="{upd}"][aria-current="true"]')
+    await page.wait_for_selector("table.diff")
+    row = await page.inner_text("table.diff tr.changed")
+    assert "stage" in row and "open" in row and "won" in row
+    assert "changes" in row
+    same = await page.inner_text("table.diff tbody tr:not(.changed)")
+    assert "name" in same and "same" in same
+    detail = await page.inner_text(".detail-pane")
+    assert hostile in detail  # shown as text, never as markup
+    assert "ae:jane@acme" in detail and "PATCH" in detail and "/api/contacts/5" in detail
+    assert '"stage": "won"' in detail  # the request body, pretty-printed
+    assert "Synthetic response the agent got" in detail and "Status 200" in detail
+    await page.wait_for_selector("#ev-h + .evidence, .evidence")
+    assert "Reviewed" in await page.inner_text(".evidence")
+    assert await page.evaluate("window.__xss") is None
+    assert await page.locator(".detail-pane img").count() == 0
+    await shot(page, "queue", full=False)
+    await shot(page, "item-detail")
+
+    # e: edit, then approve; a broken rule is named with its field and nothing is sent
+    await page.keyboard.press("e")
+    await page.wait_for_selector("form.editor input[name=stage]")
+    assert await page.evaluate("document.activeElement.name") == "stage"
+    await page.fill("form.editor input[name=stage]", "lost")
+    await page.click("form.editor button[type=submit]")
+    err = page.locator(".edit-error .error-box")
+    await err.wait_for()
+    text = await err.inner_text()
+    assert "constraint violated" in text and "stage" in text
+    assert await page.get_attribute("form.editor input[name=stage]", "aria-invalid") == "true"
+    assert upstream.seen("PATCH") == []
+    assert await unlabelled(page) == []
+    await shot(page, "item-edit-refused")
+    await page.fill("form.editor input[name=stage]", "won")
+    await page.fill("form.editor input[name=name]", "Ann Lee-Smith")
+    await page.click("form.editor button[type=submit]")
+    await page.wait_for_selector("#flash:has-text('the upstream answered 200')")
+    sent = upstream.seen("PATCH")
+    assert len(sent) == 1 and sent[0].json() == {"stage": "won", "name": "Ann Lee-Smith"}
+    assert sent[0].headers["X-Tether-Reviewer"] == "rita"
+    assert upstream.records["contacts"]["5"]["name"] == "Ann Lee-Smith"
+    await page.wait_for_selector(".decision .badge.state-replayed")
+    await page.wait_for_function("id => !document.querySelector(`a.item-link[data-id='${id}']`)", arg=upd)
+
+    # a: approve the create (after a confirmation)
+    await page.click(f'a.item-link[data-id="{new}"]')
+    await page.wait_for_selector("#item-title:has-text('contact.create')")
+    await page.focus(f'a.item-link[data-id="{new}"]')
+    await page.keyboard.press("a")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.fill("#action-dialog input[name=note]", "checked with Jane")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#flash:has-text('the upstream answered 201')")
+    assert [x.json() for x in upstream.seen("POST")] == [{"name": "Bo Chen", "stage": "open"}]
+
+    # r: reject the delete; a reason is required
+    await page.click(f'a.item-link[data-id="{dele}"]')
+    await page.wait_for_selector("#item-title:has-text('contact.delete')")
+    await page.focus(f'a.item-link[data-id="{dele}"]')
+    await page.keyboard.press("r")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#action-error:has-text('needs a reason')")
+    assert await unlabelled(page) == []
+    await page.fill("#action-dialog textarea[name=reason]", "not a duplicate: Ann has two roles")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#flash:has-text('Rejected')")
+    assert upstream.seen("DELETE") == []
+    item = await (await gw.admin("GET", f"/api/review/items/{dele}")).json()
+    assert item["state"] == "rejected" and item["decision"]["reason"] == "not a duplicate: Ann has two roles"
+    assert item["decision"]["by"] == "rita"
+    recs = await gw.journal()
+    assert any(x["kind"] == "review" and x["decision"] == "rejected" and x["review_item"] == dele
+               and x["reason"] == "not a duplicate: Ann has two roles" for x in recs)
+    approved = await (await gw.admin("GET", f"/api/review/items/{new}")).json()
+    assert approved["state"] == "replayed" and approved["decision"]["note"] == "checked with Jane"
+    await page.wait_for_selector(".list-pane .empty")
+    await page.wait_for_function("() => document.getElementById('queue-count').textContent === ''")
+
+    # ? opens the help
+    await page.keyboard.press("?")
+    await page.wait_for_selector("#help-dialog[open]")
+    await page.keyboard.press("Escape")
+    assert page.js_errors == []
+
+
+async def test_journal_transactions_and_agents_screens(console, upstream, tmp_path):
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
+    r = await gw.request("POST", "/api/contacts", json={"name": "Dup"}, on_behalf_of="ae:jane@acme",
+                         intent="add the duplicate contact")
+    item = r.headers["X-Tether-Dry-Run"]
+    await gw.admin("POST", f"/api/review/items/{item}/reject", json={"reason": "already in the CRM"})
+    await gw.request("GET", "/api/nope", intent="probe")
+    h = {"X-Tether-Transaction": "renewal-acme"}
+    await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h, intent="upgrade Acme to gold")
+    upstream.fail("PATCH", "/api/accounts/a1", status=500, times=100)
+    async with gw.session.post(f"{gw.url}/_tether/transactions/renewal-acme/rollback", headers=gw.headers()) as resp:
+        assert (await resp.json())["state"] == "needs_attention"
+    await gw.admin("POST", "/api/agents/renewal-bot/quarantine", json={"reason": "wrote to the wrong accounts"})
+
+    page = await console.page(f"{gw.admin_url}/console/#/journal")
+    await sign_in(page, gw.reviewer_token("rita"))
+
+    # journal: chain status, search, a record in its full context
+    await page.wait_for_selector(".chain.ok:has-text('Chain intact')")
+    await page.wait_for_selector("table.journal")
+    assert await unlabelled(page) == []
+    await shot(page, "journal")
+    await page.fill("input[name=q]", "duplicate contact")
+    await page.press("input[name=q]", "Enter")
+    # the agent's request and the reviewer's rejection both carry the intent
+    await page.wait_for_function("() => document.querySelectorAll('table.journal tbody tr').length === 2")
+    kinds = await page.eval_on_selector_all("table.journal tbody tr td:nth-child(3)",
+                                            "tds => tds.map(t => t.textContent)")
+    assert kinds == ["review", "request"]
+    await page.click("table.journal tbody tr:last-child a")
+    await page.wait_for_selector("#rec-h")
+    ctx = await page.inner_text("#screen")
+    assert "add the duplicate contact" in ctx and "ae:jane@acme" in ctx and "dry run" in ctx
+    assert "Review item" in ctx and "rejected" in ctx and "already in the CRM" in ctx and "rita" in ctx
+    await shot(page, "journal-record")
+    await page.click("text=Back to the journal")
+    await page.fill("input[name=q]", "")
+    await page.select_option("select[name=decision]", "denied")
+    await page.press("input[name=q]", "Enter")
+    await page.wait_for_function("() => document.querySelectorAll('table.journal tbody tr').length === 1")
+    assert "route_not_registered" in await page.inner_text("table.journal tbody")
+    await page.click("text=Clear")
+    await page.wait_for_function("() => document.querySelectorAll('table.journal tbody tr').length > 5")
+    # new records arrive live
+    top = await page.eval_on_selector("table.journal tbody tr a", "a => a.textContent")
+    await gw.request("GET", "/api/nope-again", intent="live probe")
+    await page.wait_for_function("top => document.querySelector('table.journal tbody tr a').textContent !== top",
+                                 arg=top)
+    assert "live probe" in await page.inner_text("table.journal tbody tr:first-child")
+
+    # transactions: the stuck one with its steps; retry the rollback once the upstream is back
+    await page.click("#nav a[data-screen=transactions]")
+    await page.wait_for_selector('a.item-link[data-id="renewal-acme"]')
+    await page.click('a.item-link[data-id="renewal-acme"]')
+    await page.wait_for_selector(".tx-detail table")
+    steps = await page.inner_text(".tx-detail table")
+    assert "account.update" in steps and "failed" in steps and "PATCH /api/accounts/a1" in steps
+    assert await unlabelled(page) == []
+    await shot(page, "transactions")
+    upstream.failures.clear()
+    await page.click("text=Retry the rollback…")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#flash:has-text('rolled back')")
+    await page.wait_for_selector("#tx-title .badge.state-rolled_back")
+    tx = await (await gw.admin("GET", "/api/transactions/renewal-acme")).json()
+    assert tx["state"] == "rolled_back"
+    assert upstream.records["accounts"]["a1"]["tier"] == "silver"
+
+    # agents: SLIs, budget, grant modes and evidence; release the quarantined one
+    await page.keyboard.press("4")
+    await page.wait_for_selector("#agent-renewal-bot-h")
+    card = await page.inner_text("section.card.quarantined")
+    assert "renewal-bot" in card and "wrote to the wrong accounts" in card
+    bot = await page.inner_text("section[aria-labelledby=agent-bot-h]")
+    assert "Error budget left" in bot and "contact.create" in bot and "dry run" in bot and "1 reviewed" in bot
+    assert await unlabelled(page) == []
+    await shot(page, "agents")
+    await page.click("#agent-renewal-bot-release")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.fill("#action-dialog textarea[name=reason]", "fixed the account mapping")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#flash:has-text('released')")
+    await page.wait_for_function("() => !document.querySelector('section.card.quarantined')")
+    agents = (await (await gw.admin("GET", "/api/agents")).json())["agents"]
+    assert [a["quarantined"] for a in agents if a["agent"] == "renewal-bot"] == [None]
+    assert page.js_errors == []
+
+
+async def test_without_the_event_stream_the_console_polls(console, upstream, tmp_path):
+    """A proxy that buffers or drops the streamed /api/events must not leave the queue stale."""
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    page = await console.browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    console.pages.append(page)
+    await page.route("**/api/events", lambda route: route.abort())
+    await page.goto(f"{gw.admin_url}/console/")
+    await sign_in(page, gw.reviewer_token())
+    await page.wait_for_selector("#live-state.polling")
+    await page.wait_for_selector(".list-pane .empty")
+    r = await gw.request("POST", "/api/contacts", json={"name": "Cy"}, intent="add Cy")
+    await page.wait_for_selector(f'a.item-link[data-id="{r.headers["X-Tether-Dry-Run"]}"]', timeout=8000)
