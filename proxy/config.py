@@ -485,6 +485,10 @@ class TransactionsConfig(Model):
     sweep_interval: Duration = 5.0
     retry_attempts: int = Field(5, ge=1)
     retry_backoff: Duration = 0.5
+    rollback_lease: Duration = Field(
+        15.0, description="a rollback holds a lease this long (renewed as it goes); a crashed one is resumed after")
+    retry_interval: Duration = Field(
+        60.0, description="how often a rollback stopped by an upstream outage is retried by itself")
 
 
 class AlertTarget(Model):

@@ -77,6 +77,8 @@ class Pipeline:
         """Journal what happened and count it. A request refused before the intent stage leaves one
         record (awaited: a denial is evidence too); one that passed it leaves an outcome record."""
         gw = self.gw
+        for cleanup in ex.extra.pop("cleanup", ()):
+            cleanup()
         resp = ex.response
         if ex.status is None and resp is not None:
             ex.status = resp.status

@@ -19,7 +19,8 @@ the rollback with the transaction ``needs_attention`` (exact remaining steps kep
 fails (``on_failure: rollback``), when the deadline passes, and after a crash (the deadline sweep runs
 at startup).
 
-Step states: ``planned`` (committed, not yet known to be applied), ``armed``, ``not_applied``,
+Step states (an ``unknown`` step does not stop the older steps being undone; a failed or conflicting one does):
+``planned`` (committed, not yet known to be applied), ``armed``, ``not_applied``,
 ``non_compensable`` (allowed, nothing to undo), ``compensated``, ``failed``, ``conflict``, ``skipped``,
 ``unknown`` (applied or not cannot be told; needs a human).
 """
@@ -139,6 +140,13 @@ class TransactionManager:
         if ex.mode != "live":
             # dry-run writes join nothing upstream; the review item records the transaction id
             return
+        # A write and a rollback of the same transaction never interleave in this process: the lock is
+        # held from planning until the write's outcome is recorded (released in after_forward, or by
+        # the pipeline's cleanup if the request ends earlier).
+        lock = self._lock(ex.transaction_id)  # type: ignore[arg-type]
+        await lock.acquire()
+        ex.extra.setdefault("cleanup", []).append(lambda: lock.release() if lock.locked() else None)
+        ex.extra["tx_lock"] = lock
         tx = await self.for_write(ex)
         up = ex.upstream
         assert up is not None
@@ -184,6 +192,14 @@ class TransactionManager:
             }
             step["id"] = await self.gw.store.step_insert(step)
             steps.append((op, step, plan))
+        # another replica may have started rolling the transaction back meanwhile: then this write must
+        # not go out (its steps would never be undone)
+        now_tx = await self.gw.store.tx_get(tx["id"])
+        if now_tx is None or now_tx["state"] != "open":
+            for _, step, _ in steps:
+                await self.gw.store.step_update(step["id"], {"state": "not_applied",
+                                                             "reason": "the transaction closed before forwarding"})
+            raise TetherError("transaction_closed", f"transaction {tx['id']} is {now_tx['state'] if now_tx else 'gone'}")
         ex.extra["tx_steps"] = steps
 
     async def after_forward(self, ex: Exchange, *, status: int | None, headers: dict[str, str], body: Any,
@@ -210,6 +226,9 @@ class TransactionManager:
                 await self._flag(ex.transaction_id, f"step {step['id']} could not be armed: {exc}")
         await self._journal({"id": ex.transaction_id, "agent": ex.agent}, "steps_recorded",
                             request_id=ex.request_id, steps=[s["id"] for _, s, _ in steps], failed=failed)
+        lock = ex.extra.pop("tx_lock", None)
+        if lock is not None and lock.locked():
+            lock.release()
         if failed and any(op.capability.config.on_failure == "rollback" for op, _, _ in steps):
             result = await self.rollback(ex.transaction_id, reason=f"write {ex.request_id} failed")
             ex.extra.setdefault("outcome", {})["tx_state"] = result["state"]
@@ -225,47 +244,73 @@ class TransactionManager:
         return await self.describe(tx_id)
 
     async def rollback(self, tx_id: str, *, reason: str, by: str | None = None,
-                       resolve_conflicts: str | None = None) -> dict[str, Any]:
+                       resolve_conflicts: str | None = None, only_if: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Run the undo steps newest first. Returns the transaction as described after the attempt."""
         store = self.gw.store
+        lease = f"tx-rollback:{tx_id}"
+        holder = self.gw.instance_id
         async with self._lock(tx_id):
             tx = await store.tx_get(tx_id)
             if tx is None:
                 raise TetherError("not_found", f"no transaction {tx_id!r}")
             if tx["state"] not in ROLLBACK_FROM:
                 raise TetherError("transaction_closed", f"transaction {tx_id} is {tx['state']}")
-            if not await store.tx_transition(tx_id, ROLLBACK_FROM, "rolling_back", {"rollback_reason": reason}):
-                raise TetherError("transaction_closed", f"transaction {tx_id} changed state")
-            await self._journal(tx, "rollback_started", reason=reason, by=by)
-            steps = sorted(await store.steps_for(tx_id), key=lambda s: s["id"], reverse=True)
-            final = "rolled_back"
-            problem = None
-            for step in steps:
-                if step["state"] in DONE_STEP_STATES:
-                    continue
-                if step["state"] == "conflict" and resolve_conflicts == "skip":
-                    await store.step_update(step["id"], {"state": "skipped", "skipped_by": by})
-                    await self._journal(tx, "step_skipped", step=step["id"], by=by)
-                    continue
-                if step["state"] == "conflict" and resolve_conflicts != "overwrite":
-                    final, problem = "needs_attention", f"step {step['id']} is in conflict"
-                    break
-                if step["state"] == "unknown":
-                    final, problem = "needs_attention", f"step {step['id']}: cannot tell whether the write applied"
-                    break
-                outcome = await self._compensate(tx, step, force=resolve_conflicts == "overwrite")
-                if outcome != "compensated":
-                    final, problem = "needs_attention", f"step {step['id']} {outcome}"
-                    break
-            await store.tx_transition(tx_id, ("rolling_back",), final, {"problem": problem})
-            await self._journal(tx, final, reason=reason, problem=problem)
-            if final == "needs_attention":
-                await self.gw.governance.alert("needs_attention", {
-                    "transaction": tx_id, "agent": tx["agent"], "problem": problem,
-                    "remaining_steps": [s["id"] for s in await store.steps_for(tx_id)
-                                        if s["state"] not in DONE_STEP_STATES]})
-            else:
-                self.gw.governance.on_rollback(tx)
+            if only_if is not None and tx["state"] not in only_if:
+                return await self.describe(tx_id)  # someone else settled it while we waited
+            # one rollback at a time across replicas; a crashed one's lease runs out and it is resumed
+            if not await store.try_lease(lease, holder, self.cfg.rollback_lease):
+                raise TetherError("conflict", f"transaction {tx_id} is being rolled back elsewhere")
+            try:
+                return await self._rollback_locked(tx, reason=reason, by=by, resolve_conflicts=resolve_conflicts,
+                                                   lease=lease)
+            finally:
+                await store.try_lease(lease, holder, 0)
+
+    async def _rollback_locked(self, tx: dict[str, Any], *, reason: str, by: str | None,
+                               resolve_conflicts: str | None, lease: str) -> dict[str, Any]:
+        store = self.gw.store
+        tx_id = tx["id"]
+        if not await store.tx_transition(tx_id, ROLLBACK_FROM, "rolling_back", {"rollback_reason": reason}):
+            raise TetherError("transaction_closed", f"transaction {tx_id} changed state")
+        await self._journal(tx, "rollback_started", reason=reason, by=by)
+        steps = sorted(await store.steps_for(tx_id), key=lambda s: s["id"], reverse=True)
+        final = "rolled_back"
+        problem = None
+        unknown: list[str] = []
+        for step in steps:
+            await store.try_lease(lease, self.gw.instance_id, self.cfg.rollback_lease)
+            if step["state"] in DONE_STEP_STATES:
+                continue
+            if step["state"] == "conflict" and resolve_conflicts == "skip":
+                await store.step_update(step["id"], {"state": "skipped", "skipped_by": by})
+                await self._journal(tx, "step_skipped", step=step["id"], by=by)
+                continue
+            if step["state"] == "conflict" and resolve_conflicts != "overwrite":
+                final, problem = "needs_attention", f"step {step['id']} is in conflict"
+                break
+            if step["state"] == "unknown":
+                # nothing Tether can undo (e.g. a create whose id was never learned): a human must look,
+                # but the older steps are still undone
+                unknown.append(f"step {step['id']}: cannot tell whether the write applied")
+                continue
+            outcome = await self._compensate(tx, step, force=resolve_conflicts == "overwrite")
+            if outcome.startswith("unknown"):
+                unknown.append(f"step {step['id']} {outcome}")
+                continue
+            if outcome != "compensated":
+                final, problem = "needs_attention", f"step {step['id']} {outcome}"
+                break
+        if unknown and final == "rolled_back":
+            final, problem = "needs_attention", "; ".join(unknown)
+        await store.tx_transition(tx_id, ("rolling_back",), final, {"problem": problem})
+        await self._journal(tx, final, reason=reason, problem=problem)
+        if final == "needs_attention":
+            await self.gw.governance.alert("needs_attention", {
+                "transaction": tx_id, "agent": tx["agent"], "problem": problem,
+                "remaining_steps": [s["id"] for s in await store.steps_for(tx_id)
+                                    if s["state"] not in DONE_STEP_STATES]})
+        else:
+            self.gw.governance.on_rollback(tx)
         return await self.describe(tx_id)
 
     async def _compensate(self, tx: dict[str, Any], step: dict[str, Any], force: bool = False) -> str:
@@ -329,12 +374,16 @@ class TransactionManager:
                                         capability=step.get("capability"))
                     return "compensated"
                 last_error = f"undo answered {status}: {raw[:200].decode('utf-8', 'replace')}"
+                transient = status >= 500 or status == 429
             except TetherError as err:
                 last_error = f"{err.code}: {err.message}"
-            await store.step_update(step["id"], {"attempts": attempts, "last_error": last_error})
+                transient = err.code in ("upstream_unavailable", "upstream_timeout")
+            await store.step_update(step["id"], {"attempts": attempts, "last_error": last_error,
+                                                 "transient": transient})
             await self._journal(tx, "step_retry", step=step["id"], attempt=attempts, error=last_error)
             if attempt + 1 < self.cfg.retry_attempts:
                 await asyncio.sleep(backoff * (2 ** attempt))
+                await store.try_lease(f"tx-rollback:{tx['id']}", gw.instance_id, self.cfg.rollback_lease)
         await store.step_update(step["id"], {"state": "failed", "attempts": attempts, "last_error": last_error})
         await self._journal(tx, "step_failed", step=step["id"], error=last_error)
         return "failed"
@@ -386,15 +435,35 @@ class TransactionManager:
         return tx
 
     async def sweep(self) -> int:
-        """Roll back open transactions past their deadline (also right after a restart)."""
+        """Roll back open transactions past their deadline (also right after a restart), and retry
+        rollbacks that an upstream outage stopped (every step left failed only for transient reasons)."""
         n = 0
-        for tx in await self.gw.store.tx_due(time.time()):
+        now = time.time()
+        for tx in await self.gw.store.tx_due(now):
             try:
-                await self.rollback(tx["id"], reason="deadline passed")
+                await self.rollback(tx["id"], reason="deadline passed", only_if=("open",))
                 n += 1
             except TetherError as err:
                 if err.code != "transaction_closed":
                     log.error("deadline rollback of %s failed: %s", tx["id"], err)
+        for tx in await self.gw.store.tx_list(state="rolling_back", limit=100):
+            try:  # a rollback interrupted by a crash: resumed once its lease has run out
+                await self.rollback(tx["id"], reason="resuming an interrupted rollback", only_if=("rolling_back",))
+                n += 1
+            except TetherError:
+                pass
+        for tx in await self.gw.store.tx_list(state="needs_attention", limit=100):
+            if now - tx.get("updated_at", now) < self.cfg.retry_interval:
+                continue
+            steps = await self.gw.store.steps_for(tx["id"])
+            stuck = [s for s in steps if s["state"] not in DONE_STEP_STATES and s["state"] != "armed"]
+            if stuck and all(s["state"] == "failed" and s.get("transient") for s in stuck):
+                try:
+                    await self.rollback(tx["id"], reason="automatic retry after an upstream outage",
+                                        only_if=("needs_attention",))
+                    n += 1
+                except TetherError as err:
+                    log.error("retry of %s failed: %s", tx["id"], err)
         return n
 
     async def sweep_loop(self) -> None:

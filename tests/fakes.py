@@ -119,6 +119,15 @@ class FakeUpstream:
                 left -= min(left, len(chunk))
             await resp.write_eof()
             return resp
+        if path == "/reset":
+            # headers and part of the body, then the connection is torn down
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = 50_000
+            await resp.prepare(request)
+            await resp.write(b"y" * 10_000)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if path == "/slow":
             await asyncio.sleep(float(request.query.get("seconds", "1")))
             return web.json_response({"slow": True})
