@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import orjson
 import pytest
 
 from proxy.chain import GENESIS, INDEXED_FIELDS, canonical, record_hash
@@ -97,7 +96,8 @@ def drop_schema(schema: str) -> None:
 
 # --------------------------------------------------------------------------- fixtures
 
-BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
+BACKENDS = [pytest.param("sqlite", id="sqlite"),
+            pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -463,6 +463,20 @@ async def test_review_stats_count_decisions_of_a_grant(store):
     assert (await store.review_stats("bot", "contact.update", time.time() + 10))["approved"] == 0
 
 
+async def test_review_due_lists_expired_pending_items_oldest_first(store):
+    if not hasattr(store, "review_due"):
+        pytest.skip(f"{store.kind}: review_due is a proposed interface addition not implemented here yet")
+    for n in range(1, 8):
+        await store.review_insert(review_item(n, expires_at=1_000.0 + (10 - n),
+                                              state="pending" if n != 3 else "rejected"))
+    await store.review_insert(review_item(9, expires_at=None))
+    await store.review_insert(review_item(10, expires_at=5_000.0))
+    due = await store.review_due(2_000.0)
+    assert [i["id"] for i in due] == ["rv_7", "rv_6", "rv_5", "rv_4", "rv_2", "rv_1"]
+    assert [i["id"] for i in await store.review_due(2_000.0, limit=2)] == ["rv_7", "rv_6"]
+    assert await store.review_due(500.0) == []
+
+
 # --------------------------------------------------------------------------- transactions and steps
 
 
@@ -482,6 +496,15 @@ async def test_transactions_insert_get_list_due(store):
     with pytest.raises(Exception) as err:
         await store.tx_insert(tx(1))
     assert not isinstance(err.value, StoreUnavailable)
+
+
+async def test_tx_count_counts_by_state(store):
+    if not hasattr(store, "tx_count"):
+        pytest.skip(f"{store.kind}: tx_count is a proposed interface addition not implemented here yet")
+    for n in range(1, 6):
+        await store.tx_insert(tx(n, state="open" if n % 2 else "committed"))
+    assert await store.tx_count() == 3 and await store.tx_count("committed") == 2
+    assert await store.tx_count("needs_attention") == 0
 
 
 async def test_tx_transition_is_compare_and_set_and_moves_the_deadline(store, replica):

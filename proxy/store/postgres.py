@@ -643,6 +643,13 @@ class PostgresStore(Store):
         rows = await self._fetch(f"SELECT COUNT(*) FROM {self._s}.review_items WHERE state = $1", state)
         return int(rows[0][0])
 
+    async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Pending items whose expiry has passed, oldest expiry first (proposed interface addition)."""
+        rows = await self._fetch(
+            f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE state = 'pending' "
+            f"AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2", now, limit)
+        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+
     async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
         rows = await self._fetch(
             f"SELECT state, doc FROM {self._s}.review_items WHERE agent = $1 AND capability = $2 AND updated_at >= $3",
@@ -677,6 +684,11 @@ class PostgresStore(Store):
             f"SELECT {', '.join(_TX_COLS)}, doc FROM {self._s}.transactions WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ${len(params)}", *params)
         return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+
+    async def tx_count(self, state: str = "open") -> int:
+        """How many transactions are in ``state`` (proposed interface addition: a gauge, not a list)."""
+        rows = await self._fetch(f"SELECT COUNT(*) FROM {self._s}.transactions WHERE state = $1", state)
+        return int(rows[0][0])
 
     async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
                             updates: dict[str, Any] | None = None) -> bool:
