@@ -201,9 +201,10 @@ async def test_sign_in_explains_refusals_and_keeps_the_token_in_the_tab(console,
     await page.wait_for_selector("#signin-error:has-text('401')")
     assert await page.evaluate("sessionStorage.length") == 0
     # a reviewer
-    await sign_in(page, "Bearer " + gw.reviewer_token("rita"))
+    token = gw.reviewer_token("rita")
+    await sign_in(page, "Bearer " + token)  # pasted with its scheme is fine too
     assert await page.text_content("#who-name") == "rita"
-    assert await page.evaluate("sessionStorage.getItem('tether.reviewerToken')") == gw.reviewer_token("rita")
+    assert await page.evaluate("sessionStorage.getItem('tether.reviewerToken')") == token
     await page.wait_for_selector("#live-state.live")  # the event stream is connected, with the header
     await page.reload()
     await page.wait_for_selector("#nav:not([hidden])")  # still signed in in this tab
@@ -249,6 +250,12 @@ async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstrea
     await page.keyboard.press("j")
     await page.wait_for_selector(f'a.item-link[data-id="{dele}"][aria-current="true"]')
     await page.keyboard.press("j")
+    await page.keyboard.press("j")  # quick presses each move one item
+    await page.wait_for_selector(f'a.item-link[data-id="{upd}"][aria-current="true"]')
+    await page.keyboard.press("k")
+    await page.wait_for_selector(f'a.item-link[data-id="{new}"][aria-current="true"]')
+    assert await page.evaluate("() => document.activeElement.dataset.id") == new
+    assert page.url.endswith(f"#/queue/{new}")
     await page.keyboard.press("j")
     await page.wait_for_selector(f'a.item-link[data-id="{upd}"][aria-current="true"]')
     await page.wait_for_selector("table.diff")

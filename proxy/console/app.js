@@ -446,6 +446,11 @@
     if (window.location.hash === hash) route(); else window.location.hash = hash;
   }
 
+  /** Keep the address in step with a selection made by j/k, without a history entry per key press. */
+  function replaceHash(hash) {
+    window.history.replaceState(null, '', hash);
+  }
+
   function setTitle(t) { document.title = t + ' — Tether review console'; }
 
   function loading(msg) { return el('p.loading', { role: 'status' }, msg || 'Loading…'); }
@@ -938,11 +943,12 @@
       items.forEach(function (i, n) { if (i.id === selected) idx = n; });
       var next = idx < 0 ? (delta > 0 ? 0 : items.length - 1) : Math.max(0, Math.min(items.length - 1, idx + delta));
       if (idx < 0 && lastIndex >= 0) next = Math.max(0, Math.min(items.length - 1, lastIndex + (delta > 0 ? 0 : -1)));
-      go('#/queue/' + encodeURIComponent(items[next].id));
-      window.setTimeout(function () {
-        var a = listBox.querySelector('a[data-id="' + cssEscape(items[next].id) + '"]');
-        if (a) a.focus();
-      }, 0);
+      var id = items[next].id;
+      // select now (not on the hashchange that would follow) so that quick j j j moves three items
+      replaceHash('#/queue/' + encodeURIComponent(id));
+      ctl.select(id);
+      var a = listBox.querySelector('a[data-id="' + cssEscape(id) + '"]');
+      if (a) a.focus();
     }
 
     var ctl = {
@@ -1317,7 +1323,7 @@
 
     load();
     showDetail(selected);
-    return {
+    var txCtl = {
       refresh: function () { load().then(function () { if (selected && !dialogOpen()) showDetailQuiet(selected); }); },
       select: function (id) {
         selected = id;
@@ -1331,14 +1337,17 @@
           if (!txs.length) return true;
           var idx = -1; txs.forEach(function (t, n) { if (t.id === selected) idx = n; });
           var next = idx < 0 ? 0 : Math.max(0, Math.min(txs.length - 1, idx + (ev.key === 'j' ? 1 : -1)));
-          go('#/transactions/' + encodeURIComponent(txs[next].id));
-          window.setTimeout(function () { var a = listBox.querySelector('a[data-id="' + cssEscape(txs[next].id) + '"]'); if (a) a.focus(); }, 0);
+          replaceHash('#/transactions/' + encodeURIComponent(txs[next].id));
+          txCtl.select(txs[next].id);
+          var a = listBox.querySelector('a[data-id="' + cssEscape(txs[next].id) + '"]');
+          if (a) a.focus();
           return true;
         }
         if (ev.key === '/') { form.elements.state.focus(); return true; }
         return false;
       }
     };
+    return txCtl;
 
     function showDetailQuiet(id) {
       var my = ++seq;
