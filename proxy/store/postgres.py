@@ -58,10 +58,10 @@ How each guarantee of the store interface is kept when several processes share t
 * **Outages.** Connection failures, server shutdowns, read-only servers, full disks and statement
   timeouts raise :class:`StoreUnavailable`; the pool replaces dead connections on the next use, so the
   gateway answers 503 ``journal_unavailable`` while the server is away and recovers by itself. A
-  journal append that fails *before* its commit was sent is retried once on a fresh connection (a
-  connection that died while idle in the pool is the common case after a server restart); a failure
-  during the commit itself is never retried (its outcome is unknown, and the chain stays consistent
-  either way because the head is re-read under the lock). After a connection failure every pooled
+  journal append whose pooled connection fails *before* its commit was sent is retried once on a
+  fresh connection (a connection that died while idle in the pool is the common case after a server
+  restart); a failure during the commit itself is never retried (its outcome is unknown, and the chain
+  stays consistent either way because the head is re-read under the lock). After a connection failure every pooled
   connection is replaced on its next use (a server restart kills them all). A replica that vanishes
   mid-append (partition, frozen VM) cannot hold the chain's head row lock for long: pooled sessions run
   with ``idle_in_transaction_session_timeout`` (twice ``command_timeout``, at least 5 s).
@@ -426,9 +426,10 @@ class PostgresStore(Store):
         if not payloads:
             return []
         for attempt in (1, 2):
-            committing = False
+            committing = connected = False
             try:
                 async with self._conn() as conn:
+                    connected = True
                     tr = conn.transaction()
                     await tr.start()
                     try:
@@ -451,7 +452,9 @@ class PostgresStore(Store):
                     await tr.commit()
                 return [(seq, h) for seq, _, h in linked]
             except StoreUnavailable:
-                if committing or attempt == 2 or self._pool is None:
+                # retry only a pooled connection found dead before the commit was sent: when no connection
+                # could be had at all, trying again at once would just double the wait for the 503
+                if committing or not connected or attempt == 2 or self._pool is None:
                     raise
                 log.warning("journal append failed before commit; retrying once on a fresh connection")
         raise AssertionError("unreachable")  # pragma: no cover
