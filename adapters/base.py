@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import orjson
 
@@ -42,6 +42,11 @@ class Operation:
     # filled in by matching
     capability: Any = None
     params: dict[str, str] = field(default_factory=dict)
+    # headers every request Tether itself sends about this operation must repeat (pre-image read, undo
+    # step, pre-undo check), e.g. an allowed Stripe-Account; filled by Adapter.check_request_headers
+    context: dict[str, str] = field(default_factory=dict)
+    # adapter-private facts about a sub-request (e.g. what a composite reference pointed at)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -117,6 +122,11 @@ class Adapter:
 
     name: ClassVar[str] = "base"
     case_insensitive_paths: ClassVar[bool] = False
+    # the upstream reads JSON field names case-insensitively (Salesforce): field rules must too
+    case_insensitive_fields: ClassVar[bool] = False
+    # provenance field names the rules stamp into records (set by the gateway from provenance.record_fields);
+    # undo plans restore them along with the agent's fields
+    record_fields: tuple[str, ...] = ()
     default_param_pattern: ClassVar[str | None] = None
     id_param_names: ClassVar[frozenset[str]] = frozenset({"id"})
     id_pattern: ClassVar[str | None] = None
@@ -152,6 +162,17 @@ class Adapter:
         if method == "DELETE":
             return "delete"
         return "action"
+
+    def canonical_segments(self, segments: tuple[str, ...], query: str | None = None) -> tuple[str, ...]:
+        """The segments as the upstream reads them, for matching only (HubSpot's ``0-3`` is ``deals``).
+        Applied to rules templates and to requests alike; the forwarded path is never rewritten."""
+        return segments
+
+    def check_request_headers(self, op: Operation, headers: Mapping[str, str]) -> None:
+        """Refuse (raise TetherError) agent headers this upstream reads as acting for another account or
+        tenant (Stripe-Account) unless op.capability allows it; record in ``op.context`` what Tether's own
+        requests for this operation must repeat. Default: nothing to check."""
+        return None
 
     def method_override(self, method: str, query: list[tuple[str, str]]) -> str | None:
         """The method the upstream will really execute when the request carries an override it honours
@@ -213,6 +234,10 @@ class Adapter:
         """The read that captures the record before an update/delete (None: none needed)."""
         return None
 
+    def pre_image_ok(self, plan: PlannedRequest, status: int, body: Any) -> bool:
+        """Is this answer to a pre-image read usable? (Slack answers failures with 200 and ok: false.)"""
+        return status < 400 and not self.is_failure(status, body)
+
     def plan_undo(self, op: Operation, pre_image: Any) -> UndoPlan:
         raise NotCompensable(f"the {self.name} adapter cannot undo {op.method} {op.path}")
 
@@ -226,6 +251,29 @@ class Adapter:
     def check_request(self, plan: UndoPlan) -> PlannedRequest | None:
         """A read to run before an undo step, to detect a concurrent change (None: no check)."""
         return None
+
+    def undo_already_done(self, plan: UndoPlan, status: int, body: Any) -> bool:
+        """Does this answer (to the read before an undo step, or to the step itself) show the step's
+        effect is already there (deleted, canceled, voided)? Default: a delete step meeting 404/410."""
+        return plan.kind == "delete" and status in (404, 410)
+
+    def precondition_headers(self, plan: UndoPlan, headers: Mapping[str, str], current: Any) -> dict[str, str]:
+        """Headers that make the undo fail instead of overwriting a concurrent change (If-Match from the
+        record's version, as read just before the undo)."""
+        vh = self.version_header
+        if vh:
+            v = {k.lower(): x for k, x in headers.items()}.get(vh.lower())
+            if v:
+                return {"If-Match": v}
+        return {}
+
+    def looks_unapplied(self, plan: UndoPlan, current: Any) -> bool:
+        """After a crash between forwarding and recording the outcome: does the record still hold its
+        pre-image for every field the write touched (so the write never applied)?"""
+        if plan.pre_image is None or not plan.expect or not isinstance(current, dict):
+            return False
+        return all(current.get(k) == plan.pre_image.get(k) for k in plan.expect) \
+            and not self.current_matches(plan, current)
 
     def current_matches(self, plan: UndoPlan, current: Any) -> bool:
         """Before restoring a pre-image: does the record still hold what the agent wrote?"""
@@ -241,6 +289,10 @@ class Adapter:
         if not isinstance(op.body, dict) or not fields:
             return None
         return {**op.body, **fields}
+
+    def stamp_composite(self, outer: Operation, ops: list[Operation], fields: dict[str, str]) -> Any:
+        """The composite/batch body with provenance stamped into each written record, or None."""
+        return None
 
     # -- helpers for composite unpacking ----------------------------------------------------------
 

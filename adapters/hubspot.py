@@ -571,7 +571,11 @@ class HubSpotAdapter(Adapter):
 
     def _touched(self, op: Operation) -> list[str]:
         names = list(self._props(op.body))
-        return names + [p for p in self.provenance_properties if p not in names]
+        return names + [p for p in (*self.provenance_properties, *self.record_fields) if p not in names]
+
+    def pre_image_ok(self, plan: PlannedRequest, status: int, body: Any) -> bool:
+        """A batch/read naming a record that does not exist answers 207: an answer, not a failure."""
+        return status < 400
 
     def pre_image_request(self, op: Operation) -> PlannedRequest | None:
         """Update: GET the record with the touched properties; upsert: ``batch/read`` by idProperty (a
@@ -688,7 +692,7 @@ class HubSpotAdapter(Adapter):
             return None
         return {**op.body, "properties": {**props, **fields}}
 
-    def stamp_composite(self, outer: Operation, fields: dict[str, str]) -> Any:
+    def stamp_composite(self, outer: Operation, ops: list[Operation], fields: dict[str, str]) -> Any:
         """The batch body with provenance in every input's ``properties`` (create/update/upsert), or None.
 
         Proposed core hook: the gateway skips stamping composite requests today."""

@@ -235,6 +235,7 @@ class SalesforceAdapter(Adapter):
 
     name = "salesforce"
     case_insensitive_paths = True
+    case_insensitive_fields = True
     id_pattern = DEFAULT_ID_PATTERN
     id_param_names = frozenset({"id", "recordId", "record_id"})
     name_param_names = frozenset({"sobject", "sobjectName", "object", "type", "field", "extField", "externalIdField"})

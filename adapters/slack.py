@@ -311,7 +311,10 @@ class SlackAdapter(Adapter):
         channel, ts = body.get("channel"), body.get("ts")
         if not isinstance(channel, str) or not isinstance(ts, str):
             raise NotCompensable("chat.update without channel and ts cannot be undone")
-        unknown = sorted(k for k in body if k not in _UPDATE_STEERING and k not in _RESTORABLE)
+        # Tether's own provenance metadata is not the agent's change: Slack cannot remove message metadata
+        # through chat.update, so after a rollback the message keeps the provenance of the undone edit
+        unknown = sorted(k for k in body if k not in _UPDATE_STEERING and k not in _RESTORABLE
+                         and not (k == "metadata" and self._is_provenance(body[k])))
         if unknown:
             raise NotCompensable(f"chat.update of {', '.join(unknown)}: their prior state cannot be written back")
         before = self._message(pre_image, ts)
@@ -397,6 +400,10 @@ class SlackAdapter(Adapter):
         return True
 
     # -- provenance -----------------------------------------------------------------------------
+
+    def _is_provenance(self, metadata: Any) -> bool:
+        meta = _json_field(metadata)
+        return isinstance(meta, dict) and meta.get("event_type") == self.event_type
 
     def stamp_provenance(self, op: Operation, fields: dict[str, str]) -> Any:
         """Provenance into the message metadata's ``event_payload`` (JSON text inside a form)."""

@@ -420,14 +420,8 @@ class StripeAdapter(Adapter):
                 raise TetherError("tenant_switch_refused",
                                   f"{_CANONICAL_ACCOUNT_HEADER[canon]}: {value!r} is not in the allow_accounts of "
                                   f"capability {cap_name!r}")
-        context = getattr(op, "context", None)
-        if not isinstance(context, dict):
-            # Without a place to remember the account, Tether's own reads and undo steps would go to the
-            # platform account instead: refuse rather than undo the wrong object.
-            raise TetherError("tenant_switch_refused", "this Tether build cannot carry the account to its own "
-                                                       "pre-image reads and undo steps")
         for canon, value in found.items():
-            context[_CANONICAL_ACCOUNT_HEADER[canon]] = value
+            op.context[_CANONICAL_ACCOUNT_HEADER[canon]] = value
         return None
 
     @staticmethod

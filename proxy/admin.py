@@ -291,7 +291,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     ev = gw.journal.subscribe()
     try:
         await resp.write(b"event: hello\ndata: {}\n\n")
-        while True:
+        while not gw.draining:
             try:
                 await asyncio.wait_for(ev.wait(), 15)
                 ev.clear()
@@ -330,4 +330,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/transactions", tx_list)
     app.router.add_get("/api/transactions/{id}", tx_show)
     app.router.add_post("/api/transactions/{id}/{action:rollback|retry}", tx_rollback)
+    from .console_routes import add_console_routes
+
+    add_console_routes(app)
     return app

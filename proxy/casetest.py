@@ -140,6 +140,10 @@ def _test_rules(rules: RulesFile, sink_url: str, store: str) -> tuple[RulesFile,
                        "hs_secret": {"value": secret}, "algorithms": ["HS256"],
                        "reviewer_claim": rules.identity.reviewer_claim, "reviewer_role": rules.identity.reviewer_role}
     doc["governance"]["alerts"] = []
+    # every case is judged on its own: no error budget carries over from one case to the next
+    doc["governance"]["error_budget"] = {"min_requests": 10**9}
+    for a in doc["agents"].values():
+        a["error_budget"] = None
     for up in doc["upstreams"].values():
         up.update({"url": sink_url, "listen": None, "tls": None, "credentials": {"type": "none"}})
     return RulesFile.model_validate(doc), secret
@@ -199,10 +203,16 @@ async def _run_one(gw: Any, s: aiohttp.ClientSession, base: str, case: Case, rul
     await gw.journal.flush(5)
     got: dict[str, Any] = {"status": status}
     if rid:
-        rows = await gw.store.journal_query(filters={"request_id": rid, "kind": "request"}, limit=1)
-        if rows:
-            rec = rows[0].record()
-            got.update({"decision": rec.get("decision"), "code": rec.get("error"), "capability": rec.get("capability")})
+        rows = await gw.store.journal_query(filters={"request_id": rid}, limit=10)
+        recs = [r.record() for r in rows]
+        req = next((r for r in recs if r["kind"] == "request"), None)
+        out = next((r for r in recs if r["kind"] == "outcome"), None)
+        if req is not None:
+            got.update({"decision": req.get("decision"), "code": req.get("error"), "capability": req.get("capability")})
+            if out is not None and out.get("error") and not out.get("forwarded"):
+                # refused after the intent was journaled (e.g. non_compensable_in_transaction)
+                got.update({"decision": "denied" if out.get("status", 0) < 500 else "refused",
+                            "code": out.get("error")})
     ok = all(got.get(k) == v for k, v in want.items())
     return CaseResult(case.name, ok, got, want)
 

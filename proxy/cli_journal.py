@@ -7,7 +7,6 @@ while the gateway runs (``kubectl exec ... tether journal tail -f``) and after i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import re
 import sys

@@ -645,13 +645,19 @@ _PATH_KEYS = frozenset({"file", "cert", "key", "public_key_file", "jwks_file", "
                         "mirror_file", "archive_dir", "ca_file"})
 
 
+_OPAQUE_KEYS = frozenset({"params", "adapter_options", "body", "constraints", "json_schema", "audit_fields",
+                          "sensitive_fields", "record_fields"})
+
+
 def _resolve_relative_paths(data: Any, base: Path) -> Any:
     """Make file paths written in a rules file relative to that file, not to the working directory,
     so that `tether serve --config deploy/rules.yaml` works from anywhere."""
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
-            if k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
+            if k in _OPAQUE_KEYS:
+                out[k] = v  # user data (parameter names, adapter options, schemas): never paths of ours
+            elif k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
                 out[k] = str(base / v)
             else:
                 out[k] = _resolve_relative_paths(v, base)

@@ -39,6 +39,7 @@ from .identity import TokenVerifier
 from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
 from .protocol import GuardedServer
+from .provenance import stamp_provenance
 from .ratelimit import RateLimiter, rate_limit
 from .registry import Registry
 from .review import ReviewService, capture_dry_run
@@ -63,6 +64,7 @@ STAGES: list[tuple[str, Any]] = [
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
     ("capture_dry_run", capture_dry_run),
+    ("stamp_provenance", stamp_provenance),
     ("prepare_compensation", prepare_compensation),
     ("forward", S.forward),
 ]
@@ -101,14 +103,6 @@ class UpstreamRuntime:
             raise TetherError("upstream_unavailable",
                               f"Tether cannot produce the credentials for upstream {self.name!r}") from None
 
-    def stamp_provenance(self, ex: Exchange) -> tuple[bytes, str] | None:
-        """The body with provenance fields stamped in, when the rules ask for it and the adapter can."""
-        if not self.record_fields or not ex.is_write or ex.composite:
-            return None
-        from .provenance import stamp
-
-        return stamp(self, ex)
-
 
 @dataclass(frozen=True)
 class RulesState:
@@ -135,13 +129,16 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") ->
         problems.append(("identity", str(exc)))
     if problems:
         raise ConfigError(file, problems)
+    for name, up_cfg in rules.upstreams.items():
+        adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
     registry = Registry(rules, adapters)
     from .validation import BodyValidator
 
     for name, cap in registry.capabilities.items():
         if cap.config.body is not None:
             try:
-                registry.validators[name] = BodyValidator(name, cap.config.body)
+                registry.validators[name] = BodyValidator(name, cap.config.body,
+                                                          fold_case=adapters[cap.upstream].case_insensitive_fields)
             except Exception as exc:  # jsonschema.SchemaError and friends
                 problems.append((f"capabilities.{name}.body.json_schema", f"invalid JSON Schema: "
                                  f"{getattr(exc, 'message', exc)}"))
@@ -297,6 +294,8 @@ class Gateway:
         """Stop accepting, let in-flight requests finish (up to ``grace``), flush the journal."""
         self.ready = False
         self.draining = True
+        for ev in list(self.journal._listeners):  # wake event streams so they notice the drain
+            ev.set()
         grace = self.server_cfg.grace_period if grace is None else grace
         for site in self._sites:
             try:

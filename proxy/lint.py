@@ -328,6 +328,8 @@ def _routes(caps: dict[str, CapabilityConfig], adapters: dict[str, Any]) -> dict
         ad = adapters.get(cap.upstream)
         fold = bool(getattr(ad, "case_insensitive_paths", False))
         segs = tuple(s for s in cap.path.strip("/").split("/") if s)
+        if ad is not None and hasattr(ad, "canonical_segments"):
+            segs = tuple(ad.canonical_segments(segs, None))
         keys: list[str | None] = []
         pats: list[re.Pattern[str] | None] = []
         srcs: list[str | None] = []

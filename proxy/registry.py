@@ -70,9 +70,9 @@ class Router:
         self.case_insensitive = case_insensitive
         self._default_param = re.compile(default_param) if default_param else None
 
-    def add(self, cap: Capability) -> None:
+    def add(self, cap: Capability, segments: tuple[str, ...] | None = None) -> None:
         node = self._root
-        for seg in _template_segments(cap.template):
+        for seg in (segments if segments is not None else _template_segments(cap.template)):
             if seg.startswith("{"):
                 if node.param is None:
                     node.param = _Node()
@@ -174,7 +174,7 @@ class Registry:
                 config=cc,
             )
             self.capabilities[name] = cap
-            self.routers[cc.upstream].add(cap)
+            self.routers[cc.upstream].add(cap, ad.canonical_segments(tuple(_template_segments(cc.path)), None))
         self.grants: dict[tuple[str, str], Grant] = {}
         self.agent_grants: dict[str, list[Grant]] = {}
         for agent, ac in rules.agents.items():
@@ -187,8 +187,10 @@ class Registry:
                 lst.append(grant)
             self.agent_grants[agent] = lst
 
-    def match(self, upstream: str, method: str, segments: tuple[str, ...]) -> tuple[Capability, dict[str, str]] | None:
-        return self.routers[upstream].match(method, segments)
+    def match(self, upstream: str, method: str, segments: tuple[str, ...],
+              query: str | None = "") -> tuple[Capability, dict[str, str]] | None:
+        """Match as the upstream reads the path: its adapter canonicalises the segments first."""
+        return self.routers[upstream].match(method, self.adapters[upstream].canonical_segments(segments, query))
 
     def grant(self, agent: str, capability: str) -> Grant | None:
         return self.grants.get((agent, capability))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from adapters.base import Operation, PlannedRequest, SyntheticResponse
 
@@ -182,7 +183,7 @@ class ReviewService:
         from .normalise import decode_segments
 
         segments = decode_segments(req["path"])
-        found = gw.state.registry.match(up.name, req["method"], segments)
+        found = gw.state.registry.match(up.name, req["method"], segments, req["query"])
         if found is None:
             out["error"] = "the captured call no longer matches a capability"
             return out
@@ -233,7 +234,7 @@ class ReviewService:
             raise TetherError("already_decided", f"review item {item_id} is {item['state']}")
         if digest_of(item) != item["digest"]:
             raise TetherError("conflict", "the captured request no longer matches its digest; refusing to replay it")
-        ops, edited_body = self._recheck(item, edit)
+        outer, ops, kind, edited_body = self._recheck(item, edit)
         decision: dict[str, Any] = {"by": reviewer.agent, "at": time.time(), "action": "approve",
                                     "edited": edit is not None, "note": note}
         if edit is not None:
@@ -242,10 +243,10 @@ class ReviewService:
             raise TetherError("already_decided", f"review item {item_id} is no longer pending")
         await self._journal(item, "approved", reviewer=reviewer.agent, edited=edit is not None)
         self.gw.governance.on_review_decided(item, "approved", edited=edit is not None)
-        await self.replay(item, reviewer, edited_body)
+        await self.replay(item, reviewer, edited_body, stamp=(outer, ops, kind))
         return await self.get(item_id)
 
-    def _recheck(self, item: dict[str, Any], edit: Any) -> tuple[list[Operation], bytes | None]:
+    def _recheck(self, item: dict[str, Any], edit: Any) -> tuple[Operation, list[Operation], str, bytes | None]:
         """Against the rules in force now: the call must still match, be granted and validate."""
         gw = self.gw
         state = gw.state
@@ -277,20 +278,26 @@ class ReviewService:
         else:
             ops = [op]
         for o in ops:
-            found = registry.match(up.name, o.method, o.segments)
+            found = registry.match(up.name, o.method, o.segments, o.query)
             if found is None:
                 raise TetherError("conflict", f"{o.method} {o.path} no longer matches a capability (rules changed)")
             o.capability, o.params = found
             if registry.grant(item["agent"], o.capability.name) is None:
                 raise TetherError("conflict", f"capability {o.capability.name!r} is no longer granted to "
                                               f"{item['agent']!r} (rules changed)")
+            try:
+                up.adapter.check_request_headers(o, CIMultiDict((k, v) for k, v in req["headers"]))
+            except TetherError as err:
+                raise TetherError("conflict", f"{err.message} (rules changed)") from None
             v = validator_for(registry, o.capability)
-            if v is not None and not v.needs_pre_image:
+            if v is not None and not v.needs_pre_image_for(o.body):
                 v.validate("json" if o.index is not None else kind, o.body)
-        return ops, edited_body
+        return op, ops, kind, edited_body
 
-    async def replay(self, item: dict[str, Any], reviewer: Identity, edited_body: bytes | None) -> None:
-        """Send the approved call upstream, journaled like any forwarded call."""
+    async def replay(self, item: dict[str, Any], reviewer: Identity, edited_body: bytes | None,
+                     stamp: tuple[Operation, list[Operation], str] | None = None) -> None:
+        """Send the approved call upstream, journaled like any forwarded call, with provenance stamped into
+        the record as a live write would have it (the replay's own intent record is its event id)."""
         gw = self.gw
         up = gw.state.upstreams[item["upstream"]]
         req = item["request"]
@@ -313,8 +320,19 @@ class ReviewService:
             raise TetherError("journal_unavailable", "the replay was not sent: the journal is unavailable; "
                                                     "the item stays approved and can be replayed again") from None
         headers = {k: v for k, v in req["headers"]}
+        content_type = req.get("content_type")
+        if stamp is not None and up.record_fields:
+            from .provenance import provenance_values, stamped_body
+
+            outer, ops, kind = stamp
+            res = stamped_body(up, outer, ops, composite=up.adapter.is_composite(outer), kind=kind,
+                               content_type=content_type,
+                               values=provenance_values(item["agent"], item.get("on_behalf_of"), item.get("intent"),
+                                                        str(seq)))
+            if res is not None:
+                body, content_type, _ = res
         planned = PlannedRequest(req.get("wire_method") or req["method"], req["path"], req["query"], body,
-                                 req.get("content_type"), headers)
+                                 content_type, headers)
         replay: dict[str, Any] = {"request_id": rid, "intent_seq": seq, "at": time.time(), "by": reviewer.agent}
         try:
             status, rheaders, raw, parsed = await call_upstream(

@@ -168,7 +168,7 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
     if adapter.is_composite(op):
         ex.composite = True
         return
-    found = ex.registry.match(up.name, method, ex.segments)
+    found = ex.registry.match(up.name, method, ex.segments, ex.query)
     if found is None:
         raise TetherError("route_not_registered",
                           f"{method} {ex.raw_path} is not a registered capability of upstream {up.name!r}")
@@ -243,7 +243,7 @@ def unpack_composite(gw: "Gateway", ex: Exchange) -> None:
     if not subs:
         raise TetherError("unsupported_composite", "the composite request holds no sub-request")
     for op in subs:
-        found = ex.registry.match(up.name, op.method, op.segments)
+        found = ex.registry.match(up.name, op.method, op.segments, op.query)
         if found is None:
             raise TetherError("route_not_registered",
                               f"sub-request {op.index} ({op.method} {op.path}) is not a registered capability; "
@@ -269,6 +269,7 @@ def check_grant(gw: "Gateway", ex: Exchange) -> None:
                               + ("; the whole composite request is refused" if ex.composite else ""))
         if ex.grant is None:
             ex.grant = grant
+        ex.upstream.adapter.check_request_headers(op, ex.request.headers)  # type: ignore[union-attr]
     ex.extra["grants"] = [registry.grant(agent, op.capability.name) for op in ex.operations]
 
 
@@ -297,7 +298,7 @@ async def validate_body(gw: "Gateway", ex: Exchange) -> None:
         else:
             kind = ex.extra.get("body_kind") or ("empty" if not ex.body else "other")
         pre_image = None
-        if v.needs_pre_image:
+        if v.needs_pre_image_for(op.body):
             pre_image = await read_pre_image(gw, ex, op)
         v.validate(kind, op.body, pre_image)
 
@@ -317,7 +318,7 @@ async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
     status, _, _, parsed = await call_upstream(gw, up, plan, agent=ex.identity.agent,
                                                on_behalf_of=ex.identity.on_behalf_of, intent=ex.intent,
                                                request_id=ex.request_id)
-    if status >= 400:
+    if not up.adapter.pre_image_ok(plan, status, parsed):
         raise TetherError("upstream_unavailable",
                           f"reading the current record ({plan.method} {plan.path}) answered {status}; "
                           "Tether cannot check or undo this write without it")
@@ -385,7 +386,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     up = ex.upstream
     assert up is not None
     body: Any = ex.body
-    stamped = up.stamp_provenance(ex)
+    stamped = ex.extra.get("forward_body")  # set by the stamp_provenance stage
     if stamped is not None:
         body, content_type = stamped
         hdrs = await upstream_headers(gw, ex, body_override=True)
@@ -429,7 +430,9 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
             ex.extra.setdefault("outcome", {})["upstream_failure"] = True
         else:
             for o in ex.operations:
-                ex.upstream_ids.extend(up.adapter.created_ids(o, resp.status, rheaders, parsed))
+                for rid in up.adapter.created_ids(o, resp.status, rheaders, parsed):
+                    if rid not in ex.upstream_ids:
+                        ex.upstream_ids.append(rid)
         if steps:
             await gw.transactions.after_forward(ex, status=resp.status, headers=rheaders, body=parsed,
                                                 failed=failed, applied=not failed)

@@ -365,7 +365,7 @@ class TransactionManager:
                     await self._journal(tx, "step_conflict", step=step["id"], status=status)
                     return "conflict"
                 ok = status < 300 and not adapter.is_failure(status, parsed)
-                if plan.kind == "delete" and status in (404, 410):
+                if not ok and adapter.undo_already_done(plan, status, parsed):
                     ok = True
                 if ok:
                     await store.step_update(step["id"], {"state": "compensated", "attempts": attempts,
@@ -397,23 +397,17 @@ class TransactionManager:
         status, headers, _, current = await call_upstream(self.gw, up, check, agent=tx["agent"],
                                                           on_behalf_of=tx.get("on_behalf_of"),
                                                           request_id=step.get("request_id"))
+        if up.adapter.undo_already_done(plan, status, current):
+            return "gone"
         if status in (404, 410):
-            return "gone" if plan.kind == "delete" else "conflict"
+            return "conflict"
         if status >= 400:
             raise TetherError("upstream_unavailable", f"reading the record before undo answered {status}")
-        if step["state"] == "planned" and plan.pre_image is not None and plan.expect:
-            # crash between plan and outcome: was the write applied at all?
-            if all(isinstance(current, dict) and current.get(k) == plan.pre_image.get(k) for k in plan.expect) \
-                    and not up.adapter.current_matches(plan, current):
-                return "not_applied"
+        if step["state"] == "planned" and up.adapter.looks_unapplied(plan, current):
+            return "not_applied"  # crash between plan and outcome: the write never landed
         if not up.adapter.current_matches(plan, current):
             return "conflict"
-        vh = up.adapter.version_header
-        if vh:
-            version = {k.lower(): v for k, v in headers.items()}.get(vh.lower())
-            if version:
-                return {"If-Match": version}
-        return "ok"
+        return up.adapter.precondition_headers(plan, headers, current) or "ok"
 
     def _upstream_of(self, step: dict[str, Any]) -> str:
         cap = self.gw.state.registry.capabilities.get(step.get("capability", ""))

@@ -84,19 +84,31 @@ class _CompiledConstraint:
 class BodyValidator:
     """Compiled body rules of one capability."""
 
-    def __init__(self, capability: str, rules: BodyRules) -> None:
+    def __init__(self, capability: str, rules: BodyRules, *, fold_case: bool = False) -> None:
+        """``fold_case``: the upstream reads field names case-insensitively (Salesforce), so the rules
+        must hold for every spelling: names are compared folded, and a body naming one field in two
+        spellings is refused as ambiguous."""
         self.capability = capability
         self.rules = rules
-        self.allow = list(rules.allow_fields) if rules.allow_fields is not None else None
-        self.forbid = list(rules.forbid_fields)
-        self.require = list(rules.require_fields)
-        self.constraints = [_CompiledConstraint(p, c, re.compile(c.pattern) if c.pattern else None)
+        self.fold_case = fold_case
+        f = (lambda p: p.lower()) if fold_case else (lambda p: p)
+        self.allow = [f(a) for a in rules.allow_fields] if rules.allow_fields is not None else None
+        self.forbid = [f(x) for x in rules.forbid_fields]
+        self.require = [f(x) for x in rules.require_fields]
+        self.constraints = [_CompiledConstraint(f(p), c, re.compile(c.pattern) if c.pattern else None)
                             for p, c in rules.constraints.items()]
         self.needs_pre_image = any(c.c.needs_pre_image for c in self.constraints)
         self._schema: Any = None
         self._form_schema: Any = None
         if rules.json_schema is not None:
             self._schema, self._form_schema = _build_schema_validators(rules.json_schema)
+
+    def needs_pre_image_for(self, body: Any) -> bool:
+        """Only a body that carries a field capped relative to the pre-image needs the record read."""
+        if not self.needs_pre_image or not isinstance(body, dict):
+            return False
+        b = _fold(body) if self.fold_case else body
+        return any(c.c.needs_pre_image and _lookup(b, c.path)[0] for c in self.constraints)
 
     def validate(self, kind: str, body: Any, pre_image: Any = None) -> None:
         """Raise TetherError(422 ...) on the first violation (fields before constraints before schema)."""
@@ -106,6 +118,10 @@ class BodyValidator:
                               f"capability {self.capability!r} checks JSON or form bodies; this body is neither")
         if body is None:
             body = {}
+        original = body
+        if self.fold_case:
+            body = _fold(body)
+            pre_image = _fold(pre_image) if pre_image is not None else None
         if not isinstance(body, dict):
             if self.allow is not None or self.forbid or self.require or self.constraints:
                 raise TetherError("schema_violation", "the body must be a JSON object for this capability",
@@ -131,7 +147,7 @@ class BodyValidator:
                 self._check_constraint(cc, body, form, pre_image)
         validator = self._form_schema if form else self._schema
         if validator is not None:
-            err = next(iter(sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))), None)
+            err = next(iter(sorted(validator.iter_errors(original), key=lambda e: list(e.absolute_path))), None)
             if err is not None:
                 field = _json_path(err.absolute_path)
                 raise TetherError("schema_violation",
@@ -185,6 +201,22 @@ class BodyValidator:
                     new_num > old_num * (1 + c.max_increase_pct / 100.0) + 1e-9:
                 raise fail(f"max_increase_pct: {c.max_increase_pct:g}",
                            f"may rise by at most {c.max_increase_pct:g}% (from {old_num:g} to {new_num:g})")
+
+
+def _fold(value: Any) -> Any:
+    """Lower-case every object key; two spellings of one key are ambiguous."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            lk = k.lower() if isinstance(k, str) else k
+            if lk in out:
+                raise TetherError("ambiguous_request", f"field {k!r} is given in two spellings; this upstream "
+                                                       "reads field names case-insensitively")
+            out[lk] = _fold(v)
+        return out
+    if isinstance(value, list):
+        return [_fold(v) for v in value]
+    return value
 
 
 def _type_ok(value: Any, t: str, form: bool) -> bool:
@@ -276,5 +308,6 @@ def validator_for(registry: Any, cap: Any) -> BodyValidator | None:
     cache = registry.validators
     v = cache.get(cap.name)
     if v is None:
-        v = cache[cap.name] = BodyValidator(cap.name, rules)
+        fold = registry.adapters[cap.upstream].case_insensitive_fields
+        v = cache[cap.name] = BodyValidator(cap.name, rules, fold_case=fold)
     return v

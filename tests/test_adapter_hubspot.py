@@ -107,9 +107,9 @@ def _registry(caps: dict[str, Any]) -> tuple[Registry, HubSpotAdapter]:
 
 
 def _match(reg: Registry, ad: HubSpotAdapter, method: str, target: str) -> str | None:
-    """The proposed core change: match the adapter's canonical segments (path forwarded unchanged)."""
+    """Registry.match canonicalises through the adapter (the path itself is forwarded unchanged)."""
     path, query = split_target(target, 8192)
-    found = reg.match("hubspot", method, ad.canonical_segments(decode_segments(path), query))
+    found = reg.match("hubspot", method, decode_segments(path), query)
     return found[0].name if found else None
 
 
@@ -127,9 +127,9 @@ def test_a_grant_and_a_deny_hold_for_every_spelling_once_matching_is_canonical()
     assert _match(reg, ad, "GET", "/crm/v3/objects/0-1/7") == "contact.read"
     assert _match(reg, ad, "GET", "/crm/v3/objects/contacts/jane@acme.com?idProperty=email") == "contact.read"
     assert _match(reg, ad, "GET", "/crm/v3/objects/contacts/jane@acme.com") is None  # not numeric, no idProperty
-    # without the canonical step (today's core) the type id misses the literal grant and the permissive
-    # pattern would take it: this is why the hook belongs in matching, not in rules authors' patterns
-    raw = reg.match("hubspot", "PATCH", ("crm", "v3", "objects", "0-3", "7"))
+    # without the canonical step the type id would miss the literal grant and the permissive pattern would
+    # take it: this is why the hook belongs in matching, not in rules authors' patterns
+    raw = reg.routers["hubspot"].match("PATCH", ("crm", "v3", "objects", "0-3", "7"))
     assert raw is not None and raw[0].name == "other.update"
 
 
@@ -426,11 +426,11 @@ def test_stamp_composite_stamps_every_input(hs):
     fields = {"tether_agent": "sdr-bot"}
     outer = op("POST", "/crm/v3/objects/contacts/batch/create",
                {"inputs": [{"properties": {"email": "a@x.com"}}, {"associations": []}]})
-    assert hs.stamp_composite(outer, fields) == {"inputs": [
+    assert hs.stamp_composite(outer, [], fields) == {"inputs": [
         {"properties": {"email": "a@x.com", "tether_agent": "sdr-bot"}},
         {"associations": [], "properties": {"tether_agent": "sdr-bot"}}]}
     archive = op("POST", "/crm/v3/objects/contacts/batch/archive", {"inputs": [{"id": "1"}]})
-    assert hs.stamp_composite(archive, fields) is None
+    assert hs.stamp_composite(archive, [], fields) is None
 
 
 # --------------------------------------------------------------------------- options

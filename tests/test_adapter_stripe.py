@@ -452,12 +452,3 @@ def test_an_allowed_account_follows_the_pre_image_undo_and_check() -> None:
     create = OpWithContext(op("POST", "/v1/customers", {}, allow_accounts=["acct_1Allowed"]))
     A.check_request_headers(create, CIMultiDict({"Stripe-Account": "acct_1Allowed"}))  # type: ignore[arg-type]
     assert A.plan_undo(create, None).request.headers == {"Stripe-Account": "acct_1Allowed"}  # type: ignore[arg-type]
-
-
-@pytest.mark.skipif("context" in Operation.__dataclass_fields__, reason="Operation.context exists")
-def test_without_a_place_for_the_account_an_allowed_switch_fails_closed() -> None:
-    o = op("POST", "/v1/customers/cus_1", {"name": "x"}, template="/v1/customers/{customer}",
-           allow_accounts=["acct_1Allowed"])
-    with pytest.raises(TetherError) as info:
-        A.check_request_headers(o, CIMultiDict({"Stripe-Account": "acct_1Allowed"}))
-    assert info.value.code == "tenant_switch_refused"

@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy import admin
-from proxy.console_routes import CONSOLE_DIR, add_console_routes
+
+from proxy.console_routes import CONSOLE_DIR
 from tests.conftest import ROOT, base_rules
 
 SHOTS = ROOT / "test-artifacts" / "console"
@@ -32,20 +32,6 @@ def chromium_path() -> str | None:
         if cand and (shutil.which(cand) or (os.path.isabs(cand) and os.access(cand, os.X_OK))):
             return shutil.which(cand) or cand
     return None
-
-
-@pytest.fixture(autouse=True)
-def console_on_admin_listener(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serve the console from the admin listener the gateway starts (a no-op once build_admin_app does it)."""
-    original = admin.build_admin_app
-
-    def build(gw: Any) -> Any:
-        app = original(gw)
-        if not any(getattr(r, "canonical", None) == "/console/" for r in app.router.resources()):
-            add_console_routes(app)
-        return app
-
-    monkeypatch.setattr(admin, "build_admin_app", build)
 
 
 @pytest.fixture
@@ -94,17 +80,7 @@ class Console:
     async def close(self) -> None:
         for page in self.pages:
             await page.close()
-        await asyncio.sleep(0.1)  # let the server see the connections close
-        # The admin API's /api/events handler notices a gone client only when it next writes (a commit
-        # or its 15 s keep-alive), and the gateway's stop waits for it: wake it now so that it finds
-        # the closed connection and ends, instead of holding each test's teardown for 15 s.
-        for gw in self.gateways:
-            for ev in list(gw.gw.journal._listeners):
-                ev.set()
-        for _ in range(50):
-            if not any(gw.gw.journal._listeners for gw in self.gateways):
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # let the server see the connections close (stop() wakes event streams)
 
 
 @pytest.fixture
