@@ -33,8 +33,8 @@ SERVE_OPTIONS: list[tuple[str, str, str, str]] = [
     ("max_in_flight", "TETHER_MAX_IN_FLIGHT", "limits.max_in_flight", "requests in flight before 503 overloaded"),
 ]
 
-COMMAND_MODULES = ("proxy.cli_journal", "proxy.cli_review", "proxy.cli_tx", "proxy.cli_rules",
-                   "proxy.cli_governance", "proxy.cli_misc")
+COMMAND_MODULES = ("proxy.demo", "proxy.cli_journal", "proxy.cli_review", "proxy.cli_tx", "proxy.cli_rules",
+                   "proxy.cli_governance", "proxy.cli_store", "proxy.cli_misc")
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
