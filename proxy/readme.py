@@ -48,8 +48,47 @@ def cli_reference() -> str:
     return re.sub(r"usage: [^\n]*\n", lambda m: m.group(0).replace("__main__.py", "tether"), text)
 
 
+ROOT = README.parent
+
+
+def deploy_section() -> str:
+    """deploy/README.md, as the README's deployment section."""
+    return (ROOT / "deploy" / "README.md").read_text(encoding="utf-8").strip()
+
+
+def bench_section() -> str:
+    """The latest benchmark figures (bench/results/latest.json) and how to reproduce them."""
+    import json
+
+    path = ROOT / "bench" / "results" / "latest.json"
+    lines = ["`python bench/run.py` measures Tether against a direct call, nginx, a bare aiohttp forwarder and",
+             "mitmproxy on loopback, interleaved (`bench/README.md` explains every configuration and target).", ""]
+    if not path.exists():
+        return "\n".join(lines + ["No figures recorded yet."])
+    d = json.loads(path.read_text())
+    m = d.get("machine", {})
+    lines.append(f"Latest run: {d.get('date', '?')}, {d.get('mode', '?')} mode, {m.get('nproc', '?')} × "
+                 f"{m.get('cpu_model', '?')}, Tether {m.get('versions', {}).get('tether_commit', '?')}.")
+    lines += ["", "| configuration | req/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
+    configs = d.get("configs") or {}
+    for name, c in (configs.items() if isinstance(configs, dict) else ((c.get("name"), c) for c in configs)):
+        rps, p50, p99 = c.get("rps"), c.get("p50_ms"), c.get("p99_ms")
+        if c.get("skipped") or rps is None:
+            lines.append(f"| {name} | skipped: {c.get('skipped') or c.get('reason') or 'not measured'} | | |")
+            continue
+        lines.append(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} |")
+    targets = d.get("targets") or []
+    if targets:
+        lines += ["", "| target | value | bound | |", "|---|---:|---|---|"]
+        for t in targets:
+            v = t.get("value")
+            lines.append(f"| {t['target']} | {v if v is not None else '-'} | {t.get('bound', '')} | {t.get('status')} |")
+    return "\n".join(lines)
+
+
 def render(text: str) -> str:
-    sections = {"errors": error_table_markdown(), "cli": cli_reference()}
+    sections = {"errors": error_table_markdown(), "cli": cli_reference(), "deploy": deploy_section(),
+                "bench": bench_section()}
     for name, body in sections.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
