@@ -22,7 +22,8 @@ from .config import ConfigError, RulesFile, ServerConfig, load_rules, parse_dura
 SERVE_OPTIONS: list[tuple[str, str, str, str]] = [
     ("listen", "TETHER_LISTEN", "listen", "agent listener host:port (path prefixes /<upstream>/...)"),
     ("admin_listen", "TETHER_ADMIN_LISTEN", "admin_listen", "admin listener host:port (reviewers, metrics)"),
-    ("store", "TETHER_STORE", "store", "SQLite file path, or postgresql://user@host/db"),
+    ("store", "TETHER_STORE", "store", "SQLite file path, or postgresql://user[:pw]@host[:port]/db[?schema=NAME&...] "
+                                       "(replicas sharing one database share everything)"),
     ("log_level", "TETHER_LOG_LEVEL", "log_level", "debug, info, warning or error"),
     ("workers", "TETHER_WORKERS", "workers", "worker processes sharing the listeners (SO_REUSEPORT)"),
     ("grace_period", "TETHER_GRACE_PERIOD", "grace_period", "seconds to drain in-flight requests on SIGTERM"),

@@ -62,6 +62,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such object"),
     "method_not_allowed": (405, "TRACE, CONNECT and unknown methods are refused"),
     "client_timeout": (408, "the client did not send its request in time"),
+    "client_closed": (499, "the client closed the connection before the response was complete (journaled only)"),
     "already_decided": (409, "the review item was already decided"),
     "conflict": (409, "the object changed; the operation was not applied"),
     "transaction_closed": (409, "the transaction is no longer open"),

@@ -130,7 +130,11 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers:
             if limit is not None and sent > limit:
                 error = "upstream_response_too_large"
                 break
-            await out.write(chunk)
+            try:
+                await out.write(chunk)
+            except (ConnectionResetError, BrokenPipeError):  # incl. aiohttp's ClientConnectionResetError
+                error = "client_closed"  # the agent went away while we were writing to it
+                break
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
         error = "upstream_unavailable"
     except (asyncio.TimeoutError, aiohttp.SocketTimeoutError):
@@ -142,7 +146,10 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers:
         if request.transport is not None:
             request.transport.close()
         return out, sent, error
-    await out.write_eof()
+    try:
+        await out.write_eof()
+    except (ConnectionResetError, BrokenPipeError):
+        return out, sent, "client_closed"
     return out, sent, None
 
 

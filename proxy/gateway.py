@@ -217,7 +217,8 @@ class Gateway:
         self.ready = False
         self.draining = False
         self.started_at = time.time()
-        self.instance_id = f"{os.uname().nodename}:{os.getpid()}"
+        # hostname:pid alone can repeat (containers with a fixed hostname run as PID 1): add randomness
+        self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._in_flight = 0
         self._background: list[asyncio.Future[Any]] = []
         self.counters: dict[tuple[str, str, str], int] = {}

@@ -135,7 +135,7 @@ class Governance:
     async def _gauges(self) -> None:
         depth = await self.gw.store.review_count("pending")
         self.metrics.review_queue_depth.set(depth)
-        self.metrics.open_transactions.set(len(await self.gw.store.tx_list(state="open", limit=100000)))
+        self.metrics.open_transactions.set(await self.gw.store.tx_count("open"))
         self.metrics.quarantined_agents.set(len(self.quarantined))
         threshold = self.gw.server_cfg.review.alert_queue_depth
         if threshold is not None and depth > threshold and time.time() - self._depth_alerted_at > 300:

@@ -130,7 +130,19 @@ class JournalWriter:
             await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int] | None]]) -> None:
-        payloads = [canonical(rec) for rec, _ in batch]
+        ok: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        payloads: list[bytes] = []
+        for rec, fut in batch:
+            try:
+                payloads.append(canonical(rec))
+                ok.append((rec, fut))
+            except (TypeError, ValueError) as exc:  # one bad record must not sink its batch-mates
+                log.error("journal record refused (cannot be serialised): %s", exc)
+                if fut is not None and not fut.done():
+                    fut.set_exception(JournalUnavailable(f"record cannot be serialised: {exc}"))
+        batch = ok
+        if not batch:
+            return
         columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _ in batch]
         t0 = time.perf_counter()
         try:

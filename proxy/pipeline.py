@@ -58,7 +58,7 @@ class Pipeline:
             ex.response = error_response(err, ex.request_id)
         except asyncio.CancelledError:
             # the client went away; still account for the request
-            ex.error = TetherError("bad_request", "the client closed the connection", status=499)
+            ex.error = TetherError("client_closed")
             ex.decision = ex.decision or "error"
             ex.reason = "client_closed"
             await self._finish(ex, stage_name)

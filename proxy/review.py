@@ -362,12 +362,13 @@ class ReviewService:
         gw = self.gw
         n = 0
         now = time.time()
-        for item in await gw.store.review_list(state="pending", older_than=None, limit=1000):
-            if item.get("expires_at") and item["expires_at"] <= now:
-                if await gw.store.review_transition(item["id"], ("pending",), "expired",
-                                                    {"decision": {"action": "expire", "at": now}}):
-                    await self._journal(item, "expired")
-                    n += 1
+        # oldest expiry first: review_list (newest first, limit 1000) never reached the oldest items of a
+        # queue longer than 1000
+        for item in await gw.store.review_due(now, limit=1000):
+            if await gw.store.review_transition(item["id"], ("pending",), "expired",
+                                                {"decision": {"action": "expire", "at": now}}):
+                await self._journal(item, "expired")
+                n += 1
         return n
 
     async def _journal(self, item: dict[str, Any], event: str, **fields: Any) -> None:

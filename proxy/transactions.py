@@ -264,7 +264,7 @@ class TransactionManager:
                 return await self._rollback_locked(tx, reason=reason, by=by, resolve_conflicts=resolve_conflicts,
                                                    lease=lease)
             finally:
-                await store.try_lease(lease, holder, 0)
+                await store.lease_release(lease, holder)
 
     async def _rollback_locked(self, tx: dict[str, Any], *, reason: str, by: str | None,
                                resolve_conflicts: str | None, lease: str) -> dict[str, Any]:

@@ -168,3 +168,11 @@ async def test_python_m_proxy_serve_starts_and_proxies(tmp_path, upstream):
                 assert r.status == 200
     finally:
         assert proc.stop() == 0
+
+
+def test_readme_generated_sections_are_current():
+    """The error table, CLI reference, deployment section and bench figures come from the code."""
+    from proxy.readme import README, render
+
+    current = README.read_text(encoding="utf-8")
+    assert render(current) == current, "README.md is out of date: run python -m proxy.readme"

@@ -13,9 +13,11 @@ from proxy.identity import mint_token
 from tests.conftest import UPSTREAM_TOKEN, base_rules
 from tests.procs import GatewayProcess, run_cli
 
+pytestmark = pytest.mark.stores  # every test here runs on SQLite and on PostgreSQL
 
-def dry_rules(upstream, tmp_path, **server):
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+
+def dry_rules(upstream, store, **server):
+    rules = base_rules(upstream.url, store)
     rules["agents"]["bot"]["grants"] = ["contact.read", "contact.create",  # mode unset: dry-run
                                         {"capability": "contact.update", "mode": "dry_run"}, "contact.delete"]
     rules["capabilities"]["contact.update"]["body"] = {"allow_fields": ["name", "stage"],
@@ -24,8 +26,8 @@ def dry_rules(upstream, tmp_path, **server):
     return rules
 
 
-async def test_unset_write_mode_is_dry_run_and_never_reaches_upstream(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_unset_write_mode_is_dry_run_and_never_reaches_upstream(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     r = await gw.request("POST", "/api/contacts", json={"name": "Ann"}, on_behalf_of="ae:jane", intent="add Ann")
     assert r.status == 201
     item_id = r.headers["X-Tether-Dry-Run"]
@@ -55,8 +57,8 @@ async def test_unset_write_mode_is_dry_run_and_never_reaches_upstream(make_gatew
     assert "Authorization" not in flat and UPSTREAM_TOKEN not in flat
 
 
-async def test_approve_replays_exactly_the_captured_request(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_approve_replays_exactly_the_captured_request(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     upstream.put_record("contacts", {"id": "5", "name": "Old", "stage": "open"})
     r = await gw.request("PATCH", "/api/contacts/5?notify=false&x=1", json={"stage": "won"},
                          on_behalf_of="ae:jane", intent="close the deal", headers={"X-Custom": "kept"})
@@ -95,8 +97,8 @@ async def test_approve_replays_exactly_the_captured_request(make_gateway, upstre
     assert replay_rec["reviewer"] == "rita" and replay_rec["agent"] == "bot"
 
 
-async def test_reject_and_expire_never_forward(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path, review={"ttl": 0.5, "sweep_interval": 0.2}))
+async def test_reject_and_expire_never_forward(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url, review={"ttl": 0.5, "sweep_interval": 0.2}))
     r1 = await gw.request("POST", "/api/contacts", json={"name": "A"})
     r2 = await gw.request("POST", "/api/contacts", json={"name": "B"})
     a, b = r1.headers["X-Tether-Dry-Run"], r2.headers["X-Tether-Dry-Run"]
@@ -115,8 +117,8 @@ async def test_reject_and_expire_never_forward(make_gateway, upstream, tmp_path)
     assert any(x["kind"] == "review" and x["decision"] == "expired" for x in recs)
 
 
-async def test_two_reviewers_at_once_replay_exactly_once(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_two_reviewers_at_once_replay_exactly_once(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     r = await gw.request("POST", "/api/contacts", json={"name": "Once"})
     item_id = r.headers["X-Tether-Dry-Run"]
     rs = await asyncio.gather(*[gw.admin("POST", f"/api/review/items/{item_id}/approve",
@@ -125,8 +127,8 @@ async def test_two_reviewers_at_once_replay_exactly_once(make_gateway, upstream,
     assert len(upstream.seen("POST")) == 1
 
 
-async def test_admin_api_refuses_agents_and_self_approval(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_admin_api_refuses_agents_and_self_approval(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     r = await gw.request("POST", "/api/contacts", json={"name": "A"})
     item_id = r.headers["X-Tether-Dry-Run"]
     r = await gw.admin("GET", "/api/review/items", token=gw.token("bot"))
@@ -146,8 +148,8 @@ async def test_admin_api_refuses_agents_and_self_approval(make_gateway, upstream
     assert upstream.received == []
 
 
-async def test_approve_with_edit_is_validated_again(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_approve_with_edit_is_validated_again(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     upstream.put_record("contacts", {"id": "5", "name": "Old", "stage": "open"})
     r = await gw.request("PATCH", "/api/contacts/5", json={"stage": "won"})
     item_id = r.headers["X-Tether-Dry-Run"]
@@ -164,8 +166,8 @@ async def test_approve_with_edit_is_validated_again(make_gateway, upstream, tmp_
     assert any(x.get("edited") for x in await gw.journal() if x["kind"] == "review")
 
 
-async def test_replay_failure_is_recorded(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(dry_rules(upstream, tmp_path))
+async def test_replay_failure_is_recorded(make_gateway, upstream, store_url):
+    gw = await make_gateway(dry_rules(upstream, store_url))
     r = await gw.request("PATCH", "/api/contacts/404", json={"stage": "won"})
     item_id = r.headers["X-Tether-Dry-Run"]
     r = await gw.admin("POST", f"/api/review/items/{item_id}/approve")
@@ -173,8 +175,8 @@ async def test_replay_failure_is_recorded(make_gateway, upstream, tmp_path):
     assert item["state"] == "replay_failed" and item["replay"]["status"] == 404
 
 
-async def test_rules_change_after_capture_is_rechecked(make_gateway, upstream, tmp_path):
-    rules = dry_rules(upstream, tmp_path)
+async def test_rules_change_after_capture_is_rechecked(make_gateway, upstream, store_url):
+    rules = dry_rules(upstream, store_url)
     gw = await make_gateway(rules)
     r = await gw.request("POST", "/api/contacts", json={"name": "A"})
     item_id = r.headers["X-Tether-Dry-Run"]
@@ -190,8 +192,8 @@ async def test_rules_change_after_capture_is_rechecked(make_gateway, upstream, t
 
 
 @pytest.mark.slow
-async def test_review_items_survive_kill9(upstream, tmp_path):
-    rules = dry_rules(upstream, tmp_path)
+async def test_review_items_survive_kill9(upstream, tmp_path, store_url):
+    rules = dry_rules(upstream, store_url)
     rules_doc = parse_rules(rules)
     token = mint_token(rules_doc.identity, "bot")
     reviewer = mint_token(rules_doc.identity, "rita", roles=["reviewer"])

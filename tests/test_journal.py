@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import select
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,8 +17,11 @@ import pytest
 from proxy.config import parse_rules
 from proxy.identity import mint_token
 from proxy.journal import archive
-from tests.conftest import ROOT, base_rules
+from proxy.store import open_store
+from tests.conftest import ROOT, base_rules, store_sql, store_unwritable
 from tests.procs import GatewayProcess, run_cli
+
+pytestmark = pytest.mark.stores  # every test here runs on SQLite and on PostgreSQL
 
 
 async def test_live_request_leaves_intent_then_outcome(gateway, upstream):
@@ -65,8 +67,8 @@ async def test_denials_and_errors_are_journaled(gateway, upstream):
     assert malformed["agent"] is None and malformed["status"] == 401
 
 
-async def test_audit_fields_and_redaction(make_gateway, upstream, tmp_path):
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+async def test_audit_fields_and_redaction(make_gateway, upstream, store_url):
+    rules = base_rules(upstream.url, store_url)
     rules["capabilities"]["contact.create"]["audit_fields"] = ["name", "ssn", "address.city"]
     rules["capabilities"]["contact.create"]["sensitive_fields"] = ["ssn"]
     gw = await make_gateway(rules)
@@ -81,9 +83,7 @@ async def test_audit_fields_and_redaction(make_gateway, upstream, tmp_path):
 
 async def test_unwritable_journal_refuses_and_forwards_nothing(gateway, upstream):
     upstream.put_record("contacts", {"id": "1", "name": "A"})
-    db = gateway.gw.store._db
-    await db.execute("PRAGMA query_only = ON")  # SQLite now refuses every write
-    try:
+    async with store_unwritable(gateway.gw.store):  # the store now refuses every journal write
         r = await gateway.request("GET", "/api/contacts/1")
         assert r.status == 503
         assert (await r.json())["error"]["code"] == "journal_unavailable"
@@ -92,8 +92,6 @@ async def test_unwritable_journal_refuses_and_forwards_nothing(gateway, upstream
         assert upstream.received == []
         async with gateway.session.get(gateway.url + "/_tether/readyz") as rr:
             assert rr.status == 503
-    finally:
-        await db.execute("PRAGMA query_only = OFF")
     # recovers by itself once the store takes writes again
     r = await gateway.request("GET", "/api/contacts/1")
     assert r.status == 200
@@ -101,7 +99,8 @@ async def test_unwritable_journal_refuses_and_forwards_nothing(gateway, upstream
 
 
 def _db_file(gateway):
-    return gateway.gw.store.path
+    """The store's URL as the CLI takes it (an SQLite path or a postgresql:// URL)."""
+    return getattr(gateway.gw.store, "url", None) or gateway.gw.store.path
 
 
 async def _fill(gateway, n=6):
@@ -117,27 +116,32 @@ async def test_verify_passes_on_an_intact_chain(gateway, tmp_path):
     assert r.stdout.startswith("OK ")
 
 
+# the payload is TEXT-compatible BLOB in SQLite, bytea in PostgreSQL: edit it as text either way
+_EDIT_PAYLOAD = {
+    "sqlite": "UPDATE journal SET record = replace(record, '\"GET\"', '\"PUT\"') WHERE seq = 4",
+    "postgresql": "UPDATE journal SET record = convert_to(replace(convert_from(record, 'UTF8'), '\"GET\"', "
+                  "'\"PUT\"'), 'UTF8') WHERE seq = 4",
+}
+
+
 @pytest.mark.parametrize("tamper, expect", [
-    ("UPDATE journal SET record = replace(record, '\"GET\"', '\"PUT\"') WHERE seq = 4", "record 4 was altered"),
+    (_EDIT_PAYLOAD, "record 4 was altered"),
     ("UPDATE journal SET agent = 'someone-else' WHERE seq = 5", "record 5: column 'agent' was altered"),
     ("DELETE FROM journal WHERE seq = 3", "record 3 is missing"),
     ("DELETE FROM journal WHERE seq = (SELECT MAX(seq) FROM journal)", "are missing"),
     ("UPDATE journal SET prev_hash = hash WHERE seq = 6", "record 6 does not link"),
 ])
-async def test_verify_detects_edits_and_deletions(gateway, tamper, expect):
+async def test_verify_detects_edits_and_deletions(gateway, store_backend, tamper, expect):
     await _fill(gateway)
     path = _db_file(gateway)
-    con = sqlite3.connect(path)
-    con.execute(tamper)
-    con.commit()
-    con.close()
+    await asyncio.to_thread(store_sql, path, tamper[store_backend] if isinstance(tamper, dict) else tamper)
     r = run_cli("journal", "verify", "--store", path)
     assert r.returncode == 1
     assert expect in r.stdout, r.stdout
 
 
-async def test_tail_export_show_and_mirror(make_gateway, upstream, tmp_path):
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+async def test_tail_export_show_and_mirror(make_gateway, upstream, tmp_path, store_url):
+    rules = base_rules(upstream.url, store_url)
     rules["server"]["journal"] = {"mirror_file": str(tmp_path / "mirror" / "journal.jsonl")}
     gw = await make_gateway(rules)
     upstream.put_record("contacts", {"id": "1", "name": "A"})
@@ -145,7 +149,7 @@ async def test_tail_export_show_and_mirror(make_gateway, upstream, tmp_path):
     await gw.request("PATCH", "/api/contacts/1", on_behalf_of="ae:jane", intent="renew Acme Corp", json={"name": "B"})
     await gw.request("GET", "/api/nope")
     await gw.gw.journal.flush(5)
-    store = str(tmp_path / "t.db")
+    store = store_url
     r = run_cli("journal", "tail", "--store", store, "--decision", "live", "--kind", "request")
     assert r.returncode == 0
     lines = r.stdout.strip().splitlines()
@@ -220,8 +224,8 @@ async def test_retention_archives_and_the_chain_stays_verifiable(gateway, tmp_pa
 
 
 @pytest.mark.slow
-async def test_kill9_under_32_writers_loses_no_acknowledged_record(upstream, tmp_path):
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+async def test_kill9_under_32_writers_loses_no_acknowledged_record(upstream, tmp_path, store_url):
+    rules = base_rules(upstream.url, store_url)
     token = mint_token(parse_rules(rules).identity, "bot")
     for i in range(40):
         upstream.put_record("contacts", {"id": str(i), "name": "n"})
@@ -257,11 +261,13 @@ async def test_kill9_under_32_writers_loses_no_acknowledged_record(upstream, tmp
     # restart on the same store: it must come up, and the chain must verify
     proc2 = GatewayProcess(rules, tmp_path, name="rules2.yaml").start()
     proc2.stop()
-    r = run_cli("journal", "verify", "--store", str(tmp_path / "t.db"))
+    r = run_cli("journal", "verify", "--store", store_url)
     assert r.returncode == 0, r.stdout
-    con = sqlite3.connect(str(tmp_path / "t.db"))
-    journaled = {row[0] for row in con.execute("SELECT request_id FROM journal WHERE kind = 'request'")}
-    con.close()
+    store = open_store(store_url)
+    await store.open()
+    journaled = {r.columns["request_id"] for r in await store.journal_query(filters={"kind": "request"},
+                                                                            limit=10_000_000)}
+    await store.close()
     missing = [a for a in acked if a not in journaled]
     assert not missing, f"{len(missing)} acknowledged requests missing from the journal"
     # nothing reached the upstream without an intent record

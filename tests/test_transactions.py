@@ -15,9 +15,11 @@ from proxy.identity import mint_token
 from tests.conftest import base_rules
 from tests.procs import GatewayProcess, run_cli
 
+pytestmark = pytest.mark.stores  # every test here runs on SQLite and on PostgreSQL
 
-def tx_rules(upstream, tmp_path, webhook=None, **tx_cfg):
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+
+def tx_rules(upstream, store, webhook=None, **tx_cfg):
+    rules = base_rules(upstream.url, store)
     caps = rules["capabilities"]
     caps["account.update"] = {"upstream": "crm", "method": "PATCH", "path": "/api/accounts/{id}"}
     caps["quote.create"] = {"upstream": "crm", "method": "POST", "path": "/api/quotes"}
@@ -42,8 +44,8 @@ def state(upstream):
     return copy.deepcopy({k: v for k, v in upstream.records.items() if v})
 
 
-async def test_three_step_workflow_whose_last_step_fails_is_undone(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_three_step_workflow_whose_last_step_fails_is_undone(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "acme", "name": "Acme", "tier": "silver", "arr": 100})
     before = state(upstream)
     h = {"X-Tether-Transaction": "renewal-1"}
@@ -77,8 +79,8 @@ async def test_three_step_workflow_whose_last_step_fails_is_undone(make_gateway,
         ["step_compensated", "step_compensated"]
 
 
-async def test_explicit_open_commit_and_rollback(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_explicit_open_commit_and_rollback(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a1", "name": "A", "tier": "silver"})
     async with gw.session.post(f"{gw.url}/_tether/transactions", json={"name": "upgrade", "deadline": "10m"},
                                headers=gw.headers()) as r:
@@ -103,8 +105,8 @@ async def test_explicit_open_commit_and_rollback(make_gateway, upstream, tmp_pat
     assert upstream.records["accounts"]["a1"]["tier"] == "platinum"
 
 
-async def test_transactions_belong_to_their_agent(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_transactions_belong_to_their_agent(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     await gw.request("POST", "/api/contacts", json={"name": "x"}, headers={"X-Tether-Transaction": "mine"})
     r = await gw.request("POST", "/api/contacts", agent="other-bot", json={"name": "y"},
                          headers={"X-Tether-Transaction": "mine"})
@@ -116,8 +118,8 @@ async def test_transactions_belong_to_their_agent(make_gateway, upstream, tmp_pa
     assert len(upstream.seen("POST")) == 1
 
 
-async def test_non_compensable_write_is_refused_live_in_a_transaction(make_gateway, upstream, tmp_path):
-    rules = tx_rules(upstream, tmp_path)
+async def test_non_compensable_write_is_refused_live_in_a_transaction(make_gateway, upstream, store_url):
+    rules = tx_rules(upstream, store_url)
     rules["agents"]["dry-bot"] = {"grants": ["payment.refund"]}  # dry-run
     gw = await make_gateway(rules)
     h = {"X-Tether-Transaction": "t-refund"}
@@ -134,8 +136,8 @@ async def test_non_compensable_write_is_refused_live_in_a_transaction(make_gatew
     assert [x.path for x in upstream.seen("POST")] == ["/api/notes", "/api/refunds"]
 
 
-async def test_failing_compensation_is_retried_to_completion(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_failing_compensation_is_retried_to_completion(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
     h = {"X-Tether-Transaction": "t-retry"}
     await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h)
@@ -147,8 +149,8 @@ async def test_failing_compensation_is_retried_to_completion(make_gateway, upstr
     assert upstream.records["accounts"]["a1"]["tier"] == "silver"
 
 
-async def test_compensation_that_always_fails_needs_attention_and_alerts(make_gateway, upstream, tmp_path, webhook):
-    gw = await make_gateway(tx_rules(upstream, tmp_path, webhook))
+async def test_compensation_that_always_fails_needs_attention_and_alerts(make_gateway, upstream, webhook, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url, webhook))
     upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
     h = {"X-Tether-Transaction": "t-stuck"}
     c = await gw.request("POST", "/api/contacts", json={"name": "c"}, headers=h)
@@ -176,8 +178,8 @@ async def test_compensation_that_always_fails_needs_attention_and_alerts(make_ga
     assert "compensated" in r.stdout and "PATCH /api/accounts/a1" in r.stdout
 
 
-async def test_concurrent_change_is_flagged_conflict_not_overwritten(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_concurrent_change_is_flagged_conflict_not_overwritten(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a1", "tier": "silver", "owner": "ann"})
     h = {"X-Tether-Transaction": "t-conflict"}
     await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h)
@@ -194,9 +196,9 @@ async def test_concurrent_change_is_flagged_conflict_not_overwritten(make_gatewa
     assert upstream.records["accounts"]["a1"]["tier"] == "bronze"
 
 
-async def test_etag_makes_a_racing_change_a_conflict(make_gateway, upstream, tmp_path):
+async def test_etag_makes_a_racing_change_a_conflict(make_gateway, upstream, store_url):
     """Between the check and the undo someone writes: If-Match turns the undo into 412 -> conflict."""
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
     h = {"X-Tether-Transaction": "t-etag"}
     await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h)
@@ -217,8 +219,8 @@ async def test_etag_makes_a_racing_change_a_conflict(make_gateway, upstream, tmp
     assert upstream.records["accounts"]["a1"]["tier"] == "gold"
 
 
-async def test_delete_is_undone_by_recreating_from_the_pre_image(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_delete_is_undone_by_recreating_from_the_pre_image(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a9", "name": "Nine", "tier": "gold"})
     h = {"X-Tether-Transaction": "t-del"}
     r = await gw.request("DELETE", "/api/accounts/a9", headers=h)
@@ -229,8 +231,8 @@ async def test_delete_is_undone_by_recreating_from_the_pre_image(make_gateway, u
     assert upstream.records["accounts"]["a9"]["tier"] == "gold"
 
 
-async def test_deadline_rolls_back_automatically(make_gateway, upstream, tmp_path):
-    gw = await make_gateway(tx_rules(upstream, tmp_path))
+async def test_deadline_rolls_back_automatically(make_gateway, upstream, store_url):
+    gw = await make_gateway(tx_rules(upstream, store_url))
     upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
     async with gw.session.post(f"{gw.url}/_tether/transactions", json={"id": "short", "deadline": 0.5},
                                headers=gw.headers()) as r:
@@ -243,8 +245,8 @@ async def test_deadline_rolls_back_automatically(make_gateway, upstream, tmp_pat
 
 
 @pytest.mark.slow
-async def test_kill9_mid_transaction_rolls_back_after_restart(upstream, tmp_path):
-    rules = tx_rules(upstream, tmp_path)
+async def test_kill9_mid_transaction_rolls_back_after_restart(upstream, tmp_path, store_url):
+    rules = tx_rules(upstream, store_url)
     rules["server"]["transactions"]["default_deadline"] = 2
     doc = parse_rules(rules)
     token = mint_token(doc.identity, "bot")

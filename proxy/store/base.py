@@ -25,6 +25,7 @@ class StoreUnavailable(Exception):
 class Store(abc.ABC):
     kind: str = "abstract"
     description: str = ""
+    migrated_from: int | None = None  # the schema version open() found before migrating (tether store migrate)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -102,6 +103,10 @@ class Store(abc.ABC):
     async def review_count(self, state: str = "pending") -> int: ...
 
     @abc.abstractmethod
+    async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Pending items whose ``expires_at`` has passed, oldest expiry first (the expiry sweep)."""
+
+    @abc.abstractmethod
     async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
         """Counts of decided items for a grant: approved, approved_edited, rejected, replay_failed, ..."""
 
@@ -115,6 +120,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def tx_list(self, *, state: str | None = None, agent: str | None = None,
                       limit: int = 200) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def tx_count(self, state: str = "open") -> int:
+        """How many transactions are in ``state`` (a gauge: no rows are loaded)."""
 
     @abc.abstractmethod
     async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
@@ -158,3 +167,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
         """Hold a named lease (sweeps run on one replica at a time)."""
+
+    @abc.abstractmethod
+    async def lease_release(self, name: str, holder: str) -> None:
+        """Give a lease up (its row goes: per-transaction leases must not pile up)."""

@@ -806,6 +806,10 @@ class PostgresStore(Store):
                 f"RETURNING holder", name, holder, float(ttl))
             return won is not None
 
+    async def lease_release(self, name: str, holder: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"DELETE FROM {self._s}.leases WHERE name = $1 AND holder = $2", name, holder)
+
     # -- introspection (tether store info) ------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:

@@ -134,6 +134,7 @@ class SQLiteStore(Store):
         self.synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self.migrated_from: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,9 +144,11 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"{self.path}: folder {parent} does not exist")
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            # busy_timeout first: several processes opening one file at once (workers, replicas) wait
+            # for each other's journal_mode switch and migration instead of failing
+            await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
         except sqlite3.Error as exc:
@@ -160,6 +163,7 @@ class SQLiteStore(Store):
             current = row[0] if row else 0
             if row is None:
                 await db.execute("INSERT INTO schema_version VALUES (0)")
+            self.migrated_from = current
             for i, script in enumerate(_MIGRATIONS[current:], start=current + 1):
                 for stmt in [s.strip() for s in script.split(";") if s.strip()]:
                     await db.execute(stmt)
@@ -360,6 +364,12 @@ class SQLiteStore(Store):
         rows = await self._fetchall("SELECT COUNT(*) FROM review_items WHERE state = ?", (state,))
         return int(rows[0][0])
 
+    async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE state = 'pending' "
+            f"AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?", (now, limit))
+        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+
     async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
         rows = await self._fetchall(
             "SELECT state, doc FROM review_items WHERE agent = ? AND capability = ? AND updated_at >= ?",
@@ -391,6 +401,10 @@ class SQLiteStore(Store):
             f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
         return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+
+    async def tx_count(self, state: str = "open") -> int:
+        rows = await self._fetchall("SELECT COUNT(*) FROM transactions WHERE state = ?", (state,))
+        return int(rows[0][0])
 
     async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
                             updates: dict[str, Any] | None = None) -> bool:
@@ -500,6 +514,10 @@ class SQLiteStore(Store):
                 "holder = excluded.holder, until = excluded.until WHERE leases.holder = excluded.holder "
                 "OR leases.until < ?", (name, holder, now + ttl, now))
             return cur.rowcount == 1
+
+    async def lease_release(self, name: str, holder: str) -> None:
+        async with self._write():
+            await self._conn().execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
 
 def _review_stats(rows: Iterable[Any]) -> dict[str, int]:
