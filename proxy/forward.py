@@ -27,6 +27,7 @@ log = logging.getLogger("tether.forward")
 
 CHUNK = 64 * 1024
 WHOLE_BODY_LIMIT = 4 * 1024 * 1024  # write responses up to this size are read whole
+SMALL_BODY = 64 * 1024  # read responses with a Content-Length up to this are read whole, not streamed
 
 
 def make_session(limit: int = 0) -> aiohttp.ClientSession:
@@ -163,5 +164,5 @@ class Timer:
         return round((time.perf_counter() - self.t0) * 1000.0, 3)
 
 
-__all__ = ["REQUEST_ID", "Timer", "build_url", "make_session", "read_whole", "relay", "response_headers", "send",
-           "WHOLE_BODY_LIMIT"]
+__all__ = ["REQUEST_ID", "SMALL_BODY", "Timer", "build_url", "make_session", "read_whole", "relay", "response_headers",
+           "send", "WHOLE_BODY_LIMIT"]

@@ -39,10 +39,19 @@ class JournalUnavailable(Exception):
     """The record could not be committed; nothing may be forwarded."""
 
 
+_ISO_CACHE: list[Any] = [-1, ""]
+
+
 def now_iso(t: float | None = None) -> str:
-    """RFC 3339 UTC with microseconds: sortable as text."""
-    d = _dt.datetime.fromtimestamp(time.time() if t is None else t, tz=_dt.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds: sortable as text. The seconds part is formatted once per second
+    (this runs twice per request)."""
+    if t is None:
+        t = time.time()
+    sec = int(t)
+    if _ISO_CACHE[0] != sec:
+        _ISO_CACHE[0] = sec
+        _ISO_CACHE[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_ISO_CACHE[1]}.{int((t - sec) * 1_000_000):06d}Z"
 
 
 def base_record(kind: str, **fields: Any) -> dict[str, Any]:

@@ -154,6 +154,9 @@ def collect_audit(ex: Exchange) -> None:
     from .journal import REDACTED
     from .validation import _lookup, _path_matches
 
+    if not any(op.capability is not None and op.capability.config.audit_fields for op in ex.operations):
+        ex.audit = {}
+        return
     audit: dict[str, Any] = {}
     redacted: list[str] = []
     for op in ex.operations:

@@ -38,7 +38,7 @@ from .bodies import media_type, parse_body
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import WHOLE_BODY_LIMIT, Timer, build_url, read_whole, relay, response_headers, send
+from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_url, read_whole, relay, response_headers, send
 from .journal import JournalUnavailable
 from .normalise import ambiguous, decode_segments, parse_query, split_target
 from .pipeline import request_record
@@ -438,6 +438,13 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
                                                 failed=failed, applied=not failed)
             if ex.extra.get("tx_state"):
                 out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
+        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason, headers=out_headers)
+        return
+    cl = resp.content_length
+    if cl is not None and cl <= SMALL_BODY and (limit is None or cl <= limit):
+        # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
+        data = await read_whole(resp, SMALL_BODY)
+        resp.release()
         ex.response = web.Response(body=data, status=resp.status, reason=resp.reason, headers=out_headers)
         return
     streamed, sent, err = await relay(ex.request, resp, out_headers, limit)

@@ -122,7 +122,7 @@ class FakeUpstream:
         if path == "/reset":
             # headers and part of the body, then the connection is torn down
             resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-            resp.content_length = 50_000
+            resp.content_length = int(request.query.get("claim", "50000"))
             await resp.prepare(request)
             await resp.write(b"y" * 10_000)
             assert request.transport is not None

@@ -197,9 +197,12 @@ async def test_upstream_faults_give_the_right_codes_and_journal_outcomes(make_ga
     # larger than allowed (Content-Length known): refused before streaming
     r = await gw.request("GET", "/big?bytes=200000")
     assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_response_too_large"
-    # reset mid-response: the client sees a broken stream, never a silently short body
+    # reset mid-response: a small answer (read whole before replying) becomes a clean 502 ...
+    r = await gw.request("GET", "/reset")
+    assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unavailable"
+    # ... a streamed one is cut: the client sees a broken stream, never a silently short body
     with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        async with gw.session.get(f"{gw.upstream_url('crm')}/reset", headers=gw.headers()) as resp:
+        async with gw.session.get(f"{gw.upstream_url('crm')}/reset?claim=90000", headers=gw.headers()) as resp:
             await resp.read()
     # a write whose upstream resets: JSON 502
     upstream.fail("POST", "/api/contacts", reset=True)

@@ -114,6 +114,34 @@ _TX_COLS = ("id", "state", "agent", "created_at", "updated_at", "deadline")
 _STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
 
 
+_INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_behalf_of, capability, decision, "
+                   "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+
+
+def _append_batch(conn: sqlite3.Connection, payloads: list[bytes],
+                  columns: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    """Runs in aiosqlite's thread. The head is read inside the write transaction, so several processes
+    sharing the file still extend one chain."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        head_seq, head_hash = conn.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1").fetchone()
+        linked = link(head_seq, head_hash, payloads)
+        conn.executemany(_INSERT_JOURNAL, [
+            (seq, c.get("ts"), c.get("kind"), c.get("request_id"), c.get("agent"), c.get("on_behalf_of"),
+             c.get("capability"), c.get("decision"), prev, h, p)
+            for (seq, prev, h), c, p in zip(linked, columns, payloads)])
+        last_seq, _, last_hash = linked[-1]
+        conn.execute("UPDATE journal_meta SET head_seq = ?, head_hash = ? WHERE id = 1", (last_seq, last_hash))
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+    return linked
+
+
 def _split(row: dict[str, Any], cols: tuple[str, ...]) -> tuple[dict[str, Any], bytes]:
     doc = {k: v for k, v in row.items() if k not in cols}
     return {k: row.get(k) for k in cols}, orjson.dumps(doc)
@@ -228,23 +256,12 @@ class SQLiteStore(Store):
     # -- journal --------------------------------------------------------------------------------
 
     async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """One batch in one trip to the database thread: BEGIN IMMEDIATE, read the head, link, insert,
+        move the head, COMMIT. (Each await on aiosqlite is a thread hand-off; the hot path takes one.)"""
+        db = self._conn()
         try:
-            async with self._write():
-                db = self._conn()
-                cur = await db.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1")
-                head_seq, head_hash = await cur.fetchone()  # type: ignore[misc]
-                linked = link(head_seq, head_hash, payloads)
-                rows = [
-                    (seq, c.get("ts"), c.get("kind"), c.get("request_id"), c.get("agent"), c.get("on_behalf_of"),
-                     c.get("capability"), c.get("decision"), prev, h, p)
-                    for (seq, prev, h), c, p in zip(linked, columns, payloads)
-                ]
-                await db.executemany(
-                    "INSERT INTO journal (seq, ts, kind, request_id, agent, on_behalf_of, capability, decision, "
-                    "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                last_seq, _, last_hash = linked[-1]
-                await db.execute("UPDATE journal_meta SET head_seq = ?, head_hash = ? WHERE id = 1",
-                                 (last_seq, last_hash))
+            async with self._lock:
+                linked = await db._execute(_append_batch, db._conn, payloads, columns)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
         return [(seq, h) for seq, _, h in linked]
