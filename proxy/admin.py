@@ -93,16 +93,29 @@ async def review_list(request: web.Request) -> web.Response:
     reviewer(request)
     q = request.query
     age = _float(q.get("min_age"), "min_age")
-    items = await _gw(request).store.review_list(
+    gw = _gw(request)
+    items = await gw.store.review_list(
         state=q.get("state") or None, agent=q.get("agent") or None, capability=q.get("capability") or None,
         upstream=q.get("upstream") or None, older_than=(time.time() - age) if age else None,
         limit=int(_float(q.get("limit"), "limit") or 200))
-    return json_response({"items": items, "count": len(items)})
+    for it in items:
+        _add_upstream_url(gw, it)
+    return json_response({"items": items, "count": len(items), "pending": await gw.store.review_count("pending")})
+
+
+def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
+    """The URL the call would go to (the configured base, never credentials)."""
+    up = gw.state.upstreams.get(item.get("upstream", ""))
+    req = item.get("request") or {}
+    if up is not None and req:
+        item["upstream_url"] = up.base_url + req.get("path", "") + ("?" + req["query"] if req.get("query") else "")
+    return item
 
 
 async def review_show(request: web.Request) -> web.Response:
     reviewer(request)
-    return json_response(await _gw(request).review.get(request.match_info["id"]))
+    gw = _gw(request)
+    return json_response(_add_upstream_url(gw, await gw.review.get(request.match_info["id"])))
 
 
 async def review_approve(request: web.Request) -> web.Response:

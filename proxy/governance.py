@@ -381,8 +381,10 @@ class Governance:
             for g in self.gw.state.registry.agent_grants.get(agent, []):
                 grants.append({"capability": g.capability.name, "effect": g.capability.effect,
                                "declared_mode": g.declared_mode, "mode": self.grant_mode(g)})
-            out.append({"agent": agent, "quarantined": self.quarantined.get(agent), "sli": self.sli(agent),
-                        "grants": grants})
+            q = self.quarantined.get(agent)
+            if q is not None:
+                q = {**q, "action": self.quarantine_action(agent)}
+            out.append({"agent": agent, "quarantined": q, "sli": self.sli(agent), "grants": grants})
         return out
 
     async def grants_status(self) -> list[dict[str, Any]]:

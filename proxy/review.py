@@ -178,8 +178,10 @@ class ReviewService:
         req = item["request"]
         proposed = req.get("body_json")
         out: dict[str, Any] = {"item": item["id"], "operation": None, "current": None, "fields": [], "error": None}
-        if up is None or not isinstance(proposed, dict):
+        if up is None:
             return out
+        if not isinstance(proposed, dict):
+            proposed = {}  # a delete (no body): the diff shows the record that would go
         from .normalise import decode_segments
 
         segments = decode_segments(req["path"])
@@ -194,6 +196,8 @@ class ReviewService:
         if plan is None:
             out["fields"] = [{"field": k, "current": None, "proposed": v, "changed": True} for k, v in proposed.items()]
             return out
+        if found[0].operation == "delete":
+            out["deletes"] = True
         try:
             status, _, _, current = await call_upstream(gw, up, plan, agent=item["agent"],
                                                         on_behalf_of=item.get("on_behalf_of"),

@@ -57,3 +57,19 @@ async def test_events_stream_announces_commits(make_gateway, upstream, tmp_path)
         got = b""
         while b"event: journal" not in got:
             got += await asyncio.wait_for(resp.content.readline(), 2)
+
+
+async def test_review_list_counts_and_urls_and_delete_diff(make_gateway, upstream, tmp_path):
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    rules["agents"]["bot"]["grants"] = ["contact.delete", "contact.create"]
+    gw = await make_gateway(rules)
+    upstream.put_record("contacts", {"id": "9", "name": "Nine"})
+    r = await gw.request("DELETE", "/api/contacts/9")
+    item = r.headers["X-Tether-Dry-Run"]
+    await gw.request("POST", "/api/contacts?x=1", json={"name": "n"})
+    doc = await (await gw.admin("GET", "/api/review/items")).json()
+    assert doc["pending"] == 2
+    urls = sorted(i["upstream_url"] for i in doc["items"])
+    assert urls == [f"{upstream.url}/api/contacts/9", f"{upstream.url}/api/contacts?x=1"]
+    d = await (await gw.admin("GET", f"/api/review/items/{item}/diff")).json()
+    assert d["deletes"] is True and d["current"]["name"] == "Nine"
