@@ -214,7 +214,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                     return r.status, (orjson.loads(data) if data else None), r.headers
 
             print(f"Tether demo — mock CRM on 127.0.0.1:{crm.port}, Tether on {url}, admin on {admin}")
-            print(f"Agent: renewal-bot, acting on behalf of ae:jane@acme.example (an Account Executive)")
+            print("Agent: renewal-bot, acting on behalf of ae:jane@acme.example (an Account Executive)")
 
             n.title("A route nobody registered is denied (default deny)")
             before = len(crm.seen)
@@ -320,7 +320,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             print("  tether review list                # the review queue (eager-bot's captured write)")
             print("  tether agents status              # SLIs, budgets, quarantine")
             print(f"  tether journal tail -f --store {store}")
-            print(f"  tether tx list --state rolled_back")
+            print("  tether tx list --state rolled_back")
             print(f"  reviewer console: {admin}/console/  (paste the TETHER_ADMIN_TOKEN above)")
             print(f"  as the agent: curl -H 'Authorization: Bearer {agent_token}' {url}/accounts/acme")
             print("Press Ctrl-C to stop.")

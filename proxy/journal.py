@@ -18,7 +18,6 @@ in the record (``redacted``), never silently applied.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import logging
 import os
 import time
@@ -247,36 +246,29 @@ async def verify(store: Store) -> VerifyResult:
     return VerifyResult(True, checked, first, seq if checked else None)
 
 
+# (record field, label) in the order a human line shows them, after agent and on-behalf-of
+_LINE_FIELDS = (("capability", "capability"), ("decision", "decision"), ("reason", "reason"), ("status", "status"),
+                ("latency_ms", "latency_ms"), ("tx", "tx"), ("reviewer", "reviewer"), ("review_item", "item"),
+                ("request_id", "request_id"))
+
+
 def human_line(seq: int, rec: dict[str, Any]) -> str:
     """``agent=… | on_behalf_of=… | intent="…" | capability=… | action=PATCH /… | decision=live | status=204``"""
     parts = [f"#{seq}", rec.get("ts", "")]
-    kind = rec.get("kind")
-    if kind not in ("request", "outcome"):
-        parts.append(f"event={kind}")
+    if rec.get("kind") not in ("request", "outcome"):
+        parts.append(f"event={rec.get('kind')}")
     parts.append(f"agent={rec.get('agent') or '-'}")
     parts.append(f"on_behalf_of={rec.get('on_behalf_of') or '-'}")
     if rec.get("intent") is not None:
         parts.append(f'intent="{rec["intent"]}"')
-    if rec.get("capability"):
-        parts.append(f"capability={rec['capability']}")
+    for field, label in _LINE_FIELDS[:1]:
+        if rec.get(field):
+            parts.append(f"{label}={rec[field]}")
     if rec.get("method"):
         parts.append(f"action={rec['method']} {rec.get('path') or ''}")
-    if rec.get("decision"):
-        parts.append(f"decision={rec['decision']}")
-    if rec.get("reason"):
-        parts.append(f"reason={rec['reason']}")
-    if rec.get("status") is not None:
-        parts.append(f"status={rec['status']}")
-    if rec.get("latency_ms") is not None:
-        parts.append(f"latency_ms={rec['latency_ms']}")
-    if rec.get("tx"):
-        parts.append(f"tx={rec['tx']}")
-    if rec.get("reviewer"):
-        parts.append(f"reviewer={rec['reviewer']}")
-    if rec.get("review_item"):
-        parts.append(f"item={rec['review_item']}")
-    if rec.get("request_id"):
-        parts.append(f"request_id={rec['request_id']}")
+    for field, label in _LINE_FIELDS[1:]:
+        if rec.get(field) not in (None, ""):
+            parts.append(f"{label}={rec[field]}")
     return " | ".join(p for p in parts if p)
 
 

@@ -307,7 +307,7 @@ async def store_unwritable(store: Any) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-async def webhook() -> AsyncIterator["WebhookReceiver"]:
+async def webhook() -> AsyncIterator[Any]:
     from tests.fakes import WebhookReceiver
 
     w = await WebhookReceiver().start()

@@ -19,6 +19,15 @@ import orjson
 from aiohttp import web
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free loopback port: (runner to clean up, port)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 @dataclass
 class Received:
     method: str
@@ -80,11 +89,7 @@ class FakeUpstream:
     async def start(self) -> "FakeUpstream":
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:
@@ -212,11 +217,7 @@ class WebhookReceiver:
 
         app = web.Application()
         app.router.add_post("/hook", hook)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes import Received
+from tests.fakes import Received, serve_app
 
 TYPES = {"contacts": "contacts", "0-1": "contacts", "companies": "companies", "0-2": "companies",
          "deals": "deals", "0-3": "deals"}
@@ -87,11 +87,7 @@ class HubSpotFake:
     async def start(self) -> "HubSpotFake":
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

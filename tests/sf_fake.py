@@ -38,6 +38,8 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 from aiohttp import web
 
+from tests.fakes import serve_app
+
 KEY_PREFIXES = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q", "Case": "500",
                 "Task": "00T", "Event": "00U", "User": "005", "Campaign": "701", "Contract": "800", "Order": "801",
                 "Note": "002", "Product2": "01t"}
@@ -120,11 +122,7 @@ class SalesforceFake:
     async def start(self) -> "SalesforceFake":
         app = web.Application(client_max_size=20 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

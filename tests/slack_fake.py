@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from tests.fakes import Received
+from tests.fakes import Received, serve_app
 
 BOT_USER = "U0FAKEBOT"
 BOT_ID = "B0FAKEBOT"
@@ -73,11 +73,7 @@ class SlackFake:
     async def start(self) -> "SlackFake":
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

@@ -11,7 +11,6 @@ import sys
 import time
 
 import aiohttp
-import orjson
 import pytest
 
 from proxy.config import parse_rules

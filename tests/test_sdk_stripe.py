@@ -36,7 +36,7 @@ requests = pytest.importorskip("requests")
 
 from proxy.bodies import nest_form  # noqa: E402
 from tests.conftest import SECRET  # noqa: E402
-from tests.fakes import Received  # noqa: E402
+from tests.fakes import Received, serve_app  # noqa: E402
 
 UPSTREAM_KEY = "sk_test_tether_upstream_0123456789"
 DIRECT_KEY = "sk_test_direct_0123456789"
@@ -116,11 +116,7 @@ class Relay:
         self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

@@ -11,7 +11,6 @@ point of view on one chain, one review queue, one set of leases.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import secrets
@@ -25,39 +24,9 @@ import pytest
 from proxy.chain import GENESIS, INDEXED_FIELDS, canonical, record_hash
 from proxy.journal import archive, base_record, verify
 from proxy.store import Store, StoreUnavailable, open_store
-from tests.conftest import ROOT, pg_dsn
+from tests.conftest import ROOT, _in_thread, pg_dsn, pg_unavailable
 
 # --------------------------------------------------------------------------- PostgreSQL plumbing
-
-_PG_STATE: dict[str, str | None] = {}
-
-
-def _in_thread(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a coroutine on a private event loop (from sync fixtures, whatever loop the test runs)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(lambda: asyncio.run(coro_fn())).result(timeout=30)
-
-
-def pg_unavailable() -> str | None:
-    """None when the test PostgreSQL server answers, else why not (the skip reason)."""
-    if "reason" not in _PG_STATE:
-        try:
-            import asyncpg
-        except ImportError:
-            _PG_STATE["reason"] = "asyncpg is not installed (pip install 'tether-gateway[postgres]')"
-            return _PG_STATE["reason"]
-
-        async def probe() -> None:
-            conn = await asyncpg.connect(pg_dsn(), timeout=3)
-            await conn.close()
-
-        try:
-            _in_thread(probe)
-            _PG_STATE["reason"] = None
-        except Exception as exc:  # noqa: BLE001
-            _PG_STATE["reason"] = f"PostgreSQL not reachable at {pg_dsn()}: {type(exc).__name__}: {exc}"
-    return _PG_STATE["reason"]
-
 
 def require_pg() -> None:
     reason = pg_unavailable()
