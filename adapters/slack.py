@@ -399,6 +399,18 @@ class SlackAdapter(Adapter):
                 return False
         return True
 
+    def check_request_headers(self, op: Operation, headers: Any) -> None:
+        """Slack also takes a token as a body or query parameter: an agent sending one would act with a
+        credential it must not hold. Refused (Tether injects the bot token as the header)."""
+        from proxy.errors import TetherError
+        from proxy.normalise import parse_query
+
+        if isinstance(op.body, dict) and "token" in op.body:
+            raise TetherError("credential_in_request", "a Slack token in the body is refused; Tether injects "
+                                                       "the upstream's own")
+        if op.query and any(k == "token" for k, _ in parse_query(op.query)):
+            raise TetherError("credential_in_request", "a Slack token in the query is refused")
+
     # -- provenance -----------------------------------------------------------------------------
 
     def _is_provenance(self, metadata: Any) -> bool:

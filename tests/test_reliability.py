@@ -389,3 +389,58 @@ def test_every_error_code_is_documented_in_the_readme():
     missing = [c for c in ERROR_CODES if f"`{c}`" not in readme]
     assert not missing, f"README lacks error codes: {missing}"
 
+
+
+_COMPOSITE_TARGETS = [
+    ("salesforce", "POST", "/services/data/v59.0/composite"),
+    ("salesforce", "POST", "/services/data/v59.0/composite/batch"),
+    ("salesforce", "POST", "/services/data/v59.0/composite/sobjects"),
+    ("salesforce", "PATCH", "/services/data/v59.0/composite/sobjects"),
+    ("salesforce", "POST", "/services/data/v59.0/composite/tree/Account"),
+    ("hubspot", "POST", "/crm/v3/objects/contacts/batch/create"),
+    ("hubspot", "POST", "/crm/v3/objects/deals/batch/update"),
+    ("hubspot", "POST", "/crm/v3/objects/0-1/batch/archive"),
+    ("hubspot", "POST", "/crm/v3/objects/contacts/batch/upsert"),
+]
+_sub_request = st.fixed_dictionaries({}, optional={
+    "method": st.sampled_from(["GET", "POST", "PATCH", "DELETE", "get", "TRACE", 7]),
+    "url": st.sampled_from(["/services/data/v59.0/sobjects/Account", "v59.0/sobjects/Contact/003000000000001AAA",
+                            "/services/data/v59.0/sobjects/Account/@{ref.id}", "/../x", "//evil/x", "", 3,
+                            "/services/data/v59.0/sobjects/Account/%2e%2e", "/services/data/v59.0/composite"]),
+    "referenceId": st.sampled_from(["ref", "a", "", None, 5]),
+    "body": _json_values,
+    "attributes": st.fixed_dictionaries({}, optional={"type": st.sampled_from(["Account", "", None, "Contact"]),
+                                                      "referenceId": st.text(max_size=4)}),
+    "records": st.lists(_json_values, max_size=3),
+    "id": st.sampled_from(["1", "001000000000001AAA", "", None, "x/y", 9]),
+    "idProperty": st.sampled_from(["email", "", None]),
+    "properties": st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+})
+_composite_body = st.one_of(_json_values, st.fixed_dictionaries({}, optional={
+    "compositeRequest": st.lists(_sub_request, max_size=4), "batchRequests": st.lists(_sub_request, max_size=4),
+    "records": st.lists(_sub_request, max_size=4), "inputs": st.lists(_sub_request, max_size=4),
+    "allOrNone": st.booleans()}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(_COMPOSITE_TARGETS), _composite_body)
+def test_fuzz_composite_unpackers_answer_documented_codes_only(target, body):
+    """Whatever a composite/batch body holds, the unpacker gives sub-operations or a documented refusal."""
+    from adapters import get_adapter
+    from adapters.base import Operation
+    from proxy.normalise import decode_segments, split_target
+
+    name, method, url = target
+    ad = get_adapter(name)
+    path, query = split_target(url, 8192)
+    op = Operation(method=method, path=path, query=query, segments=decode_segments(path), body=body,
+                   content_type="application/json")
+    assert ad.is_composite(op)
+    try:
+        subs = ad.unpack(op)
+    except TetherError as err:
+        assert err.code in _DOCUMENTED and err.status < 500, err
+        return
+    for sub in subs or []:
+        assert isinstance(sub, Operation) and sub.path.startswith("/")
+        decode_segments(sub.path)  # every sub-request target is a valid one
