@@ -43,7 +43,10 @@ RESULTS = BENCH / "results"
 MITM_VENV = BENCH / ".venv-mitm"
 SF_SPEC = Path(os.environ.get("TETHER_BENCH_SF_SPEC", "/work/shared/specs/salesforce.oas.json"))
 SF_PREFIX = "/services/data/v59.0"
-PG_DSN = os.environ.get("TETHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# The PostgreSQL server; the harness creates a database of its own there for the run and drops it after,
+# so it never writes into a database someone's tests use. TETHER_BENCH_PG_DSN uses a given database as is.
+PG_SERVER = os.environ.get("TETHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+PG_DSN_GIVEN = os.environ.get("TETHER_BENCH_PG_DSN")
 
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
 AGENT, HUMAN = "bench-bot", "ae:jane@acme.example"
@@ -527,10 +530,48 @@ class Lab:
             s.pids = tree_pids(p.pid)
         return self._guard(key, label, go)
 
+    def pg_database(self) -> tuple[str | None, str]:
+        """A fresh database for this run on the PostgreSQL server (dropped in close())."""
+        if PG_DSN_GIVEN:
+            return PG_DSN_GIVEN, ""
+        name = f"tether_bench_{os.getpid()}"
+        err = _pg_admin(f"CREATE DATABASE {name}")
+        if err:
+            return None, f"cannot create database {name} on {PG_SERVER}: {err}"
+        self.pg_db = name
+        return f"{PG_SERVER}/{name}", ""
+
     def close(self) -> None:
         self.procs.stop_all()
+        if getattr(self, "pg_db", None):
+            err = _pg_admin(f"DROP DATABASE IF EXISTS {self.pg_db}")
+            if err:
+                log(f"  (could not drop database {self.pg_db}: {err})")
         for d in self.shm_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _pg_admin(sql: str) -> str:
+    """Run one statement on the server's maintenance database; '' on success, else the error."""
+    try:
+        import asyncio
+
+        import asyncpg  # a dependency of the project's PostgreSQL store
+    except ImportError as exc:
+        return f"asyncpg is not installed ({exc})"
+
+    async def go() -> None:
+        conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(go())
+        return ""
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -782,9 +823,16 @@ def start_servers(lab: Lab, needed: set[str], install: bool) -> None:
         "tether-w2": dict(label="Tether, 2 workers (SO_REUSEPORT)", workers=2, cpus="multi"),
         "tether-normal": dict(label="Tether, journal synchronous=normal", synchronous="normal"),
         "tether-tmpfs": dict(label="Tether, store on tmpfs (/dev/shm)", store="tmpfs"),
-        "tether-pg": dict(label="Tether, PostgreSQL store", store=PG_DSN),
+        "tether-pg": dict(label="Tether, PostgreSQL store"),
     }
     for key, kw in tethers.items():
+        if key == "tether-pg" and key in needed:
+            dsn, why = lab.pg_database()
+            if dsn is None:
+                lab.servers[key] = Server(key, kw["label"], error=f"skipped: {why}")
+                log(f"  ! {key}: {why}")
+                continue
+            kw["store"] = dsn
         if key in needed:
             log(f"  starting {key} ...")
             lab.start_tether(key, **kw)  # type: ignore[arg-type]
