@@ -115,7 +115,11 @@ def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
 async def review_show(request: web.Request) -> web.Response:
     reviewer(request)
     gw = _gw(request)
-    return json_response(_add_upstream_url(gw, await gw.review.get(request.match_info["id"])))
+    item = _add_upstream_url(gw, await gw.review.get(request.match_info["id"]))
+    if item.get("intent_seq") is None and item.get("request_id"):
+        rows = await gw.store.journal_query(filters={"request_id": item["request_id"], "kind": "request"}, limit=1)
+        item["intent_seq"] = rows[0].seq if rows else None
+    return json_response(item)
 
 
 async def review_approve(request: web.Request) -> web.Response:

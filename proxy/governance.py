@@ -127,6 +127,9 @@ class Governance:
             try:
                 await self.refresh()
                 await self._gauges()
+                now = time.time()
+                for agent in list(self.windows):  # a good request never triggers a judgement: catch the
+                    self._judge(agent, now)      # case where reaching min_requests tips the share over
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -270,17 +273,21 @@ class Governance:
         now = time.time()
         w = self._window(agent)
         w.add("requests", now)
+        bad = False
         if ex.decision == "denied" and ex.error is not None:
             code = ex.error.code
             w.add("denials", now)
+            bad = True
             if code in _VALIDATION:
                 w.add("validation", now)
             elif code == "rate_limited":
                 w.add("rate_limited", now)
-        elif ex.forwarded and ex.status is not None and (ex.status >= 500 or ex.extra.get("outcome", {}).get(
-                "upstream_failure") and ex.status >= 400 or ex.error is not None):
+        elif ex.forwarded and (ex.error is not None or (ex.status is not None and ex.status >= 500)
+                               or ex.extra.get("outcome", {}).get("upstream_failure")):
             w.add("upstream_errors", now)
-        self._judge(agent, now)
+            bad = True
+        if bad:  # a good outcome only lowers the bad share: judging is needed after a bad one alone
+            self._judge(agent, now)
 
     def on_captured(self, ex: "Exchange") -> None:
         return None

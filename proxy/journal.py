@@ -78,7 +78,7 @@ class JournalWriter:
                  on_commit: Callable[[float, int], None] | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -98,19 +98,21 @@ class JournalWriter:
             self._mirror = open(self._mirror_path, "ab", buffering=0)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal-writer")
 
-    async def write(self, record: dict[str, Any]) -> int:
-        """Queue a record and wait until it is durable. Returns its sequence number."""
+    async def write(self, record: dict[str, Any], side: tuple[str, dict[str, Any]] | None = None) -> int:
+        """Queue a record and wait until it is durable. Returns its sequence number.
+
+        ``side``: a row committed in the same transaction (a captured review item)."""
         if self._closing and self._task is None:
             raise JournalUnavailable("the journal is closed")
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((record, fut))
+        self._queue.append((record, fut, side))
         self._idle.clear()
         self._wakeup.set()
         return await fut
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome)."""
-        self._queue.append((record, None))
+        self._queue.append((record, None, None))
         self._idle.clear()
         self._wakeup.set()
 
@@ -137,13 +139,13 @@ class JournalWriter:
             del self._queue[: self.max_batch]
             await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int] | None]]) -> None:
-        ok: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+    async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]]) -> None:
+        ok: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]] = []
         payloads: list[bytes] = []
-        for rec, fut in batch:
+        for rec, fut, side in batch:
             try:
                 payloads.append(canonical(rec))
-                ok.append((rec, fut))
+                ok.append((rec, fut, side))
             except (TypeError, ValueError) as exc:  # one bad record must not sink its batch-mates
                 log.error("journal record refused (cannot be serialised): %s", exc)
                 if fut is not None and not fut.done():
@@ -151,12 +153,14 @@ class JournalWriter:
         batch = ok
         if not batch:
             return
-        columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _ in batch]
+        columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _, _ in batch]
+        sides = [side for _, _, side in batch if side is not None]
         t0 = time.perf_counter()
         try:
-            result = await self.store.journal_append(payloads, columns)
+            result = await self.store.journal_append(payloads, columns, sides) if sides else \
+                await self.store.journal_append(payloads, columns)
         except asyncio.CancelledError:
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if fut is not None and not fut.done():
                     fut.set_exception(JournalUnavailable("the journal writer stopped"))
             raise
@@ -165,7 +169,7 @@ class JournalWriter:
             self.last_error = str(exc)
             log.error("journal commit failed; %d record(s) refused: %s", len(batch), exc)
             err = JournalUnavailable(str(exc))
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
             return
@@ -179,10 +183,10 @@ class JournalWriter:
         if self._mirror is not None:
             try:
                 self._mirror.write(b"".join(
-                    orjson.dumps({"seq": seq, "hash": h, **rec}) + b"\n" for (rec, _), (seq, h) in zip(batch, result)))
+                    orjson.dumps({"seq": seq, "hash": h, **rec}) + b"\n" for (rec, _, _), (seq, h) in zip(batch, result)))
             except OSError as exc:
                 log.error("journal mirror write failed: %s", exc)
-        for (_, fut), (seq, _) in zip(batch, result):
+        for (_, fut, _), (seq, _) in zip(batch, result):
             if fut is not None and not fut.done():
                 fut.set_result(seq)
         for ev in self._listeners:

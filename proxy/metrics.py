@@ -39,6 +39,10 @@ class Metrics:
         self.canary = Counter("tether_canary_writes", "Canary writes by side and outcome",
                               ["agent", "capability", "side", "outcome"], registry=r)
         self._canary_counts: dict[tuple[str, str], dict[str, int]] = {}
+        # labelled children, looked up once: prometheus_client's labels() is costly on the hot path
+        self._req_children: dict[tuple[str, str, str, str], Any] = {}
+        self._lat_children: dict[str, Any] = {}
+        self._up_children: dict[str, Any] = {}
 
     def observe(self, ex: "Exchange") -> None:
         agent = ex.agent if ex.agent is not None and ex.registry is not None and ex.agent in ex.registry.rules.agents \
@@ -46,10 +50,21 @@ class Metrics:
         cap = ex.capability.name if ex.capability is not None else ("composite" if ex.composite else "-")
         decision = ex.decision or "-"
         status = str(ex.status) if ex.status is not None else "-"
-        self.requests.labels(agent=agent, capability=cap, decision=decision, status=status).inc()
-        self.latency.labels(decision=decision).observe(ex.elapsed_ms() / 1000.0)
+        key = (agent, cap, decision, status)
+        child = self._req_children.get(key)
+        if child is None:
+            child = self._req_children[key] = self.requests.labels(agent=agent, capability=cap, decision=decision,
+                                                                   status=status)
+        child.inc()
+        lat = self._lat_children.get(decision)
+        if lat is None:
+            lat = self._lat_children[decision] = self.latency.labels(decision=decision)
+        lat.observe(ex.elapsed_ms() / 1000.0)
         if ex.upstream_latency_ms is not None and ex.upstream is not None:
-            self.upstream_latency.labels(upstream=ex.upstream.name).observe(ex.upstream_latency_ms / 1000.0)
+            up = self._up_children.get(ex.upstream.name)
+            if up is None:
+                up = self._up_children[ex.upstream.name] = self.upstream_latency.labels(upstream=ex.upstream.name)
+            up.observe(ex.upstream_latency_ms / 1000.0)
         side = ex.extra.get("canary")
         if side and ex.capability is not None:
             if side == "live":

@@ -109,14 +109,13 @@ def synthetic_for(ex: Exchange, item_id: str) -> SyntheticResponse:
     return up.adapter.synthetic_response(ex.operations[0], item_id)
 
 
-async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
-    """Pipeline stage: a dry-run write is stored and answered synthetically; nothing is forwarded."""
-    if ex.mode != "dry_run":
-        return
+def prepare_capture(gw: "Gateway", ex: Exchange) -> dict[str, Any]:
+    """Build the review item of a dry-run write (before its intent record: both go in one commit)."""
     ident = ex.identity
     up = ex.upstream
     assert ident is not None and up is not None
     item_id = new_item_id()
+    ex.review_item_id = item_id
     synthetic = synthetic_for(ex, item_id)
     now = time.time()
     item: dict[str, Any] = {
@@ -132,7 +131,6 @@ async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
         "capabilities": [op.capability.name for op in ex.operations],
         "upstream": up.name,
         "request_id": ex.request_id,
-        "intent_seq": ex.intent_seq,
         "tx": ex.transaction_id,
         "trace_id": ex.extra.get("trace_id"),
         "rules_version": ex.registry.version,
@@ -143,9 +141,17 @@ async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
         "quarantined": ex.quarantined,
     }
     item["digest"] = digest_of(item)
-    await gw.store.review_insert(item)
-    ex.review_item_id = item_id
-    headers = {H.DRY_RUN: item_id, H.REQUEST_ID: ex.request_id, **synthetic.headers}
+    ex.extra["capture"] = (item, synthetic)
+    return item
+
+
+async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
+    """Pipeline stage: answer a dry-run write synthetically. Its review item was committed together with
+    its intent record (journal_intent); nothing is forwarded."""
+    if ex.mode != "dry_run":
+        return
+    item, synthetic = ex.extra["capture"]
+    headers = {H.DRY_RUN: item["id"], H.REQUEST_ID: ex.request_id, **synthetic.headers}
     if ex.quarantined:
         headers[H.QUARANTINED] = "true"
     resp = web.Response(status=synthetic.status, body=synthetic.body_bytes() if synthetic.status != 204 else None,

@@ -43,8 +43,12 @@ class Store(abc.ABC):
 
     # -- journal --------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
-        """Append records atomically, extending the chain; returns [(seq, hash)], durable on return."""
+    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
+                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
+        """Append records atomically, extending the chain; returns [(seq, hash)], durable on return.
+
+        ``sides`` are other rows committed in the same transaction (``("review_insert", item)``: a captured
+        dry-run write shares its intent record's commit, so capture costs one fsync, not two)."""
 
     @abc.abstractmethod
     async def journal_head(self) -> tuple[int, str]:

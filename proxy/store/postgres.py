@@ -422,7 +422,8 @@ class PostgresStore(Store):
 
     # -- journal --------------------------------------------------------------------------------
 
-    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
+                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
         if not payloads:
             return []
         for attempt in (1, 2):
@@ -441,6 +442,10 @@ class PostgresStore(Store):
                             self._sql["append"], [seq for seq, _, _ in linked], *cols,
                             [prev for _, prev, _ in linked], [h for _, _, h in linked], payloads,
                             last_seq, last_hash, self.channel, str(last_seq))
+                        for kind, row in sides or ():
+                            if kind != "review_insert":
+                                raise ValueError(f"unknown side write {kind!r}")
+                            await conn.execute(self._review_insert_sql, *self._review_values(row))
                     except BaseException as exc:
                         if not _is_outage(exc) and not isinstance(exc, asyncio.CancelledError) and not conn.is_closed():
                             try:
@@ -592,13 +597,20 @@ class PostgresStore(Store):
 
     # -- review items ---------------------------------------------------------------------------
 
-    async def review_insert(self, item: dict[str, Any]) -> None:
+    @property
+    def _review_insert_sql(self) -> str:
+        return (f"INSERT INTO {self._s}.review_items ({', '.join(_REVIEW_COLS)}, doc) VALUES "
+                f"({', '.join(f'${i}' for i in range(1, len(_REVIEW_COLS) + 2))})")
+
+    @staticmethod
+    def _review_values(item: dict[str, Any]) -> list[Any]:
         cols, doc = _split(item, _REVIEW_COLS)
-        vals = [_text(v) if k in ("id", "state", "agent", "capability", "upstream") else v for k, v in cols.items()]
+        return [_text(v) if k in ("id", "state", "agent", "capability", "upstream") else v
+                for k, v in cols.items()] + [doc]
+
+    async def review_insert(self, item: dict[str, Any]) -> None:
         async with self._conn() as conn:
-            await conn.execute(
-                f"INSERT INTO {self._s}.review_items ({', '.join(_REVIEW_COLS)}, doc) VALUES "
-                f"({', '.join(f'${i}' for i in range(1, len(_REVIEW_COLS) + 2))})", *vals, doc)
+            await conn.execute(self._review_insert_sql, *self._review_values(item))
 
     async def review_get(self, item_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE id = $1",

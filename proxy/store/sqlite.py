@@ -114,12 +114,14 @@ _TX_COLS = ("id", "state", "agent", "created_at", "updated_at", "deadline")
 _STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
 
 
+_INSERT_REVIEW = (f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc) "
+                  f"VALUES ({', '.join('?' * (len(_REVIEW_COLS) + 1))})")
 _INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_behalf_of, capability, decision, "
                    "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
 
-def _append_batch(conn: sqlite3.Connection, payloads: list[bytes],
-                  columns: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list[dict[str, Any]],
+                  sides: Any = ()) -> list[tuple[int, str, str]]:
     """Runs in aiosqlite's thread. The head is read inside the write transaction, so several processes
     sharing the file still extend one chain."""
     conn.execute("BEGIN IMMEDIATE")
@@ -132,6 +134,11 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes],
             for (seq, prev, h), c, p in zip(linked, columns, payloads)])
         last_seq, _, last_hash = linked[-1]
         conn.execute("UPDATE journal_meta SET head_seq = ?, head_hash = ? WHERE id = 1", (last_seq, last_hash))
+        for kind, row in sides:
+            if kind != "review_insert":
+                raise ValueError(f"unknown side write {kind!r}")
+            cols, doc = _split(row, _REVIEW_COLS)
+            conn.execute(_INSERT_REVIEW, (*cols.values(), doc))
         conn.execute("COMMIT")
     except BaseException:
         try:
@@ -255,13 +262,14 @@ class SQLiteStore(Store):
 
     # -- journal --------------------------------------------------------------------------------
 
-    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
+                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
         """One batch in one trip to the database thread: BEGIN IMMEDIATE, read the head, link, insert,
         move the head, COMMIT. (Each await on aiosqlite is a thread hand-off; the hot path takes one.)"""
         db = self._conn()
         try:
             async with self._lock:
-                linked = await db._execute(_append_batch, db._conn, payloads, columns)
+                linked = await db._execute(_append_batch, db._conn, payloads, columns, sides or ())
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
         return [(seq, h) for seq, _, h in linked]
