@@ -59,6 +59,7 @@ class TokenVerifier:
         if cfg.jwks_file:
             self._jwks = _load_jwks(Path(cfg.jwks_file))
         self._cache: dict[str, tuple[dict[str, Any], float, float, int]] = {}
+        self._identities: dict[str, Identity] = {}  # token -> Identity built from its (cached) claims
         self._options = {"require": ["exp", "sub"] if cfg.require_exp else ["sub"], "verify_aud": cfg.audience is not None,
                          "verify_iss": cfg.issuer is not None}
 
@@ -185,7 +186,14 @@ class TokenVerifier:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("token_missing", "expected 'Authorization: Bearer <JWT>'")
-        return self.identity(self.verify(token.strip()))
+        token = token.strip()
+        claims = self.verify(token)  # checks exp/nbf on every call, cached or not
+        ident = self._identities.get(token)
+        if ident is None or ident.claims is not claims:
+            if len(self._identities) >= self._CACHE_MAX:
+                self._identities.clear()
+            ident = self._identities[token] = self.identity(claims)
+        return ident
 
     def is_reviewer(self, ident: Identity) -> bool:
         return self.cfg.reviewer_role in ident.roles

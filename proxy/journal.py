@@ -53,22 +53,13 @@ def now_iso(t: float | None = None) -> str:
     return f"{_ISO_CACHE[1]}.{int((t - sec) * 1_000_000):06d}Z"
 
 
+_FIXED = dict.fromkeys(("request_id", "agent", "on_behalf_of", "intent", "capability", "upstream", "method", "path",
+                         "decision", "reason"))
+
+
 def base_record(kind: str, **fields: Any) -> dict[str, Any]:
     """A record with the fixed fields present (None where not applicable)."""
-    rec: dict[str, Any] = {
-        "ts": now_iso(),
-        "kind": kind,
-        "request_id": None,
-        "agent": None,
-        "on_behalf_of": None,
-        "intent": None,
-        "capability": None,
-        "upstream": None,
-        "method": None,
-        "path": None,
-        "decision": None,
-        "reason": None,
-    }
+    rec: dict[str, Any] = {"ts": now_iso(), "kind": kind, **_FIXED}
     rec.update(fields)
     return rec
 
