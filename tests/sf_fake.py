@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 from aiohttp import web
 
-from tests.fakes import serve_app
+from tests.fakes import Received, serve_app
 
 KEY_PREFIXES = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q", "Case": "500",
                 "Task": "00T", "Event": "00U", "User": "005", "Campaign": "701", "Contract": "800", "Order": "801",
@@ -70,25 +70,6 @@ class SFError(Exception):
         super().__init__(message)
         self.status = status
         self.body = body if body is not None else sf_error(code, message, fields)
-
-
-@dataclass
-class Received:
-    method: str
-    raw_path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def path(self) -> str:
-        return self.raw_path.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.raw_path.partition("?")[2]
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
 
 
 @dataclass
@@ -278,7 +259,8 @@ class SalesforceFake:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.method, request.raw_path, dict(request.headers), body))
+        self.received.append(Received(request.method, request.raw_path, dict(request.headers),
+                                      list(request.headers.items()), body))
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.token}":
             return web.json_response(sf_error("INVALID_SESSION_ID", "Session expired or invalid"), status=401)

@@ -24,7 +24,7 @@ import pytest
 from proxy.chain import GENESIS, INDEXED_FIELDS, canonical, record_hash
 from proxy.journal import archive, base_record, verify
 from proxy.store import Store, StoreUnavailable, open_store
-from tests.conftest import ROOT, _in_thread, pg_dsn, pg_unavailable
+from tests.conftest import ROOT, _in_thread, drop_schema, new_pg_url, pg_admin, pg_dsn, pg_unavailable, with_params
 
 # --------------------------------------------------------------------------- PostgreSQL plumbing
 
@@ -34,33 +34,6 @@ def require_pg() -> None:
         pytest.skip(reason)
 
 
-def pg_admin(sql: str, *args: Any) -> Any:
-    """Run one statement as the test superuser, outside the store under test."""
-    import asyncpg
-
-    async def go() -> Any:
-        conn = await asyncpg.connect(pg_dsn(), timeout=5)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return _in_thread(go)
-
-
-def with_params(dsn: str, **params: Any) -> str:
-    extra = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"{dsn}{'&' if '?' in dsn else '?'}{extra}"
-
-
-def new_pg_url(**params: Any) -> tuple[str, str]:
-    """A URL on a fresh schema of its own: (url, schema)."""
-    schema = f"tether_t_{secrets.token_hex(5)}"
-    return with_params(pg_dsn(), schema=schema, **params), schema
-
-
-def drop_schema(schema: str) -> None:
-    pg_admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -635,21 +635,30 @@ class PostgresStore(Store):
         return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
 
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+
+    async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
+                          updates: dict[str, Any] | None) -> bool:
+        """Compare-and-set a row's state (SELECT ... FOR UPDATE, then UPDATE, one transaction)."""
         expect = list(expect)
+        settable = [c for c in cols if c != "id"]
 
         async def go(conn: Any) -> bool:
             row = await conn.fetchrow(
-                f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items "
-                f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", item_id, expect)
+                f"SELECT {', '.join(cols)}, doc FROM {self._s}.{table} "
+                f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", row_id, expect)
             if row is None:
                 return False
-            item = _join(dict(zip(_REVIEW_COLS, list(row)[:-1])), row[-1])
-            item.update(updates)
-            item["state"] = to
-            item["updated_at"] = time.time()
-            cols, doc = _split(item, _REVIEW_COLS)
-            await conn.execute(f"UPDATE {self._s}.review_items SET state = $1, updated_at = $2, doc = $3 WHERE id = $4",
-                               to, cols["updated_at"], doc, item_id)
+            doc_row = _join(dict(zip(cols, list(row)[:-1])), row[-1])
+            doc_row.update(updates or {})
+            doc_row["state"] = to
+            doc_row["updated_at"] = time.time()
+            values, doc = _split(doc_row, cols)
+            sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(settable, start=1))
+            await conn.execute(
+                f"UPDATE {self._s}.{table} SET {sets}, doc = ${len(settable) + 1} WHERE id = ${len(settable) + 2}",
+                *(_text(values[c]) if c in ("state", "agent", "capability", "upstream") else values[c]
+                  for c in settable), doc, row_id)
             return True
 
         return bool(await self._write(go))
@@ -707,25 +716,7 @@ class PostgresStore(Store):
 
     async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
                             updates: dict[str, Any] | None = None) -> bool:
-        expect = list(expect)
-
-        async def go(conn: Any) -> bool:
-            row = await conn.fetchrow(
-                f"SELECT {', '.join(_TX_COLS)}, doc FROM {self._s}.transactions "
-                f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", tx_id, expect)
-            if row is None:
-                return False
-            tx = _join(dict(zip(_TX_COLS, list(row)[:-1])), row[-1])
-            tx.update(updates or {})
-            tx["state"] = to
-            tx["updated_at"] = time.time()
-            cols, doc = _split(tx, _TX_COLS)
-            await conn.execute(
-                f"UPDATE {self._s}.transactions SET state = $1, updated_at = $2, deadline = $3, doc = $4 WHERE id = $5",
-                to, cols["updated_at"], cols["deadline"], doc, tx_id)
-            return True
-
-        return bool(await self._write(go))
+        return await self._transition("transactions", _TX_COLS, tx_id, expect, to, updates)
 
     async def tx_due(self, now: float) -> list[dict[str, Any]]:
         rows = await self._fetch(

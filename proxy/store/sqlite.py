@@ -367,22 +367,28 @@ class SQLiteStore(Store):
         return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
 
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+
+    async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
+                          updates: dict[str, Any] | None) -> bool:
+        """Compare-and-set a row's state inside one write transaction; True when this caller won."""
         expect = tuple(expect)
         async with self._write():
             db = self._conn()
             cur = await db.execute(
-                f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE id = ? AND state IN "
-                f"({', '.join('?' * len(expect))})", (item_id, *expect))
+                f"SELECT {', '.join(cols)}, doc FROM {table} WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(expect))})", (row_id, *expect))
             row = await cur.fetchone()
             if row is None:
                 return False
-            item = _join(dict(zip(_REVIEW_COLS, row[:-1])), row[-1])
-            item.update(updates)
-            item["state"] = to
-            item["updated_at"] = time.time()
-            cols, doc = _split(item, _REVIEW_COLS)
-            await db.execute("UPDATE review_items SET state = ?, updated_at = ?, doc = ? WHERE id = ?",
-                             (to, cols["updated_at"], doc, item_id))
+            doc_row = _join(dict(zip(cols, row[:-1])), row[-1])
+            doc_row.update(updates or {})
+            doc_row["state"] = to
+            doc_row["updated_at"] = time.time()
+            values, doc = _split(doc_row, cols)
+            settable = [c for c in cols if c != "id"]
+            await db.execute(f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in settable)}, doc = ? WHERE id = ?",
+                             (*(values[c] for c in settable), doc, row_id))
             return True
 
     async def review_count(self, state: str = "pending") -> int:
@@ -433,23 +439,7 @@ class SQLiteStore(Store):
 
     async def tx_transition(self, tx_id: str, expect: Iterable[str], to: str,
                             updates: dict[str, Any] | None = None) -> bool:
-        expect = tuple(expect)
-        async with self._write():
-            db = self._conn()
-            cur = await db.execute(
-                f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE id = ? AND state IN "
-                f"({', '.join('?' * len(expect))})", (tx_id, *expect))
-            row = await cur.fetchone()
-            if row is None:
-                return False
-            tx = _join(dict(zip(_TX_COLS, row[:-1])), row[-1])
-            tx.update(updates or {})
-            tx["state"] = to
-            tx["updated_at"] = time.time()
-            cols, doc = _split(tx, _TX_COLS)
-            await db.execute("UPDATE transactions SET state = ?, updated_at = ?, deadline = ?, doc = ? WHERE id = ?",
-                             (to, cols["updated_at"], cols["deadline"], doc, tx_id))
-            return True
+        return await self._transition("transactions", _TX_COLS, tx_id, expect, to, updates)
 
     async def tx_due(self, now: float) -> list[dict[str, Any]]:
         rows = await self._fetchall(
