@@ -176,3 +176,11 @@ def test_readme_generated_sections_are_current():
 
     current = README.read_text(encoding="utf-8")
     assert render(current) == current, "README.md is out of date: run python -m proxy.readme"
+
+
+def test_serve_refuses_the_pure_python_http_parser(tmp_path):
+    """aiohttp's Python parser accepts far more than llhttp: Tether will not run on it."""
+    p = _write(tmp_path, base_rules("http://127.0.0.1:1", str(tmp_path / "x.db")))
+    r = run_cli("serve", "--config", str(p), env={"AIOHTTP_NO_EXTENSIONS": "1"}, timeout=30)
+    assert r.returncode != 0
+    assert "pure-Python HTTP parser" in r.stderr
