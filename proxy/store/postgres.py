@@ -81,7 +81,12 @@ import orjson
 
 from ..chain import GENESIS, INDEXED_FIELDS, StoredRecord, link
 from .base import Store, StoreUnavailable
-from .sqlite import _join, _review_stats, _split
+from .rows import REVIEW_COLS as _REVIEW_COLS
+from .rows import STEP_COLS as _STEP_COLS
+from .rows import TX_COLS as _TX_COLS
+from .rows import advance, from_row
+from .rows import review_stats as _review_stats
+from .rows import split as _split
 
 log = logging.getLogger("tether.store.postgres")
 
@@ -185,9 +190,6 @@ _MIGRATIONS: list[list[str]] = [
 
 LATEST_VERSION = len(_MIGRATIONS)
 
-_REVIEW_COLS = ("id", "state", "created_at", "updated_at", "expires_at", "agent", "capability", "upstream")
-_TX_COLS = ("id", "state", "agent", "created_at", "updated_at", "deadline")
-_STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
 _JOURNAL_COLS = "seq, prev_hash, hash, record, " + ", ".join(INDEXED_FIELDS)
 
 
@@ -615,7 +617,7 @@ class PostgresStore(Store):
     async def review_get(self, item_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE id = $1",
                                  item_id)
-        return _join(dict(zip(_REVIEW_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+        return from_row(_REVIEW_COLS, rows[0]) if rows else None
 
     async def review_list(self, *, state: str | None = None, agent: str | None = None,
                           capability: str | None = None, upstream: str | None = None,
@@ -632,7 +634,7 @@ class PostgresStore(Store):
         rows = await self._fetch(
             f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ${len(params)}", *params)
-        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_REVIEW_COLS, r) for r in rows]
 
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
         return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
@@ -649,11 +651,7 @@ class PostgresStore(Store):
                 f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", row_id, expect)
             if row is None:
                 return False
-            doc_row = _join(dict(zip(cols, list(row)[:-1])), row[-1])
-            doc_row.update(updates or {})
-            doc_row["state"] = to
-            doc_row["updated_at"] = time.time()
-            values, doc = _split(doc_row, cols)
+            values, doc = _split(advance(from_row(cols, row), to, updates), cols)
             sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(settable, start=1))
             await conn.execute(
                 f"UPDATE {self._s}.{table} SET {sets}, doc = ${len(settable) + 1} WHERE id = ${len(settable) + 2}",
@@ -672,7 +670,7 @@ class PostgresStore(Store):
         rows = await self._fetch(
             f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE state = 'pending' "
             f"AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2", now, limit)
-        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_REVIEW_COLS, r) for r in rows]
 
     async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
         rows = await self._fetch(
@@ -692,7 +690,7 @@ class PostgresStore(Store):
 
     async def tx_get(self, tx_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(f"SELECT {', '.join(_TX_COLS)}, doc FROM {self._s}.transactions WHERE id = $1", tx_id)
-        return _join(dict(zip(_TX_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+        return from_row(_TX_COLS, rows[0]) if rows else None
 
     async def tx_list(self, *, state: str | None = None, agent: str | None = None,
                       limit: int = 200) -> list[dict[str, Any]]:
@@ -707,7 +705,7 @@ class PostgresStore(Store):
         rows = await self._fetch(
             f"SELECT {', '.join(_TX_COLS)}, doc FROM {self._s}.transactions WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ${len(params)}", *params)
-        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_TX_COLS, r) for r in rows]
 
     async def tx_count(self, state: str = "open") -> int:
         """How many transactions are in ``state`` (proposed interface addition: a gauge, not a list)."""
@@ -722,7 +720,7 @@ class PostgresStore(Store):
         rows = await self._fetch(
             f"SELECT {', '.join(_TX_COLS)}, doc FROM {self._s}.transactions WHERE state = 'open' "
             f"AND deadline IS NOT NULL AND deadline <= $1 ORDER BY deadline", now)
-        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_TX_COLS, r) for r in rows]
 
     async def step_insert(self, step: dict[str, Any]) -> int:
         step = dict(step)
@@ -741,7 +739,7 @@ class PostgresStore(Store):
                 f"SELECT {', '.join(_STEP_COLS)}, doc FROM {self._s}.tx_steps WHERE id = $1 FOR UPDATE", step_id)
             if row is None:
                 raise KeyError(step_id)
-            step = _join(dict(zip(_STEP_COLS, list(row)[:-1])), row[-1])
+            step = from_row(_STEP_COLS, row)
             step.update(updates)
             step["updated_at"] = time.time()
             cols, doc = _split(step, _STEP_COLS)
@@ -753,7 +751,7 @@ class PostgresStore(Store):
     async def steps_for(self, tx_id: str) -> list[dict[str, Any]]:
         rows = await self._fetch(
             f"SELECT {', '.join(_STEP_COLS)}, doc FROM {self._s}.tx_steps WHERE tx_id = $1 ORDER BY id", tx_id)
-        return [_join(dict(zip(_STEP_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_STEP_COLS, r) for r in rows]
 
     # -- governance -----------------------------------------------------------------------------
 

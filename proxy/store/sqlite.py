@@ -23,6 +23,12 @@ import orjson
 
 from ..chain import GENESIS, INDEXED_FIELDS, StoredRecord, link
 from .base import Store, StoreUnavailable
+from .rows import REVIEW_COLS as _REVIEW_COLS
+from .rows import STEP_COLS as _STEP_COLS
+from .rows import TX_COLS as _TX_COLS
+from .rows import advance, from_row
+from .rows import review_stats as _review_stats
+from .rows import split as _split
 
 _MIGRATIONS: list[str] = [
     # 1: journal
@@ -108,10 +114,6 @@ _MIGRATIONS: list[str] = [
     """,
 ]
 
-# Columns kept outside the JSON document (for filtering / CAS); everything else lives in ``doc``.
-_REVIEW_COLS = ("id", "state", "created_at", "updated_at", "expires_at", "agent", "capability", "upstream")
-_TX_COLS = ("id", "state", "agent", "created_at", "updated_at", "deadline")
-_STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
 
 
 _INSERT_REVIEW = (f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc) "
@@ -149,15 +151,8 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
     return linked
 
 
-def _split(row: dict[str, Any], cols: tuple[str, ...]) -> tuple[dict[str, Any], bytes]:
-    doc = {k: v for k, v in row.items() if k not in cols}
-    return {k: row.get(k) for k in cols}, orjson.dumps(doc)
 
 
-def _join(cols: dict[str, Any], doc: bytes) -> dict[str, Any]:
-    out = orjson.loads(doc)
-    out.update(cols)
-    return out
 
 
 class SQLiteStore(Store):
@@ -348,7 +343,7 @@ class SQLiteStore(Store):
 
     async def review_get(self, item_id: str) -> dict[str, Any] | None:
         rows = await self._fetchall(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE id = ?", (item_id,))
-        return _join(dict(zip(_REVIEW_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+        return from_row(_REVIEW_COLS, rows[0]) if rows else None
 
     async def review_list(self, *, state: str | None = None, agent: str | None = None,
                           capability: str | None = None, upstream: str | None = None,
@@ -364,7 +359,7 @@ class SQLiteStore(Store):
         rows = await self._fetchall(
             f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
-        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_REVIEW_COLS, r) for r in rows]
 
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
         return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
@@ -381,11 +376,7 @@ class SQLiteStore(Store):
             row = await cur.fetchone()
             if row is None:
                 return False
-            doc_row = _join(dict(zip(cols, row[:-1])), row[-1])
-            doc_row.update(updates or {})
-            doc_row["state"] = to
-            doc_row["updated_at"] = time.time()
-            values, doc = _split(doc_row, cols)
+            values, doc = _split(advance(from_row(cols, row), to, updates), cols)
             settable = [c for c in cols if c != "id"]
             await db.execute(f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in settable)}, doc = ? WHERE id = ?",
                              (*(values[c] for c in settable), doc, row_id))
@@ -399,7 +390,7 @@ class SQLiteStore(Store):
         rows = await self._fetchall(
             f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE state = 'pending' "
             f"AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?", (now, limit))
-        return [_join(dict(zip(_REVIEW_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_REVIEW_COLS, r) for r in rows]
 
     async def review_stats(self, agent: str, capability: str, since: float) -> dict[str, int]:
         rows = await self._fetchall(
@@ -418,7 +409,7 @@ class SQLiteStore(Store):
 
     async def tx_get(self, tx_id: str) -> dict[str, Any] | None:
         rows = await self._fetchall(f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE id = ?", (tx_id,))
-        return _join(dict(zip(_TX_COLS, rows[0][:-1])), rows[0][-1]) if rows else None
+        return from_row(_TX_COLS, rows[0]) if rows else None
 
     async def tx_list(self, *, state: str | None = None, agent: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         where, params = ["1=1"], []
@@ -431,7 +422,7 @@ class SQLiteStore(Store):
         rows = await self._fetchall(
             f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
-        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_TX_COLS, r) for r in rows]
 
     async def tx_count(self, state: str = "open") -> int:
         rows = await self._fetchall("SELECT COUNT(*) FROM transactions WHERE state = ?", (state,))
@@ -445,7 +436,7 @@ class SQLiteStore(Store):
         rows = await self._fetchall(
             f"SELECT {', '.join(_TX_COLS)}, doc FROM transactions WHERE state = 'open' AND deadline IS NOT NULL "
             f"AND deadline <= ? ORDER BY deadline", (now,))
-        return [_join(dict(zip(_TX_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_TX_COLS, r) for r in rows]
 
     async def step_insert(self, step: dict[str, Any]) -> int:
         step = dict(step)
@@ -465,7 +456,7 @@ class SQLiteStore(Store):
             row = await cur.fetchone()
             if row is None:
                 raise KeyError(step_id)
-            step = _join(dict(zip(_STEP_COLS, row[:-1])), row[-1])
+            step = from_row(_STEP_COLS, row)
             step.update(updates)
             step["updated_at"] = time.time()
             cols, doc = _split(step, _STEP_COLS)
@@ -475,7 +466,7 @@ class SQLiteStore(Store):
     async def steps_for(self, tx_id: str) -> list[dict[str, Any]]:
         rows = await self._fetchall(f"SELECT {', '.join(_STEP_COLS)}, doc FROM tx_steps WHERE tx_id = ? ORDER BY id",
                                     (tx_id,))
-        return [_join(dict(zip(_STEP_COLS, r[:-1])), r[-1]) for r in rows]
+        return [from_row(_STEP_COLS, r) for r in rows]
 
     # -- governance -----------------------------------------------------------------------------
 
@@ -534,17 +525,3 @@ class SQLiteStore(Store):
         async with self._write():
             await self._conn().execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
-
-def _review_stats(rows: Iterable[Any]) -> dict[str, int]:
-    stats = {"approved": 0, "approved_edited": 0, "rejected": 0, "expired": 0, "replay_failed": 0, "pending": 0}
-    for state, doc in rows:
-        d = orjson.loads(doc) if isinstance(doc, (bytes, str)) else doc
-        if state in ("approved", "replayed", "replay_failed"):
-            stats["approved"] += 1
-            if (d.get("decision") or {}).get("edited"):
-                stats["approved_edited"] += 1
-            if state == "replay_failed":
-                stats["replay_failed"] += 1
-        elif state in stats:
-            stats[state] += 1
-    return stats
