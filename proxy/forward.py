@@ -1,4 +1,4 @@
-"""Talking to upstreams: one shared pooled client session, streamed bodies, precise failure codes.
+"""Talking to upstreams: one pooled client (proxy.upstream_http), streamed bodies, precise failure codes.
 
 The upstream URL is always the upstream's configured base plus the *validated* request path (and the
 query string, byte for byte). It is never produced by joining the client's target onto a base URL, so
@@ -10,29 +10,30 @@ memory); small write responses are read whole because transactions and adapters 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from .errors import TetherError
 from .headers import REQUEST_ID, STRIPPED_RESPONSE
+from .upstream_http import OriginPool, UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .config import Timeouts
 
 log = logging.getLogger("tether.forward")
 
-CHUNK = 64 * 1024
 WHOLE_BODY_LIMIT = 4 * 1024 * 1024  # write responses up to this size are read whole
 SMALL_BODY = 64 * 1024  # read responses with a Content-Length up to this are read whole, not streamed
 
 
 def make_session(limit: int = 0) -> aiohttp.ClientSession:
-    """The one client session: pooled keep-alive connections, no cookie jar (cookies never cross
-    agents), bodies passed through as the upstream encoded them."""
+    """The session for Tether's auxiliary calls (OAuth token fetches, alert webhooks): pooled, no
+    cookie jar (cookies never cross agents). Agent traffic goes through :mod:`proxy.upstream_http`."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     return aiohttp.ClientSession(
         connector=connector,
@@ -43,73 +44,62 @@ def make_session(limit: int = 0) -> aiohttp.ClientSession:
     )
 
 
-def build_url(base: str, path: str, query: str) -> URL:
-    """base + validated path (+ '?' + raw query), already percent-encoded: never re-encoded."""
-    return URL(base + path + ("?" + query if query else ""), encoded=True)
+def build_target(path: str, query: str) -> str:
+    """The validated path (+ '?' + raw query), already percent-encoded: never re-encoded. The pool puts
+    the upstream's base path in front of it."""
+    return path + ("?" + query if query else "")
 
 
-async def send(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    headers: CIMultiDict[str] | dict[str, str],
-    body: Any,
-    timeout: aiohttp.ClientTimeout,
-    ssl: Any = None,
-) -> aiohttp.ClientResponse:
+def as_tether_error(exc: UpstreamError, timeouts: Timeouts) -> TetherError:
+    """Transport failures in Tether's vocabulary (``applied: False`` only where provably not sent)."""
+    kind = exc.kind
+    if kind == "read_timeout":
+        return TetherError("upstream_timeout", f"the upstream did not answer within {timeouts.read:g}s")
+    if kind == "too_large":
+        return TetherError("upstream_response_too_large", str(exc))
+    if exc.applied is False:
+        return TetherError("upstream_unavailable", str(exc), details={"applied": False})
+    return TetherError("upstream_unavailable", f"the upstream connection failed: {exc}")
+
+
+async def send(pool: OriginPool, method: str, target: str, headers: CIMultiDict[str] | dict[str, str], body: Any,
+               timeouts: Timeouts) -> UpstreamResponse:
     """Open the upstream request and return once its status and headers arrived."""
     try:
-        return await session.request(method, url, headers=headers, data=body, allow_redirects=False,
-                                     timeout=timeout, ssl=ssl if ssl is not None else True,
-                                     compress=False, chunked=None)
-    except aiohttp.ConnectionTimeoutError:
-        raise TetherError("upstream_unavailable", f"could not connect to the upstream within "
-                                                  f"{timeout.sock_connect:g}s", details={"applied": False}) from None
-    except (aiohttp.SocketTimeoutError, aiohttp.ServerTimeoutError, asyncio.TimeoutError):
-        raise TetherError("upstream_timeout", f"the upstream did not answer within {timeout.sock_read:g}s") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise TetherError("upstream_unavailable", f"cannot connect to the upstream: {exc.os_error or exc}",
-                          details={"applied": False}) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise TetherError("upstream_unavailable", f"the upstream connection failed: {type(exc).__name__}") from None
+        return await pool.request(method, target, headers, body, connect_timeout=timeouts.connect,
+                                  read_timeout=timeouts.read)
+    except UpstreamError as exc:
+        raise as_tether_error(exc, timeouts) from None
 
 
 def response_headers(upstream_headers: Any) -> CIMultiDict[str]:
     """End-to-end headers of the upstream response (hop-by-hop and those Connection names dropped)."""
-    drop = set(STRIPPED_RESPONSE)
-    for v in upstream_headers.getall("Connection", ()):
-        drop.update(t.strip().lower() for t in v.split(",") if t.strip())
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in upstream_headers.items():
-        if k.lower() not in drop:
-            out.add(k, v)
-    return out
+    drop = STRIPPED_RESPONSE
+    if "Connection" in upstream_headers:
+        drop = set(drop)
+        for v in upstream_headers.getall("Connection", ()):
+            drop.update(t.strip().lower() for t in v.split(",") if t.strip())
+    return CIMultiDict([(k, v) for k, v in upstream_headers.items() if k.lower() not in drop])
 
 
-async def read_whole(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> bytes:
     """Read a response body up to ``limit`` bytes (502 upstream_response_too_large past it)."""
     cl = resp.content_length
     if cl is not None and cl > limit:
         resp.close()
         raise TetherError("upstream_response_too_large", f"the upstream's response is {cl} bytes; limit {limit}")
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                resp.close()
-                raise TetherError("upstream_response_too_large", f"the upstream's response exceeds {limit} bytes")
-            chunks.append(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
-        raise TetherError("upstream_unavailable", f"the upstream broke the connection mid-response: "
-                                                  f"{type(exc).__name__}") from None
-    except (asyncio.TimeoutError, aiohttp.SocketTimeoutError):
-        raise TetherError("upstream_timeout", "the upstream stopped sending its response") from None
-    return b"".join(chunks)
+        return await resp.read(limit)
+    except UpstreamError as exc:
+        resp.close()
+        if exc.kind in ("broken", "protocol"):
+            raise TetherError("upstream_unavailable", f"the upstream broke the connection mid-response: {exc}") from None
+        if exc.kind == "read_timeout":
+            raise TetherError("upstream_timeout", "the upstream stopped sending its response") from None
+        raise as_tether_error(exc, timeouts) from None
 
 
-async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
+async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMultiDict[str],
                 limit: int | None) -> tuple[web.StreamResponse, int, str | None]:
     """Stream an upstream response to the client. Returns (response, bytes sent, error code or None).
 
@@ -119,14 +109,14 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers:
     if limit is not None and cl is not None and cl > limit:
         resp.close()
         raise TetherError("upstream_response_too_large", f"the upstream's response is {cl} bytes; limit {limit}")
-    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    out = web.StreamResponse(status=resp.status, reason=resp.reason or None, headers=headers)
     if cl is not None:
         out.content_length = cl
     await out.prepare(request)
     sent = 0
     error: str | None = None
     try:
-        async for chunk in resp.content.iter_chunked(CHUNK):
+        async for chunk in resp.chunks():
             sent += len(chunk)
             if limit is not None and sent > limit:
                 error = "upstream_response_too_large"
@@ -136,10 +126,8 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers:
             except (ConnectionResetError, BrokenPipeError):  # incl. aiohttp's ClientConnectionResetError
                 error = "client_closed"  # the agent went away while we were writing to it
                 break
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
-        error = "upstream_unavailable"
-    except (asyncio.TimeoutError, aiohttp.SocketTimeoutError):
-        error = "upstream_timeout"
+    except UpstreamError as exc:
+        error = "upstream_timeout" if exc.kind == "read_timeout" else "upstream_unavailable"
     finally:
         resp.release() if error is None else resp.close()
     if error is not None:
@@ -164,5 +152,5 @@ class Timer:
         return round((time.perf_counter() - self.t0) * 1000.0, 3)
 
 
-__all__ = ["REQUEST_ID", "SMALL_BODY", "Timer", "build_url", "make_session", "read_whole", "relay", "response_headers",
-           "send", "WHOLE_BODY_LIMIT"]
+__all__ = ["REQUEST_ID", "SMALL_BODY", "Timer", "as_tether_error", "build_target", "make_session", "read_whole", "relay",
+           "response_headers", "send", "WHOLE_BODY_LIMIT"]

@@ -35,6 +35,7 @@ from .credentials import CredentialError, Injector, build_injector
 from .errors import TetherError
 from .exchange import Exchange
 from .forward import make_session
+from .upstream_http import OriginPool, UpstreamClient
 from .identity import TokenVerifier
 from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
@@ -83,8 +84,9 @@ class UpstreamRuntime:
         self.credential_headers = frozenset(cred_headers)
         self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers)
         self.credential_params = tuple(p.lower() for p in cfg.credential_params)
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeouts.connect,
-                                             sock_read=cfg.timeouts.read)
+        self.timeouts = cfg.timeouts
+        self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
+        self.tls_key = (cfg.verify_tls, str(cfg.ca_file or ""))
         self.ssl: Any = None
         if cfg.url.startswith("https://"):
             if not cfg.verify_tls:
@@ -198,7 +200,8 @@ class Gateway:
         self.rules_path = rules_path
         self.server_cfg = rules.server
         self.limits = rules.server.limits
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
+        self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
         self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>")
         self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
         self.journal = JournalWriter(self.store, max_batch=rules.server.journal.max_batch,
@@ -224,6 +227,13 @@ class Gateway:
         self.counters: dict[tuple[str, str, str], int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def origin(self, up: UpstreamRuntime) -> OriginPool:
+        """The keep-alive pool forwarding to ``up`` (shared by every rules version with its URL)."""
+        pool = up.pool
+        if pool is None:
+            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key)
+        return pool
 
     def _get_session(self) -> aiohttp.ClientSession:
         assert self.session is not None, "the client session is opened at start()"
@@ -322,6 +332,7 @@ class Gateway:
         await self.journal.close()
         if self.session is not None:
             await self.session.close()
+        await self.upstream_client.close()
         await self.store.close()
 
     async def _retention_loop(self) -> None:

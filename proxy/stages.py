@@ -38,7 +38,7 @@ from .bodies import media_type, parse_body
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_url, read_whole, relay, response_headers, send
+from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, relay, response_headers, send
 from .journal import JournalUnavailable
 from .normalise import ambiguous, decode_segments, parse_query, split_target
 from .pipeline import request_record
@@ -400,13 +400,13 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         hdrs = await upstream_headers(gw, ex)
         if body is None and ex.request.body_exists:
             body = ex.request.content  # streamed request body (stream_request capabilities)
-    url = build_url(up.base_url, ex.raw_path, ex.query)
+    target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")
     timer = Timer()
     ex.forwarded = True
     try:
-        resp = await send(gw.session, wire_method, url, hdrs, body, up.timeout, up.ssl)
+        resp = await send(gw.origin(up), wire_method, target, hdrs, body, up.timeouts)
     except TetherError as err:
         if steps:
             await gw.transactions.after_forward(ex, status=None, headers={}, body=None, failed=True,
@@ -419,7 +419,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     limit = up.max_response_bytes or gw.limits.max_response_bytes
     if ex.is_write or ex.transaction_id is not None:
         try:
-            data = await read_whole(resp, min(limit or WHOLE_BODY_LIMIT, WHOLE_BODY_LIMIT))
+            data = await read_whole(resp, min(limit or WHOLE_BODY_LIMIT, WHOLE_BODY_LIMIT), up.timeouts)
         except TetherError:
             if steps:
                 await gw.transactions.after_forward(ex, status=resp.status, headers={}, body=None, failed=True,
@@ -443,14 +443,14 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
                                                 failed=failed, applied=not failed)
             if ex.extra.get("tx_state"):
                 out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
-        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason, headers=out_headers)
+        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
         return
     cl = resp.content_length
     if cl is not None and cl <= SMALL_BODY and (limit is None or cl <= limit):
         # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
-        data = await read_whole(resp, SMALL_BODY)
+        data = await read_whole(resp, SMALL_BODY, up.timeouts)
         resp.release()
-        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason, headers=out_headers)
+        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
         return
     streamed, sent, err = await relay(ex.request, resp, out_headers, limit)
     ex.response = streamed

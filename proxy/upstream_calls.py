@@ -2,7 +2,7 @@
 
 They take the same road as an agent's request — the upstream's base URL plus a validated path, its
 injected credentials, provenance headers naming the agent (and the reviewer, for a replay), the shared
-client session — and they are read whole (they are small and their content matters).
+forwarding client — and they are read whole (they are small and their content matters).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from adapters.base import FORM_CT, PlannedRequest
 
 from . import headers as H
-from .forward import WHOLE_BODY_LIMIT, build_url, read_whole, send
+from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, send
 from .normalise import decode_segments, split_target
 
 if TYPE_CHECKING:
@@ -99,11 +99,9 @@ async def call_upstream(
         if reviewer:
             headers["X-Tether-Reviewer"] = reviewer
     await up.apply_credentials(headers)
-    assert gw.session is not None
-    resp = await send(gw.session, req.method, build_url(up.base_url, path, req.query), headers, body, up.timeout,
-                      up.ssl)
+    resp = await send(gw.origin(up), req.method, build_target(path, req.query), headers, body, up.timeouts)
     try:
-        data = await read_whole(resp, WHOLE_BODY_LIMIT)
+        data = await read_whole(resp, WHOLE_BODY_LIMIT, up.timeouts)
     finally:
         resp.release()
     parsed: Any = None
