@@ -66,15 +66,16 @@ class UpstreamResponse:
     Call :meth:`release` when done (the connection goes back to the pool if the body was read to the
     end) or :meth:`close` to drop the connection."""
 
-    __slots__ = ("status", "reason", "headers", "content_length", "_conn", "_chunks", "_buffered", "_done",
-                 "_error", "_waiter", "_keep_alive", "_finished")
+    __slots__ = ("status", "reason", "raw_headers", "_headers", "content_length", "_conn", "_chunks", "_buffered",
+                 "_done", "_error", "_waiter", "_keep_alive", "_finished")
 
-    def __init__(self, conn: "_Connection", status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    def __init__(self, conn: "_Connection", status: int, reason: str, raw_headers: list[tuple[str, str]],
+                 content_length: int | None) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
-        cl = headers.get("Content-Length")
-        self.content_length: int | None = int(cl) if cl is not None and cl.isdigit() else None
+        self.raw_headers = raw_headers  # as received, in order: the forward path filters this list once
+        self._headers: CIMultiDict[str] | None = None
+        self.content_length = content_length
         self._conn: _Connection | None = conn
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -83,6 +84,14 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._keep_alive = False
         self._finished = False  # released or closed
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The response headers (built on first use)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = CIMultiDict(self.raw_headers)
+        return h
 
     # -- fed by the connection
     def _feed(self, data: bytes) -> None:
@@ -139,18 +148,27 @@ class UpstreamResponse:
 
     async def read(self, limit: int) -> bytes:
         """The whole body; UpstreamError('too_large') past ``limit`` bytes."""
-        while not self._done:
-            if self._error is not None:
-                raise self._error
+        if self._done:  # the usual case: the whole answer came with its head
             if self._buffered > limit:
                 raise UpstreamError("too_large", f"the upstream's response exceeds {limit} bytes")
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            return data
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            while self._chunks:  # taking (not peeking) keeps the socket unpaused
+                chunk = self._take()
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamError("too_large", f"the upstream's response exceeds {limit} bytes")
+                parts.append(chunk)
+            if self._done:
+                return b"".join(parts)
+            if self._error is not None:
+                raise self._error
             await self._more()
-        if self._buffered > limit:
-            raise UpstreamError("too_large", f"the upstream's response exceeds {limit} bytes")
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
 
     def release(self) -> None:
         """Done with the response: reuse the connection when the body was read to its end."""
@@ -198,9 +216,14 @@ class _Connection(asyncio.Protocol):
         self.head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self.until_close = False
+        self.must_close = False  # e.g. a request body abandoned half-way: the stream is out of step
+        self.in_head = False
+        self._head_raw = 0
         self._hdrs: list[tuple[str, str]] = []
         self._reason = ""
         self._head_bytes = 0
+        self._length: int | None = None
+        self._chunked = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -240,8 +263,15 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             self._protocol_error(str(exc.__context__ or exc))
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("the upstream switched protocols unasked")
         except httptools.HttpParserError as exc:
             self._protocol_error(f"malformed response: {exc}")
+        else:
+            if self.in_head:  # a head (or one endless line) still incomplete: bound what the parser holds
+                self._head_raw += len(data)
+                if self._head_raw > 2 * MAX_HEAD_BYTES:
+                    self._protocol_error(f"the response head exceeds {MAX_HEAD_BYTES} bytes")
         if self.reset_parser:  # after a HEAD answer: the next message starts afresh
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
@@ -251,30 +281,41 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
+        self.in_head = True
+        self._head_raw = 0
         self._hdrs = []
         self._reason = ""
         self._head_bytes = 0
+        self._length = None
+        self._chunked = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a trailer field after a chunked body: never a response header
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise UpstreamError("protocol", f"the upstream's response head exceeds {MAX_HEAD_BYTES} bytes")
+        if len(name) in (14, 17):
+            lname = name.lower()
+            if lname == b"content-length":
+                self._length = int(value) if value.isdigit() else None  # llhttp already refused bad ones
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
         self._hdrs.append((_dec(name), _dec(value)))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         status = self.parser.get_status_code()
         if status < 200:
             self.informational = True  # 100 Continue, 103 Early Hints: not the answer
             return
-        headers: CIMultiDict[str] = CIMultiDict(self._hdrs)
-        resp = UpstreamResponse(self, status, self._reason, headers)
+        resp = UpstreamResponse(self, status, self._reason, self._hdrs, self._length)
         self.response = resp
         no_body = self.head_request or status in (204, 304)
-        self.until_close = (not no_body and resp.content_length is None
-                            and "chunked" not in headers.get("Transfer-Encoding", "").lower())
+        self.until_close = not no_body and self._length is None and not self._chunked
         hw, self.head_waiter = self.head_waiter, None
         if hw is not None and not hw.done():
             hw.set_result(resp)
@@ -340,16 +381,18 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     async def drain(self) -> None:
+        """Wait until the upstream takes more of the request body (silence past the read timeout fails)."""
         if self.write_paused and not self.closed:
             self.drain_waiter = self.loop.create_future()
-            await self.drain_waiter
+            self.last_activity = self.loop.time()
+            await self.wait(self.drain_waiter)
         if self.closed:
             raise UpstreamError("broken", "the upstream closed the connection while Tether was sending")
 
     def reusable(self) -> None:
         self.response = None
         self.read_timeout = None
-        if self.closed or self.reading_paused:
+        if self.closed or self.reading_paused or self.must_close:
             self.close()
             return
         self.pool.put_back(self)
@@ -517,11 +560,12 @@ class OriginPool:
         it = body.iter_chunked(CHUNK) if hasattr(body, "iter_chunked") else body
         async for chunk in it:
             if waiter.done():
-                break  # the upstream answered early (e.g. 413): stop sending
+                conn.must_close = True  # answered early (e.g. 413): stop; the body's end was never sent
+                return
             if chunk:
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 await conn.drain()
-        if not conn.closed and not waiter.done():
+        if not conn.closed:
             transport.write(b"0\r\n\r\n")
 
 

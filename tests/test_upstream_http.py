@@ -18,7 +18,8 @@ Every upstream here is a raw ``asyncio.start_server`` on 127.0.0.1 whose bytes t
 - back-pressure on large bodies, release/close semantics, TLS with a trusted and an untrusted
   self-signed certificate, and the ``forward`` wrappers (``send``, ``read_whole``, ``relay``).
 
-Tests marked ``xfail(strict=True)`` document bugs found in the client (see each reason).
+Five tests here first documented bugs (read() past the high-water mark, abandoned request bodies, upload
+silence, endless head lines, an unasked 101); they pass since the client was fixed.
 """
 
 from __future__ import annotations
@@ -891,12 +892,6 @@ async def test_trickle_slower_than_the_timeout_overall_is_not_silence(servers: S
     assert srv.connections == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: no timeout while sending a streamed request body. _send_stream awaits _Connection.drain(), "
-    "whose drain_waiter is awaited without the read timeout (only the response head waiter goes through "
-    "_Connection.wait). An upstream that stops reading the body and never answers leaves the request "
-    "hanging forever (until the upstream closes), although the module promises read = the longest silence "
-    "while waiting for the response head."))
 async def test_upstream_that_stops_reading_a_streamed_body_times_out(servers: StartServer,
                                                                      pools: MakePool) -> None:
     async def handler(peer: Peer) -> None:
@@ -994,10 +989,6 @@ async def test_malformed_body_is_a_protocol_error(servers: StartServer, pools: M
     await asyncio.wait_for(srv.peers[0].eof.wait(), 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a '101 Switching Protocols' answer (never asked for) makes httptools raise HttpParserUpgrade, "
-    "which is not an HttpParserError: it escapes _Connection.data_received, asyncio logs 'Fatal error: "
-    "protocol.data_received() call failed' and the request fails as kind 'broken' instead of 'protocol'."))
 async def test_unrequested_switching_protocols_is_a_protocol_error(servers: StartServer, pools: MakePool) -> None:
     async def handler(peer: Peer) -> None:
         await peer.request()
@@ -1036,11 +1027,6 @@ async def test_response_head_size_limit(servers: StartServer, pools: MakePool, h
     await asyncio.wait_for(srv.peers[0].eof.wait(), 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the 64 KiB head limit is only checked in on_header, i.e. once a header line is complete "
-    "(httptools accumulates a name/value until the next field or the end of the head). An upstream that "
-    "sends one endless header line (or status line) is buffered without bound and never fails as "
-    "'protocol'; with no read timeout memory grows for as long as it keeps sending."))
 async def test_unterminated_oversized_head_is_a_protocol_error(servers: StartServer, pools: MakePool) -> None:
     async def handler(peer: Peer) -> None:
         await peer.request()
@@ -1157,12 +1143,6 @@ async def test_large_body_read_slowly_pauses_the_socket(servers: StartServer, po
     assert srv.connections == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: UpstreamResponse.read(limit) deadlocks on a body larger than HIGH_WATER (256 KiB) but within "
-    "the limit: _feed pauses the socket once 256 KiB are buffered, and only _take (used by chunks()) ever "
-    "resumes it, while read() waits for the end of the message without consuming. The read then fails as "
-    "read_timeout (or hangs forever without a read timeout). forward.read_whole reads every write response "
-    "this way with limit WHOLE_BODY_LIMIT (4 MiB), so a write answered with > ~256 KiB fails as a 504."))
 async def test_read_of_a_body_larger_than_high_water(servers: StartServer, pools: MakePool) -> None:
     payload = os.urandom(1 << 20)
     srv = await servers(big_body_handler(payload))
@@ -1266,12 +1246,6 @@ async def test_tls_with_a_trusted_self_signed_certificate(servers: StartServer, 
 # --------------------------------------------------------------------------- abandoned request bodies
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when the upstream answers early while a streamed (chunked) request body is being sent, "
-    "_send_stream stops sending without the 0-size terminator, yet the connection is still returned to the "
-    "pool when the answer is read to its end. The upstream is left mid-body; the next request on that "
-    "connection is read as chunk data (a framing desync) and here gets no answer. A connection whose "
-    "request body was not sent completely must be closed, not reused."))
 async def test_connection_with_an_abandoned_request_body_is_not_reused(servers: StartServer,
                                                                        pools: MakePool) -> None:
     async def handler(peer: Peer) -> None:
