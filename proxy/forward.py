@@ -72,14 +72,16 @@ async def send(pool: OriginPool, method: str, target: str, headers: CIMultiDict[
         raise as_tether_error(exc, timeouts) from None
 
 
-def response_headers(upstream_headers: Any) -> CIMultiDict[str]:
-    """End-to-end headers of the upstream response (hop-by-hop and those Connection names dropped)."""
-    drop = STRIPPED_RESPONSE
-    if "Connection" in upstream_headers:
-        drop = set(drop)
-        for v in upstream_headers.getall("Connection", ()):
+def response_headers(raw: list[tuple[str, str]]) -> CIMultiDict[str]:
+    """End-to-end headers of an upstream response given as received (hop-by-hop and the headers its
+    Connection header names are dropped)."""
+    drop: Any = STRIPPED_RESPONSE
+    for k, v in raw:
+        if k.lower() == "connection":
+            if drop is STRIPPED_RESPONSE:
+                drop = set(drop)
             drop.update(t.strip().lower() for t in v.split(",") if t.strip())
-    return CIMultiDict([(k, v) for k, v in upstream_headers.items() if k.lower() not in drop])
+    return CIMultiDict([(k, v) for k, v in raw if k.lower() not in drop])
 
 
 async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> bytes:

@@ -55,6 +55,7 @@ class Window:
 
     span: float
     buckets: deque[tuple[float, dict[str, int]]] = field(default_factory=deque)
+    state: Any = None  # the rules state whose budget set ``span`` (re-checked only after a reload)
 
     def add(self, kind: str, now: float, n: int = 1) -> None:
         start = now - (now % _BUCKET)
@@ -255,9 +256,13 @@ class Governance:
 
     def _window(self, agent: str) -> Window:
         w = self.windows.get(agent)
+        state = self.gw.state
+        if w is not None and w.state is state:
+            return w
         budget = self.budget(agent)
         if w is None or w.span != budget.window:
             w = self.windows[agent] = Window(budget.window)
+        w.state = state
         return w
 
     def budget(self, agent: str) -> ErrorBudget:

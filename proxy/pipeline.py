@@ -22,8 +22,9 @@ from aiohttp import web
 
 from .errors import TetherError
 from .exchange import Exchange
-from .journal import JournalUnavailable, base_record
+from .journal import REDACTED, JournalUnavailable, base_record
 from .responses import error_response
+from .validation import _lookup, _path_matches
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -151,9 +152,6 @@ def request_record(ex: Exchange) -> dict[str, Any]:
 def collect_audit(ex: Exchange) -> None:
     """Copy the fields capabilities mark ``audit_fields`` into the record; ``sensitive_fields`` are
     replaced by a marker and listed in ``redacted`` (the body itself is kept only as a digest)."""
-    from .journal import REDACTED
-    from .validation import _lookup, _path_matches
-
     if not any(op.capability is not None and op.capability.config.audit_fields for op in ex.operations):
         ex.audit = {}
         return

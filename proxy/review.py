@@ -25,7 +25,6 @@ import asyncio
 import base64
 import hashlib
 import logging
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +53,8 @@ _NOT_CAPTURED = H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type"}
 
 
 def new_item_id() -> str:
-    return "dr_" + secrets.token_hex(10)
+    """Unique without a syscall per capture: the per-process random prefix and counter of request ids."""
+    return "dr_" + new_request_id()
 
 
 def captured_request(ex: Exchange) -> dict[str, Any]:

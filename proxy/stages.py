@@ -192,9 +192,24 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
     cl = req.content_length
     if cl is not None and cl > limit:
         raise TetherError("body_too_large", f"the body is {cl} bytes; this capability accepts at most {limit}")
+    content = req.content
+    if content.is_eof():
+        # the whole body came with the head (most API calls): no waiting, so no timer to arm
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
+    else:
+        body = await _read_body_slowly(gw, content, limit)
+    ex.body = body
+    ex.body_digest = hashlib.sha256(body).hexdigest() if body else None
+    for op in ex.operations:
+        op.raw_body = body
+
+
+async def _read_body_slowly(gw: "Gateway", content: Any, limit: int) -> bytes:
+    """A body still arriving: read it under the client timeout, refusing it past ``limit``."""
     chunks: list[bytes] = []
     size = 0
-    content = req.content
     try:
         async with asyncio.timeout(gw.limits.client_timeout):
             while True:
@@ -208,11 +223,7 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
     except TimeoutError:
         raise TetherError("client_timeout", f"the request body did not arrive within "
                                             f"{gw.limits.client_timeout:g}s") from None
-    body = b"".join(chunks)
-    ex.body = body
-    ex.body_digest = hashlib.sha256(body).hexdigest() if body else None
-    for op in ex.operations:
-        op.raw_body = body
+    return b"".join(chunks)
 
 
 def parse_body_stage(gw: "Gateway", ex: Exchange) -> None:
@@ -414,7 +425,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         raise
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
-    out_headers = response_headers(resp.headers)
+    out_headers = response_headers(resp.raw_headers)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
     if ex.is_write or ex.transaction_id is not None:

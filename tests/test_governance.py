@@ -176,3 +176,14 @@ async def test_metrics_parse_and_match_the_traffic(make_gateway, upstream, tmp_p
     depth = [s.value for s in fams["tether_review_queue_depth"].samples][0]
     assert depth == 2
     assert "tether_journal_commit_seconds" in fams and "tether_request_duration_seconds" in fams
+    # the request-duration histogram: cumulative buckets ending at +Inf == count, one series per decision
+    lat = fams["tether_request_duration_seconds"].samples
+    live = [s for s in lat if s.labels.get("decision") == "live"]
+    buckets = [(s.labels["le"], s.value) for s in live if s.name.endswith("_bucket")]
+    assert [b for b, _ in buckets][-1] == "+Inf" and buckets[0][0] == "0.0005"
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
+    [count] = [s.value for s in live if s.name.endswith("_count")]
+    assert count == buckets[-1][1] == 3
+    assert 0 < [s.value for s in live if s.name.endswith("_sum")][0] < 3
+    up = [s for s in fams["tether_upstream_duration_seconds"].samples if s.name.endswith("_count")]
+    assert sum(s.value for s in up) == 3  # the three forwarded reads (dry-run writes never left)
