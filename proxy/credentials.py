@@ -42,6 +42,11 @@ class Injector:
     async def apply(self, headers: dict[str, str]) -> None:
         return None
 
+    def header_now(self) -> tuple[tuple[str, str], ...] | None:
+        """The (name, value) pairs :meth:`apply` would set, when they are at hand without I/O; None means
+        call :meth:`apply`. Spares the hot path a coroutine per request. The base adds nothing: ()."""
+        return ()
+
     def check(self) -> None:
         """Raise CredentialError if the secret cannot be read now (readiness)."""
 
@@ -57,6 +62,9 @@ class _StaticInjector(Injector):
 
     async def apply(self, headers: dict[str, str]) -> None:
         headers[self._header] = self._current()
+
+    def header_now(self) -> tuple[tuple[str, str], ...] | None:
+        return ((self._header, self._current()),)
 
     def _current(self) -> str:
         try:
@@ -85,6 +93,11 @@ class OAuth2Injector(Injector):
 
     async def apply(self, headers: dict[str, str]) -> None:
         headers["Authorization"] = f"Bearer {await self.token()}"
+
+    def header_now(self) -> tuple[tuple[str, str], ...] | None:
+        if self._token is not None and time.monotonic() < self._expires_at - self.cfg.refresh_before:
+            return (("Authorization", f"Bearer {self._token}"),)
+        return None
 
     def check(self) -> None:
         try:

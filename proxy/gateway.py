@@ -97,6 +97,14 @@ class UpstreamRuntime:
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
 
+    def credential_now(self) -> tuple[tuple[str, str], ...] | None:
+        """The credential header when it can be had without waiting (static secrets, a cached OAuth
+        token); None means: await :meth:`apply_credentials`."""
+        try:
+            return self.injector.header_now()
+        except CredentialError:
+            return None  # apply_credentials reports it properly
+
     async def apply_credentials(self, headers: Any) -> None:
         try:
             await self.injector.apply(headers)

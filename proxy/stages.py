@@ -368,34 +368,42 @@ async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = False) -> CIMultiDict[str]:
-    """The agent's headers minus everything that must not cross, plus provenance and credentials."""
+async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = False) -> list[tuple[str, str]]:
+    """The agent's headers minus everything that must not cross, plus provenance and credentials.
+
+    A plain list of pairs: the upstream client writes them out as they are (what must not cross is
+    already gone; the client refuses CR/LF/NUL in any of them)."""
     up = ex.upstream
     assert up is not None
     src = ex.request.headers
     drop = up.strip_headers
-    conn = H.connection_tokens(src) if "Connection" in src else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in src.items():
-        lk = k.lower()
-        if lk in drop or lk in conn or lk.startswith("x-tether-"):
-            continue
-        if body_override and lk in ("content-type", "content-encoding"):
-            continue
-        out.add(k, v)
+    if "Connection" in src:
+        drop = drop | frozenset(H.connection_tokens(src))
+    if body_override:
+        drop = drop | _BODY_HEADERS
+    out = [(k, v) for k, v in src.items() if (lk := k.lower()) not in drop and not lk.startswith("x-tether-")]
     if up.provenance_headers:
         ident = ex.identity
         assert ident is not None
-        out[H.AGENT] = ident.agent
+        out.append((H.AGENT, ident.agent))
         if ident.on_behalf_of:
-            out[H.ON_BEHALF_OF] = ident.on_behalf_of
+            out.append((H.ON_BEHALF_OF, ident.on_behalf_of))
         if ex.intent:
-            out[H.INTENT] = ex.intent
+            out.append((H.INTENT, ex.intent))
         if ex.authz_event:
-            out[H.AUTHZ_EVENT] = ex.authz_event
-        out[H.REQUEST_ID] = ex.request_id
-    await up.apply_credentials(out)
+            out.append((H.AUTHZ_EVENT, ex.authz_event))
+        out.append((H.REQUEST_ID, ex.request_id))
+    cred = up.credential_now()
+    if cred is not None:
+        out.extend(cred)
+    else:
+        extra: dict[str, str] = {}
+        await up.apply_credentials(extra)
+        out.extend(extra.items())
     return out
+
+
+_BODY_HEADERS = frozenset({"content-type", "content-encoding"})
 
 
 async def forward(gw: "Gateway", ex: Exchange) -> None:
@@ -406,7 +414,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     if stamped is not None:
         body, content_type = stamped
         hdrs = await upstream_headers(gw, ex, body_override=True)
-        hdrs["Content-Type"] = content_type
+        hdrs.append(("Content-Type", content_type))
     else:
         hdrs = await upstream_headers(gw, ex)
         if body is None and ex.request.body_exists:

@@ -489,7 +489,7 @@ class OriginPool:
     # -- requests
     def _head(self, method: str, target: str, headers: Any, length: int | None) -> bytes:
         lines = [f"{method} {self.prefix}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        for k, v in headers.items():
+        for k, v in (headers if isinstance(headers, list) else headers.items()):
             if k.lower() in MANAGED:
                 continue
             lines.append(f"{k}: {v}\r\n")

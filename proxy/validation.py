@@ -20,6 +20,7 @@ string that reads as such, both in constraints and in the JSON Schema.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +46,21 @@ def _index_to_star(path: str) -> str:
     return re.sub(r"\[\d+\]", "[*]", path)
 
 
+_PART_RE = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parts(path: str) -> tuple[str | int, ...]:
+    """'a.b[0].c' -> ('a', 'b', 0, 'c'); rule paths repeat on every request, so split once."""
+    return tuple(int(p[1:-1]) if p.startswith("[") else p for p in _PART_RE.findall(path))
+
+
 def _lookup(body: Any, path: str) -> tuple[bool, Any]:
     """Find a dotted path (with optional [i]) in a parsed body."""
     node = body
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        if part.startswith("["):
-            idx = int(part[1:-1])
+    for part in _parts(path):
+        if isinstance(part, int):
+            idx = part
             if isinstance(node, list) and idx < len(node):
                 node = node[idx]
             elif isinstance(node, dict) and str(idx) in node:
@@ -98,6 +108,9 @@ class BodyValidator:
         self.constraints = [_CompiledConstraint(f(p), c, re.compile(c.pattern) if c.pattern else None)
                             for p, c in rules.constraints.items()]
         self.needs_pre_image = any(c.c.needs_pre_image for c in self.constraints)
+        # field path -> None (fine) or the rule refusing it; bodies repeat their fields request after
+        # request, so each path is judged against the allow/forbid lists once (bounded memo)
+        self._verdicts: dict[str, tuple[str, str] | None] = {}
         self._schema: Any = None
         self._form_schema: Any = None
         if rules.json_schema is not None:
@@ -127,18 +140,24 @@ class BodyValidator:
                 raise TetherError("schema_violation", "the body must be a JSON object for this capability",
                                   details={"field": "", "rule": "type: object"})
         else:
-            leaves = flatten(body)
-            for path in leaves:
-                if self.allow is not None and not any(_path_matches(path, a) for a in self.allow):
-                    raise TetherError("field_not_allowed",
-                                      f"field {path!r} is not allowed by capability {self.capability!r} "
-                                      f"(allowed: {', '.join(self.allow) or 'none'})",
-                                      details={"field": path, "rule": "allow_fields"})
-                for f in self.forbid:
-                    if _path_matches(path, f):
+            verdicts = self._verdicts
+            for path in flatten(body):
+                try:
+                    verdict = verdicts[path]
+                except KeyError:
+                    verdict = self._judge_field(path)
+                    if len(verdicts) < 8192:
+                        verdicts[path] = verdict
+                if verdict is not None:
+                    rule, f = verdict
+                    if rule == "allow_fields":
                         raise TetherError("field_not_allowed",
-                                          f"field {path!r} is forbidden by capability {self.capability!r}",
-                                          details={"field": path, "rule": f"forbid_fields: {f}"})
+                                          f"field {path!r} is not allowed by capability {self.capability!r} "
+                                          f"(allowed: {', '.join(self.allow or ()) or 'none'})",
+                                          details={"field": path, "rule": "allow_fields"})
+                    raise TetherError("field_not_allowed",
+                                      f"field {path!r} is forbidden by capability {self.capability!r}",
+                                      details={"field": path, "rule": f"forbid_fields: {f}"})
             for req in self.require:
                 if not _lookup(body, req)[0]:
                     raise TetherError("field_required", f"field {req!r} is required by capability {self.capability!r}",
@@ -153,6 +172,14 @@ class BodyValidator:
                 raise TetherError("schema_violation",
                                   f"field {field or '(body)'!r}: {err.message} (schema rule: {err.validator})",
                                   details={"field": field, "rule": f"json_schema: {err.validator}"})
+
+    def _judge_field(self, path: str) -> tuple[str, str] | None:
+        if self.allow is not None and not any(_path_matches(path, a) for a in self.allow):
+            return ("allow_fields", "")
+        for f in self.forbid:
+            if _path_matches(path, f):
+                return ("forbid_fields", f)
+        return None
 
     def _check_constraint(self, cc: _CompiledConstraint, body: Any, form: bool, pre_image: Any) -> None:
         found, value = _lookup(body, cc.path)
