@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
+
+import orjson
 
 from .errors import TetherError
 
@@ -52,7 +55,61 @@ def _depth(value: Any, limit: int) -> None:
             stack.extend((x, d + 1) for x in v)
 
 
+def _census(value: Any, limit: int) -> tuple[int, int]:
+    """(object keys, ':' characters inside keys and strings) of a parsed document; enforces the depth."""
+    keys = colons = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            if d > limit:
+                raise TetherError("json_too_deep", f"the JSON body nests deeper than {limit} levels")
+            keys += len(v)
+            for k, x in v.items():
+                colons += k.count(":")
+                if isinstance(x, str):
+                    colons += x.count(":")
+                elif isinstance(x, (dict, list)):
+                    stack.append((x, d + 1))
+        elif isinstance(v, list):
+            if d > limit:
+                raise TetherError("json_too_deep", f"the JSON body nests deeper than {limit} levels")
+            for x in v:
+                if isinstance(x, str):
+                    colons += x.count(":")
+                elif isinstance(x, (dict, list)):
+                    stack.append((x, d + 1))
+    return keys, colons
+
+
+def _parse_json_fast(body: bytes, max_depth: int) -> Any:
+    """orjson, when it provably reads the body exactly as the strict parser would; else _MISSING.
+
+    orjson keeps the last of two equal keys silently, so duplicates are ruled out by counting: outside
+    strings, a ':' appears only after a key, so with no \\u escapes (which could spell a ':' or a key
+    differently) ``raw ':' count - ':' inside the parsed strings`` is the number of keys written. If
+    that equals the number of keys parsed, no key was repeated (a dropped duplicate also drops its
+    value's colons, which only raises the first figure). Anything else goes the strict way."""
+    if b"\\u" in body or body.startswith(b"\xef\xbb\xbf") or _LONG_DIGITS.search(body):
+        return _MISSING  # escapes, a BOM, or a number orjson might read as a float (ints past 64 bits)
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _MISSING  # the strict parser says what is wrong
+    keys, colons = _census(value, max_depth)
+    if body.count(b":") - colons != keys:
+        return _MISSING
+    return value
+
+
+_MISSING = object()
+_LONG_DIGITS = re.compile(rb"\d{16}")
+
+
 def parse_json(body: bytes, max_depth: int = 64) -> Any:
+    fast = _parse_json_fast(body, max_depth)
+    if fast is not _MISSING:
+        return fast
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

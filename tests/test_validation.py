@@ -123,3 +123,69 @@ async def test_field_rules_over_the_gateway(make_gateway, upstream, tmp_path):
     assert (await r.json())["error"]["code"] == "duplicate_json_key"
     # the only writes that reached the upstream are the valid PATCH (and the pre-image GETs)
     assert [x.method for x in upstream.received if x.method != "GET"] == ["PATCH"]
+
+
+# --------------------------------------------------------------------------- the orjson fast path
+# parse_json reads most bodies with orjson and proves, by counting colons, that no key was repeated;
+# anything it cannot prove goes to the strict stdlib parser. Both must agree on every body.
+
+import json as _json  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from proxy.bodies import _MISSING, _parse_json_fast, parse_json  # noqa: E402
+
+_text = st.text(alphabet=st.sampled_from(list("ab:c ,{}[]\"é")), max_size=6)
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | _text
+_docs = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+                     max_leaves=20)
+
+
+def _strict(body: bytes) -> object:
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError("duplicate")
+            out[k] = v
+        return out
+    return _json.loads(body.decode(), object_pairs_hook=hook)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=_docs, dup=st.booleans())
+def test_fast_path_agrees_with_the_strict_parser(doc: object, dup: bool) -> None:
+    body = _json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    if dup and isinstance(doc, dict) and doc:
+        key = next(iter(doc))
+        body = body[:-1] + b"," + _json.dumps(key, ensure_ascii=False).encode() + b":\"x:y\"}"
+    try:
+        expected: object = _strict(body)
+    except ValueError:
+        expected = "duplicate"
+    try:
+        got: object = parse_json(body)
+    except TetherError as err:
+        got = "duplicate" if err.code == "duplicate_json_key" else err.code
+    assert got == expected
+    fast = _parse_json_fast(body, 64)
+    if expected == "duplicate":
+        assert fast is _MISSING  # a repeated key is never accepted by the fast path
+
+
+@pytest.mark.parametrize("body, fast", [
+    (b'{"StageName":"Closed Won","CloseDate":"2026-12-31T10:00:00Z"}', True),
+    (b'{"a":"x:y","a":"z"}', False),             # duplicate whose value holds a colon
+    (b'{"a:b":1,"a:b":2}', False),               # duplicate key holding a colon
+    (b'{"a":"\\u003a","a":2}', False),           # escapes: strict path
+    (b'{"a":12345678901234567890123}', False),   # past 64 bits: orjson would read a float
+    (b'\xef\xbb\xbf{"a":1}', False),             # BOM: refused by the strict path
+])
+def test_fast_path_only_takes_what_it_can_prove(body: bytes, fast: bool) -> None:
+    assert (_parse_json_fast(body, 64) is not _MISSING) is fast
+    try:
+        assert parse_json(body) == _strict(body)
+    except (TetherError, ValueError):
+        with pytest.raises(TetherError):
+            parse_json(body)
