@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .errors import TetherError
 from .exchange import Exchange
-from .journal import REDACTED, JournalUnavailable, base_record
+from .journal import REDACTED, JournalUnavailable, now_iso
 from .responses import error_response
 from .validation import _lookup, _path_matches
 
@@ -107,25 +107,20 @@ def request_record(ex: Exchange) -> dict[str, Any]:
     """The intent (or denial) record of a request, fixed schema."""
     ident = ex.identity
     ops = ex.operations
-    rec = base_record(
-        "request",
-        request_id=ex.request_id,
-        agent=ident.agent if ident else None,
-        on_behalf_of=ident.on_behalf_of if ident else None,
-        intent=ex.intent,
-        capability=ex.capability.name if ex.capability is not None else None,
-        upstream=ex.upstream.name if ex.upstream is not None else None,
-        method=ex.method,
-        path=ex.raw_path,
-        decision=ex.decision,
-        reason=ex.reason,
-    )
-    rec["query"] = ex.query or None
-    rec["body_sha256"] = ex.body_digest
-    rec["body_bytes"] = len(ex.body) if ex.body is not None else None
-    rec["tx"] = ex.transaction_id
-    rec["trace_id"] = trace_id(ex.traceparent)
-    rec["rules_version"] = ex.registry.version
+    body = ex.body
+    # one literal (the fixed schema of base_record, plus the request's own fields): built per request
+    rec: dict[str, Any] = {
+        "ts": now_iso(), "kind": "request", "request_id": ex.request_id,
+        "agent": ident.agent if ident else None,
+        "on_behalf_of": ident.on_behalf_of if ident else None,
+        "intent": ex.intent,
+        "capability": ex.capability.name if ex.capability is not None else None,
+        "upstream": ex.upstream.name if ex.upstream is not None else None,
+        "method": ex.method, "path": ex.raw_path, "decision": ex.decision, "reason": ex.reason,
+        "query": ex.query or None, "body_sha256": ex.body_digest,
+        "body_bytes": len(body) if body is not None else None,
+        "tx": ex.transaction_id, "trace_id": trace_id(ex.traceparent), "rules_version": ex.registry.version,
+    }
     if ex.audit is None:
         collect_audit(ex)
     if ex.audit:
@@ -179,24 +174,17 @@ def collect_audit(ex: Exchange) -> None:
 
 def outcome_record(ex: Exchange) -> dict[str, Any]:
     ident = ex.identity
-    rec = base_record(
-        "outcome",
-        request_id=ex.request_id,
-        agent=ident.agent if ident else None,
-        on_behalf_of=ident.on_behalf_of if ident else None,
-        capability=ex.capability.name if ex.capability is not None else None,
-        upstream=ex.upstream.name if ex.upstream is not None else None,
-        method=ex.method,
-        path=ex.raw_path,
-        decision=ex.decision,
-        reason=ex.reason,
-    )
-    rec["intent_seq"] = ex.intent_seq
-    rec["status"] = ex.status
-    rec["latency_ms"] = round(ex.elapsed_ms(), 3)
-    rec["upstream_latency_ms"] = ex.upstream_latency_ms
-    rec["forwarded"] = ex.forwarded
-    rec["tx"] = ex.transaction_id
+    rec: dict[str, Any] = {
+        "ts": now_iso(), "kind": "outcome", "request_id": ex.request_id,
+        "agent": ident.agent if ident else None,
+        "on_behalf_of": ident.on_behalf_of if ident else None,
+        "intent": None,
+        "capability": ex.capability.name if ex.capability is not None else None,
+        "upstream": ex.upstream.name if ex.upstream is not None else None,
+        "method": ex.method, "path": ex.raw_path, "decision": ex.decision, "reason": ex.reason,
+        "intent_seq": ex.intent_seq, "status": ex.status, "latency_ms": round(ex.elapsed_ms(), 3),
+        "upstream_latency_ms": ex.upstream_latency_ms, "forwarded": ex.forwarded, "tx": ex.transaction_id,
+    }
     if ex.upstream_ids:
         rec["upstream_ids"] = ex.upstream_ids
     if ex.review_item_id:

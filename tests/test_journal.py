@@ -42,6 +42,11 @@ async def test_live_request_leaves_intent_then_outcome(gateway, upstream):
     assert outcome["intent_seq"] == intent["seq"]
     # the authorisation event id the upstream saw is the intent record's sequence number
     assert upstream.received[-1].headers["X-Tether-Authz-Event"] == str(intent["seq"])
+    # both records carry the fixed schema every record kind has (journal.base_record)
+    from proxy.journal import base_record
+
+    fixed = set(base_record("x"))
+    assert fixed <= set(intent) and fixed <= set(outcome)
 
 
 async def test_denials_and_errors_are_journaled(gateway, upstream):
