@@ -281,6 +281,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
+        if self.head_waiter is None and not self.informational:
+            # bytes on a connection with no request in flight (a server's "408" before it closes an
+            # idle connection): taking them for the next request's answer would be a desync
+            raise UpstreamError("protocol", "the upstream answered a request it was not sent")
         self.in_head = True
         self._head_raw = 0
         self._hdrs = []

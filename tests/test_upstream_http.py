@@ -341,6 +341,29 @@ async def test_keep_alive_rules(servers: StartServer, pools: MakePool, answer: b
         await asyncio.wait_for(srv.peers[0].eof.wait(), 1)  # the client closed the spent connection
 
 
+async def test_unsolicited_answer_on_an_idle_connection_drops_it(servers: StartServer, pools: MakePool) -> None:
+    # Some servers send "408 Request Timeout" on an idle keep-alive connection before closing it; that
+    # answer must never be taken for the next request's.
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(OK + b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        while await peer.request() is not None:
+            await peer.send(OK)
+
+    srv = await servers(handler)
+    pool = pools(srv.url)
+    resp, body = await fetch(pool)
+    assert (resp.status, body) == (200, b"ok")
+    for _ in range(50):  # the stray answer arrives: the connection is dropped, not pooled
+        if not pool.idle:
+            break
+        await asyncio.sleep(0.01)
+    assert not pool.idle
+    resp, body = await fetch(pool)
+    assert (resp.status, body) == (200, b"ok")
+    assert srv.connections == 2
+
+
 async def test_idle_connection_past_keepalive_is_not_reused(servers: StartServer, pools: MakePool,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream_http, "KEEPALIVE_S", 0.05)
