@@ -1098,7 +1098,7 @@ def machine_info(nginx: str | None, wrk: str | None) -> dict[str, Any]:
     except OSError:
         pass
     vers: dict[str, Any] = {"python": platform.python_version()}
-    for mod in ("aiohttp", "uvloop", "aiosqlite", "orjson", "jwt", "yarl", "multidict"):
+    for mod in ("aiohttp", "uvloop", "httptools", "aiosqlite", "orjson", "jwt", "yarl", "multidict"):
         try:
             m = __import__(mod)
             vers[mod] = getattr(m, "__version__", "?")
