@@ -202,7 +202,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.uses = 0
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.read_timeout: float | None = None
@@ -537,7 +536,6 @@ class OriginPool:
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes, body: Any, streamed: bool,
                         read_timeout: float | None) -> UpstreamResponse:
-        conn.uses += 1
         conn.got_bytes = False
         conn.head_request = method == "HEAD"
         conn.read_timeout = read_timeout
