@@ -50,15 +50,19 @@ def build_target(path: str, query: str) -> str:
     return path + ("?" + query if query else "")
 
 
-def as_tether_error(exc: UpstreamError, timeouts: Timeouts) -> TetherError:
-    """Transport failures in Tether's vocabulary (``applied: False`` only where provably not sent)."""
+def as_tether_error(exc: UpstreamError, timeouts: Timeouts, *, mid_response: bool = False) -> TetherError:
+    """Transport failures in Tether's vocabulary (``applied: False`` only where provably not sent).
+    ``mid_response``: the head had arrived, so the failure broke off a response under way."""
     kind = exc.kind
     if kind == "read_timeout":
-        return TetherError("upstream_timeout", f"the upstream did not answer within {timeouts.read:g}s")
+        return TetherError("upstream_timeout", "the upstream stopped sending its response" if mid_response
+                           else f"the upstream did not answer within {timeouts.read:g}s")
     if kind == "too_large":
         return TetherError("upstream_response_too_large", str(exc))
     if exc.applied is False:
         return TetherError("upstream_unavailable", str(exc), details={"applied": False})
+    if mid_response:
+        return TetherError("upstream_unavailable", f"the upstream broke the connection mid-response: {exc}")
     return TetherError("upstream_unavailable", f"the upstream connection failed: {exc}")
 
 
@@ -94,11 +98,7 @@ async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> 
         return await resp.read(limit)
     except UpstreamError as exc:
         resp.close()
-        if exc.kind in ("broken", "protocol"):
-            raise TetherError("upstream_unavailable", f"the upstream broke the connection mid-response: {exc}") from None
-        if exc.kind == "read_timeout":
-            raise TetherError("upstream_timeout", "the upstream stopped sending its response") from None
-        raise as_tether_error(exc, timeouts) from None
+        raise as_tether_error(exc, timeouts, mid_response=True) from None
 
 
 async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMultiDict[str],

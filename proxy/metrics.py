@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 _LAT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LE = (*(repr(float(b)) for b in _LAT_BUCKETS), "+Inf")  # the bucket labels, as Prometheus spells them
 
 
 class _Histo:
@@ -35,7 +36,7 @@ class _Histo:
 
     def buckets(self) -> list[tuple[str, float]]:
         out, acc = [], 0
-        for bound, n in zip((*(repr(float(b)) for b in _LAT_BUCKETS), "+Inf"), self.counts):
+        for bound, n in zip(_LE, self.counts):
             acc += n
             out.append((bound, acc))
         return out
