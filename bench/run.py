@@ -997,6 +997,10 @@ def evaluate(cfgs: list[Config]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for k in ("p50_ms", "p99_ms"):
         t, d = lat("tether GET c1 tmpfs", k), lat("direct GET c1", k)
         added[f"GET {k} (store on tmpfs)"] = round(t - d, 4) if t is not None and d is not None else None
+    for k in ("p50_ms", "p99_ms"):
+        # the machine's own floor for a Python forwarder: what the bare one adds at one connection
+        b, d = lat("bare GET c1", k), lat("direct GET c1", k)
+        added[f"GET {k} (bare forwarder)"] = round(b - d, 4) if b is not None and d is not None else None
     ratios["added_latency_c1_ms"] = added
 
     targets: list[dict[str, Any]] = []

@@ -214,7 +214,8 @@ class Gateway:
         self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
         self.journal = JournalWriter(self.store, max_batch=rules.server.journal.max_batch,
                                      mirror_file=rules.server.journal.mirror_file,
-                                     on_commit=self._on_journal_commit)
+                                     on_commit=self._on_journal_commit,
+                                     quiet=lambda: self._in_flight <= 1)
         from .governance import Governance
 
         self.governance = Governance(self)

@@ -7,6 +7,11 @@ drains the queue: every record that arrived while the previous batch was committ
 batch, so under load many requests share one commit (group commit) while an idle gateway commits a
 lone record at once — there is no timer to wait for.
 
+A batch that nobody waits for (only outcomes) is committed without an fsync of its own: it reaches the
+operating system (so it survives kill -9 of the gateway) and the next awaited commit's fsync makes it
+power-safe too. When the gateway has no other request to serve (``quiet``), the store may commit on the
+event loop's own thread: an idle gateway's lone request then costs no thread round trip.
+
 If the store cannot commit, every waiter in the batch gets :class:`JournalUnavailable` (the gateway
 answers 503 ``journal_unavailable`` and forwards nothing); the next batch simply tries again, so the
 gateway recovers by itself when the store comes back.
@@ -66,8 +71,12 @@ def base_record(kind: str, **fields: Any) -> dict[str, Any]:
 
 class JournalWriter:
     def __init__(self, store: Store, *, max_batch: int = 256, mirror_file: str | os.PathLike[str] | None = None,
-                 on_commit: Callable[[float, int], None] | None = None) -> None:
+                 on_commit: Callable[[float, int], None] | None = None,
+                 quiet: Callable[[], bool] | None = None) -> None:
+        """``quiet``: True when the event loop has no other request to serve; the store may then commit
+        on the loop's own thread (see ``Store.journal_append(inline=...)``)."""
         self.store = store
+        self._quiet = quiet
         self.max_batch = max_batch
         self._queue: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]] = []
         self._wakeup = asyncio.Event()
@@ -146,10 +155,13 @@ class JournalWriter:
             return
         columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _, _ in batch]
         sides = [side for _, _, side in batch if side is not None]
+        # a batch nobody waits for (outcomes, request summaries) is committed without the fsync: it
+        # still survives kill -9, and the next awaited commit's fsync makes it power-safe too
+        durable = any(fut is not None for _, fut, _ in batch)
         t0 = time.perf_counter()
         try:
-            result = await self.store.journal_append(payloads, columns, sides) if sides else \
-                await self.store.journal_append(payloads, columns)
+            result = await self.store.journal_append(payloads, columns, sides or None, durable=durable,
+                                                     inline=self._quiet is not None and self._quiet())
         except asyncio.CancelledError:
             for _, fut, _ in batch:
                 if fut is not None and not fut.done():

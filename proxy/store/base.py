@@ -44,11 +44,20 @@ class Store(abc.ABC):
     # -- journal --------------------------------------------------------------------------------
     @abc.abstractmethod
     async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
-                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
+                             sides: list[tuple[str, dict[str, Any]]] | None = None, *,
+                             durable: bool = True, inline: bool = False) -> list[tuple[int, str]]:
         """Append records atomically, extending the chain; returns [(seq, hash)], durable on return.
 
         ``sides`` are other rows committed in the same transaction (``("review_insert", item)``: a captured
-        dry-run write shares its intent record's commit, so capture costs one fsync, not two)."""
+        dry-run write shares its intent record's commit, so capture costs one fsync, not two).
+
+        ``durable=False`` (a batch nobody waits for: outcome records) lets the store skip the flush to
+        stable storage; the records must still survive a crash of the gateway process (kill -9), and
+        the next durable commit makes them durable too. A store may ignore it and always flush.
+
+        ``inline=True``: the event loop has nothing else to serve (one request in flight), so an embedded
+        store may do the append on the calling thread rather than hand it to its own thread and back (two
+        context switches saved per commit on an idle gateway). A store may ignore it."""
 
     @abc.abstractmethod
     async def journal_head(self) -> tuple[int, str]:

@@ -425,7 +425,11 @@ class PostgresStore(Store):
     # -- journal --------------------------------------------------------------------------------
 
     async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
-                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
+                             sides: list[tuple[str, dict[str, Any]]] | None = None, *,
+                             durable: bool = True, inline: bool = False) -> list[tuple[int, str]]:
+        # ``durable`` is not used: every commit waits for the server's WAL flush (lowering
+        # synchronous_commit per transaction would cost a round trip of its own); nor is ``inline``
+        # (asyncpg has no thread to skip)
         if not payloads:
             return []
         for attempt in (1, 2):

@@ -2,7 +2,10 @@
 
 ``synchronous=FULL`` by default: a commit is on disk when it returns, so a journal record the gateway
 waited for survives kill -9 and power loss. The journal writer batches records (group commit), so the
-cost of the fsync is shared by every request in the batch.
+cost of the fsync is shared by every request in the batch. A batch nobody waits for (outcome records)
+commits at ``NORMAL`` instead: no fsync of its own, yet it survives kill -9, and the next FULL commit's
+fsync of the WAL file covers it. When the gateway is otherwise idle, an append runs on the event loop's
+thread rather than round-tripping through aiosqlite's (but never waits there for another process's lock).
 
 All writes go through one connection and one lock, and every multi-statement change runs inside
 ``BEGIN IMMEDIATE`` so that several gateway processes sharing the file (``--workers``) still extend a
@@ -123,9 +126,19 @@ _INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_be
 
 
 def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list[dict[str, Any]],
-                  sides: Any = ()) -> list[tuple[int, str, str]]:
+                  sides: Any = (), relax_to: str | None = None) -> list[tuple[int, str, str]]:
     """Runs in aiosqlite's thread. The head is read inside the write transaction, so several processes
-    sharing the file still extend one chain."""
+    sharing the file still extend one chain.
+
+    ``relax_to``: the connection's own ``synchronous`` level, when this batch may commit without the
+    fsync (WAL frames reach the OS, so they survive the process's kill -9; the next durable commit's
+    fsync of the WAL file covers them too). The level is put back before returning."""
+    if relax_to is not None:
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return _append_batch(conn, payloads, columns, sides)
+        finally:
+            conn.execute(f"PRAGMA synchronous={relax_to}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         head_seq, head_hash = conn.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1").fetchone()
@@ -155,6 +168,26 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
 
 
 
+_BUSY_TIMEOUT_MS = 5000
+
+
+def _append_inline(conn: sqlite3.Connection, payloads: list[bytes], columns: list[dict[str, Any]],
+                   sides: Any, relax_to: str | None) -> list[tuple[int, str, str]] | None:
+    """:func:`_append_batch` on the caller's thread, never waiting for another process's write lock
+    (busy timeout 0 for the attempt): None when the lock is taken, so the caller hands the batch to the
+    database thread, which may wait for it without stalling the event loop."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        return _append_batch(conn, payloads, columns, sides, relax_to)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                or "locked" in str(exc):
+            return None
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
 class SQLiteStore(Store):
     kind = "sqlite"
 
@@ -173,10 +206,12 @@ class SQLiteStore(Store):
         if not os.path.isdir(parent):
             raise StoreUnavailable(f"{self.path}: folder {parent} does not exist")
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            # check_same_thread=False: journal appends may run on the event loop's thread (inline=True),
+            # always under self._lock, so the connection is never used by two threads at once
+            self._db = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
             # busy_timeout first: several processes opening one file at once (workers, replicas) wait
             # for each other's journal_mode switch and migration instead of failing
-            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             await self._db.execute("PRAGMA foreign_keys=ON")
@@ -200,9 +235,8 @@ class SQLiteStore(Store):
                 await db.execute("UPDATE schema_version SET version = ?", (i,))
 
     async def schema_version(self) -> int:
-        cur = await self._conn().execute("SELECT version FROM schema_version")
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._fetchall("SELECT version FROM schema_version")
+        return int(rows[0][0]) if rows else 0
 
     async def close(self) -> None:
         if self._db is not None:
@@ -211,8 +245,8 @@ class SQLiteStore(Store):
 
     async def ping(self) -> None:
         try:
-            await self._conn().execute("SELECT 1")
-        except (sqlite3.Error, ValueError) as exc:
+            await self._fetchall("SELECT 1")
+        except ValueError as exc:
             raise StoreUnavailable(str(exc)) from None
 
     def _conn(self) -> aiosqlite.Connection:
@@ -258,13 +292,21 @@ class SQLiteStore(Store):
     # -- journal --------------------------------------------------------------------------------
 
     async def journal_append(self, payloads: list[bytes], columns: list[dict[str, Any]],
-                             sides: list[tuple[str, dict[str, Any]]] | None = None) -> list[tuple[int, str]]:
+                             sides: list[tuple[str, dict[str, Any]]] | None = None, *,
+                             durable: bool = True, inline: bool = False) -> list[tuple[int, str]]:
         """One batch in one trip to the database thread: BEGIN IMMEDIATE, read the head, link, insert,
-        move the head, COMMIT. (Each await on aiosqlite is a thread hand-off; the hot path takes one.)"""
+        move the head, COMMIT. (Each await on aiosqlite is a thread hand-off; the hot path takes one.)
+        ``durable=False`` commits at ``synchronous=NORMAL`` (no fsync) when the store runs at FULL.
+        ``inline=True`` runs it on the calling thread instead, unless another process holds the write
+        lock (then it goes to the thread and waits there, as usual). Every other use of the connection
+        holds ``self._lock``, so the database thread is idle while the loop thread uses it."""
         db = self._conn()
+        relax_to = None if durable or self.synchronous not in ("FULL", "EXTRA") else self.synchronous
         try:
             async with self._lock:
-                linked = await db._execute(_append_batch, db._conn, payloads, columns, sides or ())
+                linked = _append_inline(db._conn, payloads, columns, sides or (), relax_to) if inline else None
+                if linked is None:
+                    linked = await db._execute(_append_batch, db._conn, payloads, columns, sides or (), relax_to)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
         return [(seq, h) for seq, _, h in linked]
