@@ -381,6 +381,8 @@ class Gateway:
         for lst in self.listeners:
             if lst.upstream_name:
                 lst.upstream = new_state.upstreams.get(lst.upstream_name)
+        # keep-alive connections to an origin the new rules no longer name are closed, not left to idle
+        self.upstream_client.retire_except({(u.base_url, u.tls_key) for u in new_state.upstreams.values()})
         await self._journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
         log.info("rules reloaded (version %s)", new_state.registry.version)
         return True, new_state.registry.version

@@ -436,6 +436,7 @@ class OriginPool:
                 self.ssl = ssl_mod.create_default_context()
         self.idle: collections.deque[_Connection] = collections.deque()
         self.live: set[_Connection] = set()
+        self.retired = False
 
     # -- connections
     async def _open(self, connect_timeout: float | None) -> _Connection:
@@ -471,7 +472,7 @@ class OriginPool:
         return None
 
     def put_back(self, conn: _Connection) -> None:
-        if len(self.idle) >= MAX_IDLE:
+        if self.retired or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
         conn.idle_since = self.loop.time()
@@ -488,6 +489,13 @@ class OriginPool:
         for conn in list(self.live):
             conn.close()
         self.idle.clear()
+
+    def retire(self) -> None:
+        """No rules version forwards here any more: close the idle connections now, and each busy one
+        when its exchange ends (a request in flight when the rules changed still finishes)."""
+        self.retired = True
+        while self.idle:
+            self.idle.pop().close()
 
     # -- requests
     def _head(self, method: str, target: str, headers: Any, length: int | None) -> bytes:
@@ -585,6 +593,15 @@ class UpstreamClient:
         if pool is None:
             pool = self._pools[key] = OriginPool(base_url, ssl, asyncio.get_running_loop())
         return pool
+
+    def retire_except(self, keep: set[tuple[str, Any]]) -> int:
+        """Retire the pools whose (base URL, TLS key) is not in ``keep`` (after a rules reload changed an
+        upstream's URL or TLS settings); returns how many. A later rules version naming that origin again
+        gets a fresh pool."""
+        gone = [key for key in self._pools if key not in keep]
+        for key in gone:
+            self._pools.pop(key).retire()
+        return len(gone)
 
     async def close(self) -> None:
         self.closed = True

@@ -151,6 +151,38 @@ async def test_hot_reload_on_file_change_and_bad_file_keeps_old_rules(make_gatew
     await webhook.wait_for(lambda a: a["event"] == "rules_reload_failed")
 
 
+async def test_a_reload_that_moves_an_upstream_retires_the_old_origins_connections(make_gateway, upstream, tmp_path):
+    from tests.fakes import FakeUpstream
+
+    moved = await FakeUpstream().start()
+    try:
+        rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+        gw = await make_gateway(rules)
+        assert (await gw.request("GET", "/api/contacts")).status == 200
+        old_pool = gw.gw.state.upstreams["crm"].pool
+        assert old_pool is not None and len(old_pool.idle) == 1  # a kept-alive connection to the old URL
+        rules["upstreams"]["crm"]["url"] = moved.url
+        gw.rules_path.write_text(yaml.safe_dump(rules))
+        assert (await gw.gw.reload("test"))[0]
+        assert old_pool.retired and not old_pool.idle
+        for _ in range(100):  # the close reaches the socket on the next loop turns
+            if not old_pool.live:
+                break
+            await asyncio.sleep(0.01)
+        assert not old_pool.live
+        assert (await gw.request("GET", "/api/contacts")).status == 200
+        assert len(moved.received) == 1 and len(upstream.received) == 1
+        new_pool = gw.gw.state.upstreams["crm"].pool
+        assert new_pool is not None and new_pool is not old_pool and not new_pool.retired
+        # a reload that keeps the URL keeps the pool (and its warm connection)
+        rules["agents"]["bot"]["grants"].remove("contact.list")
+        gw.rules_path.write_text(yaml.safe_dump(rules))
+        assert (await gw.gw.reload("test"))[0]
+        assert not new_pool.retired and len(new_pool.idle) == 1
+    finally:
+        await moved.stop()
+
+
 async def test_sighup_and_file_watch_reload_a_running_process(upstream, tmp_path):
     rules = base_rules(upstream.url, str(tmp_path / "t.db"))
     token = mint_token(parse_rules(rules).identity, "bot")

@@ -1343,3 +1343,39 @@ async def test_relay_streams_the_upstream_answer_to_a_client(servers: StartServe
     assert outcomes == [(len(payload), None), (len(payload), None), (1000, "upstream_unavailable")]
     assert srv.connections == 1  # relay released the connection after each whole answer
     assert [r.target for r in srv.requests] == ["/big", "/big", "/broken"]
+
+
+async def test_retired_pools_close_idle_connections_now_and_busy_ones_when_done(servers: StartServer) -> None:
+    """A rules reload that changes an upstream's URL retires the old origin's pool (not left idling)."""
+    gate = asyncio.Event()
+
+    async def slow(peer: Peer) -> None:
+        while (req := await peer.request()) is not None:
+            if req.target == "/slow":
+                await gate.wait()
+            await peer.send(OK)
+
+    old = await servers(answer_all(OK))
+    busy = await servers(slow)
+    new = await servers(answer_all(OK))
+    client = UpstreamClient()
+    p_old, p_busy = client.pool(old.url, None, None), client.pool(busy.url, None, None)
+    await fetch(p_old)
+    assert len(p_old.idle) == 1
+    in_flight = asyncio.ensure_future(fetch(p_busy, target="/slow"))
+    await eventually(lambda: len(busy.requests) == 1)
+    p_new = client.pool(new.url, None, None)
+    assert client.retire_except({(new.url, None)}) == 2
+    # idle connection: closed at once
+    await asyncio.wait_for(old.peers[0].eof.wait(), 1)
+    assert not p_old.idle and not p_old.live
+    # busy connection: its exchange still completes, then the connection is closed, not pooled
+    gate.set()
+    resp, body = await asyncio.wait_for(in_flight, 2)
+    assert (resp.status, body) == (200, b"ok")
+    await asyncio.wait_for(busy.peers[0].eof.wait(), 1)
+    assert not p_busy.idle
+    # the kept pool is untouched; naming the old origin again gives a fresh pool
+    assert client.pool(new.url, None, None) is p_new
+    assert client.pool(old.url, None, None) is not p_old
+    await client.close()
