@@ -155,7 +155,7 @@ class JournalWriter:
             return
         columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _, _ in batch]
         sides = [side for _, _, side in batch if side is not None]
-        # a batch nobody waits for (outcomes, request summaries) is committed without the fsync: it
+        # a batch nobody waits for (outcomes, overload refusals) is committed without the fsync: it
         # still survives kill -9, and the next awaited commit's fsync makes it power-safe too
         durable = any(fut is not None for _, fut, _ in batch)
         t0 = time.perf_counter()

@@ -127,8 +127,8 @@ _INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_be
 
 def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list[dict[str, Any]],
                   sides: Any = (), relax_to: str | None = None) -> list[tuple[int, str, str]]:
-    """Runs in aiosqlite's thread. The head is read inside the write transaction, so several processes
-    sharing the file still extend one chain.
+    """Runs in aiosqlite's thread (or the event loop's: :func:`_append_inline`). The head is read inside
+    the write transaction, so several processes sharing the file still extend one chain.
 
     ``relax_to``: the connection's own ``synchronous`` level, when this batch may commit without the
     fsync (WAL frames reach the OS, so they survive the process's kill -9; the next durable commit's
@@ -162,10 +162,6 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
             pass
         raise
     return linked
-
-
-
-
 
 
 _BUSY_TIMEOUT_MS = 5000
