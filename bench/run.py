@@ -989,18 +989,19 @@ def evaluate(cfgs: list[Config]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "postgresql/sqlite PATCH": ratio(rps("tether PATCH pg"), rps("tether PATCH")),
         "postgresql/sqlite GET": ratio(rps("tether GET pg"), rps("tether GET")),
     }
+    def over_direct(name: str, method: str, k: str) -> float | None:
+        t, d = lat(name, k), lat(f"direct {method} c1", k)
+        return round(t - d, 4) if t is not None and d is not None else None
+
     added = {}
     for m in ("GET", "PATCH"):
         for k in ("p50_ms", "p99_ms"):
-            t, d = lat(f"tether {m} c1", k), lat(f"direct {m} c1", k)
-            added[f"{m} {k}"] = round(t - d, 4) if t is not None and d is not None else None
+            added[f"{m} {k}"] = over_direct(f"tether {m} c1", m, k)
     for k in ("p50_ms", "p99_ms"):
-        t, d = lat("tether GET c1 tmpfs", k), lat("direct GET c1", k)
-        added[f"GET {k} (store on tmpfs)"] = round(t - d, 4) if t is not None and d is not None else None
+        added[f"GET {k} (store on tmpfs)"] = over_direct("tether GET c1 tmpfs", "GET", k)
     for k in ("p50_ms", "p99_ms"):
         # the machine's own floor for a Python forwarder: what the bare one adds at one connection
-        b, d = lat("bare GET c1", k), lat("direct GET c1", k)
-        added[f"GET {k} (bare forwarder)"] = round(b - d, 4) if b is not None and d is not None else None
+        added[f"GET {k} (bare forwarder)"] = over_direct("bare GET c1", "GET", k)
     ratios["added_latency_c1_ms"] = added
 
     targets: list[dict[str, Any]] = []

@@ -18,8 +18,8 @@ import asyncio
 import os
 import sqlite3
 import time
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterable
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import aiosqlite
 import orjson
@@ -125,6 +125,16 @@ _INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_be
                    "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
 
+@contextmanager
+def _pragma(conn: sqlite3.Connection, setting: str, value: Any, restore: Any) -> Iterator[None]:
+    """``PRAGMA setting=value`` for the duration of the block, then ``restore`` whatever happened."""
+    conn.execute(f"PRAGMA {setting}={value}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA {setting}={restore}")
+
+
 def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list[dict[str, Any]],
                   sides: Any = (), relax_to: str | None = None) -> list[tuple[int, str, str]]:
     """Runs in aiosqlite's thread (or the event loop's: :func:`_append_inline`). The head is read inside
@@ -134,11 +144,8 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
     fsync (WAL frames reach the OS, so they survive the process's kill -9; the next durable commit's
     fsync of the WAL file covers them too). The level is put back before returning."""
     if relax_to is not None:
-        conn.execute("PRAGMA synchronous=NORMAL")
-        try:
+        with _pragma(conn, "synchronous", "NORMAL", relax_to):
             return _append_batch(conn, payloads, columns, sides)
-        finally:
-            conn.execute(f"PRAGMA synchronous={relax_to}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         head_seq, head_hash = conn.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1").fetchone()
@@ -172,16 +179,14 @@ def _append_inline(conn: sqlite3.Connection, payloads: list[bytes], columns: lis
     """:func:`_append_batch` on the caller's thread, never waiting for another process's write lock
     (busy timeout 0 for the attempt): None when the lock is taken, so the caller hands the batch to the
     database thread, which may wait for it without stalling the event loop."""
-    conn.execute("PRAGMA busy_timeout=0")
     try:
-        return _append_batch(conn, payloads, columns, sides, relax_to)
+        with _pragma(conn, "busy_timeout", 0, _BUSY_TIMEOUT_MS):
+            return _append_batch(conn, payloads, columns, sides, relax_to)
     except sqlite3.OperationalError as exc:
-        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
-                or "locked" in str(exc):
+        # sqlite_errorcode is the extended code (SQLITE_BUSY_SNAPSHOT, ...): its low byte is the primary
+        if (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             return None
         raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
 
 class SQLiteStore(Store):
