@@ -125,6 +125,7 @@ def parse_unverified(token: str, prefix: str = "") -> tuple[dict[str, Any], dict
             raise AuthError("token_malformed", f"{prefix}the token's header field {name!r} has the wrong type")
     if "b64" in header:
         raise AuthError("token_malformed", f"{prefix}unencoded payloads (b64) are not accepted")
+    _check_dates(payload, prefix)
     return header, payload
 
 
@@ -348,8 +349,9 @@ class TokenVerifier:
             route = self._agent_routes.get(iss)
             if route is not None:
                 return route
-        if self._local is not None:
-            return self._local  # PyJWT then checks iss against identity.issuer
+        local = self._local
+        if local is not None and (iss is None or local.issuer is None or iss == local.issuer):
+            return local  # PyJWT then checks iss against identity.issuer
         raise AuthError("token_issuer_mismatch", f"{iss!r} is not a configured issuer of agent tokens")
 
     def _key_now(self, route: _Route, header: dict[str, Any], prefix: str) -> Any:
@@ -432,7 +434,6 @@ class TokenVerifier:
             raise AuthError("token_malformed", f"{prefix}the token is not valid: {exc}") from None
         except (ValueError, TypeError, OverflowError) as exc:  # a key of the wrong type for alg, odd numbers
             raise AuthError("token_malformed", f"{prefix}the token cannot be verified: {type(exc).__name__}") from None
-        _check_dates(claims, prefix)
         return claims
 
     def _identity(self, claims: dict[str, Any], route: _Route, use: str, prefix: str) -> Identity:
