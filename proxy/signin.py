@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ LOGIN_COOKIE = "tether_login"
 CSRF_HEADER = "X-Tether-CSRF"
 _SESSION_ISS = "tether:console"
 _LOGIN_TTL = 600
+_NEXT = re.compile(r"/console/[A-Za-z0-9/#._~-]{0,200}")
 _PROCESS_KEY = os.urandom(32)  # default session key of a single process (see session_key)
 
 
@@ -152,7 +154,7 @@ class SignIn:
         state, nonce, verifier = generate_token(32), generate_token(32), generate_token(64)
         redirect_uri = self._redirect_uri(request)
         nxt = request.query.get("next", "/console/")
-        if not nxt.startswith("/console/"):
+        if not nxt.startswith("/console/") or not _NEXT.fullmatch(nxt):
             nxt = "/console/"  # never an open redirect
         url = prepare_grant_uri(endpoint, self.cfg.client_id, "code", redirect_uri=redirect_uri,
                                 scope=self.cfg.scopes, state=state, nonce=nonce,
@@ -160,7 +162,7 @@ class SignIn:
         login = jwt.encode({"state": state, "nonce": nonce, "verifier": verifier, "redirect_uri": redirect_uri,
                             "next": nxt, "exp": int(time.time()) + _LOGIN_TTL, "aud": "tether:login"},
                            self.session_key(), algorithm="HS256")
-        resp = web.HTTPFound(url)
+        resp = _redirect(url)
         resp.set_cookie(LOGIN_COOKIE, login, max_age=_LOGIN_TTL, path="/auth/", httponly=True, samesite="Lax",
                         secure=_secure(request))
         resp.headers["Cache-Control"] = "no-store"
@@ -196,7 +198,7 @@ class SignIn:
                                 status=403)
         session, exp = self._new_session(name, claims)
         await self._journal("console_sign_in", name)
-        resp = web.HTTPFound(login.get("next") or "/console/")
+        resp = _redirect(login.get("next") or "/console/")
         resp.set_cookie(SESSION_COOKIE, session, max_age=int(exp - time.time()), path="/", httponly=True,
                         samesite="Strict", secure=_secure(request))
         resp.del_cookie(LOGIN_COOKIE, path="/auth/")
@@ -360,6 +362,10 @@ def check_csrf(request: web.Request, claims: dict[str, Any]) -> None:
         o = urlsplit(origin)
         if o.netloc.lower() != request.host.lower():
             raise TetherError("forbidden", f"Origin {origin!r} is not this console")
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 def _secure(request: web.Request) -> bool:
