@@ -217,6 +217,13 @@
     return err.code + ': ' + err.message;
   }
 
+  // on_behalf_of_proof: was the human proven by the identity provider, or only named by the agent's token?
+  function proofText(proof) {
+    if (proof === 'verified') return 'verified by the identity provider';
+    if (proof === 'asserted') return 'asserted by the agent\'s token (not verified)';
+    return null;
+  }
+
   function tokenName(tok) {
     try {
       var part = tok.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
@@ -666,6 +673,7 @@
       detail.appendChild(dl([
         ['Agent', it.agent],
         ['On behalf of', it.on_behalf_of || el('span.none', 'the agent itself')],
+        ['Person', proofText(it.on_behalf_of_proof)],
         ['Intent', el('span.intent', it.intent || '(none given)')],
         ['Captured', stamp(it.created_at)],
         it.state === 'pending' ? ['Expires', when(it.expires_at)] : null,
@@ -1163,6 +1171,7 @@
         ['Kind', r.kind + (r.event ? ' — ' + r.event : '')],
         ['Agent', r.agent],
         ['On behalf of', r.on_behalf_of],
+        ['Person', proofText(r.on_behalf_of_proof)],
         ['Intent', r.intent],
         ['Capability', r.capability],
         ['Action', r.method ? el('code', r.method + ' ' + (r.path || '') + (r.query ? '?' + r.query : '')) : null],
