@@ -1,7 +1,9 @@
 """The admin listener: a separate port for reviewers, operators and metrics — never for agents.
 
-Every route except the health probes requires a reviewer token (a JWT carrying the configured reviewer
-role, verified like agent tokens). An agent's token is refused with 403 ``reviewer_required``.
+Every route except the health probes requires a reviewer: a token (a JWT carrying the configured
+reviewer role, verified like agent tokens) or a console session from signing in with the identity
+provider (:mod:`proxy.signin`; state-changing calls then need its CSRF token). An agent's token is
+refused with 403 ``reviewer_required``; a token Tether cannot read is 401, never a 500.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from .errors import TetherError
+from .errors import AuthError, TetherError
 from .exchange import new_request_id
 from .headers import REQUEST_ID
 from .identity import Identity
@@ -26,11 +28,20 @@ GATEWAY = web.AppKey("gateway", object)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
+IDENTITY_KEY = web.RequestKey("identity", object)
+
+
 def reviewer(request: web.Request) -> Identity:
-    """Authenticate the caller as a reviewer, or raise."""
+    """Authenticate the caller as a reviewer, or raise. (The token or session was verified by
+    :func:`identity_middleware`, which may have had to fetch an identity provider's keys.)"""
     gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
     verifier = gw.state.verifier
-    ident = verifier.authenticate(request.headers.get("Authorization"))
+    got = request.get(IDENTITY_KEY)
+    if got is None:
+        got = verifier.authenticate(request.headers.get("Authorization"))
+    if isinstance(got, TetherError):
+        raise got
+    ident: Identity = got  # type: ignore[assignment]
     if not verifier.is_reviewer(ident):
         raise TetherError("reviewer_required",
                           f"this token has no {verifier.cfg.reviewer_role!r} role; the admin API is for reviewers")
@@ -52,6 +63,35 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
         raise
     resp.headers.setdefault(REQUEST_ID, rid)
     return resp
+
+
+@web.middleware
+async def identity_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Who calls the admin API: an ``Authorization: Bearer`` token, else the console's session cookie."""
+    if request.path.startswith("/api/"):
+        request[IDENTITY_KEY] = await _caller(request)
+    return await handler(request)
+
+
+async def _caller(request: web.Request) -> "Identity | TetherError":
+    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    try:
+        auth = request.headers.getall("Authorization", ())
+        if len(auth) > 1:
+            raise TetherError("ambiguous_request", "more than one Authorization header")
+        if auth:
+            return await gw.state.verifier.identify(auth[0])
+        from .signin import SIGNIN, check_csrf
+
+        holder = request.app.get(SIGNIN)
+        signin = holder.get() if holder is not None else None
+        got = signin.session_identity(request) if signin is not None else None
+        if got is None:
+            raise AuthError("token_missing")
+        check_csrf(request, got[1])
+        return got[0]
+    except TetherError as err:
+        return err
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -324,7 +364,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 def build_admin_app(gw: "Gateway") -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=gw.limits.max_body_bytes)
+    app = web.Application(middlewares=[errors_middleware, identity_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
     app.router.add_get("/_tether/healthz", healthz)
     app.router.add_get("/_tether/readyz", readyz)
@@ -348,6 +388,8 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/transactions/{id}", tx_show)
     app.router.add_post("/api/transactions/{id}/{action:rollback|retry}", tx_rollback)
     from .console_routes import add_console_routes
+    from .signin import add_signin_routes
 
     add_console_routes(app)
+    add_signin_routes(app, gw)
     return app

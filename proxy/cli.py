@@ -167,6 +167,16 @@ def run_async(coro: Any) -> Any:
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
+    from .identity import MintError
+
+    try:
+        return _token_mint(args)
+    except MintError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+
+
+def _token_mint(args: argparse.Namespace) -> int:
     from .identity import mint_token
 
     try:

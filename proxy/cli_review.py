@@ -45,7 +45,8 @@ def render_item(it: dict[str, Any]) -> str:
     req = it["request"]
     lines = [
         f"Item        {it['id']}  ({it['state']})",
-        f"Agent       {it['agent']}  on behalf of {it.get('on_behalf_of') or it['agent']}",
+        f"Agent       {it['agent']}  on behalf of {it.get('on_behalf_of') or it['agent']}"
+        + (f" ({it['on_behalf_of_proof']})" if it.get("on_behalf_of_proof") else ""),  # verified / asserted
         f"Intent      {it.get('intent') or '-'}",
         f"Capability  {', '.join(it.get('capabilities') or [it['capability']])}  (upstream {it['upstream']})",
         f"Captured    {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(it['created_at']))}Z   request {it.get('request_id')}",

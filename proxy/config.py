@@ -383,6 +383,8 @@ class GrantConfig(Model):
     mode: Mode | None = None
     rate_limit: RateLimit | None = None
     canary_percent: float | None = Field(None, gt=0, le=100)
+    require_verified_user: bool = Field(
+        False, description="refuse unless the human is verified by the IdP (X-Tether-User-Token, /_tether/token)")
 
 
 def _grant_from_short(v: Any) -> Any:
@@ -408,9 +410,147 @@ class AgentConfig(Model):
 # --------------------------------------------------------------------------- identity & server
 
 
+_SIGNING_ALGS = Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
+_SA_KEY = re.compile(r"system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?")
+
+
+class KeyCacheConfig(Model):
+    """How an issuer's keys are cached: the JWKS response's ``Cache-Control: max-age`` clamped to
+    [min_ttl, max_ttl]; a token naming an unknown ``kid`` triggers at most one fetch per
+    ``unknown_kid_interval`` (random kids cannot make Tether hammer the identity provider)."""
+
+    min_ttl: Duration = 300.0
+    max_ttl: Duration = 86400.0
+    unknown_kid_interval: Duration = 30.0
+    timeout: Duration = 5.0
+    retry_interval: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _order(self) -> "KeyCacheConfig":
+        if self.min_ttl > self.max_ttl:
+            raise ValueError("min_ttl is larger than max_ttl")
+        return self
+
+
+class IssuerConfig(Model):
+    """One identity provider whose tokens Tether accepts, for one use: ``agent`` tokens identify an
+    agent (``Authorization: Bearer``), ``user`` tokens prove the human an agent acts for
+    (``X-Tether-User-Token`` or the ``subject_token`` of ``/_tether/token``). An IdP that serves both is
+    listed twice, each entry with its own audience. Keys come from ``jwks_file``, ``jwks_url`` or the
+    issuer's ``/.well-known/openid-configuration``; algorithms are pinned per entry."""
+
+    issuer: str = Field(description="the exact `iss` of its tokens (and the discovery base URL)")
+    use: Literal["agent", "user"] = "agent"
+    kind: Literal["oidc", "kubernetes"] = Field(
+        "oidc", description="kubernetes: projected service-account tokens; agents are mapped from "
+                            "'system:serviceaccount:<namespace>:<name>' through `agents`")
+    audience: str | list[str] = Field(description="accepted `aud` values (one must match)")
+    algorithms: list[_SIGNING_ALGS] = ["RS256"]
+    jwks_url: str | None = Field(None, description="default: jwks_uri from the discovery document")
+    jwks_file: Path | None = Field(None, description="a mounted JWKS (re-read when it changes); no HTTP")
+    ca_file: Path | None = Field(None, description="CA bundle for the issuer's HTTPS endpoints")
+    agent_claim: str = Field("sub", description="use agent: the claim naming the agent (sub, azp, client_id, ...)")
+    agents: dict[str, str] = Field(
+        {}, description="use agent: claim value -> agent name; when given, unlisted values are refused")
+    user_claim: str = Field("sub", description="use user: the claim naming the person (sub, email, ...)")
+    leeway: Duration = 5.0
+    keys: KeyCacheConfig = KeyCacheConfig()
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not _HTTP_URL.fullmatch(v):
+            raise ValueError(f"{v!r} is not an http(s) URL without query or fragment")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "IssuerConfig":
+        if not self.jwks_url and not self.jwks_file and not _HTTP_URL.fullmatch(self.issuer):
+            raise ValueError(f"issuer {self.issuer!r} is not an http(s) URL, so its keys cannot be discovered: "
+                             "give jwks_url or jwks_file")
+        if not self.audience:
+            raise ValueError("audience is required: tokens meant for another service must not be accepted")
+        if self.jwks_url and self.jwks_file:
+            raise ValueError("give jwks_url or jwks_file, not both")
+        if self.kind == "kubernetes":
+            if self.use != "agent":
+                raise ValueError("kind kubernetes identifies agents (use: agent)")
+            if self.agent_claim != "sub":
+                raise ValueError("kind kubernetes maps the token's sub (system:serviceaccount:<ns>:<name>)")
+            if not self.agents:
+                raise ValueError("kind kubernetes needs `agents`: which service accounts are which agents")
+            bad = [k for k in self.agents if not _SA_KEY.fullmatch(k)]
+            if bad:
+                raise ValueError(f"agents keys must be 'system:serviceaccount:<namespace>:<name>', not {bad[0]!r}")
+        if self.use == "user" and self.agents:
+            raise ValueError("`agents` maps agent tokens; a use: user entry names people by user_claim")
+        return self
+
+    @property
+    def audiences(self) -> tuple[str, ...]:
+        return (self.audience,) if isinstance(self.audience, str) else tuple(self.audience)
+
+
+class TokenExchangeConfig(Model):
+    """``POST /_tether/token`` (RFC 8693): a user's token (verified against a ``use: user`` issuer) and
+    the agent's token become a short-lived delegation token signed by Tether, whose human counts as
+    verified. Replicas share ``signing_secret``."""
+
+    signing_secret: SecretRef
+    issuer: str = Field("tether:delegation", description="the `iss` of delegation tokens (distinct from others)")
+    ttl: Duration = Field(900.0, description="lifetime; never beyond the user token's own exp")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("signing_secret",))
+
+
+class ConsoleSignInConfig(Model):
+    """Reviewers sign in to the console with the company IdP (OIDC authorization code + PKCE)."""
+
+    issuer: str = Field(description="the IdP's issuer URL (discovery at /.well-known/openid-configuration)")
+    client_id: str
+    client_secret: SecretRef | None = Field(None, description="omit for a public client (PKCE only)")
+    scopes: list[str] = ["openid", "profile", "email"]
+    redirect_url: str | None = Field(
+        None, description="default: http(s)://<admin host>/auth/callback as the browser reached it")
+    reviewer_claim: str = Field("groups", description="claim holding the reviewer's roles or groups")
+    reviewer_role: str = Field("reviewer", description="value that makes a person a reviewer")
+    name_claim: str = Field("email", description="claim naming the reviewer (falls back to sub)")
+    algorithms: list[_SIGNING_ALGS] = ["RS256"]
+    ca_file: Path | None = None
+    session_ttl: Duration = 8 * 3600.0
+    session_secret: SecretRef | None = Field(
+        None, description="signs session cookies; needed when several processes serve the console")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("client_secret", "session_secret"))
+
+    @field_validator("issuer", "redirect_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not _HTTP_URL.fullmatch(v):
+            raise ValueError(f"{v!r} is not an http(s) URL without query or fragment")
+        return v
+
+    @model_validator(mode="after")
+    def _openid(self) -> "ConsoleSignInConfig":
+        if "openid" not in self.scopes:
+            raise ValueError("scopes must include openid")
+        return self
+
+
 class IdentityConfig(Model):
-    """How agent and reviewer tokens are verified. Algorithms are pinned per key type: an HS256
-    secret is never used to verify RS/ES tokens and a public key never verifies HS tokens."""
+    """How agent and reviewer tokens are verified.
+
+    The local key (``hs_secret``, ``public_key_file`` or ``jwks_file``; tokens with ``iss: issuer``) is
+    for development and `tether token mint`; ``issuers`` are the company's identity providers and
+    Kubernetes clusters. Algorithms are pinned per key type: an HS256 secret is never used to verify
+    RS/ES tokens and a public key never verifies HS tokens."""
 
     issuer: str | None = "tether"
     audience: str | None = "tether"
@@ -423,23 +563,55 @@ class IdentityConfig(Model):
     require_exp: bool = True
     reviewer_claim: str = "roles"
     reviewer_role: str = "reviewer"
+    issuers: list[IssuerConfig] = Field([], description="identity providers and clusters (OIDC discovery, JWKS)")
+    token_exchange: TokenExchangeConfig | None = None
+    console: ConsoleSignInConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         return _fold_secret_shorthands(data, ("hs_secret",))
 
+    @property
+    def has_local_key(self) -> bool:
+        return self.hs_secret is not None or self.public_key_file is not None or self.jwks_file is not None
+
     @model_validator(mode="after")
     def _keys(self) -> "IdentityConfig":
         hs = any(a.startswith("HS") for a in self.algorithms)
         pk = any(not a.startswith("HS") for a in self.algorithms)
-        if hs and self.hs_secret is None:
+        if self.issuers and not self.has_local_key:
+            pass  # identity providers only: no development key
+        elif hs and self.hs_secret is None:
             raise ValueError("an HS* algorithm is allowed but no hs_secret is configured")
-        if pk and self.public_key_file is None and self.jwks_file is None:
+        elif pk and self.public_key_file is None and self.jwks_file is None:
             raise ValueError("an RS/ES/PS algorithm is allowed but neither public_key_file nor jwks_file is set")
         if hs and pk:
             raise ValueError("pin either HMAC (HS*) or public-key algorithms, not both: mixing them "
                              "invites algorithm-confusion attacks")
+        seen: dict[tuple[str, str], int] = {}
+        for i, iss in enumerate(self.issuers):
+            key = (iss.issuer, iss.use)
+            if key in seen:
+                raise ValueError(f"issuers[{i}]: issuer {iss.issuer!r} is already listed for use {iss.use!r} "
+                                 f"(issuers[{seen[key]}])")
+            seen[key] = i
+            if self.has_local_key and iss.issuer == self.issuer:
+                raise ValueError(f"issuers[{i}]: {iss.issuer!r} is also the local key's issuer")
+        by_iss: dict[str, list[IssuerConfig]] = {}
+        for iss in self.issuers:
+            by_iss.setdefault(iss.issuer, []).append(iss)
+        for name, entries in by_iss.items():
+            if len(entries) > 1 and set(entries[0].audiences) & set(entries[1].audiences):
+                raise ValueError(f"issuer {name!r}: its agent and user entries share an audience, so a person's "
+                                 "token could pass as an agent's (or the reverse); give each its own")
+        tx = self.token_exchange
+        if tx is not None:
+            if tx.issuer == self.issuer or tx.issuer in by_iss:
+                raise ValueError(f"token_exchange.issuer {tx.issuer!r} is used by another key; delegation tokens "
+                                 "must be told apart")
+            if not any(i.use == "user" for i in self.issuers):
+                raise ValueError("token_exchange needs an issuers entry with use: user (who proves the person)")
         return self
 
 

@@ -4,6 +4,8 @@
 * ``GET /_tether/readyz`` — store writable, journal healthy, upstream credentials readable; no token.
 * ``GET /_tether/whoami`` — who Tether thinks the caller is and which capabilities it holds, in which
   mode: agents discover their tools here.
+* ``POST /_tether/token`` — RFC 8693 token exchange: the person's token and the agent's become a
+  delegation token with a verified human (:mod:`proxy.token_exchange`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from aiohttp import web
 from .errors import TetherError
 from .exchange import new_request_id
 from .headers import REQUEST_ID
+from .identity import USER_TOKEN
 from .registry import describe
 from .responses import error_response, json_response
 
@@ -31,8 +34,15 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
         if path == "/_tether/readyz" and request.method in ("GET", "HEAD"):
             ok, checks = await gw.readiness()
             return json_response({"ready": ok, "checks": checks}, 200 if ok else 503, headers={REQUEST_ID: rid})
+        if path == "/_tether/token":
+            from .token_exchange import handle_token
+
+            return await handle_token(gw, request, rid)
         state = gw.state
-        ident = state.verifier.authenticate(request.headers.get("Authorization"))
+        auth = request.headers.getall("Authorization", ())
+        if len(auth) > 1:
+            raise TetherError("ambiguous_request", "more than one Authorization header")
+        ident = await state.verifier.identify(auth[0] if auth else None, request.headers.getall(USER_TOKEN, ()))
         if ident.agent not in state.rules.agents:
             raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
         if path == "/_tether/whoami" and request.method == "GET":
@@ -47,6 +57,7 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
             return json_response({
                 "agent": ident.agent,
                 "on_behalf_of": ident.on_behalf_of,
+                "on_behalf_of_proof": ident.on_behalf_of_proof,
                 "display": f"Agent {ident.agent} | on behalf of {ident.on_behalf_of or ident.agent}",
                 "listener": lst.name,
                 "capabilities": grants,

@@ -47,6 +47,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "token_issuer_mismatch": (401, "the token's iss is not the configured issuer"),
     "token_audience_mismatch": (401, "the token's aud does not include the configured audience"),
     "token_missing_claim": (401, "a required claim (sub, exp, ...) is missing"),
+    "token_user_mismatch": (401, "X-Tether-User-Token proves a different person than the agent's token names"),
     # 403: known caller, not allowed
     "agent_unknown": (403, "the token's agent is not declared in the rules"),
     "agent_quarantined": (403, "the agent spent its error budget and is quarantined"),
@@ -58,6 +59,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "self_approval": (403, "a reviewer may not decide items made by their own identity"),
     "tenant_switch_refused": (403, "the agent asked for another account/tenant the capability does not allow"),
     "transaction_not_owned": (403, "the transaction belongs to another agent"),
+    "verified_user_required": (403, "the grant needs a person verified by the identity provider, not one the token asserts"),
     # 404 / 405 / 409 / 410
     "not_found": (404, "no such object"),
     "method_not_allowed": (405, "TRACE, CONNECT and unknown methods are refused"),
@@ -80,6 +82,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),
     "upstream_unavailable": (502, "the upstream could not be reached or broke the connection"),
     "upstream_response_too_large": (502, "the upstream's response exceeded the configured limit"),
+    "identity_unavailable": (503, "Tether cannot verify tokens now: an issuer's keys or its own token key are unavailable"),
     "journal_unavailable": (503, "the audit journal could not be written, so nothing was forwarded"),
     "overloaded": (503, "too many requests in flight; see Retry-After"),
     "not_ready": (503, "the gateway is starting or draining"),
@@ -124,7 +127,10 @@ class AuthError(TetherError):
     """401: the caller could not be identified; carries a WWW-Authenticate challenge."""
 
     def __init__(self, code: str, message: str | None = None) -> None:
-        desc = (message or ERROR_CODES[code][1]).replace('"', "'")
+        # a header value: quotes and anything outside printable ASCII escaped (a claim echoed in a message
+        # must never split the header or make the response fail)
+        desc = (message or ERROR_CODES[code][1]).replace('"', "'").encode("ascii", "backslashreplace").decode()
+        desc = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in desc)
         super().__init__(
             code,
             message,

@@ -37,6 +37,7 @@ from .exchange import Exchange
 from .forward import make_session
 from .upstream_http import OriginPool, UpstreamClient
 from .identity import TokenVerifier
+from .jwks import KeySets
 from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
 from .protocol import GuardedServer
@@ -124,8 +125,9 @@ class RulesState:
     verifier: TokenVerifier
 
 
-def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") -> RulesState:
-    """Compile a validated rules file; ConfigError names anything that still cannot be built."""
+def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None) -> RulesState:
+    """Compile a validated rules file; ConfigError names anything that still cannot be built. ``keysets``
+    (proxy.jwks.KeySets) keeps issuers' keys across reloads."""
     problems: list[tuple[str, str]] = []
     adapters: dict[str, Adapter] = {}
     for name, up in rules.upstreams.items():
@@ -134,7 +136,7 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") ->
         except AdapterOptionsError as exc:
             problems.append((f"upstreams.{name}.adapter", str(exc)))
     try:
-        verifier = TokenVerifier(rules.identity)
+        verifier = TokenVerifier(rules.identity, keysets)
     except ValueError as exc:
         problems.append(("identity", str(exc)))
     if problems:
@@ -210,7 +212,8 @@ class Gateway:
         self.limits = rules.server.limits
         self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
         self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
-        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>")
+        self.keysets = KeySets()  # identity providers' keys, kept across rules reloads
+        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>", self.keysets)
         self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
         self.journal = JournalWriter(self.store, max_batch=rules.server.journal.max_batch,
                                      mirror_file=rules.server.journal.mirror_file,
@@ -252,6 +255,8 @@ class Gateway:
         await self.store.open()
         self.journal.start()
         self.session = make_session()
+        # fetch the issuers' keys now (briefly): a gateway that starts ready can verify its first token
+        await self.keysets.start(self.state.verifier.keysets_in_use, wait=min(5.0, self.limits.client_timeout))
         await self.governance.start()
         await self.journal.write(base_record("system", event="started", instance=self.instance_id,
                                              rules_version=self.state.registry.version, pid=os.getpid()))
@@ -339,6 +344,7 @@ class Gateway:
         except Exception:  # noqa: BLE001
             pass
         await self.journal.close()
+        await self.keysets.close()
         if self.session is not None:
             await self.session.close()
         await self.upstream_client.close()
@@ -371,7 +377,7 @@ class Gateway:
             return False, "no rules file to reload"
         try:
             rules = load_rules(path)
-            new_state = build_state(rules, self._get_session, path)
+            new_state = build_state(rules, self._get_session, path, self.keysets)
         except ConfigError as exc:
             log.error("rules reload rejected; the previous rules stay in force: %s", exc)
             await self._journal_system("rules_reload_failed", error=str(exc), source=source)
@@ -471,7 +477,8 @@ class Gateway:
                 creds[name] = f"unavailable: {exc}"
                 ok = False
         checks["credentials"] = creds
-        return ok, checks
+        id_ok, checks["identity"] = self.state.verifier.readiness()
+        return ok and id_ok, checks
 
 
 def _bound_port(site: web.BaseSite) -> int:

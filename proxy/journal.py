@@ -276,6 +276,8 @@ def human_line(seq: int, rec: dict[str, Any]) -> str:
     for field, label in _LINE_FIELDS[1:]:
         if rec.get(field) not in (None, ""):
             parts.append(f"{label}={rec[field]}")
+    if rec.get("on_behalf_of_proof"):  # the human verified by the IdP, or only asserted by the agent's token
+        parts.append(f"on_behalf_of_proof={rec['on_behalf_of_proof']}")
     return " | ".join(p for p in parts if p)
 
 

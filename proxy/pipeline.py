@@ -113,6 +113,7 @@ def request_record(ex: Exchange) -> dict[str, Any]:
         "ts": now_iso(), "kind": "request", "request_id": ex.request_id,
         "agent": ident.agent if ident else None,
         "on_behalf_of": ident.on_behalf_of if ident else None,
+        "on_behalf_of_proof": ident.on_behalf_of_proof if ident else None,  # verified / asserted
         "intent": ex.intent,
         "capability": ex.capability.name if ex.capability is not None else None,
         "upstream": ex.upstream.name if ex.upstream is not None else None,
@@ -178,6 +179,7 @@ def outcome_record(ex: Exchange) -> dict[str, Any]:
         "ts": now_iso(), "kind": "outcome", "request_id": ex.request_id,
         "agent": ident.agent if ident else None,
         "on_behalf_of": ident.on_behalf_of if ident else None,
+        "on_behalf_of_proof": ident.on_behalf_of_proof if ident else None,  # verified / asserted
         "intent": None,
         "capability": ex.capability.name if ex.capability is not None else None,
         "upstream": ex.upstream.name if ex.upstream is not None else None,

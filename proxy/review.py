@@ -126,6 +126,7 @@ def prepare_capture(gw: "Gateway", ex: Exchange) -> dict[str, Any]:
         "expires_at": now + gw.server_cfg.review.ttl,
         "agent": ident.agent,
         "on_behalf_of": ident.on_behalf_of,
+        "on_behalf_of_proof": ident.on_behalf_of_proof,
         "intent": ex.intent,
         "capability": ex.capability.name if ex.capability is not None else "composite",
         "capabilities": [op.capability.name for op in ex.operations],
@@ -321,6 +322,7 @@ class ReviewService:
                            "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
                            "edited": edited_body is not None, "rules_version": gw.state.registry.version,
                            "tx": item.get("tx")})
+        intent_rec["on_behalf_of_proof"] = item.get("on_behalf_of_proof")  # as captured: verified / asserted
         t0 = time.perf_counter()
         try:
             seq = await gw.journal.write(intent_rec)

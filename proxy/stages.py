@@ -39,6 +39,7 @@ from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
 from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, relay, response_headers, send
+from .identity import USER_TOKEN, require_verified_user_message
 from .journal import JournalUnavailable
 from .normalise import ambiguous, decode_segments, parse_query, split_target
 from .pipeline import request_record
@@ -110,12 +111,13 @@ def parse_request(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- authenticate
 
 
-def authenticate(gw: "Gateway", ex: Exchange) -> None:
+async def authenticate(gw: "Gateway", ex: Exchange) -> None:
     hdrs = ex.request.headers
     auth = hdrs.getall("Authorization", ())
     if len(auth) > 1:
         raise ambiguous("more than one Authorization header")
-    ident = gw.state.verifier.authenticate(auth[0] if auth else None)
+    # the agent's token, and the person's own (X-Tether-User-Token) when sent: proxy.identity
+    ident = await gw.state.verifier.identify(auth[0] if auth else None, hdrs.getall(USER_TOKEN, ()))
     ex.identity = ident
     if ident.agent not in ex.registry.rules.agents:
         raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
@@ -278,6 +280,8 @@ def check_grant(gw: "Gateway", ex: Exchange) -> None:
             raise TetherError("capability_not_granted",
                               f"{where}capability {op.capability.name!r} is not granted to agent {agent!r}"
                               + ("; the whole composite request is refused" if ex.composite else ""))
+        if grant.config.require_verified_user and not ex.identity.user_verified:
+            raise TetherError("verified_user_required", require_verified_user_message(ex.identity, op.capability.name))
         if ex.grant is None:
             ex.grant = grant
         ex.upstream.adapter.check_request_headers(op, ex.request.headers)  # type: ignore[union-attr]

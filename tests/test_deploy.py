@@ -436,3 +436,35 @@ def test_lock_script_refuses_bad_settings(env: dict[str, str], args: list[str]) 
     res = _dry_run(*args, **env)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "tether-egress-lock: error:" in res.stderr
+
+
+@pytest.mark.parametrize("rel", SIDECAR_KUSTOMIZATIONS)
+def test_the_agent_is_identified_by_its_projected_service_account_token(rel: str) -> None:
+    """The agent container gets a kubelet-projected token for audience "tether" (no API credential),
+    the rules map exactly this pod's service account to an agent, and Tether mounts the cluster keys
+    its kubernetes issuer reads."""
+    spec, _, tether, containers = _sidecar_pod(rel)
+    (agent,) = [c for c in containers if c["name"] == "agent"]
+    assert spec["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    token_file = _env(agent)["TETHER_TOKEN_FILE"]
+    (mount,) = [m for m in agent["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
+    (source,) = volumes[mount["name"]]["projected"]["sources"]
+    projected = source["serviceAccountToken"]
+    assert projected["path"] == Path(token_file).name and projected["expirationSeconds"] <= 3600
+    assert not any(m["name"] == mount["name"] for m in tether["volumeMounts"])  # the agent's own, not Tether's
+    rules = _rules_of(rel, next(c["metadata"]["name"] for c in _objects(rel, "ConfigMap")
+                                if "rules.yaml" in c.get("data", {})))
+    (k8s,) = [i for i in rules.identity.issuers if i.kind == "kubernetes"]
+    assert projected["audience"] in k8s.audiences
+    (dep,) = _objects(rel, "Deployment")
+    namespace = dep["metadata"].get("namespace", "default")
+    (sa,) = _objects(rel, "ServiceAccount")
+    assert spec["serviceAccountName"] == sa["metadata"]["name"]
+    assert f"system:serviceaccount:{namespace}:{sa['metadata']['name']}" in k8s.agents
+    assert set(k8s.agents.values()) <= set(rules.agents)
+    assert k8s.jwks_file is not None
+    (jwks_mount,) = [m for m in tether["volumeMounts"] if m["mountPath"] == str(k8s.jwks_file.parent)]
+    cm_name = volumes[jwks_mount["name"]]["configMap"]["name"]
+    (cm,) = [c for c in _objects(rel, "ConfigMap") if c["metadata"]["name"] == cm_name]
+    assert k8s.jwks_file.name in cm["data"]

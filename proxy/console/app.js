@@ -153,7 +153,17 @@
 
   // ------------------------------------------------------------------------------------------ API
 
-  function token() { return window.sessionStorage.getItem(TOKEN_KEY); }
+  // Signed in with the identity provider (proxy/signin.py): an HttpOnly session cookie the page never
+  // sees, plus the CSRF token every state-changing call must carry. Pasting a token still works.
+  var SESSION = null;   // {reviewer, csrf} from /auth/session
+  var SESSION_MARK = '(session)';
+  function token() { return window.sessionStorage.getItem(TOKEN_KEY) || (SESSION ? SESSION_MARK : null); }
+  function authHeaders(tok) {
+    var t = tok || token();
+    if (t && t !== SESSION_MARK) return { Authorization: 'Bearer ' + t };
+    if (SESSION) return { 'X-Tether-CSRF': SESSION.csrf };
+    return { Authorization: 'Bearer ' };
+  }
 
   function ApiError(status, body) {
     var e = (body && body.error) || {};
@@ -176,8 +186,9 @@
   }
 
   function api(method, path, params, body, tok) {
-    var headers = { Authorization: 'Bearer ' + (tok || token() || ''), Accept: 'application/json' };
-    var init = { method: method, headers: headers, cache: 'no-store', credentials: 'omit' };
+    var headers = authHeaders(tok);
+    headers.Accept = 'application/json';
+    var init = { method: method, headers: headers, cache: 'no-store', credentials: SESSION && !tok ? 'same-origin' : 'omit' };
     if (body !== undefined) { headers['Content-Type'] = 'application/json'; init.body = JSON.stringify(body); }
     return fetch(apiUrl(path, params), init).then(function (resp) {
       return resp.text().then(function (txt) {
@@ -204,6 +215,13 @@
       return 'The token was not accepted (401 ' + err.code + '): ' + err.message + '. Paste a fresh reviewer token.';
     }
     return err.code + ': ' + err.message;
+  }
+
+  // on_behalf_of_proof: was the human proven by the identity provider, or only named by the agent's token?
+  function proofText(proof) {
+    if (proof === 'verified') return 'verified by the identity provider';
+    if (proof === 'asserted') return 'asserted by the agent\'s token (not verified)';
+    return null;
   }
 
   function tokenName(tok) {
@@ -233,6 +251,12 @@
 
   function signedOut(err) {
     window.sessionStorage.removeItem(TOKEN_KEY);
+    if (SESSION) {
+      var csrf = SESSION.csrf;
+      SESSION = null;
+      fetch('/auth/logout', { method: 'POST', headers: { 'X-Tether-CSRF': csrf }, credentials: 'same-origin' })
+        .catch(function () {});
+    }
     live.stop();
     if (screenCtl && screenCtl.destroy) screenCtl.destroy();
     screenCtl = null;
@@ -256,7 +280,7 @@
     $('signin').hidden = true;
     $('nav').hidden = false;
     $('session').hidden = false;
-    $('who-name').textContent = tokenName(token());
+    $('who-name').textContent = SESSION && token() === SESSION_MARK ? SESSION.reviewer : tokenName(token());
     live.start();
     if (!window.location.hash || window.location.hash === '#' || window.location.hash === '#/') {
       window.location.hash = '#/queue';
@@ -322,9 +346,11 @@
       if (!this.running || !window.ReadableStream || !window.TextDecoder) { this.startPolling(); return; }
       var ctrl = new AbortController();
       this.ctrl = ctrl;
+      var evHeaders = authHeaders();
+      evHeaders.Accept = 'text/event-stream';
       fetch(apiUrl('events'), {
-        headers: { Authorization: 'Bearer ' + token(), Accept: 'text/event-stream' },
-        cache: 'no-store', credentials: 'omit', signal: ctrl.signal
+        headers: evHeaders,
+        cache: 'no-store', credentials: SESSION ? 'same-origin' : 'omit', signal: ctrl.signal
       }).then(function (resp) {
         if (resp.status === 401 || resp.status === 403) {
           return resp.json().then(function (doc) { signedOut(new ApiError(resp.status, doc)); }, function () { signedOut(); });
@@ -647,6 +673,7 @@
       detail.appendChild(dl([
         ['Agent', it.agent],
         ['On behalf of', it.on_behalf_of || el('span.none', 'the agent itself')],
+        ['Person', proofText(it.on_behalf_of_proof)],
         ['Intent', el('span.intent', it.intent || '(none given)')],
         ['Captured', stamp(it.created_at)],
         it.state === 'pending' ? ['Expires', when(it.expires_at)] : null,
@@ -1144,6 +1171,7 @@
         ['Kind', r.kind + (r.event ? ' — ' + r.event : '')],
         ['Agent', r.agent],
         ['On behalf of', r.on_behalf_of],
+        ['Person', proofText(r.on_behalf_of_proof)],
         ['Intent', r.intent],
         ['Capability', r.capability],
         ['Action', r.method ? el('code', r.method + ' ' + (r.path || '') + (r.query ? '?' + r.query : '')) : null],
@@ -1490,6 +1518,15 @@
     $('sign-out').addEventListener('click', function () { signedOut(); });
     $('help-button').addEventListener('click', function () { $('help-dialog').showModal(); });
     window.addEventListener('hashchange', route);
-    if (token()) started(); else showSignin();
+    if (window.sessionStorage.getItem(TOKEN_KEY)) { started(); return; }
+    fetch('/auth/session', { credentials: 'same-origin', cache: 'no-store' }).then(function (resp) {
+      return resp.ok ? resp.json() : {};
+    }).then(function (doc) {
+      if (doc.sign_in) {
+        $('idp-signin').hidden = false;
+        $('idp-signin-link').href = doc.sign_in_url + '?next=' + encodeURIComponent('/console/' + window.location.hash);
+      }
+      if (doc.signed_in) { SESSION = { reviewer: doc.reviewer, csrf: doc.csrf }; started(); } else showSignin(doc.problem || '');
+    }, function () { showSignin(); });
   });
 }());
