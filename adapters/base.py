@@ -130,6 +130,17 @@ class Adapter:
     default_param_pattern: ClassVar[str | None] = None
     id_param_names: ClassVar[frozenset[str]] = frozenset({"id"})
     id_pattern: ClassVar[str | None] = None
+    # The vendor's own authentication headers besides Authorization (lower case). An agent sending one
+    # would act with a credential it must not hold: Tether strips them (and refuses their aliases), to
+    # this upstream and, as a foreign vendor's credential, to every other upstream too.
+    credential_headers: ClassVar[frozenset[str]] = frozenset()
+    # Headers with which the vendor acts for another account or tenant (lower case). Checked by
+    # check_request_headers (refused unless the capability allows the value); sent to another vendor's
+    # upstream they are stripped.
+    tenant_headers: ClassVar[frozenset[str]] = frozenset()
+    # Query (and form) parameters the vendor reads as a credential (lower case): a request carrying one is
+    # refused, as with the upstream's ``credential_params``.
+    credential_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})

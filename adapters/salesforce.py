@@ -234,6 +234,7 @@ class SalesforceAdapter(Adapter):
     """Salesforce's REST API behind the adapter interface (see the module docstring for every decision)."""
 
     name = "salesforce"
+    credential_headers = frozenset({"x-sfdc-session"})  # a session id in a header (Bulk API, older clients)
     case_insensitive_paths = True
     case_insensitive_fields = True
     id_pattern = DEFAULT_ID_PATTERN

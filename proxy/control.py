@@ -15,6 +15,7 @@ from aiohttp import web
 from .errors import TetherError
 from .exchange import new_request_id
 from .headers import REQUEST_ID
+from .normalise import check_identity_text
 from .registry import describe
 from .responses import error_response, json_response
 
@@ -26,6 +27,9 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
     path = request.raw_path.partition("?")[0]
     rid = new_request_id()
     try:
+        host = request.headers.get("Host", "")
+        if not lst.host_allowed(host):  # the same Host policy as agent traffic (DNS rebinding)
+            raise TetherError("ambiguous_request", f"Host {host!r} does not belong to this listener")
         if path == "/_tether/healthz" and request.method in ("GET", "HEAD"):
             return json_response({"status": "ok"}, headers={REQUEST_ID: rid})
         if path == "/_tether/readyz" and request.method in ("GET", "HEAD"):
@@ -33,6 +37,7 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
             return json_response({"ready": ok, "checks": checks}, 200 if ok else 503, headers={REQUEST_ID: rid})
         state = gw.state
         ident = state.verifier.authenticate(request.headers.get("Authorization"))
+        check_identity_text(ident)
         if ident.agent not in state.rules.agents:
             raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
         if path == "/_tether/whoami" and request.method == "GET":

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from adapters import AdapterOptionsError, get_adapter
+from adapters import AdapterOptionsError, get_adapter, vendor_headers
 from adapters.base import Adapter
 
 from . import headers as H
@@ -49,6 +49,8 @@ from .responses import error_response, json_response
 from .store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("tether.gateway")
+
+_VENDOR_HEADERS = vendor_headers()
 
 STAGES: list[tuple[str, Any]] = [
     ("parse_request", S.parse_request),
@@ -80,10 +82,14 @@ class UpstreamRuntime:
         self.adapter = adapter
         self.base_url = cfg.url
         self.injector: Injector = build_injector(cfg.credentials, f"upstreams.{name}.credentials", session_getter)
-        cred_headers = {h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+        cred_headers = ({h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+                        | adapter.credential_headers)
         self.credential_headers = frozenset(cred_headers)
-        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers)
-        self.credential_params = tuple(p.lower() for p in cfg.credential_params)
+        # another vendor's session or tenant-switch header (Stripe-Account to Salesforce) is never forwarded
+        foreign = _VENDOR_HEADERS - adapter.tenant_headers
+        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers | foreign)
+        self.credential_params = tuple(dict.fromkeys([p.lower() for p in cfg.credential_params]
+                                                     + list(adapter.credential_params)))
         self.timeouts = cfg.timeouts
         self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
         self.tls_key = (cfg.verify_tls, str(cfg.ca_file or ""))
@@ -182,25 +188,55 @@ class Listener:
 
     def host_allowed(self, host: str) -> bool:
         """The Host header must name this listener: any name on a wildcard bind, a loopback name on a
-        loopback bind, the bound name otherwise."""
+        loopback bind, the bound name otherwise (see :func:`host_allowed`)."""
         ok = self._hosts_ok.get(host)
-        if ok is not None:
-            return ok
-        name = host
-        if name.startswith("["):
-            name = name[1:].partition("]")[0]
-        elif name.count(":") == 1:
-            name = name.partition(":")[0]
-        name = name.lower()
-        if self._wildcard:
-            ok = True
-        elif self._loopback:
-            ok = name in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
-        else:
-            ok = name == self.host.lower()
-        if len(self._hosts_ok) < 1024:
-            self._hosts_ok[host] = ok
+        if ok is None:
+            ok = host_allowed(host, self.host, loopback=self._loopback, wildcard=self._wildcard)
+            if len(self._hosts_ok) < 1024:
+                self._hosts_ok[host] = ok
         return ok
+
+
+def host_allowed(host: str, bound: str, *, loopback: bool, wildcard: bool) -> bool:
+    """Does a Host header (``name[:port]``, ``[v6]:port``) name a listener bound to ``bound``?
+
+    On a loopback bind only ``localhost`` and loopback IP *literals* are loopback names: a DNS name that
+    merely starts with ``127.`` (``127.attacker.example``, which an attacker can point at 127.0.0.1 to
+    rebind a browser onto Tether) is not. A port, when given, must be digits."""
+    name, port = host, ""
+    if name.startswith("["):
+        name, _, rest = name[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:]
+    elif name.count(":") == 1:
+        name, _, port = name.partition(":")
+    if port and not port.isdigit():
+        return False
+    name = name.lower()
+    if wildcard:
+        return True
+    if loopback:
+        if name == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+    return name == bound.lower()
+
+
+def admin_host_policy(address: str) -> Any:
+    """The admin listener's Host check (None: any Host): enforced on a loopback bind only (see
+    :func:`proxy.admin.check_host`)."""
+    host = parse_hostport(address)[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        return None
+    return lambda h: host_allowed(h, host, loopback=True, wildcard=False)
 
 
 class Gateway:
@@ -208,6 +244,7 @@ class Gateway:
         self.rules_path = rules_path
         self.server_cfg = rules.server
         self.limits = rules.server.limits
+        self.admin_host_policy = admin_host_policy(rules.server.admin_listen)
         self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
         self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
         self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>")

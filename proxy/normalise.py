@@ -19,8 +19,11 @@ target onto the base.
 
 from __future__ import annotations
 
+import functools
 import re
-from urllib.parse import unquote_to_bytes
+import unicodedata
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 from .errors import TetherError
 
@@ -32,6 +35,31 @@ _FORBIDDEN_ESCAPES = frozenset(
     {0x2F, 0x5C, 0x2E, 0x3B, 0x25, 0x7F} | set(range(0x00, 0x20))
 )
 _QUERY_OK = re.compile(r"[\x21-\x7E]*")
+
+
+# Characters that make text lie when shown to a person: C0 and C1 controls, DEL, line and paragraph
+# separators, bidi embeddings/overrides/isolates and marks, and lone surrogates (undecodable header bytes).
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                          "\u2066-\u2069\ud800-\udfff]")
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first character of agent-supplied text (intent, identity, names) that could forge or hide
+    what an operator reads — ``'U+202E'`` — or None when the text is inert."""
+    m = _UNSAFE_TEXT.search(text)
+    return None if m is None else f"U+{ord(m.group()):04X}"
+
+
+def check_identity_text(ident: Any) -> None:
+    """Refuse (401) a token whose agent or on-behalf-of identity (``act.sub`` / ``sub``) holds control,
+    line-separator or bidi characters: they end up in provenance headers, the journal and every
+    operator view, where they could forge or hide a field."""
+    for what, value in (("agent", ident.agent), ("on_behalf_of", ident.on_behalf_of)):
+        if value is not None:
+            bad = unsafe_char(value) if isinstance(value, str) else "a value that is not a string"
+            if bad is not None:
+                raise TetherError("token_malformed", f"the token's {what} identity holds {bad}: control, "
+                                                     "line-separator and bidi characters are refused")
 
 
 def ambiguous(message: str) -> TetherError:
@@ -91,7 +119,92 @@ def _decode_segment(seg: str) -> str:
         raise ambiguous("the path's percent-escapes are not valid UTF-8 (overlong or truncated)") from None
     if text in (".", ".."):
         raise ambiguous("the path has an encoded dot segment")
+    if not text.isascii():
+        for c in text:
+            why = _lookalike(c) if ord(c) > 0x7F else None
+            if why is not None:
+                raise ambiguous(f"the path has an encoded U+{ord(c):04X} ({_char_name(c)}), {why}")
     return text
+
+
+# Characters with no compatibility decomposition that servers, filters or "best fit" code-page mappings
+# still read as '/', '\' or '.' (NFKC catches the rest: fullwidth solidus, one dot leader, ...).
+_SLASHES = "\u2044\u2215\u29f8\u2571\u27cb\u0337\u0338\u2cc6\u3033"
+_BACKSLASHES = "\u2216\u29f5\u29f9\u2572\u27cd\u20e5"
+_DOTS = "\u3002\uff61\u0701\u0702\u06d4\ua4f8\u2e31\u2e33"
+_STRUCTURAL = frozenset("/\\.;%?#")
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookalike(c: str) -> str | None:
+    """Why a decoded non-ASCII path character is refused, or None: a lookalike of '/', '\\' or '.', a
+    control, format (bidi, zero-width) or separator character, or one that normalises (NFKC) to a
+    character that structures a path."""
+    if c in _SLASHES:
+        return "which some servers read as '/'"
+    if c in _BACKSLASHES:
+        return "which some servers read as '\\'"
+    if c in _DOTS:
+        return "which some servers read as '.'"
+    cat = unicodedata.category(c)
+    if cat in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"):
+        return "a control, format, separator or unassigned character"
+    folded = unicodedata.normalize("NFKC", c)
+    if any(x in _STRUCTURAL or ord(x) < 0x20 or ord(x) == 0x7F for x in folded):
+        return f"which normalises to {folded!r}"
+    return None
+
+
+def _char_name(c: str) -> str:
+    return unicodedata.name(c, "unnamed")
+
+
+_QUERY_SEP = re.compile(r"[&;]")
+
+
+def policy_params(query: str) -> list[tuple[str, str]]:
+    """Query parameters as the most generous server reads them: split on ``&`` *and* ``;`` (Rack and
+    older servlet containers take ``;`` as a separator too), so a credential or a method override
+    hidden after a ``;`` is still seen. For policy checks only; the forwarded query stays byte-exact."""
+    return parse_query(query.replace(";", "&")) if ";" in query else parse_query(query)
+
+
+def redact_query(query: str, names: "frozenset[str] | tuple[str, ...]") -> str:
+    """The query with the values of the parameters ``names`` (lower case, matched decoded and
+    case-insensitively, ``&``- or ``;``-separated) replaced by ``[redacted]``: what the journal keeps of
+    a request refused for carrying a credential."""
+    from urllib.parse import unquote_plus
+
+    out: list[str] = []
+    pos = 0
+    for piece in _QUERY_SEP.split(query):
+        sep = query[pos + len(piece)] if pos + len(piece) < len(query) else ""
+        pos += len(piece) + len(sep)
+        key, eq, _ = piece.partition("=")
+        try:
+            name = unquote_plus(key, errors="strict").lower()
+        except UnicodeDecodeError:
+            name = key.lower()
+        out.append(f"{key}=[redacted]" if eq and name in names else piece)
+        out.append(sep)
+    return "".join(out)
+
+
+# What may stay unescaped in a forwarded segment: RFC 3986 unreserved and sub-delims (minus ';'), ':', '@'.
+_SEGMENT_SAFE = "-._~!$&'()*+,=:@"
+
+
+def canonical_path(path: str, segments: tuple[str, ...], trailing_slash: bool) -> str:
+    """The one spelling of a matched path that Tether forwards: each decoded segment re-escaped the same
+    way (``%31`` is sent as ``1``, ``%c3%a9`` as ``%C3%A9``), and a trailing ``/`` exactly when the
+    matched template has one. So the upstream receives the path Tether matched, whichever equivalent
+    spelling the agent used. ``path`` is returned as is when it already is that spelling (the usual case)."""
+    if not segments:
+        return "/"
+    if "%" not in path and path.endswith("/") == trailing_slash:
+        return path
+    out = "/" + "/".join(quote(seg, safe=_SEGMENT_SAFE) for seg in segments)
+    return out + "/" if trailing_slash else out
 
 
 def parse_query(query: str) -> list[tuple[str, str]]:

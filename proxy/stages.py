@@ -31,16 +31,18 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from adapters import vendor_headers
 from adapters.base import Operation
 
 from . import headers as H
-from .bodies import media_type, parse_body
+from .bodies import OVERRIDE_FIELDS, media_type, multipart_names, parse_body, smuggled_field
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
 from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, relay, response_headers, send
 from .journal import JournalUnavailable
-from .normalise import ambiguous, decode_segments, parse_query, split_target
+from .normalise import (ambiguous, canonical_path, check_identity_text, decode_segments, parse_query, policy_params,
+                        redact_query, split_target, unsafe_char)
 from .pipeline import request_record
 from .upstream_calls import call_upstream
 from .validation import validator_for
@@ -49,9 +51,8 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 _MAX_INTENT = 1000
-_GENERIC_OVERRIDE_PARAMS = ("_method", "_httpmethod", "x-http-method-override")
 # Headers whose *aliases* (same name with '_' or '.') a lenient upstream might read as the real thing.
-_PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"})
+_PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"} | vendor_headers())
 
 
 # --------------------------------------------------------------------------- parse_request
@@ -116,6 +117,7 @@ def authenticate(gw: "Gateway", ex: Exchange) -> None:
     if len(auth) > 1:
         raise ambiguous("more than one Authorization header")
     ident = gw.state.verifier.authenticate(auth[0] if auth else None)
+    check_identity_text(ident)
     ex.identity = ident
     if ident.agent not in ex.registry.rules.agents:
         raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
@@ -126,8 +128,10 @@ def authenticate(gw: "Gateway", ex: Exchange) -> None:
         value = intent[0].strip()
         if len(value) > _MAX_INTENT:
             raise TetherError("bad_request", f"X-Tether-Intent is longer than {_MAX_INTENT} characters")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise TetherError("bad_request", "X-Tether-Intent holds control characters")
+        bad = unsafe_char(value)
+        if bad is not None:
+            raise TetherError("bad_request", f"X-Tether-Intent holds {bad}: control, line-separator and bidi "
+                                             "characters are refused in text an operator reads")
         ex.intent = value or None
     tx = hdrs.get(H.TRANSACTION)
     if tx is not None:
@@ -149,24 +153,34 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
     adapter = up.adapter
     method = ex.method
     if ex.query:
-        pairs = parse_query(ex.query)
-        for name in up.credential_params:
-            if any(k.lower() == name for k, _ in pairs):
-                raise TetherError("credential_in_request",
-                                  f"query parameter {name!r} carries a credential; Tether injects the upstream's own")
+        query = ex.query
+        pairs = parse_query(query)
+        # read as the most generous server would: ';' separates parameters too
+        policy = policy_params(query) if ";" in query else pairs
+        creds = up.credential_params
+        if creds:
+            for k, _ in policy:
+                if k.lower() in creds:
+                    ex.query = redact_query(query, creds)  # the journal keeps the name, never the value
+                    raise TetherError("credential_in_request",
+                                      f"query parameter {k!r} carries a credential; Tether injects the upstream's own")
         override = adapter.method_override(method, pairs)
+        if policy is not pairs and sum(k.lower() in OVERRIDE_FIELDS for k, _ in policy) != \
+                sum(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
+            raise ambiguous("a method-override parameter hides behind a ';' in the query")
         if override is not None:
             if override not in HTTP_METHODS:
                 raise TetherError("method_not_allowed", f"override to {override!r} refused")
             ex.extra["wire_method"] = method
             ex.method = method = override
-        elif any(k.lower() in _GENERIC_OVERRIDE_PARAMS for k, _ in pairs):
+        elif any(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
             raise ambiguous("a method-override query parameter was sent to an upstream that does not define one")
     op = Operation(method=method, path=ex.raw_path, query=ex.query, segments=ex.segments,
                    content_type=ex.request.headers.get("Content-Type"))
     ex.operations = [op]
     if adapter.is_composite(op):
         ex.composite = True
+        ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, False)
         return
     found = ex.registry.match(up.name, method, ex.segments, ex.query)
     if found is None:
@@ -174,6 +188,9 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
                           f"{method} {ex.raw_path} is not a registered capability of upstream {up.name!r}")
     op.capability, op.params = found
     ex.capability, ex.params = found
+    # forward the path that was matched: one escaping, and a trailing '/' only where the template has one
+    template = found[0].template
+    ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, len(template) > 1 and template[-1] == "/")
 
 
 # --------------------------------------------------------------------------- body
@@ -231,16 +248,66 @@ def parse_body_stage(gw: "Gateway", ex: Exchange) -> None:
     if not body:
         return
     hdrs = ex.request.headers
+    ctype = hdrs.get("Content-Type")
     needs = ex.composite or ex.is_write or (ex.capability is not None and ex.capability.config.body is not None)
     if not needs:
+        _refuse_smuggled_in_unparsed(gw, ex, body, ctype)
         return
     enc = hdrs.get("Content-Encoding", "identity").strip().lower()
     if enc not in ("", "identity"):
         raise TetherError("bad_request", f"Content-Encoding {enc!r}: a body Tether must inspect cannot be compressed")
-    kind, value = parse_body(body, hdrs.get("Content-Type"), gw.limits.max_json_depth)
+    kind, value = parse_body(body, ctype, gw.limits.max_json_depth)
     ex.extra["body_kind"] = kind
     for op in ex.operations:
         op.body = value
+    if kind == "other" and media_type(ctype).startswith("multipart/"):
+        _refuse_smuggled(ex, multipart_names(body))
+    elif kind == "form" and b";" in body:
+        _refuse_smuggled(ex, _form_names(body))  # as a server splitting on ';' too reads it
+    elif isinstance(value, dict):
+        _refuse_smuggled(ex, value, json=kind == "json")
+
+
+def _refuse_smuggled(ex: Exchange, names: Any, json: bool = False) -> None:
+    """A body field a server would read as the request's method (``_method``: Rails, Laravel) or as a
+    credential (``credential_params``, read from forms by servers that merge parameters) is refused as it
+    is in the query. JSON bodies are checked for overrides only (servers take credentials from forms)."""
+    found = smuggled_field(names, OVERRIDE_FIELDS)
+    if found is not None:
+        raise ambiguous(f"the body field {found!r} is a method override: send the real method")
+    if not json:
+        creds = ex.upstream.credential_params  # type: ignore[union-attr]
+        found = smuggled_field(names, frozenset(creds)) if creds else None
+        if found is not None:
+            raise TetherError("credential_in_request",
+                              f"the body field {found!r} carries a credential; Tether injects the upstream's own")
+
+
+def _form_names(body: bytes) -> list[str]:
+    """A form body's field names, split on '&' and ';' (for checks only; the body is forwarded as sent)."""
+    from urllib.parse import parse_qsl
+
+    return [k for k, _ in parse_qsl(body.decode("latin-1").replace(";", "&"), keep_blank_values=True,
+                                    errors="replace")]
+
+
+def _refuse_smuggled_in_unparsed(gw: "Gateway", ex: Exchange, body: bytes, ctype: str | None) -> None:
+    """A body Tether does not otherwise parse (a read's): form and multipart field names are read all
+    the same; a JSON body only when it could spell an override name (``method`` or a ``\\u`` escape)."""
+    mt = media_type(ctype)
+    try:
+        if mt.startswith("multipart/"):
+            _refuse_smuggled(ex, multipart_names(body))
+        elif mt == "application/x-www-form-urlencoded":
+            _refuse_smuggled(ex, _form_names(body))
+        elif (b"method" in body.lower() or b"\\u" in body) and (mt == "" or "json" in mt):
+            _, value = parse_body(body, "application/json", gw.limits.max_json_depth)
+            if isinstance(value, dict):
+                _refuse_smuggled(ex, value, json=True)
+    except TetherError as err:
+        if err.code in ("ambiguous_request", "credential_in_request"):
+            raise
+        # a body that does not parse is not read by the upstream as these fields either
 
 
 def unpack_composite(gw: "Gateway", ex: Exchange) -> None:

@@ -43,6 +43,7 @@ from .exchange import Exchange
 from .headers import REQUEST_ID
 from .identity import Identity
 from .journal import base_record
+from .normalise import unsafe_char
 from .responses import json_response
 from .upstream_calls import call_upstream
 
@@ -482,6 +483,26 @@ class TransactionManager:
 
 # --------------------------------------------------------------------------- agent endpoints
 
+MAX_TX_NAME = 200
+
+
+def tx_name(value: Any) -> str | None:
+    """A transaction's name as the agent gave it: a string of at most MAX_TX_NAME characters, none of
+    them control, line-separator or bidi characters (operators read it in ``tx list`` and the console);
+    anything else is 400."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TetherError("bad_request", "name must be a string")
+    if len(value) > MAX_TX_NAME:
+        raise TetherError("bad_request", f"name is longer than {MAX_TX_NAME} characters")
+    bad = unsafe_char(value)
+    if bad is not None:
+        raise TetherError("bad_request", f"name holds {bad}: control, line-separator and bidi characters are "
+                                         "refused in text an operator reads")
+    return value
+
+
 
 async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Identity, path: str,
                              rid: str) -> web.StreamResponse | None:
@@ -516,7 +537,7 @@ async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Ide
             raise TetherError("bad_request", "id must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         if tx_id is not None and await gw.store.tx_get(tx_id) is not None:
             raise TetherError("conflict", f"transaction {tx_id} already exists")
-        tx = await tm.open(ident, tx_id=tx_id, name=doc.get("name"), deadline=deadline)
+        tx = await tm.open(ident, tx_id=tx_id, name=tx_name(doc.get("name")), deadline=deadline)
         return json_response(tx, 201, headers=h)
     tx_id = parts[0]
     if len(parts) == 1 and request.method == "GET":

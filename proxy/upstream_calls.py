@@ -82,8 +82,10 @@ async def call_upstream(
     body = encode_body(req.body, req.content_type)
     if body is not None and req.content_type:
         headers["Content-Type"] = req.content_type
+    strip = up.strip_headers
     for k, v in (req.headers or {}).items():
-        headers[k] = v
+        if k.lower() not in strip:  # a captured request's headers pass the same filter as a forwarded one's
+            headers[k] = v
     for k, v in (extra_headers or {}).items():
         headers[k] = v
     if up.provenance_headers:
