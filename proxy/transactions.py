@@ -43,7 +43,7 @@ from .exchange import Exchange
 from .headers import REQUEST_ID
 from .identity import Identity
 from .journal import base_record
-from .normalise import unsafe_char
+from .normalise import decode_segments, split_target, unsafe_char
 from .responses import json_response
 from .upstream_calls import call_upstream
 
@@ -219,6 +219,7 @@ class TransactionManager:
                 continue
             try:
                 armed = up.adapter.arm_undo(plan, op, status or 0, headers, body)
+                check_undo_target(armed)
                 await store.step_update(step["id"], {"state": "armed", "plan": armed.to_dict(),
                                                      "response_status": status,
                                                      "created_ids": up.adapter.created_ids(op, status or 0, headers, body)})
@@ -479,6 +480,23 @@ class TransactionManager:
             await self.gw.journal.write(rec)
         except Exception as exc:  # noqa: BLE001 - the state is in the store; the journal is best effort here
             log.error("could not journal %s of %s: %s", event, tx["id"], exc)
+
+
+def check_undo_target(plan: UndoPlan) -> None:
+    """An armed undo step's path (which may embed an id from the upstream's answer) must be a path
+    Tether would forward for an agent — no '?', '#', encoded '/', dot segment — or the step is not
+    armed (NotCompensable: it is left ``unknown`` for a human, never sent somewhere else)."""
+    req = plan.request
+    if req is None or "{created_id}" in req.path:
+        return
+    try:
+        path, query = split_target(req.path, 1 << 16)
+        decode_segments(path)
+    except TetherError as err:
+        raise NotCompensable(f"the undo step's target {req.path[:120]!r} is not a path Tether forwards: "
+                             f"{err.message}") from None
+    if query or "?" in req.path:
+        raise NotCompensable(f"the undo step's target {req.path[:120]!r} holds a '?'")
 
 
 # --------------------------------------------------------------------------- agent endpoints

@@ -17,6 +17,7 @@ from adapters.base import FORM_CT, PlannedRequest
 
 from . import headers as H
 from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, send
+from .errors import TetherError
 from .normalise import decode_segments, split_target
 
 if TYPE_CHECKING:
@@ -74,8 +75,11 @@ async def call_upstream(
     """Send a planned request; returns (status, headers, raw body, parsed JSON or None).
 
     Raises TetherError (upstream_unavailable / upstream_timeout) when the upstream cannot answer."""
-    # The planned path is validated exactly like an agent's (it may embed ids from a response).
-    path, _ = split_target(req.path, 1 << 16)
+    # The planned path is validated exactly like an agent's (it may embed ids from a response); a '?' in
+    # it would cut the path short (an id "7?x" must never become DELETE .../7), so it is refused too.
+    path, stray_query = split_target(req.path, 1 << 16)
+    if stray_query or "?" in req.path:
+        raise TetherError("ambiguous_request", "a planned request's path holds a '?'; refused")
     decode_segments(path)
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Accept"] = "application/json"

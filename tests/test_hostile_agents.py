@@ -1,0 +1,210 @@
+"""Hostile agents (issue 20): attacks sent the way a prompt-injected agent would, through the real pipeline.
+
+Each test checks what reached the upstream, what the journal kept and what the agent got back. The
+table-shaped attacks (paths, overrides, headers) live in ``test_bypass.py``; these need more set-up:
+a journal to inspect, a transaction to roll back, a scripted upstream, a second listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.identity import mint_token
+from tests.conftest import UPSTREAM_TOKEN, base_rules
+from tests.fakes import serve_app
+
+
+def _live(cap: str) -> dict[str, str]:
+    return {"capability": cap, "mode": "live"}
+
+
+async def _journal_text(gw: Any, mirror: Path | None = None) -> str:
+    recs = await gw.journal()
+    text = orjson.dumps(recs).decode()
+    if mirror is not None:
+        await gw.gw.journal.flush(5)
+        text += mirror.read_text() if mirror.exists() else ""
+    return text
+
+
+# --------------------------------------------------------------------------- item 7: credentials kept out
+
+
+async def test_a_refused_credential_is_never_journaled_verbatim(make_gateway, upstream, tmp_path):
+    mirror = tmp_path / "mirror.jsonl"
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    rules["server"]["journal"] = {"mirror_file": str(mirror)}
+    rules["upstreams"]["crm"]["credential_params"] = ["api_key"]
+    gw = await make_gateway(rules)
+    for query in ("api_key=STOLEN-KEY-1", "a=1;api_key=STOLEN-KEY-2", "API%5FKEY=STOLEN-KEY-3&b=2"):
+        r = await gw.request("GET", f"/echo?{query}")
+        assert r.status == 400 and (await r.json())["error"]["code"] == "credential_in_request"
+    assert upstream.received == []
+    text = await _journal_text(gw, mirror)
+    assert "STOLEN-KEY" not in text
+    queries = [r["query"] for r in await gw.journal() if r.get("reason") == "credential_in_request"]
+    assert queries == ["api_key=[redacted]", "a=1;api_key=[redacted]", "API_KEY=[redacted]&b=2"]
+
+
+async def test_adapter_credential_params_are_refused_without_configuration(make_gateway, upstream, tmp_path):
+    """HubSpot's hapikey and Slack's token are credentials whatever the rules file says."""
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    rules["upstreams"]["hs"] = {"url": upstream.url, "adapter": "hubspot",
+                                "credentials": {"type": "bearer", "token": {"value": UPSTREAM_TOKEN}}}
+    rules["capabilities"]["hs.contacts"] = {"upstream": "hs", "method": "GET", "path": "/crm/v3/objects/contacts"}
+    rules["agents"]["bot"]["grants"].append("hs.contacts")
+    gw = await make_gateway(rules)
+    r = await gw.request("GET", "/crm/v3/objects/contacts?limit=1;hapikey=STOLEN", upstream="hs")
+    assert r.status == 400 and (await r.json())["error"]["code"] == "credential_in_request"
+    assert upstream.received == []
+    assert "STOLEN" not in await _journal_text(gw)
+
+
+# --------------------------------------------------------------------------- item 8: agent text
+
+
+@pytest.mark.parametrize("sub", ["ceo\u202e@acme", "jane\u2028decision=live", "x\u0085y", "a\u2066b"])
+async def test_identities_with_bidi_or_separators_are_refused(gateway, upstream, sub):
+    ident = gateway.gw.state.rules.identity
+    token = mint_token(ident, sub, actor="bot")
+    async with gateway.session.get(f"{gateway.url}/crm/echo", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 401
+        assert (await r.json())["error"]["code"] == "token_malformed"
+    async with gateway.session.get(f"{gateway.url}/_tether/whoami", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 401
+    assert upstream.received == []
+    assert sub not in await _journal_text(gateway)
+
+
+@pytest.mark.parametrize("name, ok", [("renew Acme", True), ("x" * 200, True), ("x" * 201, False), (42, False),
+                                      (["a"], False), ({"a": 1}, False), ("renew\u202eemcA", False),
+                                      ("a\nb", False), ("a\u2029b", False)])
+async def test_transaction_names_are_short_inert_strings(gateway, name, ok):
+    async with gateway.session.post(f"{gateway.url}/_tether/transactions", headers=gateway.headers(),
+                                    json={"name": name}) as r:
+        doc = await r.json()
+        if ok:
+            assert r.status == 201 and doc["name"] == name
+        else:
+            assert r.status == 400 and doc["error"]["code"] == "bad_request", doc
+    txs = await gateway.gw.store.tx_list(limit=10)
+    assert len(txs) == (1 if ok else 0)
+
+
+# --------------------------------------------------------------------------- item 11: undo targets
+
+
+@pytest.mark.parametrize("evil_id", ["7?force=true", "7#x", "7/notes", "../7", "%37", "7\u2215x"])
+async def test_an_id_from_the_upstream_cannot_aim_an_undo_elsewhere(make_gateway, upstream, tmp_path, evil_id):
+    """The upstream answers a create with an id that would turn its undo (DELETE .../<id>) into a delete
+    of another record (id 7, someone else's). The step is left for a human; nothing is deleted."""
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    gw = await make_gateway(rules)
+    upstream.put_record("contacts", {"id": "7", "name": "someone else's"})
+    upstream.fail("POST", "/api/contacts", status=201, body={"id": evil_id, "name": "new"})
+    h = {"X-Tether-Transaction": "tx-evil-id"}
+    r = await gw.request("POST", "/api/contacts", json={"name": "new"}, headers=h)
+    assert r.status == 201
+    async with gw.session.post(f"{gw.url}/_tether/transactions/tx-evil-id/rollback", headers=gw.headers()) as resp:
+        tx = await resp.json()
+    assert tx["state"] == "needs_attention", tx
+    assert [s["state"] for s in tx["steps"]] == ["unknown"]
+    assert "7" in upstream.records["contacts"]
+    assert [x for x in upstream.received if x.method == "DELETE"] == []
+
+
+async def test_a_salesforce_created_id_must_be_a_salesforce_id(make_gateway, tmp_path):
+    """Salesforce's adapter holds created ids to its id format before planning DELETE .../<id>."""
+    from adapters import get_adapter
+    from adapters.base import NotCompensable, Operation, PlannedRequest, UndoPlan
+
+    ad = get_adapter("salesforce")
+    cap = type("C", (), {"operation": "create", "name": "x"})()
+    op = Operation("POST", "/services/data/v59.0/sobjects/Account", capability=cap,
+                   segments=("services", "data", "v59.0", "sobjects", "Account"), body={"Name": "a"})
+    for bad in ("001000000000001AAA?x", "../001000000000001", "001000000000001/x"):
+        plan = UndoPlan("delete", PlannedRequest("DELETE", "/services/data/v59.0/sobjects/Account/{created_id}"))
+        with pytest.raises(NotCompensable):
+            ad.arm_undo(plan, op, 201, {}, {"id": bad, "success": True, "errors": []})
+    plan = UndoPlan("delete", PlannedRequest("DELETE", "/services/data/v59.0/sobjects/Account/{created_id}"))
+    good = ad.arm_undo(plan, op, 201, {}, {"id": "001000000000001AAA", "success": True, "errors": []})
+    assert good.request.path.endswith("/001000000000001AAA")
+
+
+# --------------------------------------------------------------------------- item 14: admin Host check
+
+
+async def test_the_loopback_admin_listener_answers_loopback_names_only(gateway):
+    port = gateway.gw.admin_port
+    h = {"Authorization": f"Bearer {gateway.reviewer_token()}"}
+    for host, status in (("127.attacker.example", 400), (f"127.attacker.example:{port}", 400),
+                         (f"localhost.evil.example:{port}", 400), ("evil.example", 400),
+                         (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"[::1]:{port}", 200)):
+        for path in ("/api/review/items", "/metrics", "/_tether/healthz"):
+            async with gateway.session.get(f"{gateway.admin_url}{path}", headers={**h, "Host": host}) as r:
+                assert r.status == status, (host, path, r.status)
+                if status == 400:
+                    assert (await r.json())["error"]["code"] == "ambiguous_request"
+
+
+def test_host_policy_is_exact():
+    from proxy.gateway import host_allowed
+
+    loop = {"loopback": True, "wildcard": False}
+    for ok in ("127.0.0.1", "127.0.0.1:8100", "127.9.8.7:1", "localhost", "LOCALHOST:80", "[::1]:8100", "::1"):
+        assert host_allowed(ok, "127.0.0.1", **loop), ok
+    for bad in ("127.attacker.example", "127.0.0.1.nip.io", "localhost.evil.example", "127.0.0.1:80x", "",
+                "evil.example", "[::1]x", "127.1"):
+        assert not host_allowed(bad, "127.0.0.1", **loop), bad
+    assert host_allowed("10.0.0.5:8100", "10.0.0.5", loopback=False, wildcard=False)
+    assert not host_allowed("10.0.0.6:8100", "10.0.0.5", loopback=False, wildcard=False)
+
+
+# --------------------------------------------------------------------------- item 16: vendor headers
+
+
+async def test_vendor_session_and_tenant_headers(make_gateway, upstream, tmp_path):
+    """X-SFDC-Session never reaches Salesforce (nor anyone); Stripe-Account reaches only Stripe, and only
+    when allowed; both are stripped on a generic upstream."""
+    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+    cred = {"type": "bearer", "token": {"value": UPSTREAM_TOKEN}}
+    rules["upstreams"]["sf"] = {"url": upstream.url, "adapter": "salesforce", "credentials": cred}
+    rules["upstreams"]["stripe"] = {"url": upstream.url, "adapter": "stripe", "credentials": cred}
+    caps = rules["capabilities"]
+    caps["sf.account.read"] = {"upstream": "sf", "method": "GET",
+                               "path": "/services/data/{version}/sobjects/Account/{id}"}
+    caps["stripe.customer.read"] = {"upstream": "stripe", "method": "GET", "path": "/v1/customers/{customer}",
+                                    "allow_accounts": ["acct_allowed"]}
+    rules["agents"]["bot"]["grants"] += ["sf.account.read", "stripe.customer.read"]
+    gw = await make_gateway(rules)
+    vendor = {"X-SFDC-Session": "00D!stolen", "Stripe-Account": "acct_allowed", "Stripe-Context": "ctx_x"}
+
+    r = await gw.request("GET", "/services/data/v59.0/sobjects/Account/001000000000001AAA", upstream="sf",
+                         headers=vendor)
+    assert r.status == 200
+    got = upstream.received[-1]
+    assert not {"x-sfdc-session", "stripe-account", "stripe-context"} & {k.lower() for k in got.headers}
+    assert got.headers["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+
+    r = await gw.request("GET", "/echo", headers=vendor)
+    assert r.status == 200
+    assert not {"x-sfdc-session", "stripe-account", "stripe-context"} & {k.lower() for k in upstream.received[-1].headers}
+
+    r = await gw.request("GET", "/v1/customers/cus_123", upstream="stripe",
+                         headers={"X-SFDC-Session": "00D!stolen", "Stripe-Account": "acct_allowed"})
+    assert r.status == 200
+    got = {k.lower(): v for k, v in upstream.received[-1].headers.items()}
+    assert got.get("stripe-account") == "acct_allowed" and "x-sfdc-session" not in got
+    n = len(upstream.received)
+    r = await gw.request("GET", "/v1/customers/cus_123", upstream="stripe", headers={"Stripe-Account": "acct_evil"})
+    assert r.status == 403 and (await r.json())["error"]["code"] == "tenant_switch_refused"
+    assert len(upstream.received) == n
