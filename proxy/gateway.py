@@ -34,7 +34,7 @@ from .config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_ho
 from .credentials import CredentialError, Injector, build_injector
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import make_session
+from .forward import NO_NEEDLES, Needles, credential_needles, make_session
 from .upstream_http import OriginPool, UpstreamClient
 from .identity import TokenVerifier
 from .journal import JournalWriter, base_record
@@ -102,6 +102,20 @@ class UpstreamRuntime:
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
+        self._reflection: tuple[Any, Needles] = (None, NO_NEEDLES)
+
+    def reflection_needles(self) -> Needles:
+        """What of the injected credential to look for in the upstream's answers (so that an upstream
+        echoing it never hands it to the agent): recomputed only when the credential changes."""
+        cred = self.credential_now()
+        key, needles = self._reflection
+        if cred != key:
+            if cred is None:
+                return needles  # an OAuth token being refreshed: the last one is still the one to hide
+            prefix = getattr(self.cfg.credentials, "prefix", "") or ""
+            needles = credential_needles(cred, prefix)
+            self._reflection = (cred, needles)
+        return needles
 
     def credential_now(self) -> tuple[tuple[str, str], ...] | None:
         """The credential header when it can be had without waiting (static secrets, a cached OAuth

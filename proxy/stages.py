@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,7 +40,8 @@ from .bodies import OVERRIDE_FIELDS, media_type, multipart_names, parse_body, sm
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, relay, response_headers, send
+from .forward import (SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, redact_bytes, redact_headers,
+                      relay, response_headers, send)
 from .journal import JournalUnavailable
 from .normalise import (ambiguous, canonical_path, check_identity_text, decode_segments, parse_query, policy_params,
                         redact_query, split_target, unsafe_char)
@@ -49,6 +51,8 @@ from .validation import validator_for
 
 if TYPE_CHECKING:
     from .gateway import Gateway
+
+log = logging.getLogger("tether.stages")
 
 _MAX_INTENT = 1000
 # Headers whose *aliases* (same name with '_' or '.') a lenient upstream might read as the real thing.
@@ -449,6 +453,7 @@ async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = Fa
     if body_override:
         drop = drop | _BODY_HEADERS
     out = [(k, v) for k, v in src.items() if (lk := k.lower()) not in drop and not lk.startswith("x-tether-")]
+    out.append(H.ACCEPT_IDENTITY)  # answers Tether can scan for a reflected credential
     if up.provenance_headers:
         ident = ex.identity
         assert ident is not None
@@ -501,6 +506,9 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
     out_headers = response_headers(resp.raw_headers)
+    needles = up.reflection_needles()
+    if needles and redact_headers(out_headers, needles):
+        _reflected(ex)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
     if ex.is_write or ex.transaction_id is not None:
@@ -513,6 +521,10 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
             raise
         finally:
             resp.release()
+        if needles:
+            data, hit = redact_bytes(data, needles)
+            if hit:
+                _reflected(ex)
         parsed = decode_json_body(data, resp.headers.get("Content-Type"))
         ex.response_body = parsed
         rheaders = {str(k): v for k, v in resp.headers.items()}
@@ -536,14 +548,28 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
         data = await read_whole(resp, SMALL_BODY, up.timeouts)
         resp.release()
+        if needles:
+            data, hit = redact_bytes(data, needles)
+            if hit:
+                _reflected(ex)
         ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
         return
-    streamed, sent, err = await relay(ex.request, resp, out_headers, limit)
+    found = [False]
+    streamed, sent, err = await relay(ex.request, resp, out_headers, limit, needles, found)
+    if found[0]:
+        _reflected(ex)
     ex.response = streamed
     if err is not None:
         ex.error = TetherError(err)
         ex.reason = err
         ex.extra.setdefault("outcome", {})["bytes_sent"] = sent
+
+
+def _reflected(ex: Exchange) -> None:
+    """The upstream echoed Tether's credential; it was masked. The outcome record says so."""
+    ex.extra.setdefault("outcome", {})["credential_reflected"] = True
+    log.warning("upstream %s reflected the injected credential (request %s); masked",
+                ex.upstream.name if ex.upstream else "?", ex.request_id)
 
 
 def decode_json_body(data: bytes, content_type: str | None) -> Any:

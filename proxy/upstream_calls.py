@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from adapters.base import FORM_CT, PlannedRequest
 
 from . import headers as H
-from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, send
+from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, redact_bytes, send
 from .errors import TetherError
 from .normalise import decode_segments, split_target
 
@@ -83,6 +83,7 @@ async def call_upstream(
     decode_segments(path)
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Accept"] = "application/json"
+    headers[H.ACCEPT_IDENTITY[0]] = H.ACCEPT_IDENTITY[1]
     body = encode_body(req.body, req.content_type)
     if body is not None and req.content_type:
         headers["Content-Type"] = req.content_type
@@ -110,10 +111,19 @@ async def call_upstream(
         data = await read_whole(resp, WHOLE_BODY_LIMIT, up.timeouts)
     finally:
         resp.release()
+    rheaders = {str(k): v for k, v in resp.headers.items()}
+    needles = up.reflection_needles()
+    if needles:
+        # a reflected credential never reaches a review item, a compensation step or the journal
+        data, _ = redact_bytes(data, needles)
+        for k, v in rheaders.items():
+            for n in needles.text:
+                if n in v:
+                    rheaders[k] = v = v.replace(n, "*" * len(n))
     parsed: Any = None
     if data:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             parsed = None
-    return resp.status, {str(k): v for k, v in resp.headers.items()}, data, parsed
+    return resp.status, rheaders, data, parsed

@@ -208,3 +208,97 @@ async def test_vendor_session_and_tenant_headers(make_gateway, upstream, tmp_pat
     r = await gw.request("GET", "/v1/customers/cus_123", upstream="stripe", headers={"Stripe-Account": "acct_evil"})
     assert r.status == 403 and (await r.json())["error"]["code"] == "tenant_switch_refused"
     assert len(upstream.received) == n
+
+
+# --------------------------------------------------------------------------- item 12: reflected credential
+
+
+async def _reflector() -> tuple[web.AppRunner, int, list[dict[str, str]]]:
+    """An upstream that echoes the credential it received: in a header, in a small body, in a large
+    streamed body (split across two writes, mid-token), and in a write's answer."""
+    seen: list[dict[str, str]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        auth = request.headers.get("Authorization", "")
+        body = await request.read()
+        if request.path == "/hdr":
+            return web.json_response({"ok": True}, headers={"X-Debug": f"you sent {auth}",
+                                                            "WWW-Authenticate": f'Bearer error="{auth[7:]}"'})
+        if request.path == "/stream":
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            if request.query.get("length"):
+                resp.content_length = 70_000 + 2 * len(auth) + 2
+            await resp.prepare(request)
+            token = auth.encode()
+            await resp.write(b"a" * 70_000 + token[:9])
+            await asyncio.sleep(0.05)
+            await resp.write(token[9:] + b"|" + token + b"\n")
+            await resp.write_eof()
+            return resp
+        return web.json_response({"method": request.method, "echo": auth, "body": body.decode()})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner, port = await serve_app(app)
+    return runner, port, seen
+
+
+@pytest.fixture
+async def reflector():
+    runner, port, seen = await _reflector()
+    yield port, seen
+    await runner.cleanup()
+
+
+def _reflect_rules(port: int, store: str) -> dict[str, Any]:
+    rules = base_rules(f"http://127.0.0.1:{port}", store)
+    caps = rules["capabilities"]
+    caps["r.hdr"] = {"upstream": "crm", "method": "GET", "path": "/hdr"}
+    caps["r.stream"] = {"upstream": "crm", "method": "GET", "path": "/stream"}
+    caps["r.small"] = {"upstream": "crm", "method": "GET", "path": "/small"}
+    caps["r.write"] = {"upstream": "crm", "method": "PATCH", "path": "/things/{id}"}
+    caps["r.review"] = {"upstream": "crm", "method": "PATCH", "path": "/reviewed/{id}"}
+    rules["agents"]["bot"]["grants"] += ["r.hdr", "r.stream", "r.small", _live("r.write"), "r.review"]
+    return rules
+
+
+async def test_a_reflected_credential_never_reaches_the_agent(make_gateway, reflector, tmp_path):
+    port, seen = reflector
+    gw = await make_gateway(_reflect_rules(port, str(tmp_path / "t.db")))
+    token = UPSTREAM_TOKEN.encode()
+    outcomes = []
+    for path, kw in (("/small", {}), ("/hdr", {}), ("/stream", {}), ("/stream?length=1", {}),
+                     ("/things/1", {"method": "PATCH", "json": {"a": 1}})):
+        method = kw.pop("method", "GET")
+        async with gw.session.request(method, f"{gw.url}/crm{path}", headers=gw.headers(), **kw) as r:
+            body = await r.read()
+            assert r.status == 200, (path, body[:200])
+            raw_headers = b"".join(k + b": " + v for k, v in r.raw_headers)
+            assert token not in body and token not in raw_headers, path
+            assert b"*" * len(token) in body + raw_headers, path  # masked, length kept
+            if path.startswith("/stream"):
+                assert len(body) == 70_000 + 2 * len(b"Bearer " + token) + 2
+            outcomes.append(r.headers["X-Tether-Request-Id"])
+    # the upstream did get the credential (that is what it echoed), asked for identity encoding
+    assert all(h["Authorization"] == f"Bearer {UPSTREAM_TOKEN}" for h in seen)
+    assert all(h.get("Accept-Encoding") == "identity" for h in seen)
+    recs = await gw.journal()
+    assert UPSTREAM_TOKEN not in orjson.dumps(recs).decode()
+    flagged = {r["request_id"] for r in recs if r["kind"] == "outcome" and r.get("credential_reflected")}
+    assert flagged == set(outcomes)
+
+
+async def test_a_reflected_credential_never_reaches_a_review_item(make_gateway, reflector, tmp_path):
+    port, _ = reflector
+    gw = await make_gateway(_reflect_rules(port, str(tmp_path / "t.db")))
+    r = await gw.request("PATCH", "/reviewed/9", json={"a": 1})
+    assert r.status == 200
+    item_id = r.headers["X-Tether-Dry-Run"]
+    a = await gw.admin("POST", f"/api/review/items/{item_id}/approve", json={})
+    assert a.status == 200, await a.text()
+    item = await a.json()
+    assert item["state"] == "replayed", item
+    assert item["replay"]["body"]["echo"] == "*" * len("Bearer " + UPSTREAM_TOKEN)
+    assert UPSTREAM_TOKEN not in orjson.dumps(item).decode()
+    assert UPSTREAM_TOKEN not in await _journal_text(gw)
