@@ -205,14 +205,14 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
     if not req.body_exists:
         return
     cap = ex.capability
-    if cap is not None and cap.config.stream_request:
-        return
     limit = gw.limits.max_body_bytes
     if cap is not None and cap.config.body is not None and cap.config.body.max_bytes is not None:
         limit = min(limit, cap.config.body.max_bytes)
     cl = req.content_length
     if cl is not None and cl > limit:
         raise TetherError("body_too_large", f"the body is {cl} bytes; this capability accepts at most {limit}")
+    if cap is not None and cap.config.stream_request:
+        return  # forwarded as it arrives, counted and hashed on the way (StreamedBody)
     content = req.content
     if content.is_eof():
         # the whole body came with the head (most API calls): no waiting, so no timer to arm
@@ -415,6 +415,13 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
     """live or dry_run, from the grants, stored promotions, canary and quarantine (proxy.governance)."""
     ex.mode = await gw.governance.decide(ex)
     ex.decision = ex.mode
+    if ex.mode == "dry_run" and any(op.capability.config.stream_request for op in ex.operations):
+        # a streamed body is never read, so it cannot be captured for review (the rules check refuses such
+        # grants; this catches a quarantine, a canary draw or a demotion at run time): refused, not forwarded
+        ex.decision = "denied"
+        raise TetherError("agent_quarantined" if ex.quarantined else "forbidden",
+                          "this write streams its body, which cannot be captured for review, and it may not run "
+                          "live now" + (" (the agent is quarantined)" if ex.quarantined else ""))
 
 
 # --------------------------------------------------------------------------- journal
@@ -490,7 +497,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     else:
         hdrs = await upstream_headers(gw, ex)
         if body is None and ex.request.body_exists:
-            body = ex.request.content  # streamed request body (stream_request capabilities)
+            body = StreamedBody(gw, ex)  # stream_request capabilities
     target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")
@@ -563,6 +570,44 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         ex.error = TetherError(err)
         ex.reason = err
         ex.extra.setdefault("outcome", {})["bytes_sent"] = sent
+
+
+class StreamedBody:
+    """A ``stream_request`` body on its way upstream: bounded by ``max_body_bytes`` *while* it streams
+    (past it the upstream connection is dropped before the body's end, so the upstream never gets a
+    complete request, and the agent gets 413), each chunk awaited under the client timeout, and hashed,
+    so the outcome record carries its sha256 and size (the intent record cannot: it is written first)."""
+
+    def __init__(self, gw: "Gateway", ex: Exchange) -> None:
+        self.content = ex.request.content
+        self.limit = gw.limits.max_body_bytes
+        self.timeout = gw.limits.client_timeout
+        self.ex = ex
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    async def __aiter__(self) -> Any:
+        outcome = self.ex.extra.setdefault("outcome", {})
+        outcome["body_streamed"] = True
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    chunk = await self.content.readany()
+            except TimeoutError:
+                raise TetherError("client_timeout", f"the streamed request body stalled for more than "
+                                                    f"{self.timeout:g}s") from None
+            if not chunk:
+                break
+            self.size += len(chunk)
+            if self.size > self.limit:
+                outcome["body_bytes"] = self.size
+                raise TetherError("body_too_large", f"the streamed body exceeds {self.limit} bytes; the upstream "
+                                                    "connection was dropped before the body's end")
+            self.hash.update(chunk)
+            outcome["body_bytes"] = self.size
+            yield chunk
+        outcome["body_sha256"] = self.hash.hexdigest() if self.size else None
+        outcome["body_bytes"] = self.size
 
 
 def _reflected(ex: Exchange) -> None:

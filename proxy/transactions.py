@@ -161,7 +161,9 @@ class TransactionManager:
                 continue
             plan: UndoPlan | None = None
             reason = None
-            if cap.config.compensation == "auto":
+            if cap.config.compensation == "auto" and cap.config.stream_request:
+                reason = f"capability {cap.name} streams its request body, so Tether cannot plan its undo from it"
+            elif cap.config.compensation == "auto":
                 try:
                     pre = await read_pre_image(self.gw, ex, op) if up.adapter.pre_image_request(op) else None
                     plan = up.adapter.plan_undo(op, pre)

@@ -302,3 +302,88 @@ async def test_a_reflected_credential_never_reaches_a_review_item(make_gateway, 
     assert item["replay"]["body"]["echo"] == "*" * len("Bearer " + UPSTREAM_TOKEN)
     assert UPSTREAM_TOKEN not in orjson.dumps(item).decode()
     assert UPSTREAM_TOKEN not in await _journal_text(gw)
+
+
+# --------------------------------------------------------------------------- item 5: stream_request
+
+
+def _stream_rules(upstream_url: str, store: str, **cap: Any) -> dict[str, Any]:
+    rules = base_rules(upstream_url, store)
+    rules["server"]["limits"] = {"max_body_bytes": 65536}
+    rules["capabilities"]["file.upload"] = {"upstream": "crm", "method": "POST", "path": "/files",
+                                            "stream_request": True, "compensation": "none", **cap}
+    rules["agents"]["bot"]["grants"].append(_live("file.upload"))
+    return rules
+
+
+@pytest.mark.parametrize("extra, grant_mode, where", [
+    ({"body": {"allow_fields": ["name"]}}, "live", "capabilities.file.upload.body"),
+    ({"audit_fields": ["name"]}, "live", "capabilities.file.upload.audit_fields"),
+    ({"promotion": {"min_reviewed": 1}}, "live", "capabilities.file.upload.promotion"),
+    ({}, "dry_run", "agents.bot.grants[7]"),
+    ({}, "canary", "agents.bot.grants[7]"),
+    ({}, None, "agents.bot.grants[7]"),
+])
+def test_rules_refuse_a_streamed_body_with_body_rules_or_review(tmp_path, extra, grant_mode, where):
+    from proxy.config import ConfigError, parse_rules
+    from proxy.lint import lint_data
+    from tests.procs import run_cli
+
+    rules = _stream_rules("http://127.0.0.1:1", str(tmp_path / "t.db"), **extra)
+    rules["agents"]["bot"]["grants"][-1] = {"capability": "file.upload", **({"mode": grant_mode} if grant_mode else {})}
+    with pytest.raises(ConfigError) as exc:
+        parse_rules(rules, "rules.yaml")
+    assert any(path == where and "streams its request body" in why for path, why in exc.value.problems), exc.value
+    assert "streamed-body" in [f.code for f in lint_data(rules) if f.path == where]
+    if grant_mode is None and not extra:  # once through the real CLI
+        f = tmp_path / "rules.yaml"
+        f.write_text(json.dumps(rules))
+        out = run_cli("rules", "check", "--no-store", str(f))
+        assert out.returncode == 1
+        assert f"{where}: capability 'file.upload' streams its request body" in out.stdout + out.stderr
+        assert "[streamed-body]" in out.stdout + out.stderr
+
+
+async def _chunks(n: int, size: int = 16384):
+    for _ in range(n):
+        yield b"z" * size
+        await asyncio.sleep(0)
+
+
+async def test_a_streamed_body_is_forwarded_hashed_and_journaled(make_gateway, upstream, tmp_path):
+    gw = await make_gateway(_stream_rules(upstream.url, str(tmp_path / "t.db")))
+    payload = b"z" * (16384 * 3)
+    async with gw.session.post(f"{gw.url}/crm/files", headers=gw.headers(), data=_chunks(3)) as r:
+        assert r.status == 200, await r.text()
+        rid = r.headers["X-Tether-Request-Id"]
+    assert upstream.received[-1].body == payload
+    out = [x for x in await gw.journal() if x["request_id"] == rid and x["kind"] == "outcome"]
+    assert out[0]["body_sha256"] == hashlib.sha256(payload).hexdigest() and out[0]["body_bytes"] == len(payload)
+
+
+async def test_a_streamed_body_is_bounded_while_it_streams(make_gateway, upstream, tmp_path):
+    gw = await make_gateway(_stream_rules(upstream.url, str(tmp_path / "t.db")))
+    # chunked (no Content-Length): cut off past max_body_bytes, the upstream never gets a whole request
+    async with gw.session.post(f"{gw.url}/crm/files", headers=gw.headers(), data=_chunks(12)) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"] == "body_too_large"
+        rid = r.headers["X-Tether-Request-Id"]
+    await asyncio.sleep(0.2)
+    assert [x for x in upstream.received if x.path == "/files"] == []
+    out = [x for x in await gw.journal() if x["request_id"] == rid and x["kind"] == "outcome"]
+    assert out[0]["error"] == "body_too_large" and out[0]["body_bytes"] > 65536
+    # a declared Content-Length over the limit is refused before anything is sent
+    n = len(upstream.received)
+    async with gw.session.post(f"{gw.url}/crm/files", headers=gw.headers(), data=b"z" * 70000) as r:
+        assert r.status == 413
+    assert len(upstream.received) == n
+
+
+async def test_a_quarantined_agent_cannot_stream_a_write_into_review(make_gateway, upstream, tmp_path):
+    gw = await make_gateway(_stream_rules(upstream.url, str(tmp_path / "t.db")))
+    q = await gw.admin("POST", "/api/agents/bot/quarantine", json={"reason": "test"})
+    assert q.status == 200
+    async with gw.session.post(f"{gw.url}/crm/files", headers=gw.headers(), data=b"hello") as r:
+        assert r.status == 403 and (await r.json())["error"]["code"] == "agent_quarantined"
+    assert upstream.received == []
+    assert await gw.gw.store.review_list(limit=10) == []
