@@ -66,6 +66,7 @@ STAGES: list[tuple[str, Any]] = [
     ("rate_limit", rate_limit),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
+    ("check_relative_caps", S.check_relative_caps),
     ("capture_dry_run", capture_dry_run),
     ("stamp_provenance", stamp_provenance),
     ("prepare_compensation", prepare_compensation),

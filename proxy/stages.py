@@ -15,6 +15,7 @@ validate_body          field rules, constraints, JSON Schema           (proxy.va
 rate_limit             token buckets per agent, grant and upstream     (proxy.ratelimit)
 decide_mode            live / dry-run / canary / quarantine
 journal_intent         commit the intent record durably — before anything leaves
+check_relative_caps    read the pre-image, check caps relative to it (max_increase_pct)
 capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.dryrun)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.transactions)
 forward                credentials, provenance, stream to the upstream and back
@@ -369,8 +370,11 @@ def require_intent(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-async def validate_body(gw: "Gateway", ex: Exchange) -> None:
-    """Each operation's body against its capability's rules (proxy.validation)."""
+def validate_body(gw: "Gateway", ex: Exchange) -> None:
+    """Each operation's body against its capability's rules (proxy.validation) — all but the caps
+    relative to the record as it is now: those need a read upstream, which waits until the request is
+    rate-counted and its intent record is durable (check_relative_caps)."""
+    pending = None
     for op in ex.operations:
         v = validator_for(ex.registry, op.capability)
         if v is None:
@@ -379,10 +383,57 @@ async def validate_body(gw: "Gateway", ex: Exchange) -> None:
             kind = "json" if op.body is not None else "empty"
         else:
             kind = ex.extra.get("body_kind") or ("empty" if not ex.body else "other")
-        pre_image = None
+        v.validate(kind, op.body, relative=False)
         if v.needs_pre_image_for(op.body):
-            pre_image = await read_pre_image(gw, ex, op)
-        v.validate(kind, op.body, pre_image)
+            if pending is None:
+                pending = ex.extra["relative_caps"] = []
+            pending.append((op, v, kind))
+
+
+async def check_relative_caps(gw: "Gateway", ex: Exchange) -> None:
+    """Caps relative to the pre-image (``max_increase``, ``max_increase_pct``): read the record — after
+    the rate limit and after the intent record is committed, so no read leaves for a request that is
+    rate-limited or unjournaled — and check. A violation names the record's current value only to an
+    agent that holds a read grant on that record. A dry-run write's review item is committed here, once
+    the write passed (not with its intent record, which had to come first)."""
+    pending = ex.extra.get("relative_caps")
+    if not pending:
+        return
+    for op, v, kind in pending:
+        pre_image = await read_pre_image(gw, ex, op)
+        v.validate_relative(kind, op.body, pre_image, reveal=_may_read_pre_image(ex, op))
+    if ex.mode == "dry_run":
+        from .journal import base_record
+        from .review import prepare_capture
+
+        item = prepare_capture(gw, ex)
+        ident = ex.identity
+        assert ident is not None
+        rec = base_record("review", request_id=ex.request_id, agent=ident.agent, on_behalf_of=ident.on_behalf_of,
+                          intent=ex.intent, capability=item["capability"], upstream=item["upstream"],
+                          method=ex.method, path=ex.raw_path, decision="captured")
+        rec.update({"review_item": item["id"], "event": "captured", "intent_seq": ex.intent_seq})
+        try:
+            await gw.journal.write(rec, ("review_insert", item))
+        except JournalUnavailable:
+            raise TetherError("journal_unavailable") from None
+
+
+def _may_read_pre_image(ex: Exchange, op: Operation) -> bool:
+    """Does the agent hold a grant for the read Tether made of this record (so that a refusal may tell it
+    what the record holds)?"""
+    up = ex.upstream
+    assert up is not None and ex.identity is not None
+    plan = up.adapter.pre_image_request(op)
+    if plan is None:
+        return False
+    try:
+        segments = decode_segments(plan.path)
+    except TetherError:
+        return False
+    found = ex.registry.match(up.name, plan.method, segments, plan.query)
+    return found is not None and found[0].effect == "read" and \
+        ex.registry.grant(ex.identity.agent, found[0].name) is not None
 
 
 async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
@@ -429,10 +480,12 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
 
 async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
     side = None
-    if ex.mode == "dry_run":
+    if ex.mode == "dry_run" and "relative_caps" not in ex.extra:
         from .review import prepare_capture
 
-        side = ("review_insert", prepare_capture(gw, ex))  # the item is committed with its intent record
+        # the item is committed with its intent record (or, when a relative cap is still to be checked
+        # against the record read after this commit, by check_relative_caps once it passed)
+        side = ("review_insert", prepare_capture(gw, ex))
     rec = request_record(ex)
     try:
         seq = await gw.journal.write(rec, side)

@@ -387,3 +387,95 @@ async def test_a_quarantined_agent_cannot_stream_a_write_into_review(make_gatewa
         assert r.status == 403 and (await r.json())["error"]["code"] == "agent_quarantined"
     assert upstream.received == []
     assert await gw.gw.store.review_list(limit=10) == []
+
+
+# --------------------------------------------------------------------------- item 9: order of checks
+
+
+class _Ledger:
+    """An upstream holding one account (amount 100) whose GET handler records, for each pre-image read,
+    whether the journal already held the intent record of the request it was made for."""
+
+    def __init__(self) -> None:
+        self.gw: Any = None
+        self.reads: list[bool] = []
+        self.writes = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            rid = request.headers.get("X-Tether-Request-Id")
+            rows = await self.gw.gw.store.journal_query(filters={"request_id": rid, "kind": "request"}, limit=5)
+            self.reads.append(bool(rows))
+            return web.json_response({"id": request.match_info["id"], "amount": 100, "secret_margin": 42})
+        self.writes += 1
+        return web.json_response({"id": request.match_info["id"], **(await request.json())})
+
+
+@pytest.fixture
+async def ledger():
+    led = _Ledger()
+    app = web.Application()
+    app.router.add_route("*", "/acct/{id}", led.handle)
+    runner, port = await serve_app(app)
+    led.port = port  # type: ignore[attr-defined]
+    yield led
+    await runner.cleanup()
+
+
+def _ledger_rules(port: int, store: str, *, read_grant: bool, mode: str = "live") -> dict[str, Any]:
+    rules = base_rules(f"http://127.0.0.1:{port}", store)
+    rules["capabilities"]["acct.read"] = {"upstream": "crm", "method": "GET", "path": "/acct/{id}"}
+    rules["capabilities"]["acct.update"] = {"upstream": "crm", "method": "PATCH", "path": "/acct/{id}",
+                                            "body": {"allow_fields": ["amount"],
+                                                     "constraints": {"amount": {"max_increase_pct": 10}}},
+                                            "rate_limit": {"per_minute": 1, "burst": 1}}
+    grants = [{"capability": "acct.update", "mode": mode}] + (["acct.read"] if read_grant else [])
+    rules["agents"]["clerk"] = {"grants": grants}
+    return rules
+
+
+async def test_rate_limit_and_intent_record_come_before_the_pre_image_read(make_gateway, ledger, tmp_path):
+    gw = await make_gateway(_ledger_rules(ledger.port, str(tmp_path / "t.db"), read_grant=True))
+    ledger.gw = gw
+    statuses = []
+    for _ in range(4):
+        r = await gw.request("PATCH", "/acct/7", agent="clerk", json={"amount": 105})
+        statuses.append(r.status)
+    assert statuses == [200, 429, 429, 429]
+    # one read of the record, made after its request's intent record was durable; none for the 429s
+    assert ledger.reads == [True]
+    assert ledger.writes == 1
+
+
+async def test_a_relative_cap_refusal_hides_the_value_from_an_agent_that_cannot_read_it(make_gateway, ledger,
+                                                                                         tmp_path):
+    for read_grant in (False, True):
+        gw = await make_gateway(_ledger_rules(ledger.port, str(tmp_path / f"t{read_grant}.db"), read_grant=read_grant))
+        ledger.gw = gw
+        r = await gw.request("PATCH", "/acct/7", agent="clerk", json={"amount": 500})
+        err = (await r.json())["error"]
+        assert r.status == 422 and err["code"] == "constraint_violated"
+        assert err["details"]["rule"] == "max_increase_pct: 10"
+        assert ("100" in err["message"]) is read_grant, err["message"]
+        assert ("100" in orjson.dumps(await r.json()).decode()) is read_grant
+    assert ledger.writes == 0
+
+
+async def test_a_dry_run_write_with_a_relative_cap_is_captured_only_once_it_passed(make_gateway, ledger, tmp_path):
+    gw = await make_gateway(_ledger_rules(ledger.port, str(tmp_path / "t.db"), read_grant=False, mode="dry_run"))
+    ledger.gw = gw
+    r = await gw.request("PATCH", "/acct/7", agent="clerk", json={"amount": 500})
+    assert r.status == 422
+    assert await gw.gw.store.review_list(limit=10) == []
+    r = await gw.request("PATCH", "/acct/8", agent="clerk", json={"amount": 105},
+                         headers={"X-Tether-Intent": "small raise"})
+    assert r.status == 429  # the capability's bucket (1/min) was spent by the refused write
+    gw2 = await make_gateway(_ledger_rules(ledger.port, str(tmp_path / "t2.db"), read_grant=False, mode="dry_run"))
+    ledger.gw = gw2
+    r = await gw2.request("PATCH", "/acct/8", agent="clerk", json={"amount": 105})
+    assert r.status == 200 and r.headers.get("X-Tether-Dry-Run")
+    items = await gw2.gw.store.review_list(limit=10)
+    assert [i["id"] for i in items] == [r.headers["X-Tether-Dry-Run"]]
+    assert ledger.reads[-1] is True and ledger.writes == 0
+    recs = [x for x in await gw2.journal() if x.get("request_id") == r.headers["X-Tether-Request-Id"]]
+    assert [x["kind"] for x in recs] == ["request", "review", "outcome"]
