@@ -479,3 +479,96 @@ async def test_a_dry_run_write_with_a_relative_cap_is_captured_only_once_it_pass
     assert ledger.reads[-1] is True and ledger.writes == 0
     recs = [x for x in await gw2.journal() if x.get("request_id") == r.headers["X-Tether-Request-Id"]]
     assert [x["kind"] for x in recs] == ["request", "review", "outcome"]
+
+
+# --------------------------------------------------------------------------- item 13: crossed connections
+
+
+def _answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+EVIL = _answer(b"EVIL: an answer meant for no one")
+
+
+class _RawUpstream:
+    """A raw keep-alive HTTP/1.1 upstream whose answers are scripted per path, to send the bytes that
+    could cross two requests: a second answer glued to the first, one sent while the connection idles
+    in the pool, a HEAD 'body' held back, and the answer to a request smuggled in a GET body (sent only
+    when the next request arrives on that connection)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[tuple[int, str, bytes]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        pending: bytes | None = None  # an answer held back for the next request on this connection
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target = lines[0].split(" ")[:2]
+                length = next((int(x.split(":", 1)[1]) for x in lines if x.lower().startswith("content-length:")), 0)
+                body = await reader.readexactly(length) if length else b""
+                self.requests.append((conn, f"{method} {target}", body))
+                if pending is not None:
+                    writer.write(pending)  # the late answer goes first: it is what the next request would read
+                    pending = None
+                if target == "/append":
+                    writer.write(_answer(b"A1") + EVIL)
+                elif target == "/idle-extra":
+                    writer.write(_answer(b"A1"))
+                    asyncio.get_running_loop().call_later(0.05, lambda: writer.write(EVIL))
+                elif target == "/head":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 32\r\n\r\n")
+                    pending = EVIL
+                elif target == "/smuggle":
+                    writer.write(_answer(b"A1"))
+                    pending = EVIL  # what a server that read the GET body as a request would answer late
+                else:
+                    writer.write(_answer(b"B2 " + target.encode()))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream():
+    up = _RawUpstream()
+    port = await up.start()
+    yield up, port
+    up.server.close()
+
+
+@pytest.mark.parametrize("first", ["append", "idle-extra", "head", "smuggle"])
+async def test_a_late_or_unsolicited_answer_never_reaches_the_next_request(make_gateway, raw_upstream, tmp_path,
+                                                                          first):
+    up, port = raw_upstream
+    rules = base_rules(f"http://127.0.0.1:{port}", str(tmp_path / "t.db"))
+    caps = rules["capabilities"]
+    for path in ("append", "idle-extra", "smuggle", "ok"):
+        caps[f"raw.{path}"] = {"upstream": "crm", "method": "GET", "path": f"/{path}"}
+    caps["raw.head"] = {"upstream": "crm", "method": "HEAD", "path": "/head"}
+    rules["agents"]["bot"]["grants"] += [f"raw.{p}" for p in ("append", "idle-extra", "smuggle", "ok", "head")]
+    gw = await make_gateway(rules)
+    method = "HEAD" if first == "head" else "GET"
+    data = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n" if first == "smuggle" else None
+    async with gw.session.request(method, f"{gw.url}/crm/{first}", headers=gw.headers(), data=data) as r:
+        assert r.status == 200
+        if method == "GET":
+            assert await r.read() == b"A1"
+    await asyncio.sleep(0.15)  # the extra bytes have arrived (or sit waiting for the next request)
+    for i in range(3):  # another agent's requests, one after the other
+        async with gw.session.get(f"{gw.url}/crm/ok", headers=gw.headers("other-bot")) as r:
+            pass
+        async with gw.session.get(f"{gw.url}/crm/ok", headers=gw.headers()) as r:
+            assert r.status == 200
+            assert await r.read() == b"B2 /ok", (first, i)
