@@ -395,3 +395,12 @@ def test_param_patterns_use_fullmatch():
     for bad in ("12\n", "12a", "a12", "", "1 2"):
         assert state.registry.match("crm", "GET", ("api", "contacts", bad)) is None, bad
     assert re.fullmatch("[0-9]+", "12\n") is None
+
+
+def test_the_readme_counts_the_table():
+    """README's "Hard to bypass" says how many attempts this file sends: it must stay true."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"`tests/test_bypass.py` sends (\d+) such attempts", readme)
+    assert m is not None and int(m.group(1)) == len(TABLE)
