@@ -23,7 +23,7 @@ import functools
 import re
 import unicodedata
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 from .errors import TetherError
 
@@ -190,21 +190,30 @@ def redact_query(query: str, names: "frozenset[str] | tuple[str, ...]") -> str:
     return "".join(out)
 
 
-# What may stay unescaped in a forwarded segment: RFC 3986 unreserved and sub-delims (minus ';'), ':', '@'.
-_SEGMENT_SAFE = "-._~!$&'()*+,=:@"
+def _normalise_escape(m: "re.Match[str]") -> str:
+    ch = chr(int(m.group(1), 16))
+    return ch if ch in _UNRESERVED else "%" + m.group(1).upper()
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def canonical_path(path: str, segments: tuple[str, ...], trailing_slash: bool) -> str:
-    """The one spelling of a matched path that Tether forwards: each decoded segment re-escaped the same
-    way (``%31`` is sent as ``1``, ``%c3%a9`` as ``%C3%A9``), and a trailing ``/`` exactly when the
-    matched template has one. So the upstream receives the path Tether matched, whichever equivalent
-    spelling the agent used. ``path`` is returned as is when it already is that spelling (the usual case)."""
+    """The one spelling of a matched path that Tether forwards (RFC 3986 §6.2.2 normalisation): an
+    escaped unreserved character is sent as itself (``%31`` as ``1``, ``%4F`` as ``O``), other escapes
+    with upper-case hex (``%c3%a9`` as ``%C3%A9``; an escaped reserved character such as ``%40`` stays
+    escaped, since servers may read it differently from ``@``), and a trailing ``/`` exactly when the
+    matched template has one. So the upstream receives the path Tether matched, however the agent spelt
+    it. ``path`` (already validated) is returned as is when it already is that spelling (the usual case)."""
     if not segments:
         return "/"
-    if "%" not in path and path.endswith("/") == trailing_slash:
+    has_slash = path.endswith("/")
+    if "%" not in path and has_slash == trailing_slash:
         return path
-    out = "/" + "/".join(quote(seg, safe=_SEGMENT_SAFE) for seg in segments)
-    return out + "/" if trailing_slash else out
+    body = path[1:-1] if has_slash else path[1:]
+    if "%" in body:
+        body = _PCT.sub(_normalise_escape, body)
+    return "/" + body + ("/" if trailing_slash else "")
 
 
 def parse_query(query: str) -> list[tuple[str, str]]:
