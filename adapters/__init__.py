@@ -22,6 +22,23 @@ def adapter_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def vendor_headers() -> frozenset[str]:
+    """Every known vendor's credential and tenant-switch headers (lower case): each upstream strips the
+    ones its own adapter does not handle, so a Salesforce session header or a Stripe account switch never
+    reaches another vendor's upstream (or a generic one) unread."""
+    import importlib
+
+    out: set[str] = set()
+    for target in _REGISTRY.values():
+        module_name, _, cls_name = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except ModuleNotFoundError:
+            continue
+        out |= cls.credential_headers | cls.tenant_headers
+    return frozenset(out)
+
+
 def get_adapter(name: str, options: dict[str, Any] | None = None) -> Adapter:
     """Instantiate the adapter called ``name``; AdapterOptionsError names what is wrong."""
     target = _REGISTRY.get(name)
@@ -41,4 +58,4 @@ def get_adapter(name: str, options: dict[str, Any] | None = None) -> Adapter:
 
 
 __all__ = ["Adapter", "AdapterOptionsError", "NotCompensable", "Operation", "PlannedRequest", "SyntheticResponse",
-           "UndoPlan", "adapter_names", "get_adapter"]
+           "UndoPlan", "adapter_names", "get_adapter", "vendor_headers"]

@@ -23,6 +23,9 @@ from typing import Any, ClassVar, Mapping
 import orjson
 
 JSON_CT = "application/json"
+# One path segment an id may be when the adapter knows no stricter format: starts with a letter or digit
+# (so never '.' or '..'), then unreserved and sub-delim characters only (no / ? # % \ ; or controls).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~!$&'()*+,=:@-]{0,254}")
 FORM_CT = "application/x-www-form-urlencoded"
 
 
@@ -130,6 +133,17 @@ class Adapter:
     default_param_pattern: ClassVar[str | None] = None
     id_param_names: ClassVar[frozenset[str]] = frozenset({"id"})
     id_pattern: ClassVar[str | None] = None
+    # The vendor's own authentication headers besides Authorization (lower case). An agent sending one
+    # would act with a credential it must not hold: Tether strips them (and refuses their aliases), to
+    # this upstream and, as a foreign vendor's credential, to every other upstream too.
+    credential_headers: ClassVar[frozenset[str]] = frozenset()
+    # Headers with which the vendor acts for another account or tenant (lower case). Checked by
+    # check_request_headers (refused unless the capability allows the value); sent to another vendor's
+    # upstream they are stripped.
+    tenant_headers: ClassVar[frozenset[str]] = frozenset()
+    # Query (and form) parameters the vendor reads as a credential (lower case): a request carrying one is
+    # refused, as with the upstream's ``credential_params``.
+    credential_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -144,6 +158,17 @@ class Adapter:
         return ("id_pattern",)
 
     # -- matching -------------------------------------------------------------------------------
+
+    def valid_id(self, rid: Any) -> bool:
+        """May ``rid`` — an id taken from an upstream's answer — name the target of an undo step? It must
+        match the adapter's id format (``id_pattern``), or else be one plain path segment: no ``/``,
+        ``?``, ``#``, ``%``, ``\\``, no dot segment, no control or non-ASCII character. An upstream (or
+        whatever it echoes) must not be able to aim a compensating DELETE at another record."""
+        if not isinstance(rid, str):
+            return False
+        if self._id_re is not None:
+            return self._id_re.fullmatch(rid) is not None
+        return _PLAIN_ID.fullmatch(rid) is not None
 
     def param_pattern(self, name: str) -> re.Pattern[str] | None:
         """Default pattern a path parameter must fully match (ids in the upstream's format)."""

@@ -145,6 +145,9 @@ class GenericRestAdapter(Adapter):
             ids = self.created_ids(op, status, headers, body)
             if not ids:
                 raise NotCompensable("the upstream's response named no created id")
+            if not self.valid_id(ids[0]):
+                raise NotCompensable(f"the upstream's response names the created id {ids[0][:80]!r}, which is not an "
+                                     "id (its undo could reach another record)")
             plan.request.path = plan.request.path.replace("{created_id}", ids[0])
         return plan
 

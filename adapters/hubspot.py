@@ -184,6 +184,7 @@ class Target:
 
 class HubSpotAdapter(Adapter):
     name = "hubspot"
+    credential_params = ("hapikey",)  # the legacy developer API key in the query
     case_insensitive_paths: ClassVar[bool] = True
 
     @classmethod

@@ -234,6 +234,7 @@ class SalesforceAdapter(Adapter):
     """Salesforce's REST API behind the adapter interface (see the module docstring for every decision)."""
 
     name = "salesforce"
+    credential_headers = frozenset({"x-sfdc-session"})  # a session id in a header (Bulk API, older clients)
     case_insensitive_paths = True
     case_insensitive_fields = True
     id_pattern = DEFAULT_ID_PATTERN
@@ -847,8 +848,8 @@ class SalesforceAdapter(Adapter):
                 return UndoPlan("none", None, note=f"several {otype} records have {tail[0]} = {tail[1]!r}: "
                                                    "Salesforce refuses the upsert (300), so nothing changes")
             rec = records[0]
-            if not isinstance(rec, dict) or not isinstance(rec.get("Id"), str):
-                raise NotCompensable("the record matching the upsert has no Id")
+            if not isinstance(rec, dict) or not self.valid_id(rec.get("Id")):
+                raise NotCompensable("the record matching the upsert has no valid Id")
             return self._restore_plan(f"{item}/{rec['Id']}", touched, rec)
         if kind == "delete":
             if not self.recreate_on_delete:
@@ -891,11 +892,13 @@ class SalesforceAdapter(Adapter):
             ids = self.created_ids(op, status, headers, body)
             if not ids:
                 raise NotCompensable("the response named no created id")
+            if not self.valid_id(ids[0]):
+                raise NotCompensable(f"the response names the created id {ids[0][:80]!r}, which is not a Salesforce id")
             plan.request.path = plan.request.path.replace("{created_id}", ids[0])
         elif kind == "upsert" and created:
             obj = self._object(op)
             ids = self.created_ids(op, status, headers, body)
-            if obj is None or not ids:
+            if obj is None or not ids or not self.valid_id(ids[0]):
                 raise NotCompensable("the upsert created a record whose id the response did not name")
             return UndoPlan("delete", PlannedRequest("DELETE", f"/services/data/{obj[0]}/sobjects/{obj[1]}/{ids[0]}",
                                                      content_type=None),

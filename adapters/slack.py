@@ -149,6 +149,7 @@ class SlackAdapter(Adapter):
     ``event_type`` of the message metadata Tether adds when the agent sent none."""
 
     name = "slack"
+    credential_params = ("token",)  # Slack reads a token from the query and from form bodies too
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -356,6 +356,7 @@ class StripeAdapter(Adapter):
     """Stripe API v1. No adapter options beyond ``id_pattern`` (overrides the pattern of ``{id}``)."""
 
     name = "stripe"
+    tenant_headers = frozenset(ACCOUNT_HEADERS)
     default_param_pattern = ANY_ID
     idempotency_header = "Idempotency-Key"
     version_header = None

@@ -53,6 +53,7 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
     rid = new_request_id()
     request[REQUEST_ID_KEY] = rid
     try:
+        check_host(request)
         resp = await handler(request)
     except TetherError as err:
         return error_response(err, rid)
@@ -92,6 +93,20 @@ async def _caller(request: web.Request) -> "Identity | TetherError":
         return got[0]
     except TetherError as err:
         return err
+
+
+def check_host(request: web.Request) -> None:
+    """Bound to loopback, the admin listener answers only loopback Host names: a web page whose DNS name
+    an attacker re-points at 127.0.0.1 (DNS rebinding) cannot script the reviewer API or the console.
+    Bound to a pod IP or a wildcard it is reached through a Service under any name; who may connect is
+    then the NetworkPolicy's and the egress lock's decision."""
+    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    policy = gw.admin_host_policy
+    if policy is None:
+        return
+    host = request.headers.get("Host", "")
+    if not policy(host):
+        raise TetherError("ambiguous_request", f"Host {host!r} does not belong to the admin listener")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -228,3 +228,38 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix] = value
     return out
+
+
+# --------------------------------------------------------------------------- smuggled fields
+
+# Body fields some servers read as the request's real method (Rails/Rack and Laravel read ``_method`` from
+# form and JSON bodies; Salesforce's ``_HttpMethod``): refused in bodies as in the query.
+OVERRIDE_FIELDS = frozenset({"_method", "_httpmethod", "x-http-method-override", "x-method-override", "x-http-method"})
+
+_DISPOSITION = re.compile(rb"(?im)^content-disposition:([^\r\n]*)")
+_PART_NAME = re.compile(r"""(?i)(?:^|;)\s*name(\*?)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""")
+
+
+def multipart_names(body: bytes) -> list[str]:
+    """The field names a multipart body's parts declare (``Content-Disposition: form-data; name=...``,
+    including RFC 2231 ``name*=utf-8''...``), read generously: every such header line anywhere in the
+    body counts, so a name cannot hide from Tether where a server would find it."""
+    from urllib.parse import unquote
+
+    out: list[str] = []
+    for m in _DISPOSITION.finditer(body):
+        line = m.group(1).decode("latin-1")
+        for star, quoted, bare in _PART_NAME.findall(line):
+            name = quoted if quoted else bare
+            if star:
+                name = unquote(name.split("'", 2)[-1], errors="replace")
+            out.append(name.replace('\\"', '"'))
+    return out
+
+
+def smuggled_field(names: Any, refused: frozenset[str]) -> str | None:
+    """The first of ``names`` (body field names) that is, case-insensitively, in ``refused``."""
+    for name in names:
+        if isinstance(name, str) and name.lower() in refused:
+            return name
+    return None

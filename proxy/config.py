@@ -717,6 +717,7 @@ class RulesFile(Model):
             for p in cap.params:
                 if p not in template_params:
                     errs.append((f"capabilities.{name}.params.{p}", f"the path {cap.path!r} has no {{{p}}}"))
+        errs += stream_request_errors(self.capabilities, self.agents)
         for agent, a in self.agents.items():
             seen: set[str] = set()
             for i, g in enumerate(a.grants):
@@ -737,6 +738,35 @@ class RulesFile(Model):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n) or n.startswith("_"):
                 errs.append((f"upstreams.{n}", "upstream names are letters, digits, '_', '.', '-'"))
         return errs
+
+
+STREAMED = "streams its request body"
+
+
+def stream_request_errors(capabilities: dict[str, Any], agents: dict[str, Any]) -> list[tuple[str, str]]:
+    """A capability with ``stream_request: true`` sends its body upstream unread, so nothing that needs
+    the body can hold for it: no body rules or audit fields (they would be skipped), and no dry-run —
+    a grant in dry_run or canary (or without a mode, which means dry_run for a write) would capture a
+    body Tether never read. Every such combination is an error (here and in ``tether rules check``)."""
+    errs: list[tuple[str, str]] = []
+    streamed = {n for n, c in capabilities.items() if getattr(c, "stream_request", False)}
+    for name in sorted(streamed):
+        cap = capabilities[name]
+        for key, present in (("body", cap.body is not None), ("audit_fields", bool(cap.audit_fields)),
+                             ("sensitive_fields", bool(cap.sensitive_fields)), ("promotion", cap.promotion is not None)):
+            if present:
+                errs.append((f"capabilities.{name}.{key}",
+                             f"capability {name!r} {STREAMED} (stream_request: true), which Tether never reads: "
+                             f"{key} cannot apply to it; drop {key} or stream_request"))
+    for agent, a in agents.items():
+        for i, g in enumerate(getattr(a, "grants", ())):
+            cap = capabilities.get(g.capability)
+            if g.capability in streamed and cap is not None and cap.resolved_effect == "write" and g.mode != "live":
+                errs.append((f"agents.{agent}.grants[{i}]",
+                             f"capability {g.capability!r} {STREAMED}, which cannot be captured for review: a "
+                             f"{g.mode or 'dry_run (the default)'} grant is refused; grant it with mode: live or "
+                             "drop stream_request"))
+    return errs
 
 
 # --------------------------------------------------------------------------- loading

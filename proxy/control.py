@@ -29,6 +29,9 @@ async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener
     path = request.raw_path.partition("?")[0]
     rid = new_request_id()
     try:
+        host = request.headers.get("Host", "")
+        if not lst.host_allowed(host):  # the same Host policy as agent traffic (DNS rebinding)
+            raise TetherError("ambiguous_request", f"Host {host!r} does not belong to this listener")
         if path == "/_tether/healthz" and request.method in ("GET", "HEAD"):
             return json_response({"status": "ok"}, headers={REQUEST_ID: rid})
         if path == "/_tether/readyz" and request.method in ("GET", "HEAD"):

@@ -102,8 +102,10 @@ async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> 
 
 
 async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMultiDict[str],
-                limit: int | None) -> tuple[web.StreamResponse, int, str | None]:
+                limit: int | None, needles: "Needles | None" = None,
+                found: list[bool] | None = None) -> tuple[web.StreamResponse, int, str | None]:
     """Stream an upstream response to the client. Returns (response, bytes sent, error code or None).
+    With ``needles`` the injected credential is masked on the way (``found[0]`` tells whether it was).
 
     Once the first byte is sent an error can no longer be reported as JSON; the connection is then
     closed so the client sees a truncated response rather than a silently short one."""
@@ -117,8 +119,9 @@ async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMul
     await out.prepare(request)
     sent = 0
     error: str | None = None
+    source = resp.chunks() if not needles else redacted_chunks(resp.chunks(), needles, found or [False])
     try:
-        async for chunk in resp.chunks():
+        async for chunk in source:
             sent += len(chunk)
             if limit is not None and sent > limit:
                 error = "upstream_response_too_large"
@@ -144,6 +147,99 @@ async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMul
     return out, sent, None
 
 
+# --------------------------------------------------------------------------- reflected credentials
+
+MIN_NEEDLE = 8  # shorter secrets are not searched for (they would mask ordinary text); use real secrets
+
+
+class Needles:
+    """The injected credential as it could come back in an answer: the header value, its token after
+    the scheme (``Bearer x`` -> ``x``), a Basic password, an API key without its prefix. Longest first,
+    as bytes (bodies) and as text (headers)."""
+
+    __slots__ = ("raw", "text", "keep")
+
+    def __init__(self, values: list[str]) -> None:
+        uniq = sorted({v for v in values if len(v) >= MIN_NEEDLE}, key=len, reverse=True)
+        self.raw = tuple(v.encode("utf-8", "surrogateescape") for v in uniq)
+        self.text = tuple(uniq)
+        self.keep = max((len(b) for b in self.raw), default=1) - 1  # bytes held back across chunks
+
+    def __bool__(self) -> bool:
+        return bool(self.raw)
+
+
+NO_NEEDLES = Needles([])
+
+
+def credential_needles(pairs: Any, prefix: str = "") -> Needles:
+    import base64
+
+    values: list[str] = []
+    for _, value in pairs:
+        values.append(value)
+        scheme, sep, rest = value.partition(" ")
+        if sep and rest.strip():
+            values.append(rest.strip())
+            if scheme.lower() == "basic":
+                try:
+                    values.append(base64.b64decode(rest.strip(), validate=True).decode().partition(":")[2])
+                except ValueError:
+                    pass
+        if prefix and value.startswith(prefix):
+            values.append(value[len(prefix):])
+    return Needles(values)
+
+
+def redact_bytes(data: bytes, needles: Needles) -> tuple[bytes, bool]:
+    """``data`` with every occurrence of the credential masked by as many ``*`` (lengths, and so any
+    Content-Length, stay right); True when something was masked."""
+    hit = False
+    for n in needles.raw:
+        if n in data:
+            data = data.replace(n, b"*" * len(n))
+            hit = True
+    return data, hit
+
+
+def redact_headers(headers: CIMultiDict[str], needles: Needles) -> bool:
+    """Mask the credential in response header values, in place; True when one held it."""
+    texts = needles.text
+    if not any(n in v for v in headers.values() for n in texts):
+        return False
+    items = []
+    for k, v in headers.items():
+        for n in texts:
+            v = v.replace(n, "*" * len(n))
+        items.append((k, v))
+    headers.clear()
+    headers.extend(items)
+    return True
+
+
+async def redacted_chunks(chunks: Any, needles: Needles, found: list[bool]) -> Any:
+    """A streamed body with the credential masked, also where it straddles two chunks: the last
+    ``needles.keep`` bytes of each chunk wait for the next one. ``found[0]`` is set on a hit."""
+    keep = needles.keep
+    carry = b""
+    async for chunk in chunks:
+        buf = carry + chunk if carry else chunk
+        buf, hit = redact_bytes(buf, needles)
+        if hit:
+            found[0] = True
+        if keep and len(buf) > keep:
+            carry = buf[-keep:]
+            out = buf[:-keep]
+        elif keep:
+            carry, out = buf, b""
+        else:
+            carry, out = b"", buf
+        if out:
+            yield out
+    if carry:
+        yield carry
+
+
 class Timer:
     __slots__ = ("t0",)
 
@@ -154,5 +250,6 @@ class Timer:
         return round((time.perf_counter() - self.t0) * 1000.0, 3)
 
 
-__all__ = ["REQUEST_ID", "SMALL_BODY", "Timer", "as_tether_error", "build_target", "make_session", "read_whole", "relay",
+__all__ = ["NO_NEEDLES", "Needles", "REQUEST_ID", "SMALL_BODY", "Timer", "as_tether_error", "build_target",
+           "credential_needles", "make_session", "read_whole", "redact_bytes", "redact_headers", "relay",
            "response_headers", "send", "WHOLE_BODY_LIMIT"]

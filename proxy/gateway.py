@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from adapters import AdapterOptionsError, get_adapter
+from adapters import AdapterOptionsError, get_adapter, vendor_headers
 from adapters.base import Adapter
 
 from . import headers as H
@@ -34,7 +34,7 @@ from .config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_ho
 from .credentials import CredentialError, Injector, build_injector
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import make_session
+from .forward import NO_NEEDLES, Needles, credential_needles, make_session
 from .upstream_http import OriginPool, UpstreamClient
 from .identity import TokenVerifier
 from .jwks import KeySets
@@ -51,6 +51,8 @@ from .store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("tether.gateway")
 
+_VENDOR_HEADERS = vendor_headers()
+
 STAGES: list[tuple[str, Any]] = [
     ("parse_request", S.parse_request),
     ("authenticate", S.authenticate),
@@ -65,6 +67,7 @@ STAGES: list[tuple[str, Any]] = [
     ("rate_limit", rate_limit),
     ("decide_mode", S.decide_mode),
     ("journal_intent", S.journal_intent),
+    ("check_relative_caps", S.check_relative_caps),
     ("capture_dry_run", capture_dry_run),
     ("stamp_provenance", stamp_provenance),
     ("prepare_compensation", prepare_compensation),
@@ -81,10 +84,14 @@ class UpstreamRuntime:
         self.adapter = adapter
         self.base_url = cfg.url
         self.injector: Injector = build_injector(cfg.credentials, f"upstreams.{name}.credentials", session_getter)
-        cred_headers = {h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+        cred_headers = ({h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+                        | adapter.credential_headers)
         self.credential_headers = frozenset(cred_headers)
-        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers)
-        self.credential_params = tuple(p.lower() for p in cfg.credential_params)
+        # another vendor's session or tenant-switch header (Stripe-Account to Salesforce) is never forwarded
+        foreign = _VENDOR_HEADERS - adapter.tenant_headers
+        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers | foreign)
+        self.credential_params = tuple(dict.fromkeys([p.lower() for p in cfg.credential_params]
+                                                     + list(adapter.credential_params)))
         self.timeouts = cfg.timeouts
         self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
         self.tls_key = (cfg.verify_tls, str(cfg.ca_file or ""))
@@ -97,6 +104,20 @@ class UpstreamRuntime:
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
+        self._reflection: tuple[Any, Needles] = (None, NO_NEEDLES)
+
+    def reflection_needles(self) -> Needles:
+        """What of the injected credential to look for in the upstream's answers (so that an upstream
+        echoing it never hands it to the agent): recomputed only when the credential changes."""
+        cred = self.credential_now()
+        key, needles = self._reflection
+        if cred != key:
+            if cred is None:
+                return needles  # an OAuth token being refreshed: the last one is still the one to hide
+            prefix = getattr(self.cfg.credentials, "prefix", "") or ""
+            needles = credential_needles(cred, prefix)
+            self._reflection = (cred, needles)
+        return needles
 
     def credential_now(self) -> tuple[tuple[str, str], ...] | None:
         """The credential header when it can be had without waiting (static secrets, a cached OAuth
@@ -184,25 +205,55 @@ class Listener:
 
     def host_allowed(self, host: str) -> bool:
         """The Host header must name this listener: any name on a wildcard bind, a loopback name on a
-        loopback bind, the bound name otherwise."""
+        loopback bind, the bound name otherwise (see :func:`host_allowed`)."""
         ok = self._hosts_ok.get(host)
-        if ok is not None:
-            return ok
-        name = host
-        if name.startswith("["):
-            name = name[1:].partition("]")[0]
-        elif name.count(":") == 1:
-            name = name.partition(":")[0]
-        name = name.lower()
-        if self._wildcard:
-            ok = True
-        elif self._loopback:
-            ok = name in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
-        else:
-            ok = name == self.host.lower()
-        if len(self._hosts_ok) < 1024:
-            self._hosts_ok[host] = ok
+        if ok is None:
+            ok = host_allowed(host, self.host, loopback=self._loopback, wildcard=self._wildcard)
+            if len(self._hosts_ok) < 1024:
+                self._hosts_ok[host] = ok
         return ok
+
+
+def host_allowed(host: str, bound: str, *, loopback: bool, wildcard: bool) -> bool:
+    """Does a Host header (``name[:port]``, ``[v6]:port``) name a listener bound to ``bound``?
+
+    On a loopback bind only ``localhost`` and loopback IP *literals* are loopback names: a DNS name that
+    merely starts with ``127.`` (``127.attacker.example``, which an attacker can point at 127.0.0.1 to
+    rebind a browser onto Tether) is not. A port, when given, must be digits."""
+    name, port = host, ""
+    if name.startswith("["):
+        name, _, rest = name[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:]
+    elif name.count(":") == 1:
+        name, _, port = name.partition(":")
+    if port and not port.isdigit():
+        return False
+    name = name.lower()
+    if wildcard:
+        return True
+    if loopback:
+        if name == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+    return name == bound.lower()
+
+
+def admin_host_policy(address: str) -> Any:
+    """The admin listener's Host check (None: any Host): enforced on a loopback bind only (see
+    :func:`proxy.admin.check_host`)."""
+    host = parse_hostport(address)[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        return None
+    return lambda h: host_allowed(h, host, loopback=True, wildcard=False)
 
 
 class Gateway:
@@ -210,6 +261,7 @@ class Gateway:
         self.rules_path = rules_path
         self.server_cfg = rules.server
         self.limits = rules.server.limits
+        self.admin_host_policy = admin_host_policy(rules.server.admin_listen)
         self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
         self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
         self.keysets = KeySets()  # identity providers' keys, kept across rules reloads

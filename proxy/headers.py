@@ -30,7 +30,11 @@ STRIPPED_REQUEST = frozenset({
     "forwarded", "x-real-ip", "x-original-url", "x-rewrite-url", "x-forwarded-for", "x-forwarded-host",
     "x-forwarded-proto", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-client-ip",
     "true-client-ip", "x-http-method-override", "x-method-override", "x-http-method",
+    # Tether asks for identity-encoded answers (ACCEPT_IDENTITY) so it can redact a reflected credential
+    "accept-encoding",
 })
+
+ACCEPT_IDENTITY = ("Accept-Encoding", "identity")
 
 # Never returned to the agent from the upstream.
 STRIPPED_RESPONSE = frozenset({"content-length"}) | HOP_BY_HOP

@@ -49,14 +49,13 @@ from .config import IdentityConfig, IssuerConfig
 from .errors import AuthError, TetherError
 from .jwks import KeySet, KeySets, KeysUnavailable
 from .secret import Secret, SecretUnavailable
+from .text import UNSAFE_TEXT
 
 USER_TOKEN = "X-Tether-User-Token"
 """The header carrying the person's own token from the company IdP (never forwarded: ``X-Tether-*``)."""
 
 MAX_NAME = 256
-# C0, DEL, C1, line/paragraph separators, bidi embeddings/overrides/isolates, marks and the BOM: a name
-# holding one could split a header or forge a field in an operator's view.
-_BAD_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+_BAD_NAME = UNSAFE_TEXT  # proxy.text: control, separator and bidi characters
 # registered JOSE header parameters and the JSON type each must have
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "alg": str, "kid": str, "typ": str, "cty": str, "x5t": str, "x5t#S256": str, "jku": str, "x5u": str,

@@ -15,6 +15,9 @@ code                       level    what
 ``unknown-upstream``       ERROR    a capability names an upstream that does not exist
 ``duplicate-grant``        ERROR    an agent is granted the same capability twice
 ``unknown-adapter``        ERROR    an upstream names an adapter that does not exist, or bad adapter options
+``streamed-body``          ERROR    a ``stream_request`` capability that also declares body rules, audit
+                                    fields or a promotion gate, or is granted in dry_run/canary (a body
+                                    Tether never reads can be neither checked nor captured for review)
 ``shadowed-route``         ERROR    a capability can never match: an earlier one with the same method and
                                     route shape takes every request it would (declaration order decides)
 ``overlapping-routes``     WARNING  two capabilities match some of the same requests; the one that wins is
@@ -57,6 +60,7 @@ from .config import (
     parse_duration,
     parse_rules,
     parse_size,
+    stream_request_errors,
 )
 
 LEVELS = ("ERROR", "WARNING", "INFO")
@@ -118,7 +122,8 @@ def _traffic_for(data: Any, store: str | None) -> Any:
 
 
 _CODE_BY_REASON = (("unknown capability", "unknown-capability"), ("unknown upstream", "unknown-upstream"),
-                   ("granted twice", "duplicate-grant"), ("unknown key", "unknown-key"))
+                   ("granted twice", "duplicate-grant"), ("unknown key", "unknown-key"),
+                   ("streams its request body", "streamed-body"))
 
 
 def _code(reason: str) -> str:
@@ -265,8 +270,14 @@ def _lints(rules: RulesFile, traffic: Any, held_raw: set[str] | None = None) -> 
                     yield ("ERROR", f"agents.{agent}.grants[{i}]",
                            why + ": grant it dry_run, give it a compensation, or set "
                                  "allow_live_without_compensation: true on the capability", "live-non-compensable")
+    for path, reason in stream_request_errors(caps, rules.agents):
+        yield ("ERROR", path, reason, "streamed-body")
     for name, cap in caps.items():
-        if cap.resolved_effect == "write" and cap.method != "DELETE":
+        if cap.stream_request and cap.resolved_effect == "write" and cap.compensation == "auto":
+            yield ("WARNING", f"capabilities.{name}.compensation",
+                   f"capability {name!r} streams its request body, so Tether cannot plan its undo from it: inside "
+                   "a transaction it is refused live (say compensation: none to make that explicit)", "streamed-body")
+        if cap.resolved_effect == "write" and cap.method != "DELETE" and not cap.stream_request:
             b = cap.body
             if b is None or (b.allow_fields is None and b.json_schema is None):
                 extra = " (only forbid_fields: a denylist)" if b is not None and b.forbid_fields else ""

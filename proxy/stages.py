@@ -15,6 +15,7 @@ validate_body          field rules, constraints, JSON Schema           (proxy.va
 rate_limit             token buckets per agent, grant and upstream     (proxy.ratelimit)
 decide_mode            live / dry-run / canary / quarantine
 journal_intent         commit the intent record durably — before anything leaves
+check_relative_caps    read the pre-image, check caps relative to it (max_increase_pct)
 capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.dryrun)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.transactions)
 forward                credentials, provenance, stream to the upstream and back
@@ -25,23 +26,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from adapters import vendor_headers
 from adapters.base import Operation
 
 from . import headers as H
-from .bodies import media_type, parse_body
+from .bodies import OVERRIDE_FIELDS, media_type, multipart_names, parse_body, smuggled_field
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, relay, response_headers, send
+from .forward import (SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, redact_bytes, redact_headers,
+                      relay, response_headers, send)
 from .identity import USER_TOKEN, require_verified_user_message
 from .journal import JournalUnavailable
-from .normalise import ambiguous, decode_segments, parse_query, split_target
+from .normalise import (ambiguous, canonical_path, decode_segments, parse_query, policy_params,
+                        redact_query, split_target, unsafe_char)
 from .pipeline import request_record
 from .upstream_calls import call_upstream
 from .validation import validator_for
@@ -49,10 +54,11 @@ from .validation import validator_for
 if TYPE_CHECKING:
     from .gateway import Gateway
 
+log = logging.getLogger("tether.stages")
+
 _MAX_INTENT = 1000
-_GENERIC_OVERRIDE_PARAMS = ("_method", "_httpmethod", "x-http-method-override")
 # Headers whose *aliases* (same name with '_' or '.') a lenient upstream might read as the real thing.
-_PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"})
+_PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"} | vendor_headers())
 
 
 # --------------------------------------------------------------------------- parse_request
@@ -128,8 +134,10 @@ async def authenticate(gw: "Gateway", ex: Exchange) -> None:
         value = intent[0].strip()
         if len(value) > _MAX_INTENT:
             raise TetherError("bad_request", f"X-Tether-Intent is longer than {_MAX_INTENT} characters")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise TetherError("bad_request", "X-Tether-Intent holds control characters")
+        bad = unsafe_char(value)
+        if bad is not None:
+            raise TetherError("bad_request", f"X-Tether-Intent holds {bad}: control, line-separator and bidi "
+                                             "characters are refused in text an operator reads")
         ex.intent = value or None
     tx = hdrs.get(H.TRANSACTION)
     if tx is not None:
@@ -151,24 +159,34 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
     adapter = up.adapter
     method = ex.method
     if ex.query:
-        pairs = parse_query(ex.query)
-        for name in up.credential_params:
-            if any(k.lower() == name for k, _ in pairs):
-                raise TetherError("credential_in_request",
-                                  f"query parameter {name!r} carries a credential; Tether injects the upstream's own")
+        query = ex.query
+        pairs = parse_query(query)
+        # read as the most generous server would: ';' separates parameters too
+        policy = policy_params(query) if ";" in query else pairs
+        creds = up.credential_params
+        if creds:
+            for k, _ in policy:
+                if k.lower() in creds:
+                    ex.query = redact_query(query, creds)  # the journal keeps the name, never the value
+                    raise TetherError("credential_in_request",
+                                      f"query parameter {k!r} carries a credential; Tether injects the upstream's own")
         override = adapter.method_override(method, pairs)
+        if policy is not pairs and sum(k.lower() in OVERRIDE_FIELDS for k, _ in policy) != \
+                sum(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
+            raise ambiguous("a method-override parameter hides behind a ';' in the query")
         if override is not None:
             if override not in HTTP_METHODS:
                 raise TetherError("method_not_allowed", f"override to {override!r} refused")
             ex.extra["wire_method"] = method
             ex.method = method = override
-        elif any(k.lower() in _GENERIC_OVERRIDE_PARAMS for k, _ in pairs):
+        elif any(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
             raise ambiguous("a method-override query parameter was sent to an upstream that does not define one")
     op = Operation(method=method, path=ex.raw_path, query=ex.query, segments=ex.segments,
                    content_type=ex.request.headers.get("Content-Type"))
     ex.operations = [op]
     if adapter.is_composite(op):
         ex.composite = True
+        ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, False)
         return
     found = ex.registry.match(up.name, method, ex.segments, ex.query)
     if found is None:
@@ -176,6 +194,9 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
                           f"{method} {ex.raw_path} is not a registered capability of upstream {up.name!r}")
     op.capability, op.params = found
     ex.capability, ex.params = found
+    # forward the path that was matched: one escaping, and a trailing '/' only where the template has one
+    template = found[0].template
+    ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, len(template) > 1 and template[-1] == "/")
 
 
 # --------------------------------------------------------------------------- body
@@ -186,14 +207,14 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
     if not req.body_exists:
         return
     cap = ex.capability
-    if cap is not None and cap.config.stream_request:
-        return
     limit = gw.limits.max_body_bytes
     if cap is not None and cap.config.body is not None and cap.config.body.max_bytes is not None:
         limit = min(limit, cap.config.body.max_bytes)
     cl = req.content_length
     if cl is not None and cl > limit:
         raise TetherError("body_too_large", f"the body is {cl} bytes; this capability accepts at most {limit}")
+    if cap is not None and cap.config.stream_request:
+        return  # forwarded as it arrives, counted and hashed on the way (StreamedBody)
     content = req.content
     if content.is_eof():
         # the whole body came with the head (most API calls): no waiting, so no timer to arm
@@ -233,16 +254,66 @@ def parse_body_stage(gw: "Gateway", ex: Exchange) -> None:
     if not body:
         return
     hdrs = ex.request.headers
+    ctype = hdrs.get("Content-Type")
     needs = ex.composite or ex.is_write or (ex.capability is not None and ex.capability.config.body is not None)
     if not needs:
+        _refuse_smuggled_in_unparsed(gw, ex, body, ctype)
         return
     enc = hdrs.get("Content-Encoding", "identity").strip().lower()
     if enc not in ("", "identity"):
         raise TetherError("bad_request", f"Content-Encoding {enc!r}: a body Tether must inspect cannot be compressed")
-    kind, value = parse_body(body, hdrs.get("Content-Type"), gw.limits.max_json_depth)
+    kind, value = parse_body(body, ctype, gw.limits.max_json_depth)
     ex.extra["body_kind"] = kind
     for op in ex.operations:
         op.body = value
+    if kind == "other" and media_type(ctype).startswith("multipart/"):
+        _refuse_smuggled(ex, multipart_names(body))
+    elif kind == "form" and b";" in body:
+        _refuse_smuggled(ex, _form_names(body))  # as a server splitting on ';' too reads it
+    elif isinstance(value, dict):
+        _refuse_smuggled(ex, value, json=kind == "json")
+
+
+def _refuse_smuggled(ex: Exchange, names: Any, json: bool = False) -> None:
+    """A body field a server would read as the request's method (``_method``: Rails, Laravel) or as a
+    credential (``credential_params``, read from forms by servers that merge parameters) is refused as it
+    is in the query. JSON bodies are checked for overrides only (servers take credentials from forms)."""
+    found = smuggled_field(names, OVERRIDE_FIELDS)
+    if found is not None:
+        raise ambiguous(f"the body field {found!r} is a method override: send the real method")
+    if not json:
+        creds = ex.upstream.credential_params  # type: ignore[union-attr]
+        found = smuggled_field(names, frozenset(creds)) if creds else None
+        if found is not None:
+            raise TetherError("credential_in_request",
+                              f"the body field {found!r} carries a credential; Tether injects the upstream's own")
+
+
+def _form_names(body: bytes) -> list[str]:
+    """A form body's field names, split on '&' and ';' (for checks only; the body is forwarded as sent)."""
+    from urllib.parse import parse_qsl
+
+    return [k for k, _ in parse_qsl(body.decode("latin-1").replace(";", "&"), keep_blank_values=True,
+                                    errors="replace")]
+
+
+def _refuse_smuggled_in_unparsed(gw: "Gateway", ex: Exchange, body: bytes, ctype: str | None) -> None:
+    """A body Tether does not otherwise parse (a read's): form and multipart field names are read all
+    the same; a JSON body only when it could spell an override name (``method`` or a ``\\u`` escape)."""
+    mt = media_type(ctype)
+    try:
+        if mt.startswith("multipart/"):
+            _refuse_smuggled(ex, multipart_names(body))
+        elif mt == "application/x-www-form-urlencoded":
+            _refuse_smuggled(ex, _form_names(body))
+        elif (b"method" in body.lower() or b"\\u" in body) and (mt == "" or "json" in mt):
+            _, value = parse_body(body, "application/json", gw.limits.max_json_depth)
+            if isinstance(value, dict):
+                _refuse_smuggled(ex, value, json=True)
+    except TetherError as err:
+        if err.code in ("ambiguous_request", "credential_in_request"):
+            raise
+        # a body that does not parse is not read by the upstream as these fields either
 
 
 def unpack_composite(gw: "Gateway", ex: Exchange) -> None:
@@ -302,8 +373,11 @@ def require_intent(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-async def validate_body(gw: "Gateway", ex: Exchange) -> None:
-    """Each operation's body against its capability's rules (proxy.validation)."""
+def validate_body(gw: "Gateway", ex: Exchange) -> None:
+    """Each operation's body against its capability's rules (proxy.validation) — all but the caps
+    relative to the record as it is now: those need a read upstream, which waits until the request is
+    rate-counted and its intent record is durable (check_relative_caps)."""
+    pending = None
     for op in ex.operations:
         v = validator_for(ex.registry, op.capability)
         if v is None:
@@ -312,10 +386,57 @@ async def validate_body(gw: "Gateway", ex: Exchange) -> None:
             kind = "json" if op.body is not None else "empty"
         else:
             kind = ex.extra.get("body_kind") or ("empty" if not ex.body else "other")
-        pre_image = None
+        v.validate(kind, op.body, relative=False)
         if v.needs_pre_image_for(op.body):
-            pre_image = await read_pre_image(gw, ex, op)
-        v.validate(kind, op.body, pre_image)
+            if pending is None:
+                pending = ex.extra["relative_caps"] = []
+            pending.append((op, v, kind))
+
+
+async def check_relative_caps(gw: "Gateway", ex: Exchange) -> None:
+    """Caps relative to the pre-image (``max_increase``, ``max_increase_pct``): read the record — after
+    the rate limit and after the intent record is committed, so no read leaves for a request that is
+    rate-limited or unjournaled — and check. A violation names the record's current value only to an
+    agent that holds a read grant on that record. A dry-run write's review item is committed here, once
+    the write passed (not with its intent record, which had to come first)."""
+    pending = ex.extra.get("relative_caps")
+    if not pending:
+        return
+    for op, v, kind in pending:
+        pre_image = await read_pre_image(gw, ex, op)
+        v.validate_relative(kind, op.body, pre_image, reveal=_may_read_pre_image(ex, op))
+    if ex.mode == "dry_run":
+        from .journal import base_record
+        from .review import prepare_capture
+
+        item = prepare_capture(gw, ex)
+        ident = ex.identity
+        assert ident is not None
+        rec = base_record("review", request_id=ex.request_id, agent=ident.agent, on_behalf_of=ident.on_behalf_of,
+                          intent=ex.intent, capability=item["capability"], upstream=item["upstream"],
+                          method=ex.method, path=ex.raw_path, decision="captured")
+        rec.update({"review_item": item["id"], "event": "captured", "intent_seq": ex.intent_seq})
+        try:
+            await gw.journal.write(rec, ("review_insert", item))
+        except JournalUnavailable:
+            raise TetherError("journal_unavailable") from None
+
+
+def _may_read_pre_image(ex: Exchange, op: Operation) -> bool:
+    """Does the agent hold a grant for the read Tether made of this record (so that a refusal may tell it
+    what the record holds)?"""
+    up = ex.upstream
+    assert up is not None and ex.identity is not None
+    plan = up.adapter.pre_image_request(op)
+    if plan is None:
+        return False
+    try:
+        segments = decode_segments(plan.path)
+    except TetherError:
+        return False
+    found = ex.registry.match(up.name, plan.method, segments, plan.query)
+    return found is not None and found[0].effect == "read" and \
+        ex.registry.grant(ex.identity.agent, found[0].name) is not None
 
 
 async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
@@ -348,6 +469,13 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
     """live or dry_run, from the grants, stored promotions, canary and quarantine (proxy.governance)."""
     ex.mode = await gw.governance.decide(ex)
     ex.decision = ex.mode
+    if ex.mode == "dry_run" and any(op.capability.config.stream_request for op in ex.operations):
+        # a streamed body is never read, so it cannot be captured for review (the rules check refuses such
+        # grants; this catches a quarantine, a canary draw or a demotion at run time): refused, not forwarded
+        ex.decision = "denied"
+        raise TetherError("agent_quarantined" if ex.quarantined else "forbidden",
+                          "this write streams its body, which cannot be captured for review, and it may not run "
+                          "live now" + (" (the agent is quarantined)" if ex.quarantined else ""))
 
 
 # --------------------------------------------------------------------------- journal
@@ -355,10 +483,12 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
 
 async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
     side = None
-    if ex.mode == "dry_run":
+    if ex.mode == "dry_run" and "relative_caps" not in ex.extra:
         from .review import prepare_capture
 
-        side = ("review_insert", prepare_capture(gw, ex))  # the item is committed with its intent record
+        # the item is committed with its intent record (or, when a relative cap is still to be checked
+        # against the record read after this commit, by check_relative_caps once it passed)
+        side = ("review_insert", prepare_capture(gw, ex))
     rec = request_record(ex)
     try:
         seq = await gw.journal.write(rec, side)
@@ -386,6 +516,7 @@ async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = Fa
     if body_override:
         drop = drop | _BODY_HEADERS
     out = [(k, v) for k, v in src.items() if (lk := k.lower()) not in drop and not lk.startswith("x-tether-")]
+    out.append(H.ACCEPT_IDENTITY)  # answers Tether can scan for a reflected credential
     if up.provenance_headers:
         ident = ex.identity
         assert ident is not None
@@ -422,7 +553,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     else:
         hdrs = await upstream_headers(gw, ex)
         if body is None and ex.request.body_exists:
-            body = ex.request.content  # streamed request body (stream_request capabilities)
+            body = StreamedBody(gw, ex)  # stream_request capabilities
     target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")
@@ -438,6 +569,9 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
     out_headers = response_headers(resp.raw_headers)
+    needles = up.reflection_needles()
+    if needles and redact_headers(out_headers, needles):
+        _reflected(ex)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
     if ex.is_write or ex.transaction_id is not None:
@@ -450,6 +584,10 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
             raise
         finally:
             resp.release()
+        if needles:
+            data, hit = redact_bytes(data, needles)
+            if hit:
+                _reflected(ex)
         parsed = decode_json_body(data, resp.headers.get("Content-Type"))
         ex.response_body = parsed
         rheaders = {str(k): v for k, v in resp.headers.items()}
@@ -473,14 +611,66 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
         data = await read_whole(resp, SMALL_BODY, up.timeouts)
         resp.release()
+        if needles:
+            data, hit = redact_bytes(data, needles)
+            if hit:
+                _reflected(ex)
         ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
         return
-    streamed, sent, err = await relay(ex.request, resp, out_headers, limit)
+    found = [False]
+    streamed, sent, err = await relay(ex.request, resp, out_headers, limit, needles, found)
+    if found[0]:
+        _reflected(ex)
     ex.response = streamed
     if err is not None:
         ex.error = TetherError(err)
         ex.reason = err
         ex.extra.setdefault("outcome", {})["bytes_sent"] = sent
+
+
+class StreamedBody:
+    """A ``stream_request`` body on its way upstream: bounded by ``max_body_bytes`` *while* it streams
+    (past it the upstream connection is dropped before the body's end, so the upstream never gets a
+    complete request, and the agent gets 413), each chunk awaited under the client timeout, and hashed,
+    so the outcome record carries its sha256 and size (the intent record cannot: it is written first)."""
+
+    def __init__(self, gw: "Gateway", ex: Exchange) -> None:
+        self.content = ex.request.content
+        self.limit = gw.limits.max_body_bytes
+        self.timeout = gw.limits.client_timeout
+        self.ex = ex
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    async def __aiter__(self) -> Any:
+        outcome = self.ex.extra.setdefault("outcome", {})
+        outcome["body_streamed"] = True
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    chunk = await self.content.readany()
+            except TimeoutError:
+                raise TetherError("client_timeout", f"the streamed request body stalled for more than "
+                                                    f"{self.timeout:g}s") from None
+            if not chunk:
+                break
+            self.size += len(chunk)
+            if self.size > self.limit:
+                outcome["body_bytes"] = self.size
+                raise TetherError("body_too_large", f"the streamed body exceeds {self.limit} bytes; the upstream "
+                                                    "connection was dropped before the body's end")
+            self.hash.update(chunk)
+            outcome["body_bytes"] = self.size
+            yield chunk
+        outcome["body_sha256"] = self.hash.hexdigest() if self.size else None
+        outcome["body_bytes"] = self.size
+
+
+def _reflected(ex: Exchange) -> None:
+    """The upstream echoed Tether's credential; it was masked. The outcome record says so."""
+    ex.extra.setdefault("outcome", {})["credential_reflected"] = True
+    log.warning("upstream %s reflected the injected credential (request %s); masked",
+                ex.upstream.name if ex.upstream else "?", ex.request_id)
 
 
 def decode_json_body(data: bytes, content_type: str | None) -> Any:

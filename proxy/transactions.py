@@ -43,6 +43,7 @@ from .exchange import Exchange
 from .headers import REQUEST_ID
 from .identity import Identity
 from .journal import base_record
+from .normalise import decode_segments, split_target, unsafe_char
 from .responses import json_response
 from .upstream_calls import call_upstream
 
@@ -160,7 +161,9 @@ class TransactionManager:
                 continue
             plan: UndoPlan | None = None
             reason = None
-            if cap.config.compensation == "auto":
+            if cap.config.compensation == "auto" and cap.config.stream_request:
+                reason = f"capability {cap.name} streams its request body, so Tether cannot plan its undo from it"
+            elif cap.config.compensation == "auto":
                 try:
                     pre = await read_pre_image(self.gw, ex, op) if up.adapter.pre_image_request(op) else None
                     plan = up.adapter.plan_undo(op, pre)
@@ -218,6 +221,7 @@ class TransactionManager:
                 continue
             try:
                 armed = up.adapter.arm_undo(plan, op, status or 0, headers, body)
+                check_undo_target(armed)
                 await store.step_update(step["id"], {"state": "armed", "plan": armed.to_dict(),
                                                      "response_status": status,
                                                      "created_ids": up.adapter.created_ids(op, status or 0, headers, body)})
@@ -480,7 +484,44 @@ class TransactionManager:
             log.error("could not journal %s of %s: %s", event, tx["id"], exc)
 
 
+def check_undo_target(plan: UndoPlan) -> None:
+    """An armed undo step's path (which may embed an id from the upstream's answer) must be a path
+    Tether would forward for an agent — no '?', '#', encoded '/', dot segment — or the step is not
+    armed (NotCompensable: it is left ``unknown`` for a human, never sent somewhere else)."""
+    req = plan.request
+    if req is None or "{created_id}" in req.path:
+        return
+    try:
+        path, query = split_target(req.path, 1 << 16)
+        decode_segments(path)
+    except TetherError as err:
+        raise NotCompensable(f"the undo step's target {req.path[:120]!r} is not a path Tether forwards: "
+                             f"{err.message}") from None
+    if query or "?" in req.path:
+        raise NotCompensable(f"the undo step's target {req.path[:120]!r} holds a '?'")
+
+
 # --------------------------------------------------------------------------- agent endpoints
+
+MAX_TX_NAME = 200
+
+
+def tx_name(value: Any) -> str | None:
+    """A transaction's name as the agent gave it: a string of at most MAX_TX_NAME characters, none of
+    them control, line-separator or bidi characters (operators read it in ``tx list`` and the console);
+    anything else is 400."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TetherError("bad_request", "name must be a string")
+    if len(value) > MAX_TX_NAME:
+        raise TetherError("bad_request", f"name is longer than {MAX_TX_NAME} characters")
+    bad = unsafe_char(value)
+    if bad is not None:
+        raise TetherError("bad_request", f"name holds {bad}: control, line-separator and bidi characters are "
+                                         "refused in text an operator reads")
+    return value
+
 
 
 async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Identity, path: str,
@@ -516,7 +557,7 @@ async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Ide
             raise TetherError("bad_request", "id must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         if tx_id is not None and await gw.store.tx_get(tx_id) is not None:
             raise TetherError("conflict", f"transaction {tx_id} already exists")
-        tx = await tm.open(ident, tx_id=tx_id, name=doc.get("name"), deadline=deadline)
+        tx = await tm.open(ident, tx_id=tx_id, name=tx_name(doc.get("name")), deadline=deadline)
         return json_response(tx, 201, headers=h)
     tx_id = parts[0]
     if len(parts) == 1 and request.method == "GET":

@@ -16,7 +16,8 @@ from multidict import CIMultiDict
 from adapters.base import FORM_CT, PlannedRequest
 
 from . import headers as H
-from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, send
+from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, redact_bytes, send
+from .errors import TetherError
 from .normalise import decode_segments, split_target
 
 if TYPE_CHECKING:
@@ -74,16 +75,22 @@ async def call_upstream(
     """Send a planned request; returns (status, headers, raw body, parsed JSON or None).
 
     Raises TetherError (upstream_unavailable / upstream_timeout) when the upstream cannot answer."""
-    # The planned path is validated exactly like an agent's (it may embed ids from a response).
-    path, _ = split_target(req.path, 1 << 16)
+    # The planned path is validated exactly like an agent's (it may embed ids from a response); a '?' in
+    # it would cut the path short (an id "7?x" must never become DELETE .../7), so it is refused too.
+    path, stray_query = split_target(req.path, 1 << 16)
+    if stray_query or "?" in req.path:
+        raise TetherError("ambiguous_request", "a planned request's path holds a '?'; refused")
     decode_segments(path)
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Accept"] = "application/json"
+    headers[H.ACCEPT_IDENTITY[0]] = H.ACCEPT_IDENTITY[1]
     body = encode_body(req.body, req.content_type)
     if body is not None and req.content_type:
         headers["Content-Type"] = req.content_type
+    strip = up.strip_headers
     for k, v in (req.headers or {}).items():
-        headers[k] = v
+        if k.lower() not in strip:  # a captured request's headers pass the same filter as a forwarded one's
+            headers[k] = v
     for k, v in (extra_headers or {}).items():
         headers[k] = v
     if up.provenance_headers:
@@ -104,10 +111,19 @@ async def call_upstream(
         data = await read_whole(resp, WHOLE_BODY_LIMIT, up.timeouts)
     finally:
         resp.release()
+    rheaders = {str(k): v for k, v in resp.headers.items()}
+    needles = up.reflection_needles()
+    if needles:
+        # a reflected credential never reaches a review item, a compensation step or the journal
+        data, _ = redact_bytes(data, needles)
+        for k, v in rheaders.items():
+            for n in needles.text:
+                if n in v:
+                    rheaders[k] = v = v.replace(n, "*" * len(n))
     parsed: Any = None
     if data:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             parsed = None
-    return resp.status, {str(k): v for k, v in resp.headers.items()}, data, parsed
+    return resp.status, rheaders, data, parsed

@@ -43,6 +43,9 @@ MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is a protocol err
 CHUNK = 64 * 1024
 SAFE_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
+# After these exchanges the connection is closed, never pooled: an answer that comes late on it (a HEAD
+# "body" held back, the answer to a request a lenient server read out of a GET/DELETE body or a chunked
+# body it did not understand) would otherwise be taken for the next request's answer.
 MANAGED = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
@@ -544,6 +547,8 @@ class OriginPool:
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes, body: Any, streamed: bool,
                         read_timeout: float | None) -> UpstreamResponse:
+        if method == "HEAD" or (body and not streamed and method not in BODY_METHODS):
+            conn.must_close = True  # see BODY_METHODS: its next answer could be a late one
         conn.got_bytes = False
         conn.head_request = method == "HEAD"
         conn.read_timeout = read_timeout

@@ -123,8 +123,10 @@ class BodyValidator:
         b = _fold(body) if self.fold_case else body
         return any(c.c.needs_pre_image and _lookup(b, c.path)[0] for c in self.constraints)
 
-    def validate(self, kind: str, body: Any, pre_image: Any = None) -> None:
-        """Raise TetherError(422 ...) on the first violation (fields before constraints before schema)."""
+    def validate(self, kind: str, body: Any, pre_image: Any = None, *, relative: bool = True) -> None:
+        """Raise TetherError(422 ...) on the first violation (fields before constraints before schema).
+        ``relative=False`` leaves out the caps relative to the pre-image (the gateway checks them later,
+        with :meth:`validate_relative`, once the request's intent record is durable)."""
         form = kind == "form"
         if kind == "other":
             raise TetherError("body_content_type_mismatch",
@@ -163,7 +165,8 @@ class BodyValidator:
                     raise TetherError("field_required", f"field {req!r} is required by capability {self.capability!r}",
                                       details={"field": req, "rule": "require_fields"})
             for cc in self.constraints:
-                self._check_constraint(cc, body, form, pre_image)
+                if relative or not cc.c.needs_pre_image:
+                    self._check_constraint(cc, body, form, pre_image)
         validator = self._form_schema if form else self._schema
         if validator is not None:
             err = next(iter(sorted(validator.iter_errors(original), key=lambda e: list(e.absolute_path))), None)
@@ -173,6 +176,19 @@ class BodyValidator:
                                   f"field {field or '(body)'!r}: {err.message} (schema rule: {err.validator})",
                                   details={"field": field, "rule": f"json_schema: {err.validator}"})
 
+    def validate_relative(self, kind: str, body: Any, pre_image: Any, *, reveal: bool = True) -> None:
+        """Only the caps relative to the pre-image. ``reveal=False``: a violation does not say the
+        record's current value (for an agent that may not read that record)."""
+        if not isinstance(body, dict):
+            return
+        form = kind == "form"
+        if self.fold_case:
+            body = _fold(body)
+            pre_image = _fold(pre_image) if pre_image is not None else None
+        for cc in self.constraints:
+            if cc.c.needs_pre_image:
+                self._check_constraint(cc, body, form, pre_image, reveal=reveal)
+
     def _judge_field(self, path: str) -> tuple[str, str] | None:
         if self.allow is not None and not any(_path_matches(path, a) for a in self.allow):
             return ("allow_fields", "")
@@ -181,7 +197,8 @@ class BodyValidator:
                 return ("forbid_fields", f)
         return None
 
-    def _check_constraint(self, cc: _CompiledConstraint, body: Any, form: bool, pre_image: Any) -> None:
+    def _check_constraint(self, cc: _CompiledConstraint, body: Any, form: bool, pre_image: Any,
+                          reveal: bool = True) -> None:
         found, value = _lookup(body, cc.path)
         if not found:
             return
@@ -221,13 +238,13 @@ class BodyValidator:
             new_num = _as_number(value, form)
             if old_num is None or new_num is None:
                 raise fail("relative cap", "cannot be compared with the current record's value")
+            values = f" (from {old_num:g} to {new_num:g})" if reveal else " of the record's current value"
             if c.max_increase is not None and new_num - old_num > c.max_increase:
-                raise fail(f"max_increase: {c.max_increase:g}",
-                           f"may rise by at most {c.max_increase:g} (from {old_num:g} to {new_num:g})")
+                raise fail(f"max_increase: {c.max_increase:g}", f"may rise by at most {c.max_increase:g}{values}")
             if c.max_increase_pct is not None and old_num >= 0 and \
                     new_num > old_num * (1 + c.max_increase_pct / 100.0) + 1e-9:
                 raise fail(f"max_increase_pct: {c.max_increase_pct:g}",
-                           f"may rise by at most {c.max_increase_pct:g}% (from {old_num:g} to {new_num:g})")
+                           f"may rise by at most {c.max_increase_pct:g}%{values}")
 
 
 def _fold(value: Any) -> Any:

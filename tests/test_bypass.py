@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import TetherError
-from proxy.normalise import decode_segments, split_target
+from proxy.normalise import canonical_path, decode_segments, split_target
 from tests.conftest import base_rules
 
 
@@ -28,6 +28,7 @@ def bypass_rules(upstream, tmp_path):
     rules["capabilities"]["admin.secrets"] = {"upstream": "crm", "method": "GET", "path": "/api/admin/secrets"}
     rules["capabilities"]["contact.update"]["params"] = {"id": "[0-9]+"}
     rules["capabilities"]["contact.read"]["params"] = {"id": "[0-9]+"}
+    rules["upstreams"]["crm"]["credential_params"] = ["api_key"]
     return rules
 
 
@@ -103,8 +104,22 @@ TABLE: list[tuple[str, Any, int, str | None, tuple[str, str] | None]] = [
     ("id-pattern-fullmatch", req("GET", "/crm/api/contacts/1abc"), 403, "route_not_registered", None),
     ("id-pattern-newline", req("GET", "/crm/api/contacts/1%0a"), 400, "ambiguous_request", None),
     ("unregistered-admin", req("GET", "/crm/api/admin/secrets"), 403, "capability_not_granted", None),
-    ("trailing-slash-resolves", req("GET", "/crm/api/contacts/1/"), 404, None, ("GET", "/api/contacts/1/")),
-    ("encoded-digit-resolves", req("GET", "/crm/api/contacts/%31"), 404, None, ("GET", "/api/contacts/%31")),
+    # the path forwarded is the path matched: one escaping, a trailing '/' only where the template has one
+    ("trailing-slash-resolves", req("GET", "/crm/api/contacts/1/"), 404, None, ("GET", "/api/contacts/1")),
+    ("encoded-digit-resolves", req("GET", "/crm/api/contacts/%31"), 404, None, ("GET", "/api/contacts/1")),
+    ("encoded-letter-resolves", req("GET", "/crm/ech%6F"), 200, None, ("GET", "/echo")),
+    # --- Unicode lookalikes of '/', '\', '.' and separators, percent-encoded ------------------------
+    ("fullwidth-solidus", req("GET", "/crm/api/contacts/1%EF%BC%8Fdelete"), 400, "ambiguous_request", None),
+    ("division-slash", req("GET", "/crm/api/contacts/1%E2%88%95..%E2%88%95admin"), 400, "ambiguous_request", None),
+    ("fraction-slash", req("GET", "/crm/api/contacts/1%E2%81%84x"), 400, "ambiguous_request", None),
+    ("fullwidth-reverse-solidus", req("GET", "/crm/api/contacts/1%EF%BC%BCx"), 400, "ambiguous_request", None),
+    ("one-dot-leader", req("GET", "/crm/api/contacts/%E2%80%A4%E2%80%A4"), 400, "ambiguous_request", None),
+    ("two-dot-leader", req("GET", "/crm/api/%E2%80%A5/admin/secrets"), 400, "ambiguous_request", None),
+    ("fullwidth-full-stop", req("GET", "/crm/api/contacts/%EF%BC%8E%EF%BC%8E"), 400, "ambiguous_request", None),
+    ("ideographic-full-stop", req("GET", "/crm/api/contacts/%E3%80%82%E3%80%82"), 400, "ambiguous_request", None),
+    ("line-separator-encoded", req("GET", "/crm/api/contacts/1%E2%80%A8"), 400, "ambiguous_request", None),
+    ("bidi-override-encoded", req("GET", "/crm/api/contacts/%E2%80%AE1"), 400, "ambiguous_request", None),
+    ("c1-next-line-encoded", req("GET", "/crm/api/contacts/1%C2%85"), 400, "ambiguous_request", None),
     # --- method tricks -----------------------------------------------------------------------
     ("override-header", req("POST", "/crm/api/contacts", [("X-HTTP-Method-Override", "DELETE")], b"{}"),
      400, "ambiguous_request", None),
@@ -115,6 +130,42 @@ TABLE: list[tuple[str, Any, int, str | None, tuple[str, str] | None]] = [
     ("override-param", req("GET", "/crm/api/contacts/1?_method=DELETE"), 400, "ambiguous_request", None),
     ("override-param-dup", req("GET", "/crm/api/contacts/1?_method=GET&_method=DELETE"), 400, "ambiguous_request", None),
     ("override-param-sf", req("GET", "/crm/api/contacts/1?_HttpMethod=DELETE"), 400, "ambiguous_request", None),
+    ("override-param-semicolon", req("GET", "/crm/api/contacts/1?a=1;_method=DELETE"), 400, "ambiguous_request",
+     None),
+    ("override-param-x-http-method", req("GET", "/crm/api/contacts/1?X-HTTP-Method=DELETE"), 400,
+     "ambiguous_request", None),
+    ("override-form-body", req("POST", "/crm/api/contacts", [("Content-Type", "application/x-www-form-urlencoded")],
+                               b"name=a&_method=DELETE"), 400, "ambiguous_request", None),
+    ("override-form-body-encoded", req("POST", "/crm/api/contacts",
+                                       [("Content-Type", "application/x-www-form-urlencoded")],
+                                       b"name=a&%5FMETHOD=DELETE"), 400, "ambiguous_request", None),
+    ("override-form-body-semicolon", req("POST", "/crm/api/contacts",
+                                         [("Content-Type", "application/x-www-form-urlencoded")],
+                                         b"name=a;_method=DELETE"), 400, "ambiguous_request", None),
+    ("override-json-body", req("POST", "/crm/api/contacts", [("Content-Type", "application/json")],
+                               b'{"name": "a", "_method": "DELETE"}'), 400, "ambiguous_request", None),
+    ("override-json-body-escaped", req("POST", "/crm/api/contacts", [("Content-Type", "application/json")],
+                                       b'{"name": "a", "\\u005fmethod": "DELETE"}'), 400, "ambiguous_request", None),
+    ("override-multipart-body", req("POST", "/crm/api/contacts", [("Content-Type", "multipart/form-data; boundary=B")],
+                                    b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\na\r\n'
+                                    b'--B\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n'
+                                    b"--B--\r\n"), 400, "ambiguous_request", None),
+    ("override-multipart-rfc2231", req("POST", "/crm/api/contacts", [("Content-Type", "multipart/form-data; boundary=B")],
+                                       b"--B\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\n"
+                                       b"DELETE\r\n--B--\r\n"), 400, "ambiguous_request", None),
+    ("override-read-form-body", req("GET", "/crm/echo", [("Content-Type", "application/x-www-form-urlencoded")],
+                                    b"_method=DELETE"), 400, "ambiguous_request", None),
+    ("override-read-json-body", req("GET", "/crm/echo", [("Content-Type", "application/json")],
+                                    b'{"_method": "DELETE"}'), 400, "ambiguous_request", None),
+    # --- credentials where a server reads them -----------------------------------------------------
+    ("credential-param", req("GET", "/crm/echo?api_key=stolen"), 400, "credential_in_request", None),
+    ("credential-param-semicolon", req("GET", "/crm/echo?a=1;api_key=stolen"), 400, "credential_in_request", None),
+    ("credential-param-encoded", req("GET", "/crm/echo?API%5FKEY=stolen"), 400, "credential_in_request", None),
+    ("credential-form-body", req("POST", "/crm/api/contacts", [("Content-Type", "application/x-www-form-urlencoded")],
+                                 b"name=a&api_key=stolen"), 400, "credential_in_request", None),
+    ("credential-multipart-body", req("POST", "/crm/api/contacts", [("Content-Type", "multipart/form-data; boundary=B")],
+                                      b'--B\r\nContent-Disposition: form-data; name="api_key"\r\n\r\nstolen\r\n'
+                                      b"--B--\r\n"), 400, "credential_in_request", None),
     ("lowercase-method", raw(b"get /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\n\r\n"), 405,
      "method_not_allowed", None),
     ("unknown-method", raw(b"FOO /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\n\r\n"), 405, "method_not_allowed", None),
@@ -150,6 +201,31 @@ TABLE: list[tuple[str, Any, int, str | None, tuple[str, str] | None]] = [
     ("two-authorizations", raw(b"GET /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
                                b"Authorization: Bearer {token}\r\n\r\n"), 400, "ambiguous_request", None),
     ("two-intents", req("GET", "/crm/api/contacts/1", [("X-Tether-Intent", "a"), ("X-Tether-Intent", "b")]), 400,
+     "ambiguous_request", None),
+    ("host-loopback-lookalike", req("GET", "/crm/api/contacts/1", [("Host", "127.attacker.example")],
+                                    default_headers=False), 400, "ambiguous_request", None),
+    ("host-localhost-suffix", req("GET", "/crm/api/contacts/1", [("Host", "localhost.attacker.example")],
+                                  default_headers=False), 400, "ambiguous_request", None),
+    ("host-foreign-control", req("GET", "/_tether/whoami", [("Host", "evil.example")], default_headers=False), 400,
+     "ambiguous_request", None),
+    ("host-lookalike-control", req("GET", "/_tether/healthz", [("Host", "127.0.0.1.nip.io")], default_headers=False),
+     400, "ambiguous_request", None),
+    # --- agent text an operator reads: control, line-separator and bidi characters ----------------
+    ("intent-bidi-override", raw(b"GET /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                                 b"\r\nX-Tether-Intent: refund \xe2\x80\xae001$ \r\n\r\n"), 400, "bad_request", None),
+    ("intent-line-separator", raw(b"GET /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                                  b"\r\nX-Tether-Intent: ok\xe2\x80\xa8decision=live\r\n\r\n"), 400, "bad_request",
+     None),
+    ("intent-c1-control", raw(b"GET /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                              b"\r\nX-Tether-Intent: ok\xc2\x9b2J\r\n\r\n"), 400, "bad_request", None),
+    ("intent-invalid-utf8", raw(b"GET /crm/api/contacts/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}"
+                                b"\r\nX-Tether-Intent: ok\xff\r\n\r\n"), 400, "bad_request", None),
+    # --- vendor session and tenant headers ---------------------------------------------------------
+    ("vendor-headers-stripped", req("GET", "/crm/echo", [("X-SFDC-Session", "00Dstolen!session"),
+                                                        ("Stripe-Account", "acct_other"),
+                                                        ("Stripe-Context", "ctx_other")]), 200, None,
+     ("GET", "/echo")),
+    ("vendor-header-alias", req("GET", "/crm/echo", [("X_SFDC_Session", "00Dstolen!session")]), 400,
      "ambiguous_request", None),
     # --- body tricks -------------------------------------------------------------------------
     ("duplicate-json-key", req("PATCH", "/crm/api/contacts/1", [("Content-Type", "application/json")],
@@ -230,7 +306,8 @@ async def test_bypass_attempt(bypass_gw, upstream, name, row, status, code, forw
         assert [(r.method, r.raw_path) for r in upstream.received] == [forwarded]
         got = upstream.received[0]
         assert got.headers.get("X-Tether-Agent") == "bot"
-        for h in ("Forwarded", "X-Forwarded-Host", "X-Original-URL", "X-Rewrite-URL", "Cookie", "X-Tether-On-Behalf-Of"):
+        for h in ("Forwarded", "X-Forwarded-Host", "X-Original-URL", "X-Rewrite-URL", "Cookie", "X-Tether-On-Behalf-Of",
+                  "X-SFDC-Session", "Stripe-Account", "Stripe-Context"):
             assert h not in got.headers
 
 
@@ -298,7 +375,10 @@ async def test_the_route_matched_is_the_route_the_upstream_receives(bypass_gw, u
         assert status in (400, 403, 414), status
         return
     got = upstream.received[-1]
-    assert got.raw_path == target[len("/crm"):]
+    # the upstream got the very segments Tether matched, in their one canonical spelling
+    matched = decode_segments(target)[1:]
+    assert upstream_reading(got.raw_path) == matched
+    assert got.raw_path == canonical_path(target[len("/crm"):], matched, False)
     rid = headers["x-tether-request-id"]
     recs = [r for r in await bypass_gw.journal() if r["request_id"] == rid and r["kind"] == "request"]
     found = bypass_gw.gw.state.registry.match("crm", "GET", upstream_reading(got.path))
@@ -315,3 +395,12 @@ def test_param_patterns_use_fullmatch():
     for bad in ("12\n", "12a", "a12", "", "1 2"):
         assert state.registry.match("crm", "GET", ("api", "contacts", bad)) is None, bad
     assert re.fullmatch("[0-9]+", "12\n") is None
+
+
+def test_the_readme_counts_the_table():
+    """README's "Hard to bypass" says how many attempts this file sends: it must stay true."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"`tests/test_bypass.py` sends (\d+) such attempts", readme)
+    assert m is not None and int(m.group(1)) == len(TABLE)

@@ -393,9 +393,13 @@ def test_agent_succeeds_through_tether(lab: Lab) -> None:
         assert got[name].get("status") == 200, (got, lab.tether_log_text())
         seen = got[name]["body"]
         assert seen["path"] == f"/api/contacts/{contact}"
-        # the upstream saw Tether's credential, not the agent's token, and Tether's provenance
-        assert seen["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+        # the upstream saw Tether's credential, not the agent's token, and Tether's provenance (its log);
+        # echoed back, the credential reached the agent masked
+        assert seen["authorization"] == "*" * len(f"Bearer {UPSTREAM_TOKEN}")
         assert seen["agent"] == "bot"
+    logged = {r["path"]: r for r in lab.upstream_requests()}
+    for contact in ("42", "43") if lab.ipv6 else ("42",):
+        assert logged[f"/api/contacts/{contact}"]["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
     # and Tether still refuses what the agent is not granted
     denied = lab.probe(AGENT_UID, {"kind": "http", "url": f"http://127.0.0.1:{AGENT_PORT}/crm/api/secrets",
                                    "headers": headers, "name": "denied"})[0]

@@ -125,7 +125,7 @@ async def test_reads_pass_through_with_the_upstream_credentials(gw, fake, cert, 
     acct = await run(sf.Account.get, world["acct"][:15], params={"fields": "Name"})
     assert acct["Name"] == "Acme Corp" and "Industry" not in acct
     assert [(r.method, r.path) for r in fake.received] == [
-        ("GET", f"{V}/sobjects/Opportunity/{world['opp']}"), ("GET", f"{V}/query/"),
+        ("GET", f"{V}/sobjects/Opportunity/{world['opp']}"), ("GET", f"{V}/query"),  # the path matched (no '/')
         ("GET", f"{V}/sobjects/Account/{world['acct'][:15]}")]
     token = gw.token("renewal-bot", "ae:jane@acme")
     for r in fake.received:
@@ -147,7 +147,8 @@ async def test_writes_carry_upstream_credentials_provenance_headers_and_stamped_
     status = await run(sf.Opportunity.update, world["opp"], {"StageName": "Negotiation/Review", "Amount": 110000})
     assert status == 204
     post, patch = fake.writes()
-    assert post.path == f"{V}/sobjects/Contact/"  # simple-salesforce's trailing slash, forwarded as sent
+    # simple-salesforce adds a trailing slash; the path forwarded is the path matched (the template has none)
+    assert post.path == f"{V}/sobjects/Contact"
     assert patch.path == f"{V}/sobjects/Opportunity/{world['opp']}"
     journal = {r["capability"]: r for r in await gw.journal() if r["kind"] == "request"}
     for sent, cap in ((post, "contact.create"), (patch, "opportunity.update_stage")):

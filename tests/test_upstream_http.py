@@ -536,7 +536,9 @@ async def test_head_answer_without_body_then_next_request(servers: StartServer, 
     assert body == b""
     resp, body = await fetch(pool, "GET", read_timeout=1.0)
     assert body == b"hello"
-    assert srv.connections == 1 and len(srv.requests) == 5
+    # a connection that carried a HEAD is closed, not pooled: a "body" the upstream held back would
+    # otherwise be read as the next request's answer (issue 20 item 13)
+    assert srv.connections == 3 and len(srv.requests) == 5
 
 
 async def test_informational_answers_are_skipped(servers: StartServer, pools: MakePool) -> None:
@@ -625,7 +627,10 @@ async def test_request_body_framing(servers: StartServer, pools: MakePool, metho
     assert req.values("Content-Length") == ([length] if length is not None else [])
     assert req.values("Transfer-Encoding") == []
     assert req.body == sent
-    assert nxt.line == "GET /next HTTP/1.1" and srv.connections == 1
+    # a HEAD, or a body on a method whose body servers may skip, is not followed on the same connection
+    # (a late answer to what a lenient server read from that body would cross requests; issue 20 item 13)
+    fresh = method == "HEAD" or (bool(body) and method not in ("POST", "PUT", "PATCH"))
+    assert nxt.line == "GET /next HTTP/1.1" and srv.connections == (2 if fresh else 1)
 
 
 class FakeStream:
