@@ -478,6 +478,10 @@ class ReviewConfig(Model):
     ttl: Duration = 7 * 86400.0
     sweep_interval: Duration = 30.0
     alert_queue_depth: int | None = None
+    max_pending_per_agent: int = Field(
+        1000, ge=1, description="an agent with this many items pending review gets 429 review_queue_full")
+    max_pending_bytes_per_agent: Size = Field(
+        256 * 1024 * 1024, ge=1, description="nor may its pending items hold more than this (stored size)")
 
 
 class TransactionsConfig(Model):

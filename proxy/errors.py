@@ -35,6 +35,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "json_too_deep": (400, "the JSON body nests deeper than allowed"),
     "malformed_json": (400, "the body is not valid JSON"),
     "unresolved_reference": (400, "a composite sub-request refers to a result Tether cannot resolve"),
+    "unrepresentable_value": (400, "a JSON value cannot be read the same way everywhere (lone surrogate, "
+                                   "integer beyond 64 bits, number beyond a double); refused with the field named"),
     "unsupported_composite": (400, "a composite/batch request Tether cannot unpack safely"),
     # 401: who is calling?
     "token_missing": (401, "no Authorization: Bearer token"),
@@ -75,6 +77,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "field_required": (422, "the body lacks a field the capability requires"),
     "schema_violation": (422, "the body does not satisfy the capability's JSON Schema"),
     "rate_limited": (429, "a rate limit is exhausted; see Retry-After"),
+    "review_queue_full": (429, "the agent already has as many items pending review as allowed; "
+                                "nothing was captured (a reviewer must decide some first)"),
     "headers_too_large": (431, "too many or too large request headers"),
     # 5xx: Tether could not do its part, so it did nothing
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),

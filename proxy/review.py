@@ -36,10 +36,12 @@ from adapters.base import Operation, PlannedRequest, SyntheticResponse
 
 from . import headers as H
 from .bodies import parse_body
+from .chain import lenient
 from .errors import TetherError
 from .exchange import Exchange, new_request_id
 from .identity import Identity
 from .journal import JournalUnavailable, base_record
+from .store.rows import Unstorable, prepare_review
 from .upstream_calls import call_upstream
 from .validation import validator_for
 
@@ -72,14 +74,40 @@ def captured_request(ex: Exchange) -> dict[str, Any]:
         "query": ex.query,
         "headers": headers,
         "content_type": ex.request.headers.get("Content-Type"),
+        "body_bytes": len(body),
     }
-    try:
-        req["body_text"] = body.decode("utf-8")
-    except UnicodeDecodeError:
-        req["body_b64"] = base64.b64encode(body).decode()
-    if ex.operations and ex.operations[0].body is not None:
-        req["body_json"] = ex.operations[0].body if not ex.composite else None
+    req.update(stored_body(body))
     return req
+
+
+def stored_body(body: bytes) -> dict[str, str]:
+    """The body, kept once: as text when it is UTF-8 that JSON holds compactly, else as base64 (so a body
+    of control characters, each six bytes escaped, cannot make its item six times its size). The parsed
+    form is derived when an item is read (:func:`body_json`), never stored beside it."""
+    if not body:
+        return {"body_text": ""}
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and len(orjson.dumps(text)) <= len(body) * 4 // 3 + 8:
+        return {"body_text": text}
+    return {"body_b64": base64.b64encode(body).decode()}
+
+
+def body_json(req: dict[str, Any]) -> Any:
+    """The captured body parsed (JSON only; None for anything else): for views, never stored."""
+    if "body_json" in req:  # items captured before bodies were stored once
+        return req["body_json"]
+    from .bodies import is_json_type, media_type
+
+    text = req.get("body_text")
+    if not text or not (is_json_type(media_type(req.get("content_type"))) or text.lstrip()[:1] in ("{", "[")):
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def request_body(req: dict[str, Any]) -> bytes:
@@ -98,7 +126,11 @@ def digest_of(item: dict[str, Any]) -> str:
         "headers": req["headers"], "content_type": req.get("content_type"),
         "body_sha256": hashlib.sha256(request_body(req)).hexdigest(),
     }
-    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    try:
+        data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a header JSON cannot hold: the item will be refused (prepare_review says which)
+        data = orjson.dumps(lenient(doc)[0], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()
 
 
 def synthetic_for(ex: Exchange, item_id: str) -> SyntheticResponse:
@@ -135,14 +167,93 @@ def prepare_capture(gw: "Gateway", ex: Exchange) -> dict[str, Any]:
         "trace_id": ex.extra.get("trace_id"),
         "rules_version": ex.registry.version,
         "request": captured_request(ex),
-        "synthetic": {"status": synthetic.status, "headers": synthetic.headers,
-                      "body": synthetic.body if not isinstance(synthetic.body, bytes) else None},
+        "synthetic": stored_synthetic(synthetic),
         "canary": ex.extra.get("canary"),
         "quarantined": ex.quarantined,
     }
     item["digest"] = digest_of(item)
     ex.extra["capture"] = (item, synthetic)
     return item
+
+
+_SYNTHETIC_KEPT = 16 * 1024  # bytes of a synthetic answer kept with its item (it may echo the body)
+
+
+def stored_synthetic(synthetic: SyntheticResponse) -> dict[str, Any]:
+    body = synthetic.body if not isinstance(synthetic.body, bytes) else None
+    out: dict[str, Any] = {"status": synthetic.status, "headers": synthetic.headers, "body": body}
+    if body is not None:
+        try:
+            size = len(orjson.dumps(body))
+        except TypeError:
+            size = _SYNTHETIC_KEPT + 1
+        if size > _SYNTHETIC_KEPT:
+            out["body"] = None
+            out["body_omitted"] = f"{size} bytes (an adapter's echo of the request body; not kept twice)"
+    return out
+
+
+async def journal_capture(gw: "Gateway", ex: Exchange) -> None:
+    """The ``journal_intent`` stage of a dry-run write: its review item and intent record in one commit.
+
+    Before anything is built, the agent's share of the queue is checked: at most
+    ``server.review.max_pending_per_agent`` items and ``max_pending_bytes_per_agent`` stored bytes may be
+    pending per agent (429 ``review_queue_full`` beyond), counting this process's captures still on their
+    way to the store, so a burst cannot slip past. The item is serialised strictly before it joins the
+    journal's batch: a value JSON cannot hold exactly fails this request (400 ``unrepresentable_value``,
+    the field named), never the batch it would have shared with other agents' records."""
+    from .pipeline import request_record
+
+    ident = ex.identity
+    assert ident is not None
+    svc: ReviewService = gw.review
+    cfg = gw.server_cfg.review
+    agent = ident.agent
+    size_guess = len(ex.body or b"")
+    svc.reserve(agent, size_guess)
+    try:
+        count, used = await gw.store.review_usage(agent)
+        others_n, others_b = svc.reserved_by_others(agent, size_guess)
+        if count + others_n >= cfg.max_pending_per_agent or used + others_b + size_guess > cfg.max_pending_bytes_per_agent:
+            ex.decision = "denied"
+            raise TetherError("review_queue_full",
+                              f"agent {agent!r} has {count} item(s) ({used} bytes) pending review, at its limit "
+                              f"({cfg.max_pending_per_agent} items, {cfg.max_pending_bytes_per_agent} bytes); "
+                              "nothing was captured", details={"pending": count, "pending_bytes": used})
+        item = prepare_capture(gw, ex)
+        try:
+            row = prepare_review(item)
+        except Unstorable as exc:
+            ex.review_item_id = None
+            ex.decision = "denied"
+            field = _friendly_field(item, exc.field)
+            raise TetherError("unrepresentable_value", f"{field} {exc.why}; it cannot be kept for review exactly "
+                                                       "as sent, so nothing was captured",
+                              details={"field": field}) from None
+        rec = request_record(ex)
+        try:
+            seq = await gw.journal.write(rec, ("review_insert", row))
+        except JournalUnavailable:
+            ex.decision = "refused"
+            raise TetherError("journal_unavailable") from None
+    finally:
+        svc.release(agent, size_guess)
+    ex.intent_seq = seq
+    ex.authz_event = str(seq)
+
+
+def _friendly_field(item: dict[str, Any], path: str) -> str:
+    """``request.headers[2][1]`` -> ``header 'X-Note'``; other paths as they are."""
+    import re
+
+    m = re.fullmatch(r"request\.headers\[(\d+)\](?:\[\d+\])?", path)
+    if m:
+        try:
+            name = item["request"]["headers"][int(m.group(1))][0]
+            return f"header {name.encode('utf-8', 'backslashreplace').decode()!r}"
+        except (IndexError, KeyError, TypeError):
+            pass
+    return f"field {path!r}"
 
 
 async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
@@ -166,11 +277,35 @@ class ReviewService:
 
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
+        # captures on their way to the store, per agent: [count, bytes] (see journal_capture)
+        self._reserved: dict[str, list[int]] = {}
+
+    def reserve(self, agent: str, size: int) -> None:
+        r = self._reserved.setdefault(agent, [0, 0])
+        r[0] += 1
+        r[1] += size
+
+    def release(self, agent: str, size: int) -> None:
+        r = self._reserved.get(agent)
+        if r is not None:
+            r[0] -= 1
+            r[1] -= size
+            if r[0] <= 0:
+                del self._reserved[agent]
+
+    def reserved_by_others(self, agent: str, size: int) -> tuple[int, int]:
+        """In-flight captures of this agent other than the caller's own."""
+        r = self._reserved.get(agent, (1, size))
+        return r[0] - 1, r[1] - size
 
     async def get(self, item_id: str) -> dict[str, Any]:
+        """The whole item; ``request.body_json`` is the stored body parsed (derived, not stored)."""
         item = await self.gw.store.review_get(item_id)
         if item is None:
             raise TetherError("not_found", f"no review item {item_id!r}")
+        req = item.get("request")
+        if isinstance(req, dict) and "body_json" not in req:
+            req["body_json"] = body_json(req)
         return item
 
     def _not_self(self, item: dict[str, Any], reviewer: Identity) -> None:
@@ -182,7 +317,7 @@ class ReviewService:
         gw = self.gw
         up = gw.state.upstreams.get(item["upstream"])
         req = item["request"]
-        proposed = req.get("body_json")
+        proposed = body_json(req)
         out: dict[str, Any] = {"item": item["id"], "operation": None, "current": None, "fields": [], "error": None}
         if up is None:
             return out

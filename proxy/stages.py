@@ -350,14 +350,14 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
 
 
 async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
-    side = None
     if ex.mode == "dry_run":
-        from .review import prepare_capture
+        from .review import journal_capture
 
-        side = ("review_insert", prepare_capture(gw, ex))  # the item is committed with its intent record
+        await journal_capture(gw, ex)  # the review item is committed with its intent record
+        return
     rec = request_record(ex)
     try:
-        seq = await gw.journal.write(rec, side)
+        seq = await gw.journal.write(rec)
     except JournalUnavailable:
         ex.decision = "refused"
         raise TetherError("journal_unavailable") from None

@@ -51,6 +51,8 @@ async def test_unset_write_mode_is_dry_run_and_never_reaches_upstream(make_gatew
     it = [i for i in items if i["id"] == item_id][0]
     assert it["state"] == "pending" and it["agent"] == "bot" and it["on_behalf_of"] == "ae:jane"
     assert it["intent"] == "add Ann" and it["capability"] == "contact.create"
+    assert "headers" not in it["request"] and "body_text" not in it["request"]  # lists carry summaries
+    it = await (await gw.admin("GET", f"/api/review/items/{item_id}")).json()
     assert it["request"]["body_json"] == {"name": "Ann"} and it["synthetic"]["status"] == 201
     # nothing secret captured
     flat = json.dumps(it)
