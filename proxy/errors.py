@@ -57,7 +57,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "non_compensable_in_transaction": (403, "this write cannot be undone, so it may not run live inside a transaction"),
     "reviewer_required": (403, "the admin API needs a reviewer token"),
     "route_not_registered": (403, "no capability matches this method and path (default deny)"),
-    "self_approval": (403, "a reviewer may not decide items made by their own identity"),
+    "self_approval": (403, "a reviewer may not decide items made by their own identity, on their behalf, "
+                           "or be an agent"),
     "tenant_switch_refused": (403, "the agent asked for another account/tenant the capability does not allow"),
     "transaction_not_owned": (403, "the transaction belongs to another agent"),
     # 404 / 405 / 409 / 410
@@ -69,6 +70,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "conflict": (409, "the object changed; the operation was not applied"),
     "transaction_closed": (409, "the transaction is no longer open"),
     "transaction_expired": (410, "the transaction passed its deadline"),
+    "review_expired": (410, "the review item passed its TTL (server.review.ttl); it can no longer be decided"),
     # 413 / 414 / 422 / 429 / 431
     "body_too_large": (413, "the request body exceeds the configured limit"),
     "uri_too_long": (414, "the request target exceeds the configured limit"),

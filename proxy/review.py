@@ -26,6 +26,7 @@ import base64
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -133,6 +134,21 @@ def digest_of(item: dict[str, Any]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _principals(*names: str | None) -> set[str]:
+    """Every spelling of the identities that must not meet: case-folded, with and without a ``kind:``
+    prefix."""
+    out: set[str] = set()
+    for n in names:
+        if not n:
+            continue
+        n = n.strip().casefold()
+        out.add(n)
+        if ":" in n:
+            out.add(n.split(":", 1)[1])
+    out.discard("")
+    return out
+
+
 def synthetic_for(ex: Exchange, item_id: str) -> SyntheticResponse:
     up = ex.upstream
     assert up is not None
@@ -207,19 +223,13 @@ async def journal_capture(gw: "Gateway", ex: Exchange) -> None:
     ident = ex.identity
     assert ident is not None
     svc: ReviewService = gw.review
-    cfg = gw.server_cfg.review
     agent = ident.agent
-    size_guess = len(ex.body or b"")
-    svc.reserve(agent, size_guess)
+    size = len(ex.body or b"")
+    if not await svc.admit(agent, size):
+        ex.decision = "denied"
+        raise svc.full_error(agent)
+    stored = 0
     try:
-        count, used = await gw.store.review_usage(agent)
-        others_n, others_b = svc.reserved_by_others(agent, size_guess)
-        if count + others_n >= cfg.max_pending_per_agent or used + others_b + size_guess > cfg.max_pending_bytes_per_agent:
-            ex.decision = "denied"
-            raise TetherError("review_queue_full",
-                              f"agent {agent!r} has {count} item(s) ({used} bytes) pending review, at its limit "
-                              f"({cfg.max_pending_per_agent} items, {cfg.max_pending_bytes_per_agent} bytes); "
-                              "nothing was captured", details={"pending": count, "pending_bytes": used})
         item = prepare_capture(gw, ex)
         try:
             row = prepare_review(item)
@@ -236,8 +246,9 @@ async def journal_capture(gw: "Gateway", ex: Exchange) -> None:
         except JournalUnavailable:
             ex.decision = "refused"
             raise TetherError("journal_unavailable") from None
+        stored = row.size
     finally:
-        svc.release(agent, size_guess)
+        svc.settle(agent, size, stored)
     ex.intent_seq = seq
     ex.authz_event = str(seq)
 
@@ -272,31 +283,75 @@ async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
     gw.governance.on_captured(ex)
 
 
+_USAGE_TTL = 5.0  # seconds a per-agent figure read from the store is trusted (other replicas move it)
+
+
+@dataclass(slots=True)
+class _Usage:
+    count: int = 0
+    bytes: int = 0
+    fetched: float = -1e9
+    inflight_n: int = 0
+    inflight_b: int = 0
+
+    def over(self, cfg: Any, size: int) -> bool:
+        return (self.count + self.inflight_n >= cfg.max_pending_per_agent
+                or self.bytes + self.inflight_b + size > cfg.max_pending_bytes_per_agent)
+
+
 class ReviewService:
     """Deciding review items (admin API and CLI both come here)."""
 
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
-        # captures on their way to the store, per agent: [count, bytes] (see journal_capture)
-        self._reserved: dict[str, list[int]] = {}
+        # per agent: pending items and bytes as last read from the store, plus this process's captures
+        # committed since, and those still on their way (see admit)
+        self._usage: dict[str, _Usage] = {}
 
-    def reserve(self, agent: str, size: int) -> None:
-        r = self._reserved.setdefault(agent, [0, 0])
-        r[0] += 1
-        r[1] += size
+    async def admit(self, agent: str, size: int) -> bool:
+        """Reserve a place in the agent's share of the queue for a capture of ``size`` body bytes; False
+        when it is full (nothing reserved). O(1) in the common case: the store is asked again only when the figures are
+        older than ``_USAGE_TTL`` (other replicas capture and decide too) or this capture would reach a
+        limit (so a refusal is always decided on fresh figures). Check and reservation happen with no
+        await between them, so concurrent captures in this process cannot overshoot."""
+        cfg = self.gw.server_cfg.review
+        u = self._usage.get(agent)
+        if u is None:
+            u = self._usage[agent] = _Usage()
+        if time.monotonic() - u.fetched > _USAGE_TTL or u.over(cfg, size):
+            count, used = await self.gw.store.review_usage(agent)
+            u.count, u.bytes, u.fetched = count, used, time.monotonic()
+        if u.over(cfg, size):
+            return False
+        u.inflight_n += 1
+        u.inflight_b += size
+        return True
 
-    def release(self, agent: str, size: int) -> None:
-        r = self._reserved.get(agent)
-        if r is not None:
-            r[0] -= 1
-            r[1] -= size
-            if r[0] <= 0:
-                del self._reserved[agent]
+    def full_error(self, agent: str) -> TetherError:
+        cfg = self.gw.server_cfg.review
+        u = self._usage[agent]
+        n, b = u.count + u.inflight_n, u.bytes + u.inflight_b
+        return TetherError("review_queue_full",
+                           f"agent {agent!r} has {n} item(s) ({b} bytes) pending review, at its limit "
+                           f"({cfg.max_pending_per_agent} items, {cfg.max_pending_bytes_per_agent} bytes); nothing "
+                           "is captured until a reviewer decides some", details={"pending": n, "pending_bytes": b})
 
-    def reserved_by_others(self, agent: str, size: int) -> tuple[int, int]:
-        """In-flight captures of this agent other than the caller's own."""
-        r = self._reserved.get(agent, (1, size))
-        return r[0] - 1, r[1] - size
+    def settle(self, agent: str, size: int, stored: int) -> None:
+        """A reserved capture is over: committed (``stored`` bytes now in the store) or not (0)."""
+        u = self._usage.get(agent)
+        if u is None:
+            return
+        u.inflight_n -= 1
+        u.inflight_b -= size
+        if stored:
+            u.count += 1
+            u.bytes += stored
+
+    def decided(self, agent: str) -> None:
+        """An item left ``pending``: read the agent's figures afresh on its next capture."""
+        u = self._usage.get(agent)
+        if u is not None:
+            u.fetched = -1e9
 
     async def get(self, item_id: str) -> dict[str, Any]:
         """The whole item; ``request.body_json`` is the stored body parsed (derived, not stored)."""
@@ -309,8 +364,59 @@ class ReviewService:
         return item
 
     def _not_self(self, item: dict[str, Any], reviewer: Identity) -> None:
-        if reviewer.agent == item["agent"] or (reviewer.on_behalf_of is not None and reviewer.on_behalf_of == item["agent"]):
-            raise TetherError("self_approval", "a reviewer may not decide items made by their own identity")
+        """Separation of duties: neither the agent nor the person it acted for decides the item, nor does
+        any identity the rules declare as an agent (an agent's issuer may let it put a reviewer role in
+        its own token). Names are compared case-insensitively, and with any ``kind:`` prefix removed
+        (``ae:jane@acme.example`` is ``jane@acme.example``): refusing one reviewer too many is safe,
+        letting the requester approve is not."""
+        mine = _principals(reviewer.agent, reviewer.on_behalf_of)
+        if mine & _principals(item["agent"], item.get("on_behalf_of")):
+            raise TetherError("self_approval", "a reviewer may not decide items made by their own identity or "
+                                               "on their behalf")
+        agents = self.gw.state.rules.agents
+        if any(name in agents for name in (reviewer.agent, reviewer.on_behalf_of) if name):
+            raise TetherError("self_approval", "an identity declared as an agent may not decide review items")
+
+    async def _refuse_if_expired(self, item: dict[str, Any], now: float | None = None) -> None:
+        """An item past its TTL is expired now, whether or not the sweep has run yet."""
+        now = time.time() if now is None else now
+        exp = item.get("expires_at")
+        if item["state"] == "expired":
+            raise TetherError("review_expired", f"review item {item['id']} expired; it can no longer be decided")
+        if item["state"] == "pending" and exp is not None and exp <= now:
+            if await self.gw.store.review_transition(item["id"], ("pending",), "expired",
+                                                     {"decision": {"action": "expire", "at": now}}):
+                self.decided(item["agent"])
+                await self._journal(item, "expired")
+            raise TetherError("review_expired", f"review item {item['id']} expired at "
+                                                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(exp))} "
+                                                "(server.review.ttl); it can no longer be decided")
+
+    async def _lost_race(self, item: dict[str, Any]) -> TetherError:
+        """Why a compare-and-set from pending failed: decided by someone else, or expired meanwhile."""
+        now_item = await self.gw.store.review_get(item["id"])
+        if now_item is not None and now_item["state"] == "pending":
+            await self._refuse_if_expired(now_item)
+        state = now_item["state"] if now_item is not None else "gone"
+        if state == "expired":
+            return TetherError("review_expired", f"review item {item['id']} expired; it can no longer be decided")
+        return TetherError("already_decided", f"review item {item['id']} is no longer pending ({state})")
+
+    async def _transaction_open(self, item: dict[str, Any]) -> None:
+        """An item captured inside a transaction is approved only while that transaction is open: once it is
+        committed, rolled back or past its deadline, its replay would be a write outside any undo plan."""
+        tx_id = item.get("tx")
+        if not tx_id:
+            return
+        tx = await self.gw.store.tx_get(tx_id)
+        state = "gone" if tx is None else tx["state"]
+        if tx is not None and state == "open" and tx.get("deadline") and tx["deadline"] <= time.time():
+            state = "past its deadline"
+        if state != "open":
+            raise TetherError("transaction_closed",
+                              f"review item {item['id']} was captured in transaction {tx_id}, which is {state}: "
+                              "its replay could not be undone with the transaction, so it cannot be approved "
+                              "(reject it, and let the agent redo the write)")
 
     async def diff(self, item: dict[str, Any]) -> dict[str, Any]:
         """Field-by-field: the record as it is now (read through the gateway) and what the item would write."""
@@ -364,35 +470,52 @@ class ReviewService:
             raise TetherError("bad_request", "a rejection needs a reason")
         item = await self.get(item_id)
         self._not_self(item, reviewer)
+        await self._refuse_if_expired(item)
         decision = {"by": reviewer.agent, "at": time.time(), "reason": reason.strip(), "action": "reject"}
-        if not await self.gw.store.review_transition(item_id, ("pending",), "rejected", {"decision": decision}):
-            raise TetherError("already_decided", f"review item {item_id} is no longer pending")
+        if not await self.gw.store.review_transition(item_id, ("pending",), "rejected", {"decision": decision},
+                                                     unexpired_at=time.time()):
+            raise await self._lost_race(item)
+        self.decided(item["agent"])
         await self._journal(item, "rejected", reviewer=reviewer.agent, reason=reason.strip())
         self.gw.governance.on_review_decided(item, "rejected")
         return await self.get(item_id)
 
     async def approve(self, item_id: str, reviewer: Identity, *, edit: Any = None, note: str | None = None) -> dict[str, Any]:
+        """Approve and replay. Refused (nothing sent) when: the reviewer is the agent, the person it acted
+        for or any declared agent (403 ``self_approval``); the item is not pending (409
+        ``already_decided``) or past its TTL (410 ``review_expired``, even before the sweep); its
+        transaction is no longer open (409 ``transaction_closed``); or the call — edited or not — fails
+        any rule of its capability as the rules stand now, pre-image caps read now (see _recheck)."""
         gw = self.gw
         item = await self.get(item_id)
         self._not_self(item, reviewer)
+        await self._refuse_if_expired(item)
         if item["state"] != "pending":
             raise TetherError("already_decided", f"review item {item_id} is {item['state']}")
         if digest_of(item) != item["digest"]:
             raise TetherError("conflict", "the captured request no longer matches its digest; refusing to replay it")
-        outer, ops, kind, edited_body = self._recheck(item, edit)
+        await self._transaction_open(item)
+        outer, ops, kind, edited_body = await self._recheck(item, edit)
         decision: dict[str, Any] = {"by": reviewer.agent, "at": time.time(), "action": "approve",
                                     "edited": edit is not None, "note": note}
         if edit is not None:
             decision["edit_body"] = edit
-        if not await gw.store.review_transition(item_id, ("pending",), "approved", {"decision": decision}):
-            raise TetherError("already_decided", f"review item {item_id} is no longer pending")
+        if not await gw.store.review_transition(item_id, ("pending",), "approved", {"decision": decision},
+                                                unexpired_at=time.time()):
+            raise await self._lost_race(item)
+        self.decided(item["agent"])
         await self._journal(item, "approved", reviewer=reviewer.agent, edited=edit is not None)
         self.gw.governance.on_review_decided(item, "approved", edited=edit is not None)
         await self.replay(item, reviewer, edited_body, stamp=(outer, ops, kind))
         return await self.get(item_id)
 
-    def _recheck(self, item: dict[str, Any], edit: Any) -> tuple[Operation, list[Operation], str, bytes | None]:
-        """Against the rules in force now: the call must still match, be granted and validate."""
+    async def _recheck(self, item: dict[str, Any], edit: Any) -> tuple[Operation, list[Operation], str, bytes | None]:
+        """What is replayed is what was checked: the call (the edited body, or the captured one) must pass
+        every rule of its capability *as the rules stand now* — it still matches and is granted, its
+        headers and query carry no credential, its size is within the limits, and its body passes
+        ``allow_fields``, ``forbid_fields``, ``require_fields``, ``constraints`` and the JSON Schema,
+        with caps relative to the record (``max_increase_pct``, ...) compared with the record as it is
+        *now*, read through the gateway. A failure refuses the approval with the rule's own error."""
         gw = self.gw
         state = gw.state
         registry = state.registry
@@ -400,7 +523,7 @@ class ReviewService:
         up = state.upstreams.get(item["upstream"])
         if up is None:
             raise TetherError("conflict", f"upstream {item['upstream']!r} no longer exists in the rules")
-        from .normalise import decode_segments
+        from .normalise import decode_segments, parse_query
 
         segments = decode_segments(req["path"])
         edited_body: bytes | None = None
@@ -415,6 +538,12 @@ class ReviewService:
             else:
                 raise TetherError("bad_request", "an edit is the new body: a JSON object/array or a string")
             body = edited_body or b""
+        if req.get("query"):
+            names = {k.lower() for k, _ in parse_query(req["query"])}
+            for name in up.credential_params:
+                if name in names:
+                    raise TetherError("conflict", f"query parameter {name!r} is now a credential parameter "
+                                                  "(rules changed)")
         kind, parsed = parse_body(body, req.get("content_type"), gw.limits.max_json_depth)
         op = Operation(method=req["method"], path=req["path"], query=req["query"], segments=segments,
                        body=parsed, content_type=req.get("content_type"), raw_body=body)
@@ -422,6 +551,7 @@ class ReviewService:
             ops = up.adapter.unpack(op) or []
         else:
             ops = [op]
+        headers = CIMultiDict((k, v) for k, v in req["headers"])
         for o in ops:
             found = registry.match(up.name, o.method, o.segments, o.query)
             if found is None:
@@ -430,14 +560,39 @@ class ReviewService:
             if registry.grant(item["agent"], o.capability.name) is None:
                 raise TetherError("conflict", f"capability {o.capability.name!r} is no longer granted to "
                                               f"{item['agent']!r} (rules changed)")
+            limit = gw.limits.max_body_bytes
+            rules = o.capability.config.body
+            if rules is not None and rules.max_bytes is not None:
+                limit = min(limit, rules.max_bytes)
+            if len(body) > limit:
+                raise TetherError("body_too_large", f"the body is {len(body)} bytes; capability "
+                                                    f"{o.capability.name!r} accepts at most {limit}")
             try:
-                up.adapter.check_request_headers(o, CIMultiDict((k, v) for k, v in req["headers"]))
+                up.adapter.check_request_headers(o, headers)
             except TetherError as err:
                 raise TetherError("conflict", f"{err.message} (rules changed)") from None
             v = validator_for(registry, o.capability)
-            if v is not None and not v.needs_pre_image_for(o.body):
-                v.validate("json" if o.index is not None else kind, o.body)
+            if v is None:
+                continue
+            pre_image = None
+            if v.needs_pre_image_for(o.body):
+                pre_image = await self._pre_image(item, up, o)
+            v.validate("json" if o.index is not None else kind, o.body, pre_image)
         return op, ops, kind, edited_body
+
+    async def _pre_image(self, item: dict[str, Any], up: Any, op: Operation) -> Any:
+        """The record as it is now, for caps relative to it (fail closed: no record, no approval)."""
+        plan = up.adapter.pre_image_request(op)
+        if plan is None:
+            return None  # the cap then refuses: nothing to compare with
+        status, _, _, parsed = await call_upstream(self.gw, up, plan, agent=item["agent"],
+                                                   on_behalf_of=item.get("on_behalf_of"),
+                                                   intent=f"review of {item['id']}")
+        if not up.adapter.pre_image_ok(plan, status, parsed):
+            raise TetherError("upstream_unavailable",
+                              f"reading the current record ({plan.method} {plan.path}) answered {status}; "
+                              "the approval's relative caps cannot be checked without it")
+        return parsed
 
     async def replay(self, item: dict[str, Any], reviewer: Identity, edited_body: bytes | None,
                      stamp: tuple[Operation, list[Operation], str] | None = None) -> None:
@@ -512,6 +667,7 @@ class ReviewService:
         for item in await gw.store.review_due(now, limit=1000):
             if await gw.store.review_transition(item["id"], ("pending",), "expired",
                                                 {"decision": {"action": "expire", "at": now}}):
+                self.decided(item["agent"])
                 await self._journal(item, "expired")
                 n += 1
         return n

@@ -112,7 +112,7 @@ async def test_reject_and_expire_never_forward(make_gateway, upstream, store_url
     it = await (await gw.admin("GET", f"/api/review/items/{b}")).json()
     assert it["state"] == "expired"
     r = await gw.admin("POST", f"/api/review/items/{b}/approve")
-    assert r.status == 409
+    assert r.status == 410 and (await r.json())["error"]["code"] == "review_expired"
     assert upstream.received == []
     recs = await gw.journal()
     assert any(x["kind"] == "review" and x["decision"] == "rejected" and x["reason"] == "wrong account" for x in recs)

@@ -115,8 +115,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str,
-                                updates: dict[str, Any]) -> bool:
-        """Compare-and-set the item's state; True when this caller won."""
+                                updates: dict[str, Any], *, unexpired_at: float | None = None) -> bool:
+        """Compare-and-set the item's state; True when this caller won. With ``unexpired_at``, an item
+        whose ``expires_at`` is at or before that time does not match either (a decision racing the TTL)."""
 
     @abc.abstractmethod
     async def review_count(self, state: str = "pending") -> int: ...

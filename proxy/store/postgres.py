@@ -648,19 +648,23 @@ class PostgresStore(Store):
             f"ORDER BY created_at DESC LIMIT ${len(params)}", *params)
         return [summary_from_row(r) for r in rows]
 
-    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
-        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any], *,
+                                unexpired_at: float | None = None) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates,
+                                      unexpired_at=unexpired_at)
 
     async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
-                          updates: dict[str, Any] | None) -> bool:
+                          updates: dict[str, Any] | None, *, unexpired_at: float | None = None) -> bool:
         """Compare-and-set a row's state (SELECT ... FOR UPDATE, then UPDATE, one transaction)."""
         expect = list(expect)
         settable = [c for c in cols if c != "id"]
+        alive = "" if unexpired_at is None else " AND (expires_at IS NULL OR expires_at > $3)"
+        extra = () if unexpired_at is None else (unexpired_at,)
 
         async def go(conn: Any) -> bool:
             row = await conn.fetchrow(
                 f"SELECT {', '.join(cols)}, doc FROM {self._s}.{table} "
-                f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", row_id, expect)
+                f"WHERE id = $1 AND state = ANY($2::text[]){alive} FOR UPDATE", row_id, expect, *extra)
             if row is None:
                 return False
             values, doc = _split(advance(from_row(cols, row), to, updates), cols)

@@ -412,18 +412,22 @@ class SQLiteStore(Store):
             f"WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?", (*params, limit))
         return [summary_from_row(r) for r in rows]
 
-    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
-        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any], *,
+                                unexpired_at: float | None = None) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates,
+                                      unexpired_at=unexpired_at)
 
     async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
-                          updates: dict[str, Any] | None) -> bool:
+                          updates: dict[str, Any] | None, *, unexpired_at: float | None = None) -> bool:
         """Compare-and-set a row's state inside one write transaction; True when this caller won."""
         expect = tuple(expect)
+        alive = "" if unexpired_at is None else " AND (expires_at IS NULL OR expires_at > ?)"
         async with self._write():
             db = self._conn()
             cur = await db.execute(
                 f"SELECT {', '.join(cols)}, doc FROM {table} WHERE id = ? AND state IN "
-                f"({', '.join('?' * len(expect))})", (row_id, *expect))
+                f"({', '.join('?' * len(expect))}){alive}",
+                (row_id, *expect) + (() if unexpired_at is None else (unexpired_at,)))
             row = await cur.fetchone()
             if row is None:
                 return False
