@@ -451,6 +451,17 @@ class JournalConfig(Model):
     retention_records: int | None = Field(None, ge=1)
     archive_dir: Path | None = None
     retention_interval: Duration = 300.0
+    checkpoint_key: SecretRef | None = Field(
+        None, description="Ed25519 private key (PEM, or 32-byte seed as hex/base64) that signs checkpoints of the "
+                          "chain head; keep it out of the store (a file or an environment secret)")
+    checkpoint_interval: Duration = Field(60.0, gt=0, description="sign a checkpoint at most this often (and at stop)")
+    checkpoint_file: Path | None = Field(
+        None, description="also append each checkpoint here (besides the mirror), fsynced")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("checkpoint_key",))
 
     @model_validator(mode="after")
     def _retention(self) -> "JournalConfig":
@@ -646,7 +657,7 @@ def parse_rules(data: Any, file: str = "<rules>") -> RulesFile:
 
 
 _PATH_KEYS = frozenset({"file", "cert", "key", "public_key_file", "jwks_file", "private_key_file",
-                        "mirror_file", "archive_dir", "ca_file"})
+                        "mirror_file", "archive_dir", "ca_file", "checkpoint_file", "checkpoint_key_file"})
 
 
 _OPAQUE_KEYS = frozenset({"params", "adapter_options", "body", "constraints", "json_schema", "audit_fields",

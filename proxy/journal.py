@@ -34,13 +34,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
 from .chain import INDEXED_FIELDS, StoredRecord, VerifyResult, encode_record, verify_chain
 from .store.base import Store, StoreUnavailable
 from .store.rows import PreparedRow
+
+if TYPE_CHECKING:
+    from .checkpoint import Signer
 
 log = logging.getLogger("tether.journal")
 
@@ -91,10 +94,22 @@ def mirror_line(seq: int, h: str, payload: bytes) -> bytes:
 class JournalWriter:
     def __init__(self, store: Store, *, max_batch: int = 256, mirror_file: str | os.PathLike[str] | None = None,
                  on_commit: Callable[[float, int], None] | None = None,
-                 quiet: Callable[[], bool] | None = None) -> None:
+                 quiet: Callable[[], bool] | None = None, signer: "Signer | None" = None,
+                 checkpoint_interval: float = 60.0,
+                 checkpoint_file: str | os.PathLike[str] | None = None) -> None:
         """``quiet``: True when the event loop has no other request to serve; the store may then commit
-        on the loop's own thread (see ``Store.journal_append(inline=...)``)."""
+        on the loop's own thread (see ``Store.journal_append(inline=...)``).
+
+        ``signer``: signs a checkpoint of the chain head (:mod:`proxy.checkpoint`) after a commit at most
+        every ``checkpoint_interval`` seconds and when the writer closes; each goes to the mirror and to
+        ``checkpoint_file`` (appended and fsynced), outside the store."""
         self.store = store
+        self.signer = signer
+        self._cp_interval = checkpoint_interval
+        self._cp_file = Path(checkpoint_file) if checkpoint_file else None
+        self._cp_last = 0.0
+        self._cp_head: tuple[int, str] | None = None  # the last head committed by this writer, not yet signed
+        self._cp_task: asyncio.Task[None] | None = None
         self._quiet = quiet
         self.max_batch = max_batch
         self._queue: list[_Entry] = []
@@ -202,6 +217,31 @@ class JournalWriter:
                 fut.set_result(seq)
         for ev in self._listeners:
             ev.set()
+        if self.signer is not None and result:
+            self._cp_head = result[-1]
+            if time.monotonic() - self._cp_last >= self._cp_interval and (self._cp_task is None or self._cp_task.done()):
+                self._cp_task = asyncio.get_running_loop().create_task(self._checkpoint(), name="journal-checkpoint")
+
+    async def _checkpoint(self) -> dict[str, Any] | None:
+        """Sign the last head this writer committed; write it to the mirror and the checkpoint file (the
+        file's fsync runs on a thread, off the event loop)."""
+        head = self._cp_head
+        if self.signer is None or head is None:
+            return None
+        self._cp_last = time.monotonic()
+        self._cp_head = None
+        cp = self.signer.sign(head[0], head[1], now_iso())
+        line = orjson.dumps(cp) + b"\n"
+        try:
+            if self._mirror is not None:
+                self._mirror.write(line)
+            if self._cp_file is not None:
+                from .checkpoint import append_line
+
+                await asyncio.to_thread(append_line, self._cp_file, cp)
+        except OSError as exc:
+            log.error("journal checkpoint could not be written: %s", exc)
+        return cp
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed (or failed)."""
@@ -216,6 +256,10 @@ class JournalWriter:
             except asyncio.TimeoutError:
                 self._task.cancel()
             self._task = None
+        if self._cp_task is not None:
+            await asyncio.gather(self._cp_task, return_exceptions=True)
+        if self._cp_head is not None:
+            await self._checkpoint()  # the head at stop is signed too
         if self._mirror is not None:
             self._mirror.close()
             self._mirror = None
@@ -224,9 +268,10 @@ class JournalWriter:
 # --------------------------------------------------------------------------- reading
 
 
-async def verify(store: Store) -> VerifyResult:
+async def verify(store: Store, note: Callable[[StoredRecord], None] | None = None) -> VerifyResult:
     """Walk the whole chain from its anchor in bounded batches; then check the recorded head, which
-    catches a deleted tail (the chain alone cannot)."""
+    catches a deleted tail (the chain alone cannot). ``note`` sees every record walked (checkpoints
+    look up the hashes they vouch for on the way)."""
     seq, prev = await store.journal_anchor()
     checked, first = 0, None
     batch: list[StoredRecord] = []
@@ -245,6 +290,8 @@ async def verify(store: Store) -> VerifyResult:
         return res
 
     async for r in store.journal_scan():
+        if note is not None:
+            note(r)
         batch.append(r)
         if len(batch) >= 5000:
             res = check()

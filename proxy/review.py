@@ -602,6 +602,12 @@ class ReviewService:
         up = gw.state.upstreams[item["upstream"]]
         req = item["request"]
         body = edited_body if edited_body is not None else request_body(req)
+        try:  # the transaction may have closed while the approval was being checked
+            await self._transaction_open(item)
+        except TetherError as err:
+            await gw.store.review_transition(item["id"], ("approved",), "replay_failed", {"replay": {
+                "status": None, "error": err.code, "message": err.message, "at": time.time(), "by": reviewer.agent}})
+            raise
         rid = new_request_id()
         intent_rec = base_record(
             "request", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
