@@ -33,7 +33,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from adapters.base import Operation, PlannedRequest, SyntheticResponse
+from adapters.base import NotCompensable, Operation, PlannedRequest, SyntheticResponse
 
 from . import headers as H
 from .bodies import parse_body
@@ -495,7 +495,8 @@ class ReviewService:
         if digest_of(item) != item["digest"]:
             raise TetherError("conflict", "the captured request no longer matches its digest; refusing to replay it")
         await self._transaction_open(item)
-        outer, ops, kind, edited_body = await self._recheck(item, edit)
+        outer, ops, kind, edited_body, pre_images = await self._recheck(item, edit)
+        undo = await self._plan_undo(item, ops, pre_images) if item.get("tx") else None
         decision: dict[str, Any] = {"by": reviewer.agent, "at": time.time(), "action": "approve",
                                     "edited": edit is not None, "note": note}
         if edit is not None:
@@ -506,10 +507,11 @@ class ReviewService:
         self.decided(item["agent"])
         await self._journal(item, "approved", reviewer=reviewer.agent, edited=edit is not None)
         self.gw.governance.on_review_decided(item, "approved", edited=edit is not None)
-        await self.replay(item, reviewer, edited_body, stamp=(outer, ops, kind))
+        await self.replay(item, reviewer, edited_body, stamp=(outer, ops, kind), undo=undo)
         return await self.get(item_id)
 
-    async def _recheck(self, item: dict[str, Any], edit: Any) -> tuple[Operation, list[Operation], str, bytes | None]:
+    async def _recheck(self, item: dict[str, Any],
+                       edit: Any) -> tuple[Operation, list[Operation], str, bytes | None, dict[int, Any]]:
         """What is replayed is what was checked: the call (the edited body, or the captured one) must pass
         every rule of its capability *as the rules stand now* — it still matches and is granted, its
         headers and query carry no credential, its size is within the limits, and its body passes
@@ -552,6 +554,7 @@ class ReviewService:
         else:
             ops = [op]
         headers = CIMultiDict((k, v) for k, v in req["headers"])
+        pre_images: dict[int, Any] = {}  # id(op) -> the record read for a relative cap (reused for the undo)
         for o in ops:
             found = registry.match(up.name, o.method, o.segments, o.query)
             if found is None:
@@ -576,9 +579,39 @@ class ReviewService:
                 continue
             pre_image = None
             if v.needs_pre_image_for(o.body):
-                pre_image = await self._pre_image(item, up, o)
+                pre_image = pre_images[id(o)] = await self._pre_image(item, up, o)
             v.validate("json" if o.index is not None else kind, o.body, pre_image)
-        return op, ops, kind, edited_body
+        return op, ops, kind, edited_body, pre_images
+
+    async def _plan_undo(self, item: dict[str, Any], ops: list[Operation],
+                         pre_images: dict[int, Any]) -> list[tuple[Operation, Any, str | None]]:
+        """An item captured in a transaction replays as a step of it: each write's undo is planned now (from
+        the record as it is now), exactly as a live write's would be; a write that cannot be undone is
+        refused unless its capability allows it live without compensation (403
+        ``non_compensable_in_transaction``)."""
+        up = self.gw.state.upstreams[item["upstream"]]
+        out: list[tuple[Operation, Any, str | None]] = []
+        for op in ops:
+            cap = op.capability
+            if not cap.is_write:
+                continue
+            plan, reason = None, None
+            if cap.config.compensation == "auto":
+                try:
+                    pre = None
+                    if up.adapter.pre_image_request(op) is not None:
+                        pre = pre_images[id(op)] if id(op) in pre_images else await self._pre_image(item, up, op)
+                    plan = up.adapter.plan_undo(op, pre)
+                except NotCompensable as exc:
+                    reason = str(exc)
+            else:
+                reason = f"capability {cap.name} is marked compensation: {cap.config.compensation}"
+            if plan is None and not cap.config.allow_live_without_compensation:
+                raise TetherError("non_compensable_in_transaction",
+                                  f"{cap.name}: {reason}; item {item['id']} belongs to transaction {item['tx']}, "
+                                  "and its replay could not be undone with it")
+            out.append((op, plan, reason))
+        return out
 
     async def _pre_image(self, item: dict[str, Any], up: Any, op: Operation) -> Any:
         """The record as it is now, for caps relative to it (fail closed: no record, no approval)."""
@@ -595,9 +628,15 @@ class ReviewService:
         return parsed
 
     async def replay(self, item: dict[str, Any], reviewer: Identity, edited_body: bytes | None,
-                     stamp: tuple[Operation, list[Operation], str] | None = None) -> None:
+                     stamp: tuple[Operation, list[Operation], str] | None = None,
+                     undo: list[tuple[Operation, Any, str | None]] | None = None) -> None:
         """Send the approved call upstream, journaled like any forwarded call, with provenance stamped into
-        the record as a live write would have it (the replay's own intent record is its event id)."""
+        the record as a live write would have it (the replay's own intent record is its event id).
+
+        ``undo``: the item belongs to a transaction: its planned undo steps are committed before the call
+        leaves (under the transaction's lock, which a rollback also takes), the transaction is checked
+        to be still open, and the steps are armed with the answer — the replay is then a step of the
+        transaction like any live write of the agent's, undone by its rollback."""
         gw = self.gw
         up = gw.state.upstreams[item["upstream"]]
         req = item["request"]
@@ -640,28 +679,97 @@ class ReviewService:
         planned = PlannedRequest(req.get("wire_method") or req["method"], req["path"], req["query"], body,
                                  content_type, headers)
         replay: dict[str, Any] = {"request_id": rid, "intent_seq": seq, "at": time.time(), "by": reviewer.agent}
+        lock = gw.transactions._lock(item["tx"]) if undo else None  # noqa: SLF001 - one lock per transaction
+        steps: list[tuple[Operation, dict[str, Any], Any]] = []
+        forwarded = False
+        status: int | None = None
+        rheaders: dict[str, str] = {}
+        parsed: Any = None
+        if lock is not None:
+            await lock.acquire()
         try:
-            status, rheaders, raw, parsed = await call_upstream(
-                gw, up, planned, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"), intent=item.get("intent"),
-                request_id=rid, authz_event=str(seq), reviewer=reviewer.agent)
-            failed = up.adapter.is_failure(status, parsed)
-            replay.update({"status": status, "headers": rheaders,
-                           "body": parsed if parsed is not None else raw[:65536].decode("utf-8", "replace")})
-        except TetherError as err:
-            failed = True
-            status = err.status
-            replay.update({"status": None, "error": err.code, "message": err.message})
+            try:
+                if undo:
+                    steps = await self._record_steps(item, undo, rid, seq)
+                forwarded = True
+                status, rheaders, raw, parsed = await call_upstream(
+                    gw, up, planned, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
+                    intent=item.get("intent"), request_id=rid, authz_event=str(seq), reviewer=reviewer.agent)
+                failed = up.adapter.is_failure(status, parsed)
+                replay.update({"status": status, "headers": rheaders,
+                               "body": parsed if parsed is not None else raw[:65536].decode("utf-8", "replace")})
+            except TetherError as err:
+                failed = True
+                replay.update({"status": None, "error": err.code, "message": err.message})
+                if not forwarded:
+                    replay["forwarded"] = False
+            if steps:
+                await self._arm_steps(item, up, steps, status, rheaders, parsed, failed, rid)
+        finally:
+            if lock is not None and lock.locked():
+                lock.release()
         replay["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         new_state = "replay_failed" if failed else "replayed"
         await gw.store.review_transition(item["id"], ("approved",), new_state, {"replay": replay})
         out = base_record("outcome", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
                           capability=item["capability"], upstream=item["upstream"], method=req["method"],
                           path=req["path"], decision="replay", reason=new_state)
-        out.update({"status": replay.get("status"), "intent_seq": seq, "review_item": item["id"], "forwarded": True,
+        out.update({"status": replay.get("status"), "intent_seq": seq, "review_item": item["id"], "forwarded": forwarded,
                     "reviewer": reviewer.agent, "latency_ms": replay["latency_ms"], "error": replay.get("error")})
         gw.journal.submit(out)
         if failed:
             gw.governance.on_review_decided(item, "replay_failed")
+        if not forwarded:
+            raise TetherError(replay["error"], replay["message"])
+
+    async def _record_steps(self, item: dict[str, Any], undo: list[tuple[Operation, Any, str | None]], rid: str,
+                            seq: int) -> list[tuple[Operation, dict[str, Any], Any]]:
+        """Commit the replay's undo steps to its transaction (before anything leaves), then make sure the
+        transaction did not close meanwhile (else the steps are marked not applied and nothing is sent)."""
+        store = self.gw.store
+        tx_id = item["tx"]
+        existing = len(await store.steps_for(tx_id))
+        steps = []
+        for n, (op, plan, reason) in enumerate(undo):
+            now = time.time()
+            step = {"tx_id": tx_id, "state": "planned" if plan is not None else "non_compensable",
+                    "created_at": now, "updated_at": now, "order": existing + n + 1, "request_id": rid,
+                    "intent_seq": seq, "capability": op.capability.name, "method": op.method, "path": op.path,
+                    "op_index": op.index, "plan": plan.to_dict() if plan is not None else None, "reason": reason,
+                    "attempts": 0, "intent": item.get("intent"), "review_item": item["id"]}
+            step["id"] = await store.step_insert(step)
+            steps.append((op, step, plan))
+        tx = await store.tx_get(tx_id)
+        if tx is None or tx["state"] != "open":
+            for _, step, _ in steps:
+                await store.step_update(step["id"], {"state": "not_applied",
+                                                     "reason": "the transaction closed before the replay was sent"})
+            raise TetherError("transaction_closed", f"transaction {tx_id} is {tx['state'] if tx else 'gone'}; "
+                                                    "the replay was not sent")
+        return steps
+
+    async def _arm_steps(self, item: dict[str, Any], up: Any, steps: list[tuple[Operation, dict[str, Any], Any]],
+                         status: int | None, headers: dict[str, str], body: Any, failed: bool, rid: str) -> None:
+        """Arm the replay's undo steps with what the upstream answered (as after a live write)."""
+        store = self.gw.store
+        for op, step, plan in steps:
+            if plan is None:
+                continue
+            if failed:
+                state = "not_applied" if status is not None and status >= 400 else "unknown"
+                await store.step_update(step["id"], {"state": state, "response_status": status})
+                continue
+            try:
+                armed = up.adapter.arm_undo(plan, op, status or 0, headers, body)
+                await store.step_update(step["id"], {"state": "armed", "plan": armed.to_dict(),
+                                                     "response_status": status,
+                                                     "created_ids": up.adapter.created_ids(op, status or 0, headers,
+                                                                                           body)})
+            except NotCompensable as exc:
+                await store.step_update(step["id"], {"state": "unknown", "reason": str(exc), "response_status": status})
+        await self.gw.transactions._journal(  # noqa: SLF001 - the transaction's own record of its steps
+            {"id": item["tx"], "agent": item["agent"], "on_behalf_of": item.get("on_behalf_of")}, "steps_recorded",
+            request_id=rid, steps=[s["id"] for _, s, _ in steps], failed=failed, review_item=item["id"])
 
     async def expire_due(self) -> int:
         """Mark pending items past their TTL as expired; returns how many."""

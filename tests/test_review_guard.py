@@ -101,7 +101,8 @@ async def test_an_item_past_its_ttl_cannot_be_approved_before_the_sweep(make_gat
     assert sum(1 for x in recs if x["kind"] == "review" and x["decision"] == "expired") == 2
 
 
-async def test_an_item_whose_transaction_is_no_longer_open_cannot_be_approved(make_gateway, upstream, store_url):
+async def test_an_item_is_approved_only_while_its_transaction_is_open_and_then_undone_with_it(make_gateway, upstream,
+                                                                                              store_url):
     gw = await make_gateway(rules_for(upstream, store_url))
     upstream.put_record("contacts", {"id": "7", "amount": 100})
     items = {}
@@ -115,8 +116,16 @@ async def test_an_item_whose_transaction_is_no_longer_open_cannot_be_approved(ma
         assert status == 409 and doc["error"]["code"] == "transaction_closed", doc
         assert (await gw.gw.store.review_get(items[tx]))["state"] == "pending"  # it can still be rejected
     assert upstream.seen("PATCH") == []
+    # while the transaction is open, the approved replay becomes one of its steps: its rollback undoes it
     status, doc = await decide(gw, items["t-open"], gw.reviewer_token())
     assert status == 200 and doc["state"] == "replayed"
+    assert upstream.records["contacts"]["7"]["amount"] == 105
+    async with gw.session.get(f"{gw.url}/_tether/transactions/t-open", headers=gw.headers()) as r:
+        tx = await r.json()
+    assert [s["state"] for s in tx["steps"]] == ["armed"] and tx["steps"][0]["review_item"] == items["t-open"]
+    async with gw.session.post(f"{gw.url}/_tether/transactions/t-open/rollback", headers=gw.headers()) as r:
+        assert r.status == 200 and (await r.json())["state"] == "rolled_back"
+    assert upstream.records["contacts"]["7"]["amount"] == 100
 
 
 # --------------------------------------------------------------------------- what is replayed is what was checked
