@@ -346,6 +346,20 @@ async def journal_verify(request: web.Request) -> web.Response:
                           "broken_seq": res.broken_seq, "problem": res.problem})
 
 
+async def journal_checkpoint(request: web.Request) -> web.Response:
+    """A checkpoint of the chain head as it is now, signed with ``server.journal.checkpoint_key``: fetch it
+    from outside (cron, a log pipeline) and keep it where the database's owner cannot rewrite it."""
+    reviewer(request)
+    gw = _gw(request)
+    signer = gw.journal.signer
+    if signer is None:
+        raise TetherError("not_found", "no checkpoint key is configured (server.journal.checkpoint_key)")
+    from .journal import now_iso
+
+    seq, head = await gw.store.journal_head()
+    return json_response(signer.sign(seq, head, now_iso()))
+
+
 async def review_diff(request: web.Request) -> web.Response:
     """For an update: the current record (read now through the gateway) beside the captured change."""
     reviewer(request)
@@ -390,6 +404,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/journal", journal_list)
     app.router.add_get("/api/journal/verify", journal_verify)
+    app.router.add_get("/api/journal/checkpoint", journal_checkpoint)
     app.router.add_get("/api/journal/{seq:[0-9]+}", journal_record)
     app.router.add_get("/api/review/items/{id}/diff", review_diff)
     app.router.add_get("/api/events", events)

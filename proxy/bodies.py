@@ -1,7 +1,12 @@
 """Request body parsing that refuses ambiguity: JSON and form encodings, read one way only.
 
 * JSON: strict UTF-8, duplicate keys refused (parsers disagree on which one wins), nesting depth bounded,
-  and the body must parse as its declared Content-Type (a body whose type lies is refused).
+  and the body must parse as its declared Content-Type (a body whose type lies is refused). Values that
+  cannot be kept or passed on exactly are refused with the field named (400 ``unrepresentable_value``):
+  a lone surrogate escape (``"\\ud800"``: not Unicode; parsers replace it, drop it or fail), an integer
+  outside the 64-bit range (read as a float, or refused, depending on the reader) and a number too large
+  for a double (``1e400`` reads as infinity). Such a value would be one thing to Tether's rules, another
+  to the upstream, and could not be journaled or captured for review as it was sent.
 * Forms (``application/x-www-form-urlencoded``, Stripe's encoding): ``a[b][c]=v`` keys become nested
   dicts, ``a[]=v`` / ``a[0]=v`` lists; a key given twice, or given both as a value and as a container,
   is refused.
@@ -16,6 +21,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from .chain import unrepresentable
 from .errors import TetherError
 
 JSON_TYPES = ("application/json",)
@@ -111,7 +117,16 @@ def parse_json(body: bytes, max_depth: int = 64) -> Any:
     except ValueError as exc:
         raise TetherError("malformed_json", f"the body is not valid JSON: {exc}") from None
     _census(value, max_depth)  # the depth limit (the counts only matter on the fast path)
+    _representable(value)  # the fast path (orjson) refuses all of these itself
     return value
+
+
+def _representable(value: Any) -> None:
+    bad = unrepresentable(value)
+    if bad is not None:
+        field, why = bad
+        raise TetherError("unrepresentable_value", f"field {field or '(body)'!r} {why}; refused",
+                          details={"field": field})
 
 
 def _refuse_constant(name: str) -> Any:

@@ -28,6 +28,123 @@ def canonical(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
 
+# --------------------------------------------------------------------------- values JSON cannot hold
+
+INT_MIN, INT_MAX = -(2 ** 63), 2 ** 64 - 1  # the integers orjson writes exactly
+_INF = (float("inf"), float("-inf"))
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def unrepresentable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(field path, why) of the first value JSON cannot carry exactly from one parser to another (and
+    orjson cannot write), or None. Lone surrogates arrive from ``\\ud800`` escapes and from header bytes
+    that are not UTF-8 (aiohttp keeps them as surrogate escapes)."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _has_surrogate(v):
+                return p, "holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text"
+        elif v is None or isinstance(v, bool):
+            continue
+        elif isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                return p, "is an integer outside the 64-bit range"
+        elif isinstance(v, float):
+            if v != v or v in _INF:
+                return p, "is a number too large to be read the same way everywhere"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str) or (not k.isascii() and _has_surrogate(k)):
+                    return (p or "(body)"), f"has a key {k!r} that is not Unicode text"
+                stack.append((x, f"{p}.{k}" if p else k))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{p}[{i}]") for i, x in enumerate(v))
+        else:
+            return p, f"is a {type(v).__name__}, which JSON has no word for"
+    return None
+
+
+def lenient(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A copy JSON can hold, and the paths of what had to be escaped to get it: a string with lone
+    surrogates keeps them as ``\\udcff`` text, an out-of-range number becomes its decimal text, a
+    non-string key its ``str``, anything else its ``repr``. For records and updates that must be kept
+    whatever an agent or upstream put in them; the escapes are listed, never silent."""
+    escaped: list[str] = []
+
+    def text(v: str) -> str:
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    def walk(v: Any, p: str) -> Any:
+        if isinstance(v, str):
+            if not v.isascii() and _has_surrogate(v):
+                escaped.append(p)
+                return text(v)
+            return v
+        if v is None or isinstance(v, bool):
+            return v
+        if isinstance(v, int):
+            if INT_MIN <= v <= INT_MAX:
+                return v
+            escaped.append(p)
+            return str(v)
+        if isinstance(v, float):
+            if v != v or v in _INF:
+                escaped.append(p)
+                return repr(v)
+            return v
+        if isinstance(v, dict):
+            out = {}
+            for k, x in v.items():
+                key = k
+                if not isinstance(k, str):
+                    key = str(k)
+                elif not k.isascii() and _has_surrogate(k):
+                    key = text(k)
+                kp = f"{p}.{key}" if p else key
+                if key is not k:
+                    escaped.append(kp)
+                out[key] = walk(x, kp)
+            return out
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{p}[{i}]") for i, x in enumerate(v)]
+        escaped.append(p)
+        return repr(v)
+
+    return walk(value, path), escaped
+
+
+def encode_record(record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(canonical payload, indexed column values) of a journal record; never fails.
+
+    The common case is one ``orjson.dumps``. A record carrying a value JSON cannot hold (an identity
+    claim or a header with bytes that are not UTF-8, a number beyond 64 bits) is stored with those values
+    escaped and their fields listed in ``escaped``, so that one agent's bytes can never make a commit
+    fail for the records of others that share it. Indexed columns must be text: a non-text value there
+    is escaped the same way (and so stays equal to the record, which verify checks)."""
+    columns = {k: record.get(k) for k in INDEXED_FIELDS}
+    try:
+        if all(v is None or type(v) is str for v in columns.values()):
+            return canonical(record), columns
+    except TypeError:
+        pass
+    fixed, escaped = lenient(record)
+    for k in INDEXED_FIELDS:
+        v = fixed.get(k)
+        if v is not None and not isinstance(v, str):
+            fixed[k] = str(v)
+            escaped.append(k)
+    fixed["escaped"] = sorted(set(escaped))
+    return canonical(fixed), {k: fixed.get(k) for k in INDEXED_FIELDS}
+
+
 def record_hash(prev_hash: str, seq: int, payload: bytes) -> str:
     h = hashlib.sha256()
     h.update(prev_hash.encode("ascii"))

@@ -11,6 +11,7 @@ import datetime as _dt
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -91,7 +92,53 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0
 
 
+def _verifying_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """key id -> public key: --public-key files, else the rules file's checkpoint key (its public half)."""
+    from .checkpoint import key_id, load_public_key, signer_from_config
+
+    keys: dict[str, Any] = {}
+    for path in args.public_key or []:
+        try:
+            pub = load_public_key(open(path).read(), path)
+        except OSError as exc:
+            raise SystemExit(f"tether: cannot read {path}: {exc.strerror}") from None
+        keys[key_id(pub)] = pub
+    if not keys:
+        from .config import ConfigError
+
+        try:
+            rules = rules_from(args)
+            signer = signer_from_config(rules.server.journal, args.config or "<rules>") if rules else None
+        except ConfigError as exc:
+            raise SystemExit(f"tether: {exc}") from None
+        if signer is None:
+            raise SystemExit("tether: --checkpoints needs the public key: --public-key FILE (or a rules file whose "
+                             "server.journal.checkpoint_key can be read)")
+        keys[signer.key_id] = signer.public_key
+    return keys
+
+
+def _parse_expect(value: str) -> tuple[int | None, str]:
+    seq, sep, h = value.rpartition(":")
+    h = h.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", h) or (sep and not seq.isdigit()):
+        raise SystemExit(f"tether: --expect-head takes HASH or SEQ:HASH (64 hex digits), got {value!r}")
+    return (int(seq) if sep else None), h
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, check_chain, read_checkpoints
+    from .journal import read_archive
+
+    try:
+        checkpoints = [cp for f in args.checkpoints or [] for cp in read_checkpoints(f)]
+    except (OSError, CheckpointError) as exc:
+        return fail(f"cannot read checkpoints: {exc}", 2)
+    keys = _verifying_keys(args) if args.checkpoints else {}
+    if args.checkpoints and not checkpoints:
+        return fail(f"no checkpoints in {', '.join(args.checkpoints)}", 2)
+    expect = [_parse_expect(v) for v in args.expect_head or []]
+
     async def go() -> int:
         store = open_cli_store(args)
         await store.open()
@@ -108,17 +155,95 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           f"{anchor[0]}: an archive is missing or was altered")
                     return 1
                 archived = res.checked
-            res = await verify(store)
+            wanted = {cp["seq"] for cp in checkpoints if isinstance(cp.get("seq"), int)}
+            wanted_hashes = {h for _, h in expect}
+            seen: dict[int, str] = {}
+            by_hash: dict[str, int] = {}
+
+            def note(r: Any) -> None:
+                if r.seq in wanted:
+                    seen[r.seq] = r.hash
+                if r.hash in wanted_hashes:
+                    by_hash[r.hash] = r.seq
+
+            res = await verify(store, note if (wanted or wanted_hashes) else None)
             if not res.ok:
                 print(f"FAIL at record {res.broken_seq}: {res.problem} ({res.checked} records verified before it)")
                 return 1
+            head_seq = (await store.journal_head())[0]
+            archived_hashes: dict[int, str] | None = None
+            if args.archives and (wanted or wanted_hashes):
+                archived_hashes = {}
+                for path in sorted(Path(args.archives).glob("journal-*.jsonl")):
+                    for r in read_archive(path):
+                        archived_hashes[r.seq] = r.hash
+                        if r.hash in wanted_hashes:
+                            by_hash[r.hash] = r.seq
+            if anchor[0] and anchor[1] in wanted_hashes:
+                by_hash.setdefault(anchor[1], anchor[0])
+            for seq, h in expect:
+                got = by_hash.get(h)
+                if got is None or (seq is not None and got != seq):
+                    where = f"record {seq}" if seq is not None else "any record"
+                    print(f"FAIL --expect-head: {where} should have hash {h[:16]}…, but the chain holds no such "
+                          "record: the history was rewritten or cut")
+                    return 1
             extra = f", plus {archived} archived records" if archived else (
                 f" (records up to {anchor[0]} are archived; pass --archives DIR to verify them too)" if anchor[0] else "")
             span = f"records {res.first_seq}..{res.last_seq}" if res.checked else "no records"
+            if checkpoints:
+                cres = check_chain(checkpoints, keys, seen, anchor=anchor, head_seq=head_seq,
+                                   archived_hashes=archived_hashes)
+                if not cres.ok:
+                    print(f"FAIL {cres.problem}")
+                    return 1
+                extra += (f"; {cres.checked} signed checkpoint(s) match (latest: record {cres.latest})"
+                          + (f", {cres.archived} older than the store's records not checked (--archives DIR)"
+                             if cres.archived else ""))
+            if expect:
+                extra += f"; {len(expect)} expected head(s) found"
             print(f"OK {res.checked} records verified ({span}){extra}")
             return 0
         finally:
             await store.close()
+
+    return run(go())
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Sign the chain head now (or print the public key verifiers need)."""
+    from .checkpoint import CheckpointError, Signer, append_line, load_private_key, public_pem, signer_from_config
+    from .config import ConfigError
+
+    try:
+        if args.key:
+            try:
+                signer: Signer | None = Signer(load_private_key(open(args.key).read(), args.key))
+            except OSError as exc:
+                return fail(f"cannot read {args.key}: {exc.strerror}", 2)
+        else:
+            rules = rules_from(args)
+            signer = signer_from_config(rules.server.journal, args.config or "<rules>") if rules else None
+    except (CheckpointError, ConfigError) as exc:
+        return fail(str(exc), 2)
+    if signer is None:
+        return fail("no key: give --key FILE, or a rules file with server.journal.checkpoint_key", 2)
+    if args.public_key:
+        sys.stdout.write(public_pem(signer.public_key))
+        return 0
+
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            seq, head = await store.journal_head()
+        finally:
+            await store.close()
+        cp = signer.sign(seq, head, now_iso())
+        if args.output:
+            append_line(args.output, cp)
+        sys.stdout.write(orjson.dumps(cp).decode() + "\n")
+        return 0
 
     return run(go())
 
@@ -220,10 +345,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
     t.set_defaults(func=cmd_tail)
 
-    v = js.add_parser("verify", help="check the hash chain; exit 1 at the first broken or missing record")
+    v = js.add_parser("verify", help="check the hash chain; exit 1 at the first broken or missing record",
+                      description="Check the hash chain from its anchor to its head. The chain alone cannot show a "
+                                  "history that was rewritten and rechained by someone with write access to the "
+                                  "database; signed checkpoints kept outside it (--checkpoints) or a head hash "
+                                  "noted earlier (--expect-head) can.")
     add_store_args(v)
     v.add_argument("--archives", metavar="DIR", help="also verify archived records in DIR (they precede the store)")
+    v.add_argument("--checkpoints", metavar="FILE", action="append",
+                   help="JSON lines with signed checkpoints (a checkpoint file, or the journal mirror); each must "
+                        "verify and match the chain (repeatable)")
+    v.add_argument("--public-key", dest="public_key", metavar="FILE", action="append",
+                   help="Ed25519 public key that signed the checkpoints (PEM or raw hex/base64; repeatable for "
+                        "rotated keys); default: the public half of the rules file's checkpoint_key")
+    v.add_argument("--expect-head", dest="expect_head", metavar="[SEQ:]HASH", action="append",
+                   help="a chain head noted earlier: the chain must still hold a record with this hash (repeatable)")
     v.set_defaults(func=cmd_verify)
+
+    c = js.add_parser("checkpoint", help="sign the chain head now with the checkpoint key; print it (JSON)",
+                      description="Sign (seq, hash) of the chain head with server.journal.checkpoint_key (or --key) "
+                                  "and print the checkpoint as one JSON line; -o also appends it to FILE (fsynced). "
+                                  "Keep checkpoints where whoever can write the database cannot: another host, a "
+                                  "log pipeline, write-once storage. --public-key prints the key verifiers need.")
+    add_store_args(c)
+    c.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM or 32-byte seed as hex/base64); default: "
+                                                 "the rules file's server.journal.checkpoint_key")
+    c.add_argument("--output", "-o", metavar="FILE", help="also append the checkpoint to FILE")
+    c.add_argument("--public-key", dest="public_key", action="store_true",
+                   help="print the public key (PEM) instead of signing")
+    c.set_defaults(func=cmd_checkpoint)
 
     e = js.add_parser("export", help="write records as JSON lines (for auditors)")
     add_store_args(e)

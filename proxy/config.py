@@ -623,6 +623,17 @@ class JournalConfig(Model):
     retention_records: int | None = Field(None, ge=1)
     archive_dir: Path | None = None
     retention_interval: Duration = 300.0
+    checkpoint_key: SecretRef | None = Field(
+        None, description="Ed25519 private key (PEM, or 32-byte seed as hex/base64) that signs checkpoints of the "
+                          "chain head; keep it out of the store (a file or an environment secret)")
+    checkpoint_interval: Duration = Field(60.0, gt=0, description="sign a checkpoint at most this often (and at stop)")
+    checkpoint_file: Path | None = Field(
+        None, description="also append each checkpoint here (besides the mirror), fsynced")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("checkpoint_key",))
 
     @model_validator(mode="after")
     def _retention(self) -> "JournalConfig":
@@ -650,6 +661,10 @@ class ReviewConfig(Model):
     ttl: Duration = 7 * 86400.0
     sweep_interval: Duration = 30.0
     alert_queue_depth: int | None = None
+    max_pending_per_agent: int = Field(
+        1000, ge=1, description="an agent with this many items pending review gets 429 review_queue_full")
+    max_pending_bytes_per_agent: Size = Field(
+        256 * 1024 * 1024, ge=1, description="nor may its pending items hold more than this (stored size)")
 
 
 class TransactionsConfig(Model):
@@ -844,7 +859,7 @@ def parse_rules(data: Any, file: str = "<rules>") -> RulesFile:
 
 
 _PATH_KEYS = frozenset({"file", "cert", "key", "public_key_file", "jwks_file", "private_key_file",
-                        "mirror_file", "archive_dir", "ca_file"})
+                        "mirror_file", "archive_dir", "ca_file", "checkpoint_file", "checkpoint_key_file"})
 
 
 _OPAQUE_KEYS = frozenset({"params", "adapter_options", "body", "constraints", "json_schema", "audit_fields",

@@ -35,6 +35,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "json_too_deep": (400, "the JSON body nests deeper than allowed"),
     "malformed_json": (400, "the body is not valid JSON"),
     "unresolved_reference": (400, "a composite sub-request refers to a result Tether cannot resolve"),
+    "unrepresentable_value": (400, "a JSON value cannot be read the same way everywhere (lone surrogate, "
+                                   "integer beyond 64 bits, number beyond a double); refused with the field named"),
     "unsupported_composite": (400, "a composite/batch request Tether cannot unpack safely"),
     # 401: who is calling?
     "token_missing": (401, "no Authorization: Bearer token"),
@@ -56,7 +58,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "non_compensable_in_transaction": (403, "this write cannot be undone, so it may not run live inside a transaction"),
     "reviewer_required": (403, "the admin API needs a reviewer token"),
     "route_not_registered": (403, "no capability matches this method and path (default deny)"),
-    "self_approval": (403, "a reviewer may not decide items made by their own identity"),
+    "self_approval": (403, "a reviewer may not decide items made by their own identity, on their behalf, "
+                           "or be an agent"),
     "tenant_switch_refused": (403, "the agent asked for another account/tenant the capability does not allow"),
     "transaction_not_owned": (403, "the transaction belongs to another agent"),
     "verified_user_required": (403, "the grant needs a person verified by the identity provider, not one the token asserts"),
@@ -69,6 +72,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "conflict": (409, "the object changed; the operation was not applied"),
     "transaction_closed": (409, "the transaction is no longer open"),
     "transaction_expired": (410, "the transaction passed its deadline"),
+    "review_expired": (410, "the review item passed its TTL (server.review.ttl); it can no longer be decided"),
     # 413 / 414 / 422 / 429 / 431
     "body_too_large": (413, "the request body exceeds the configured limit"),
     "uri_too_long": (414, "the request target exceeds the configured limit"),
@@ -77,6 +81,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "field_required": (422, "the body lacks a field the capability requires"),
     "schema_violation": (422, "the body does not satisfy the capability's JSON Schema"),
     "rate_limited": (429, "a rate limit is exhausted; see Retry-After"),
+    "review_queue_full": (429, "the agent already has as many items pending review as allowed; "
+                                "nothing was captured (a reviewer must decide some first)"),
     "headers_too_large": (431, "too many or too large request headers"),
     # 5xx: Tether could not do its part, so it did nothing
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),

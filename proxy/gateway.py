@@ -267,10 +267,15 @@ class Gateway:
         self.keysets = KeySets()  # identity providers' keys, kept across rules reloads
         self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>", self.keysets)
         self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
-        self.journal = JournalWriter(self.store, max_batch=rules.server.journal.max_batch,
-                                     mirror_file=rules.server.journal.mirror_file,
+        from .checkpoint import signer_from_config
+
+        jc = rules.server.journal
+        self.journal = JournalWriter(self.store, max_batch=jc.max_batch,
+                                     mirror_file=jc.mirror_file,
                                      on_commit=self._on_journal_commit,
-                                     quiet=lambda: self._in_flight <= 1)
+                                     quiet=lambda: self._in_flight <= 1,
+                                     signer=signer_from_config(jc, rules_path or "<rules>"),
+                                     checkpoint_interval=jc.checkpoint_interval, checkpoint_file=jc.checkpoint_file)
         from .governance import Governance
 
         self.governance = Governance(self)

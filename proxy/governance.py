@@ -4,9 +4,11 @@
 so it survives restarts and is shared by replicas), else the grant's ``mode`` in the rules, else
 ``dry_run``. Reads are always live. A composite request runs live only if every write inside it would.
 
-**Canary.** In ``canary`` mode a share of writes (``canary_percent``) goes live, chosen per request and
-deterministically from the request id; the rest is captured as dry-run. ``tether grants status``
-compares the two.
+**Canary.** In ``canary`` mode a share of writes (``canary_percent``) goes live, each write's side drawn
+from the operating system's CSPRNG when it arrives; the rest is captured as dry-run. The draw is not
+derived from anything the agent sees or sends (the request id is a counter the agent can observe, so a
+hash of it would let an agent predict which of its writes go live and send only those), and the side
+is revealed only after the fact. ``tether grants status`` compares the two.
 
 **Promotion gates.** ``dry_run → canary → live`` succeeds only when the grant's dry-run record meets the
 capability's ``promotion`` thresholds over its window: enough reviewed items, a high enough approval
@@ -23,8 +25,8 @@ are forced to dry-run (or refused with 403 ``agent_quarantined``), reads continu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,10 +82,9 @@ class Window:
         return out
 
 
-def canary_live(request_id: str, percent: float) -> bool:
-    """Deterministic per request: the same id always lands on the same side."""
-    h = int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16)
-    return (h % 10000) < percent * 100
+def canary_live(percent: float) -> bool:
+    """One unpredictable draw (``secrets``: the OS CSPRNG, one getrandom call) per canary write."""
+    return secrets.randbelow(10000) < percent * 100
 
 
 class Governance:
@@ -180,7 +181,7 @@ class Governance:
             return "live"
         if all(m in ("live", "canary") for m in modes):
             percent = min(self.canary_percent(g) for g, m in zip(grants, modes) if m == "canary")
-            live = canary_live(ex.request_id, percent)
+            live = canary_live(percent)
             ex.extra["canary"] = "live" if live else "dry_run"
             return "live" if live else "dry_run"
         return "dry_run"

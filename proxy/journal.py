@@ -16,6 +16,13 @@ If the store cannot commit, every waiter in the batch gets :class:`JournalUnavai
 answers 503 ``journal_unavailable`` and forwards nothing); the next batch simply tries again, so the
 gateway recovers by itself when the store comes back.
 
+Every record (and a captured review row riding along) is serialised by the caller, *before* it joins
+the queue: a batch carries only bytes, so what one agent sent (a header that is not UTF-8, a claim
+JSON cannot hold) can never make a commit fail for the records of others. A value JSON cannot hold is
+stored escaped and named in the record's ``escaped`` list (:func:`proxy.chain.encode_record`); a
+review row must be stored exactly, so the caller refuses that one request instead
+(:func:`proxy.store.rows.prepare_review`).
+
 Records follow a fixed schema (like OPA decision logs): see :func:`base_record`. Redactions are listed
 in the record (``redacted``), never silently applied.
 """
@@ -27,12 +34,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from .chain import INDEXED_FIELDS, StoredRecord, VerifyResult, canonical, verify_chain
+from .chain import INDEXED_FIELDS, StoredRecord, VerifyResult, encode_record, verify_chain
 from .store.base import Store, StoreUnavailable
+from .store.rows import PreparedRow
+
+if TYPE_CHECKING:
+    from .checkpoint import Signer
 
 log = logging.getLogger("tether.journal")
 
@@ -69,16 +80,39 @@ def base_record(kind: str, **fields: Any) -> dict[str, Any]:
     return rec
 
 
+# (canonical payload, indexed columns, future of a waiting caller or None, side row or None)
+_Entry = tuple[bytes, dict[str, Any], "asyncio.Future[int] | None", "tuple[str, PreparedRow] | None"]
+
+
+def mirror_line(seq: int, h: str, payload: bytes) -> bytes:
+    """One JSON line of the mirror: ``{"seq": .., "hash": .., <the record's fields>}`` spliced from the
+    stored payload (a canonical JSON object), so the mirror holds exactly what the chain hashed."""
+    head = b'{"seq":%d,"hash":"%s"' % (seq, h.encode("ascii"))
+    return head + (b"}" if payload == b"{}" else b"," + payload[1:]) + b"\n"
+
+
 class JournalWriter:
     def __init__(self, store: Store, *, max_batch: int = 256, mirror_file: str | os.PathLike[str] | None = None,
                  on_commit: Callable[[float, int], None] | None = None,
-                 quiet: Callable[[], bool] | None = None) -> None:
+                 quiet: Callable[[], bool] | None = None, signer: "Signer | None" = None,
+                 checkpoint_interval: float = 60.0,
+                 checkpoint_file: str | os.PathLike[str] | None = None) -> None:
         """``quiet``: True when the event loop has no other request to serve; the store may then commit
-        on the loop's own thread (see ``Store.journal_append(inline=...)``)."""
+        on the loop's own thread (see ``Store.journal_append(inline=...)``).
+
+        ``signer``: signs a checkpoint of the chain head (:mod:`proxy.checkpoint`) after a commit at most
+        every ``checkpoint_interval`` seconds and when the writer closes; each goes to the mirror and to
+        ``checkpoint_file`` (appended and fsynced), outside the store."""
         self.store = store
+        self.signer = signer
+        self._cp_interval = checkpoint_interval
+        self._cp_file = Path(checkpoint_file) if checkpoint_file else None
+        self._cp_last = 0.0
+        self._cp_head: tuple[int, str] | None = None  # the last head committed by this writer, not yet signed
+        self._cp_task: asyncio.Task[None] | None = None
         self._quiet = quiet
         self.max_batch = max_batch
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]] = []
+        self._queue: list[_Entry] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -98,21 +132,23 @@ class JournalWriter:
             self._mirror = open(self._mirror_path, "ab", buffering=0)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal-writer")
 
-    async def write(self, record: dict[str, Any], side: tuple[str, dict[str, Any]] | None = None) -> int:
+    async def write(self, record: dict[str, Any], side: tuple[str, PreparedRow] | None = None) -> int:
         """Queue a record and wait until it is durable. Returns its sequence number.
 
-        ``side``: a row committed in the same transaction (a captured review item)."""
+        ``side``: a row committed in the same transaction (a captured review item, prepared)."""
         if self._closing and self._task is None:
             raise JournalUnavailable("the journal is closed")
+        payload, columns = encode_record(record)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((record, fut, side))
+        self._queue.append((payload, columns, fut, side))
         self._idle.clear()
         self._wakeup.set()
         return await fut
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome)."""
-        self._queue.append((record, None, None))
+        payload, columns = encode_record(record)
+        self._queue.append((payload, columns, None, None))
         self._idle.clear()
         self._wakeup.set()
 
@@ -139,31 +175,19 @@ class JournalWriter:
             del self._queue[: self.max_batch]
             await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]]) -> None:
-        ok: list[tuple[dict[str, Any], asyncio.Future[int] | None, Any]] = []
-        payloads: list[bytes] = []
-        for rec, fut, side in batch:
-            try:
-                payloads.append(canonical(rec))
-                ok.append((rec, fut, side))
-            except (TypeError, ValueError) as exc:  # one bad record must not sink its batch-mates
-                log.error("journal record refused (cannot be serialised): %s", exc)
-                if fut is not None and not fut.done():
-                    fut.set_exception(JournalUnavailable(f"record cannot be serialised: {exc}"))
-        batch = ok
-        if not batch:
-            return
-        columns = [{k: rec.get(k) for k in INDEXED_FIELDS} for rec, _, _ in batch]
-        sides = [side for _, _, side in batch if side is not None]
+    async def _commit(self, batch: list["_Entry"]) -> None:
+        payloads = [p for p, _, _, _ in batch]
+        columns = [c for _, c, _, _ in batch]
+        sides = [side for _, _, _, side in batch if side is not None]
         # a batch nobody waits for (outcomes, overload refusals) is committed without the fsync: it
         # still survives kill -9, and the next awaited commit's fsync makes it power-safe too
-        durable = any(fut is not None for _, fut, _ in batch)
+        durable = any(fut is not None for _, _, fut, _ in batch)
         t0 = time.perf_counter()
         try:
             result = await self.store.journal_append(payloads, columns, sides or None, durable=durable,
                                                      inline=self._quiet is not None and self._quiet())
         except asyncio.CancelledError:
-            for _, fut, _ in batch:
+            for _, _, fut, _ in batch:
                 if fut is not None and not fut.done():
                     fut.set_exception(JournalUnavailable("the journal writer stopped"))
             raise
@@ -172,7 +196,7 @@ class JournalWriter:
             self.last_error = str(exc)
             log.error("journal commit failed; %d record(s) refused: %s", len(batch), exc)
             err = JournalUnavailable(str(exc))
-            for _, fut, _ in batch:
+            for _, _, fut, _ in batch:
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
             return
@@ -185,15 +209,39 @@ class JournalWriter:
             self._on_commit(time.perf_counter() - t0, len(batch))
         if self._mirror is not None:
             try:
-                self._mirror.write(b"".join(
-                    orjson.dumps({"seq": seq, "hash": h, **rec}) + b"\n" for (rec, _, _), (seq, h) in zip(batch, result)))
+                self._mirror.write(b"".join(mirror_line(seq, h, p) for p, (seq, h) in zip(payloads, result)))
             except OSError as exc:
                 log.error("journal mirror write failed: %s", exc)
-        for (_, fut, _), (seq, _) in zip(batch, result):
+        for (_, _, fut, _), (seq, _) in zip(batch, result):
             if fut is not None and not fut.done():
                 fut.set_result(seq)
         for ev in self._listeners:
             ev.set()
+        if self.signer is not None and result:
+            self._cp_head = result[-1]
+            if time.monotonic() - self._cp_last >= self._cp_interval and (self._cp_task is None or self._cp_task.done()):
+                self._cp_task = asyncio.get_running_loop().create_task(self._checkpoint(), name="journal-checkpoint")
+
+    async def _checkpoint(self) -> dict[str, Any] | None:
+        """Sign the last head this writer committed; write it to the mirror and the checkpoint file (the
+        file's fsync runs on a thread, off the event loop)."""
+        head = self._cp_head
+        if self.signer is None or head is None:
+            return None
+        self._cp_last = time.monotonic()
+        self._cp_head = None
+        cp = self.signer.sign(head[0], head[1], now_iso())
+        line = orjson.dumps(cp) + b"\n"
+        try:
+            if self._mirror is not None:
+                self._mirror.write(line)
+            if self._cp_file is not None:
+                from .checkpoint import append_line
+
+                await asyncio.to_thread(append_line, self._cp_file, cp)
+        except OSError as exc:
+            log.error("journal checkpoint could not be written: %s", exc)
+        return cp
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed (or failed)."""
@@ -208,6 +256,10 @@ class JournalWriter:
             except asyncio.TimeoutError:
                 self._task.cancel()
             self._task = None
+        if self._cp_task is not None:
+            await asyncio.gather(self._cp_task, return_exceptions=True)
+        if self._cp_head is not None:
+            await self._checkpoint()  # the head at stop is signed too
         if self._mirror is not None:
             self._mirror.close()
             self._mirror = None
@@ -216,9 +268,10 @@ class JournalWriter:
 # --------------------------------------------------------------------------- reading
 
 
-async def verify(store: Store) -> VerifyResult:
+async def verify(store: Store, note: Callable[[StoredRecord], None] | None = None) -> VerifyResult:
     """Walk the whole chain from its anchor in bounded batches; then check the recorded head, which
-    catches a deleted tail (the chain alone cannot)."""
+    catches a deleted tail (the chain alone cannot). ``note`` sees every record walked (checkpoints
+    look up the hashes they vouch for on the way)."""
     seq, prev = await store.journal_anchor()
     checked, first = 0, None
     batch: list[StoredRecord] = []
@@ -237,6 +290,8 @@ async def verify(store: Store) -> VerifyResult:
         return res
 
     async for r in store.journal_scan():
+        if note is not None:
+            note(r)
         batch.append(r)
         if len(batch) >= 5000:
             res = check()

@@ -407,19 +407,16 @@ async def check_relative_caps(gw: "Gateway", ex: Exchange) -> None:
         v.validate_relative(kind, op.body, pre_image, reveal=_may_read_pre_image(ex, op))
     if ex.mode == "dry_run":
         from .journal import base_record
-        from .review import prepare_capture
+        from .review import journal_capture
 
-        item = prepare_capture(gw, ex)
         ident = ex.identity
         assert ident is not None
         rec = base_record("review", request_id=ex.request_id, agent=ident.agent, on_behalf_of=ident.on_behalf_of,
-                          intent=ex.intent, capability=item["capability"], upstream=item["upstream"],
+                          intent=ex.intent, capability=ex.capability.name if ex.capability is not None else "composite",
+                          upstream=ex.upstream.name if ex.upstream is not None else None,
                           method=ex.method, path=ex.raw_path, decision="captured")
-        rec.update({"review_item": item["id"], "event": "captured", "intent_seq": ex.intent_seq})
-        try:
-            await gw.journal.write(rec, ("review_insert", item))
-        except JournalUnavailable:
-            raise TetherError("journal_unavailable") from None
+        rec.update({"event": "captured", "intent_seq": ex.intent_seq})
+        await journal_capture(gw, ex, rec)
 
 
 def _may_read_pre_image(ex: Exchange, op: Operation) -> bool:
@@ -482,16 +479,16 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
 
 
 async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
-    side = None
     if ex.mode == "dry_run" and "relative_caps" not in ex.extra:
-        from .review import prepare_capture
+        from .review import journal_capture
 
-        # the item is committed with its intent record (or, when a relative cap is still to be checked
-        # against the record read after this commit, by check_relative_caps once it passed)
-        side = ("review_insert", prepare_capture(gw, ex))
+        # the review item is committed with its intent record (with relative caps still to check, by
+        # check_relative_caps once they passed)
+        await journal_capture(gw, ex)
+        return
     rec = request_record(ex)
     try:
-        seq = await gw.journal.write(rec, side)
+        seq = await gw.journal.write(rec)
     except JournalUnavailable:
         ex.decision = "refused"
         raise TetherError("journal_unavailable") from None

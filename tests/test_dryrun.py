@@ -51,6 +51,8 @@ async def test_unset_write_mode_is_dry_run_and_never_reaches_upstream(make_gatew
     it = [i for i in items if i["id"] == item_id][0]
     assert it["state"] == "pending" and it["agent"] == "bot" and it["on_behalf_of"] == "ae:jane"
     assert it["intent"] == "add Ann" and it["capability"] == "contact.create"
+    assert "headers" not in it["request"] and "body_text" not in it["request"]  # lists carry summaries
+    it = await (await gw.admin("GET", f"/api/review/items/{item_id}")).json()
     assert it["request"]["body_json"] == {"name": "Ann"} and it["synthetic"]["status"] == 201
     # nothing secret captured
     flat = json.dumps(it)
@@ -110,7 +112,7 @@ async def test_reject_and_expire_never_forward(make_gateway, upstream, store_url
     it = await (await gw.admin("GET", f"/api/review/items/{b}")).json()
     assert it["state"] == "expired"
     r = await gw.admin("POST", f"/api/review/items/{b}/approve")
-    assert r.status == 409
+    assert r.status == 410 and (await r.json())["error"]["code"] == "review_expired"
     assert upstream.received == []
     recs = await gw.journal()
     assert any(x["kind"] == "review" and x["decision"] == "rejected" and x["reason"] == "wrong account" for x in recs)

@@ -187,3 +187,35 @@ async def test_metrics_parse_and_match_the_traffic(make_gateway, upstream, tmp_p
     assert 0 < [s.value for s in live if s.name.endswith("_sum")][0] < 3
     up = [s for s in fams["tether_upstream_duration_seconds"].samples if s.name.endswith("_count")]
     assert sum(s.value for s in up) == 3  # the three forwarded reads (dry-run writes never left)
+
+
+async def test_an_agent_cannot_choose_the_canary_side_of_its_writes(make_gateway, upstream, tmp_path):
+    """The attack: request ids are a per-process prefix plus a counter the agent sees in
+    X-Tether-Request-Id, so the id of its next request is known in advance. When the side was a hash
+    of that id, an agent could send cheap reads until the next id hashed "live", then send the write
+    it wanted live: every such write went live. Drawn from a CSPRNG, the share stays ~10%."""
+    import hashlib
+
+    rules = gov_rules(upstream, tmp_path, governance=LENIENT)
+    rules["agents"]["bot"]["grants"][1] = {"capability": "contact.create", "mode": "canary"}
+    gw = await make_gateway(rules)
+    upstream.put_record("contacts", {"id": "1", "name": "A"})
+
+    def predicted_live(request_id: str) -> bool:  # what the old decision computed
+        return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) % 10000 < 10 * 100
+
+    sent = went_live = 0
+    while sent < 30:
+        r = await gw.request("GET", "/api/contacts/1")
+        rid = r.headers["X-Tether-Request-Id"]
+        nxt = f"{rid[:16]}{int(rid[16:], 16) + 1:016x}"
+        if not predicted_live(nxt):
+            continue
+        r = await gw.request("POST", "/api/contacts", json={"name": f"chosen {sent}"})
+        assert r.status == 201
+        assert r.headers["X-Tether-Request-Id"] == nxt  # the prediction of the id itself holds
+        sent += 1
+        went_live += "X-Tether-Dry-Run" not in r.headers
+    # 10% of 30 is 3; the chance of 15 or more by luck is below 1e-8
+    assert went_live < 15, f"{went_live} of the {sent} writes the agent timed went live"
+    assert len(upstream.seen("POST")) == went_live

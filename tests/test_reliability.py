@@ -10,12 +10,15 @@ import signal
 import sqlite3
 import subprocess
 import tracemalloc
+from pathlib import Path
 
 import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adapters
+import proxy
 from proxy.bodies import parse_body
 from proxy.config import ConfigError, parse_rules
 from proxy.errors import ERROR_CODES, TetherError
@@ -216,8 +219,18 @@ async def test_upstream_faults_give_the_right_codes_and_journal_outcomes(make_ga
 
 
 async def test_5xx_storm_leaks_no_tasks_connections_or_memory(make_gateway, upstream, tmp_path):
+    """A leak grows with every request; one-off growth (caches, pools, buffers sized by the load of the
+    moment) does not. So: warm up, then two equal storms, and judge the *second* one, counting only
+    allocations made in Tether's own source files (the fake upstream records every request it gets,
+    and a checkout whose path happens to contain "tether" must not count the test's own allocations).
+
+    Why the old version flaked (2.28 MB against 2 MB): it counted every file whose path contained
+    "tether" — in a clone named so, that was also tests/fakes.py (the fake upstream keeps all 1,200
+    received requests, ~1.1 MB) and the virtualenv's aiohttp parser allocations those requests hold
+    (~0.6 MB). Tether's own allocations over a storm are tens of kB and do not grow storm over storm."""
     gw = await make_gateway(base_rules(upstream.url, str(tmp_path / "t.db")))
-    upstream.fail("GET", "/api/contacts", status=503, times=10_000)
+    upstream.fail("GET", "/api/contacts", status=503, times=100_000)
+    own_dirs = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (proxy, adapters))
 
     async def storm(n: int) -> None:
         sem = asyncio.Semaphore(32)
@@ -228,27 +241,36 @@ async def test_5xx_storm_leaks_no_tasks_connections_or_memory(make_gateway, upst
                 assert r.status == 503
 
         await asyncio.gather(*[one() for _ in range(n)])
+        await gw.gw.journal.flush(5)
+        upstream.received.clear()  # the fake's own record of the storm is not Tether's memory
+        gc.collect()
+
+    def own_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> int:
+        return sum(s.size_diff for s in after.compare_to(before, "filename")
+                   if s.traceback[0].filename.startswith(own_dirs))
 
     await storm(200)  # warm up caches and pools
-    await gw.gw.journal.flush(5)
-    gc.collect()
     tasks_before = len(asyncio.all_tasks())
     tracemalloc.start()
-    snap1 = tracemalloc.take_snapshot()
-    await storm(1000)
-    await gw.gw.journal.flush(5)
-    gc.collect()
-    snap2 = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    growth = sum(s.size_diff for s in snap2.compare_to(snap1, "filename") if "tether" in s.traceback[0].filename
-                 or "/proxy/" in s.traceback[0].filename)
-    assert growth < 2_000_000, f"Tether's own allocations grew by {growth} bytes over 1000 failed requests"
+    try:
+        snap0 = tracemalloc.take_snapshot()
+        await storm(1000)
+        snap1 = tracemalloc.take_snapshot()
+        await storm(1000)
+        snap2 = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    first, second = own_growth(snap0, snap1), own_growth(snap1, snap2)
+    # a leak of even 256 bytes per failed request shows in *both* storms; what the first storm grew
+    # once (a bucket, a pool entry) is not grown again by the second
+    assert second < 256_000, (f"Tether's own allocations grew by {second} bytes over the second 1000 failed "
+                              f"requests (first storm: {first})")
     assert len(asyncio.all_tasks()) <= tasks_before + 2
     connector = gw.gw.session.connector
     open_conns = sum(len(v) for v in connector._conns.values())  # idle pooled connections
     assert open_conns <= 64
     outcomes = [x for x in await gw.journal() if x["kind"] == "outcome" and x["status"] == 503]
-    assert len(outcomes) == 1200
+    assert len(outcomes) == 2200
 
 
 async def test_compensations_wait_out_an_upstream_outage(make_gateway, upstream, tmp_path):

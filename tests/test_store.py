@@ -24,6 +24,8 @@ import pytest
 from proxy.chain import GENESIS, INDEXED_FIELDS, canonical, record_hash
 from proxy.journal import archive, base_record, verify
 from proxy.store import Store, StoreUnavailable, open_store
+from proxy.store.postgres import LATEST_VERSION as LATEST
+from proxy.store.rows import REVIEW_COLS, SUMMARY_FIELDS, Unstorable, prepare_review
 from tests.conftest import ROOT, _in_thread, drop_schema, new_pg_url, pg_admin, pg_dsn, pg_unavailable, with_params
 
 # --------------------------------------------------------------------------- PostgreSQL plumbing
@@ -374,7 +376,9 @@ async def test_review_transition_is_compare_and_set(store):
     assert await store.review_transition("rv_1", ("approved",), "replayed", {"replay": {"status": 200}})
     it = await store.review_get("rv_1")
     assert it["state"] == "replayed" and it["replay"] == {"status": 200} and it["decision"] == decision
-    assert await store.review_list(state="replayed") == [it]
+    [summary] = await store.review_list(state="replayed")
+    assert summary == {**{k: it[k] for k in (*REVIEW_COLS, *SUMMARY_FIELDS) if k in it},
+                       "request": {"method": "PATCH", "path": "/api/contacts/1"}}
 
 
 async def test_two_reviewers_at_once_exactly_one_wins(store, replica):
@@ -417,6 +421,65 @@ async def test_review_due_lists_expired_pending_items_oldest_first(store):
     assert [i["id"] for i in due] == ["rv_7", "rv_6", "rv_5", "rv_4", "rv_2", "rv_1"]
     assert [i["id"] for i in await store.review_due(2_000.0, limit=2)] == ["rv_7", "rv_6"]
     assert await store.review_due(500.0) == []
+
+
+async def test_a_review_row_json_cannot_hold_is_refused_alone_never_inside_a_batch(store):
+    """What an agent put in a captured request is serialised before it joins a commit shared with others."""
+    bad = review_item(1, request={"method": "POST", "path": "/api/x", "headers": [["X-Ok", "1"], ["X-Note", "a\udcffb"]],
+                                  "body_text": "{}"})
+    with pytest.raises(Unstorable) as err:
+        prepare_review(bad)
+    assert err.value.field == "request.headers[1][1]"
+    with pytest.raises(Unstorable):
+        await store.review_insert(bad)
+    with pytest.raises(Unstorable, match="64-bit"):
+        prepare_review(review_item(2, request={"n": 2 ** 70}))
+    # a good row rides in the same commit as journal records; nothing of the refused one exists
+    good = prepare_review(review_item(3))
+    await store.journal_append([canonical(mk(1)), canonical(mk(2))], [cols(mk(1)), cols(mk(2))],
+                               [("review_insert", good)])
+    assert (await store.review_get("rv_3"))["intent"] == review_item(3)["intent"]
+    assert await store.review_get("rv_1") is None and (await store.journal_head())[0] == 2
+
+
+async def test_review_lists_are_summaries_and_usage_is_per_agent_pending(store):
+    big = "x" * 50_000
+    for n in range(1, 5):
+        await store.review_insert(review_item(n, agent="bot" if n < 4 else "other", state="pending" if n != 2 else "rejected",
+                                              request={"method": "POST", "path": "/api/c", "headers": [["X-A", "b"]],
+                                                       "body_text": big, "body_bytes": len(big)}))
+    listed = await store.review_list()
+    assert len(listed) == 4 and all("body_text" not in i["request"] and "headers" not in i["request"] for i in listed)
+    assert listed[0]["request"] == {"method": "POST", "path": "/api/c", "body_bytes": 50_000}
+    assert listed[0]["intent"] == review_item(1)["intent"] and listed[0]["on_behalf_of"] == "ae:jane"
+    count, used = await store.review_usage("bot")
+    assert count == 2 and 100_000 < used < 110_000  # rv_1 and rv_3: the rejected one no longer counts
+    assert await store.review_usage("other") == (1, used // 2) and await store.review_usage("nobody") == (0, 0)
+    assert await store.review_transition("rv_1", ("pending",), "approved", {"decision": {"by": "rita"}})
+    assert (await store.review_usage("bot"))[0] == 1
+    # a row written before summaries existed (summary NULL) is still listed, from its document
+    legacy = {"on_behalf_of": "ae:old", "intent": "legacy", "request": {"method": "PUT", "path": "/p",
+                                                                       "body_json": {"a": 1}}}
+    import orjson
+
+    values = ["rv_old", "pending", 1.0, 1.0, None, "bot", "c.old", "crm", orjson.dumps(legacy)]
+    if is_pg(store):
+        async with store._conn() as conn:  # type: ignore[attr-defined]
+            await conn.execute(f"INSERT INTO {store._s}.review_items (id, state, created_at, updated_at, "  # type: ignore[attr-defined]
+                               "expires_at, agent, capability, upstream, doc) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                               *values)
+    else:
+        async with store._write():  # type: ignore[attr-defined]
+            await store._conn().execute("INSERT INTO review_items (id, state, created_at, updated_at, expires_at, "  # type: ignore[attr-defined]
+                                        "agent, capability, upstream, doc) VALUES (?,?,?,?,?,?,?,?,?)", values)
+    [old] = await store.review_list(capability="c.old")
+    assert old["intent"] == "legacy" and old["request"] == {"method": "PUT", "path": "/p"}
+
+
+def test_both_backends_have_the_same_schema_versions():
+    from proxy.store import sqlite as sq
+
+    assert len(sq._MIGRATIONS) == LATEST
 
 
 # --------------------------------------------------------------------------- transactions and steps
@@ -582,7 +645,7 @@ def test_store_migrate_and_info_commands(store_url):
         assert r.returncode == 1 and "migration(s) pending" in r.stdout, r.stdout + r.stderr
     r = _cli("store", "migrate", "--store", store_url)
     assert r.returncode == 0, r.stderr
-    assert "migrated schema version 0 -> 2" in r.stdout
+    assert f"migrated schema version 0 -> {LATEST}" in r.stdout
     r = _cli("store", "migrate", "--store", store_url)
     assert r.returncode == 0 and "nothing to migrate" in r.stdout
 
@@ -600,7 +663,7 @@ def test_store_migrate_and_info_commands(store_url):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["backend"] == ("postgresql" if pg else "sqlite")
-    assert doc["schema_version"] == doc["latest_schema_version"] == 2 and doc["migrations_pending"] == 0
+    assert doc["schema_version"] == doc["latest_schema_version"] == LATEST and doc["migrations_pending"] == 0
     assert doc["journal"]["records"] == 3 and doc["journal"]["head_seq"] == 3
     assert doc["review_items"]["pending"] == 1 and doc["transactions"]["open"] == 1
     assert doc["quarantined_agents"] == ["bot"]
@@ -679,7 +742,7 @@ async def test_migrate_false_refuses_an_old_schema_until_migrated():
         await s.close()
         s = open_store(with_params(url, migrate="false"))
         await s.open()
-        assert await s.schema_version() == 2
+        assert await s.schema_version() == LATEST
         await s.close()
     finally:
         drop_schema(schema)

@@ -48,8 +48,10 @@ class Store(abc.ABC):
                              durable: bool = True, inline: bool = False) -> list[tuple[int, str]]:
         """Append records atomically, extending the chain; returns [(seq, hash)], durable on return.
 
-        ``sides`` are other rows committed in the same transaction (``("review_insert", item)``: a captured
-        dry-run write shares its intent record's commit, so capture costs one fsync, not two).
+        ``sides`` are other rows committed in the same transaction (``("review_insert", PreparedRow)``: a
+        captured dry-run write shares its intent record's commit, so capture costs one fsync, not two).
+        Payloads and side rows arrive already serialised (:func:`proxy.chain.encode_record`,
+        :func:`proxy.store.rows.prepare_review`), so nothing one request sent can fail the whole batch.
 
         ``durable=False`` (a batch nobody waits for: outcome records) lets the store skip the flush to
         stable storage; the records must still survive a crash of the gateway process (kill -9), and
@@ -97,23 +99,32 @@ class Store(abc.ABC):
 
     # -- review items ---------------------------------------------------------------------------
     @abc.abstractmethod
-    async def review_insert(self, item: dict[str, Any]) -> None: ...
+    async def review_get(self, item_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def review_get(self, item_id: str) -> dict[str, Any] | None: ...
+    async def review_insert(self, item: dict[str, Any]) -> None:
+        """Insert a new item; raises :class:`proxy.store.rows.Unstorable` for a value JSON cannot hold."""
 
     @abc.abstractmethod
     async def review_list(self, *, state: str | None = None, agent: str | None = None,
                           capability: str | None = None, upstream: str | None = None,
-                          older_than: float | None = None, limit: int = 200) -> list[dict[str, Any]]: ...
+                          older_than: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Summaries, newest first: the item's columns plus :data:`proxy.store.rows.SUMMARY_FIELDS` and
+        the request line (``request``: method, path, query, content type, body size) — never headers or
+        bodies, so a list costs the same whatever the agents captured."""
 
     @abc.abstractmethod
     async def review_transition(self, item_id: str, expect: Iterable[str], to: str,
-                                updates: dict[str, Any]) -> bool:
-        """Compare-and-set the item's state; True when this caller won."""
+                                updates: dict[str, Any], *, unexpired_at: float | None = None) -> bool:
+        """Compare-and-set the item's state; True when this caller won. With ``unexpired_at``, an item
+        whose ``expires_at`` is at or before that time does not match either (a decision racing the TTL)."""
 
     @abc.abstractmethod
     async def review_count(self, state: str = "pending") -> int: ...
+
+    @abc.abstractmethod
+    async def review_usage(self, agent: str) -> tuple[int, int]:
+        """(count, stored bytes) of the agent's pending items (the per-agent caps on the review queue)."""
 
     @abc.abstractmethod
     async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:

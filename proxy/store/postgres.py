@@ -84,7 +84,7 @@ from .base import Store, StoreUnavailable
 from .rows import REVIEW_COLS as _REVIEW_COLS
 from .rows import STEP_COLS as _STEP_COLS
 from .rows import TX_COLS as _TX_COLS
-from .rows import advance, from_row
+from .rows import PreparedRow, advance, from_row, prepare_review, summary_from_row
 from .rows import review_stats as _review_stats
 from .rows import split as _split
 
@@ -185,6 +185,13 @@ _MIGRATIONS: list[list[str]] = [
             holder TEXT COLLATE "C" NOT NULL,
             until DOUBLE PRECISION NOT NULL
         )""",
+    ],
+    # 3: review summaries (lists never load bodies) and sizes (per-agent pending caps)
+    [
+        "ALTER TABLE {s}.review_items ADD COLUMN summary BYTEA",
+        "ALTER TABLE {s}.review_items ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0",
+        "UPDATE {s}.review_items SET bytes = octet_length(doc)",
+        "CREATE INDEX review_agent_state ON {s}.review_items (agent, state, bytes)",
     ],
 ]
 
@@ -451,7 +458,7 @@ class PostgresStore(Store):
                         for kind, row in sides or ():
                             if kind != "review_insert":
                                 raise ValueError(f"unknown side write {kind!r}")
-                            await conn.execute(self._review_insert_sql, *self._review_values(row))
+                            await conn.execute(self._review_insert_sql, *self._review_params(row))
                     except BaseException as exc:
                         if not _is_outage(exc) and not isinstance(exc, asyncio.CancelledError) and not conn.is_closed():
                             try:
@@ -605,18 +612,18 @@ class PostgresStore(Store):
 
     @property
     def _review_insert_sql(self) -> str:
-        return (f"INSERT INTO {self._s}.review_items ({', '.join(_REVIEW_COLS)}, doc) VALUES "
-                f"({', '.join(f'${i}' for i in range(1, len(_REVIEW_COLS) + 2))})")
+        return (f"INSERT INTO {self._s}.review_items ({', '.join(_REVIEW_COLS)}, doc, summary, bytes) VALUES "
+                f"({', '.join(f'${i}' for i in range(1, len(_REVIEW_COLS) + 4))})")
 
     @staticmethod
-    def _review_values(item: dict[str, Any]) -> list[Any]:
-        cols, doc = _split(item, _REVIEW_COLS)
+    def _review_params(row: PreparedRow) -> list[Any]:
         return [_text(v) if k in ("id", "state", "agent", "capability", "upstream") else v
-                for k, v in cols.items()] + [doc]
+                for k, v in zip(_REVIEW_COLS, row.cols)] + [row.doc, row.summary, row.size]
 
     async def review_insert(self, item: dict[str, Any]) -> None:
+        row = prepare_review(item)
         async with self._conn() as conn:
-            await conn.execute(self._review_insert_sql, *self._review_values(item))
+            await conn.execute(self._review_insert_sql, *self._review_params(row))
 
     async def review_get(self, item_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE id = $1",
@@ -636,23 +643,28 @@ class PostgresStore(Store):
             where.append(f"created_at <= ${len(params)}")
         params.append(limit)
         rows = await self._fetch(
-            f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM {self._s}.review_items WHERE {' AND '.join(where)} "
+            f"SELECT {', '.join(_REVIEW_COLS)}, summary, CASE WHEN summary IS NULL THEN doc END "
+            f"FROM {self._s}.review_items WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC LIMIT ${len(params)}", *params)
-        return [from_row(_REVIEW_COLS, r) for r in rows]
+        return [summary_from_row(r) for r in rows]
 
-    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
-        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any], *,
+                                unexpired_at: float | None = None) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates,
+                                      unexpired_at=unexpired_at)
 
     async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
-                          updates: dict[str, Any] | None) -> bool:
+                          updates: dict[str, Any] | None, *, unexpired_at: float | None = None) -> bool:
         """Compare-and-set a row's state (SELECT ... FOR UPDATE, then UPDATE, one transaction)."""
         expect = list(expect)
         settable = [c for c in cols if c != "id"]
+        alive = "" if unexpired_at is None else " AND (expires_at IS NULL OR expires_at > $3)"
+        extra = () if unexpired_at is None else (unexpired_at,)
 
         async def go(conn: Any) -> bool:
             row = await conn.fetchrow(
                 f"SELECT {', '.join(cols)}, doc FROM {self._s}.{table} "
-                f"WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE", row_id, expect)
+                f"WHERE id = $1 AND state = ANY($2::text[]){alive} FOR UPDATE", row_id, expect, *extra)
             if row is None:
                 return False
             values, doc = _split(advance(from_row(cols, row), to, updates), cols)
@@ -668,6 +680,11 @@ class PostgresStore(Store):
     async def review_count(self, state: str = "pending") -> int:
         rows = await self._fetch(f"SELECT COUNT(*) FROM {self._s}.review_items WHERE state = $1", state)
         return int(rows[0][0])
+
+    async def review_usage(self, agent: str) -> tuple[int, int]:
+        rows = await self._fetch(f"SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM {self._s}.review_items "
+                                 f"WHERE agent = $1 AND state = 'pending'", _text(agent))
+        return int(rows[0][0]), int(rows[0][1])
 
     async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
         """Pending items whose expiry has passed, oldest expiry first (proposed interface addition)."""

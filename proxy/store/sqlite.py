@@ -29,7 +29,7 @@ from .base import Store, StoreUnavailable
 from .rows import REVIEW_COLS as _REVIEW_COLS
 from .rows import STEP_COLS as _STEP_COLS
 from .rows import TX_COLS as _TX_COLS
-from .rows import advance, from_row
+from .rows import PreparedRow, advance, from_row, prepare_review, summary_from_row
 from .rows import review_stats as _review_stats
 from .rows import split as _split
 
@@ -115,12 +115,23 @@ _MIGRATIONS: list[str] = [
         until REAL NOT NULL
     );
     """,
+    # 3: review summaries (lists never load bodies) and sizes (per-agent pending caps)
+    """
+    ALTER TABLE review_items ADD COLUMN summary BLOB;
+    ALTER TABLE review_items ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE review_items SET bytes = length(doc);
+    CREATE INDEX review_agent_state ON review_items(agent, state, bytes);
+    """,
 ]
 
 
 
-_INSERT_REVIEW = (f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc) "
-                  f"VALUES ({', '.join('?' * (len(_REVIEW_COLS) + 1))})")
+_INSERT_REVIEW = (f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc, summary, bytes) "
+                  f"VALUES ({', '.join('?' * (len(_REVIEW_COLS) + 3))})")
+
+
+def _review_params(row: PreparedRow) -> tuple[Any, ...]:
+    return (*row.cols, row.doc, row.summary, row.size)
 _INSERT_JOURNAL = ("INSERT INTO journal (seq, ts, kind, request_id, agent, on_behalf_of, capability, decision, "
                    "prev_hash, hash, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
@@ -159,8 +170,7 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
         for kind, row in sides:
             if kind != "review_insert":
                 raise ValueError(f"unknown side write {kind!r}")
-            cols, doc = _split(row, _REVIEW_COLS)
-            conn.execute(_INSERT_REVIEW, (*cols.values(), doc))
+            conn.execute(_INSERT_REVIEW, _review_params(row))
         conn.execute("COMMIT")
     except BaseException:
         try:
@@ -378,11 +388,9 @@ class SQLiteStore(Store):
     # -- review items ---------------------------------------------------------------------------
 
     async def review_insert(self, item: dict[str, Any]) -> None:
-        cols, doc = _split(item, _REVIEW_COLS)
+        row = prepare_review(item)
         async with self._write():
-            await self._conn().execute(
-                f"INSERT INTO review_items ({', '.join(_REVIEW_COLS)}, doc) VALUES ({', '.join('?' * (len(_REVIEW_COLS) + 1))})",
-                (*cols.values(), doc))
+            await self._conn().execute(_INSERT_REVIEW, _review_params(row))
 
     async def review_get(self, item_id: str) -> dict[str, Any] | None:
         rows = await self._fetchall(f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE id = ?", (item_id,))
@@ -400,22 +408,26 @@ class SQLiteStore(Store):
             where.append("created_at <= ?")
             params.append(older_than)
         rows = await self._fetchall(
-            f"SELECT {', '.join(_REVIEW_COLS)}, doc FROM review_items WHERE {' AND '.join(where)} "
-            f"ORDER BY created_at DESC LIMIT ?", (*params, limit))
-        return [from_row(_REVIEW_COLS, r) for r in rows]
+            f"SELECT {', '.join(_REVIEW_COLS)}, summary, CASE WHEN summary IS NULL THEN doc END FROM review_items "
+            f"WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?", (*params, limit))
+        return [summary_from_row(r) for r in rows]
 
-    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any]) -> bool:
-        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates)
+    async def review_transition(self, item_id: str, expect: Iterable[str], to: str, updates: dict[str, Any], *,
+                                unexpired_at: float | None = None) -> bool:
+        return await self._transition("review_items", _REVIEW_COLS, item_id, expect, to, updates,
+                                      unexpired_at=unexpired_at)
 
     async def _transition(self, table: str, cols: tuple[str, ...], row_id: str, expect: Iterable[str], to: str,
-                          updates: dict[str, Any] | None) -> bool:
+                          updates: dict[str, Any] | None, *, unexpired_at: float | None = None) -> bool:
         """Compare-and-set a row's state inside one write transaction; True when this caller won."""
         expect = tuple(expect)
+        alive = "" if unexpired_at is None else " AND (expires_at IS NULL OR expires_at > ?)"
         async with self._write():
             db = self._conn()
             cur = await db.execute(
                 f"SELECT {', '.join(cols)}, doc FROM {table} WHERE id = ? AND state IN "
-                f"({', '.join('?' * len(expect))})", (row_id, *expect))
+                f"({', '.join('?' * len(expect))}){alive}",
+                (row_id, *expect) + (() if unexpired_at is None else (unexpired_at,)))
             row = await cur.fetchone()
             if row is None:
                 return False
@@ -428,6 +440,11 @@ class SQLiteStore(Store):
     async def review_count(self, state: str = "pending") -> int:
         rows = await self._fetchall("SELECT COUNT(*) FROM review_items WHERE state = ?", (state,))
         return int(rows[0][0])
+
+    async def review_usage(self, agent: str) -> tuple[int, int]:
+        rows = await self._fetchall("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM review_items "
+                                    "WHERE agent = ? AND state = 'pending'", (agent,))
+        return int(rows[0][0]), int(rows[0][1])
 
     async def review_due(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
         rows = await self._fetchall(
