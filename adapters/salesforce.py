@@ -677,13 +677,13 @@ class SalesforceAdapter(Adapter):
 
     def record_kind(self, op: Operation) -> str:
         """The sObject type: as the capability's template spells it when it names one, else the request."""
-        for source in (getattr(op.capability, "template", None), op.path):
-            if not source:
-                continue
-            p = self._path(tuple(s for s in source.split("/") if s))
-            so = p.sobject() if p is not None else None
-            if so is not None and not so[0].startswith("{"):
-                return so[0]
+        for source in (getattr(getattr(op.capability, "config", None), "path", None), op.path):
+            segs = [s for s in (source or "").split("/") if s]
+            low = [s.lower() for s in segs]
+            if "sobjects" in low[:-1]:
+                name = segs[low.index("sobjects") + 1]
+                if not name.startswith("{"):
+                    return name
         sub = _meta(op)
         return (sub.ref_type if sub is not None and sub.ref_type else None) or "record"
 
