@@ -209,8 +209,16 @@ def add_config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="rules file (YAML); default: $TETHER_CONFIG")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line naming the verb, the problem and where the help is (subcommand
+    parsers are made of this class too)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tether",
         description="Tether: the gateway through which AI agents act on systems of record — "
                     "identified, default-deny, journaled, dry-run first, reversible.",

@@ -43,7 +43,23 @@ def open_cli_store(args: argparse.Namespace) -> Any:
     url = store_url(args)
     if not url.startswith(("postgres://", "postgresql://")) and not os.path.exists(url.removeprefix("sqlite:///")):
         raise SystemExit(f"tether: no store at {url!r} (pass --store or --config)")
-    return open_store(url)
+    store = open_store(url)
+    opener = store.open
+
+    async def open_or_close() -> None:
+        # a store that fails to open (not a database, refused connection) must not leave its connection
+        # thread behind: the command would print its one-line error and then never exit
+        try:
+            await opener()
+        except BaseException:
+            try:
+                await store.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    store.open = open_or_close
+    return store
 
 
 def run(coro: Any) -> Any:
@@ -89,6 +105,9 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
                                      headers={"Authorization": f"Bearer {token}"},
                                      timeout=aiohttp.ClientTimeout(total=120)) as r:
                     data = await r.read()
+                    if "X-Tether-Request-Id" not in r.headers:
+                        raise SystemExit(f"tether: {base} answered {r.status} but is not Tether's admin listener "
+                                         "(its answer has no X-Tether-Request-Id)")
                     try:
                         doc = orjson.loads(data) if data else None
                     except orjson.JSONDecodeError:
@@ -102,8 +121,8 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
             except aiohttp.ClientConnectorError as exc:
                 raise SystemExit(f"tether: cannot reach the admin API at {base}: {exc.os_error}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                detail = str(exc) or type(exc).__name__
-                raise SystemExit(f"tether: the admin API at {base} failed: {detail}") from None
+                raise SystemExit(f"tether: the admin API at {base} failed: {type(exc).__name__}"
+                                 + (f": {exc}" if str(exc) else "")) from None
 
     return asyncio.run(go())
 

@@ -163,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rs = p.add_subparsers(dest="review_command", metavar="SUBCOMMAND")
     ls = rs.add_parser("list", help="list items (newest first)")
     add_admin_args(ls)
-    ls.add_argument("--state", default="pending", choices=[*STATES, "all", ""], metavar="STATE",
+    ls.add_argument("--state", default="pending", choices=[*STATES, "all"], metavar="STATE", type=lambda v: v or "all",
                     help="pending (default), approved, replayed, replay_failed, rejected, expired, or all")
     ls.add_argument("--agent")
     ls.add_argument("--capability")

@@ -9,8 +9,8 @@ something else. Every operator view therefore shows these characters as visible 
 (``\\n``, ``\\x1b``, ``\\u202e``), never as themselves; the stored records keep the exact bytes.
 
 :func:`inert` is for plain text; :func:`field_value` is for ``key=value`` fields of human journal lines
-(``a | b``), where a value that contains the separator or a quote is quoted, so that no value can
-forge another field; :func:`json_text` escapes the same characters in JSON text (they are legal raw in
+(``a | b``), where a value that contains the separator or a quote is quoted (and its bars escaped), so
+that no value can forge another field; :func:`json_text` escapes the same characters in JSON text (they are legal raw in
 JSON strings, and a terminal would act on them).
 """
 
@@ -64,7 +64,9 @@ def field_value(value: Any, *, always_quote: bool = False) -> str:
     (it holds the separator ``|``, a quote, leading/trailing blanks, or is empty) or when asked."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
     if always_quote or not text or "|" in text or '"' in text or text != text.strip() or _UNSAFE.search(text):
-        return quoted(text)
+        # inside the quotes a bar is written \| as well: even a reader that splits on " | " without
+        # minding quotes (cut, awk) finds no separator in a value
+        return '"' + _requote(text).replace("|", "\\|") + '"'
     return text
 
 
