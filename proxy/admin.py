@@ -126,35 +126,43 @@ def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
     return item
 
 
-async def review_show(request: web.Request) -> web.Response:
-    reviewer(request)
-    gw = _gw(request)
-    item = _add_upstream_url(gw, await gw.review.get(request.match_info["id"]))
-    if item.get("intent_seq") is None and item.get("request_id"):
-        rows = await gw.store.journal_query(filters={"request_id": item["request_id"], "kind": "request"}, limit=1)
-        item["intent_seq"] = rows[0].seq if rows else None
+async def _decorated(gw: "Gateway", item: dict[str, Any], *, read: bool = False) -> dict[str, Any]:
+    """An item as every view shows it: the upstream URL, its journal record's number, its headline
+    (completed with a read of the record when ``read`` and the notifier has not got to it yet)."""
     from .headline import headline_of
     from .review_notify import complete_headline
 
+    _add_upstream_url(gw, item)
+    if item.get("intent_seq") is None and item.get("request_id"):
+        rows = await gw.store.journal_query(filters={"request_id": item["request_id"], "kind": "request"}, limit=1)
+        item["intent_seq"] = rows[0].seq if rows else None
     hl = headline_of(gw, item)
-    if item.get("state") == "pending" and not hl.get("complete") and gw.server_cfg.review.read_current:
-        hl = await complete_headline(gw, item)  # the notifier has not got to it yet
+    if read and item.get("state") == "pending" and not hl.get("complete") and gw.server_cfg.review.read_current:
+        hl = await complete_headline(gw, item)
     item["headline"] = hl
-    return json_response(item)
+    return item
+
+
+async def review_show(request: web.Request) -> web.Response:
+    reviewer(request)
+    gw = _gw(request)
+    return json_response(await _decorated(gw, await gw.review.get(request.match_info["id"]), read=True))
 
 
 async def review_approve(request: web.Request) -> web.Response:
     who = reviewer(request)
     doc = await _json_body(request)
-    item = await _gw(request).review.approve(request.match_info["id"], who, edit=doc.get("edit"), note=doc.get("note"))
-    return json_response(item)
+    gw = _gw(request)
+    item = await gw.review.approve(request.match_info["id"], who, edit=doc.get("edit"), note=doc.get("note"))
+    return json_response(await _decorated(gw, item))
 
 
 async def review_reject(request: web.Request) -> web.Response:
     who = reviewer(request)
     doc = await _json_body(request)
-    item = await _gw(request).review.reject(request.match_info["id"], who, str(doc.get("reason") or ""))
-    return json_response(item)
+    gw = _gw(request)
+    item = await gw.review.reject(request.match_info["id"], who, str(doc.get("reason") or ""))
+    return json_response(await _decorated(gw, item))
 
 
 async def tx_list(request: web.Request) -> web.Response:

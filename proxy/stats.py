@@ -120,10 +120,6 @@ async def compute(gw: "Gateway", since_s: float, buckets: int) -> dict[str, Any]
         rates = sorted({(p.min_approval_rate if p is not None else 0.95) for p in gates})
         row["min_approval_rate"] = rates[-1] if rates else None
         row["write_grants"] = len(gates)
-    quotas = quota_of(gw)
-    for name, row in ups.items():
-        row["quota"] = quotas.get(name)
-        row["quota_tracked"] = bool(quotas) or any(v is not None for v in row["quota_remaining"])
     return {"since": start, "until": now, "bucket_seconds": width,
             "buckets": [start + i * width for i in range(buckets)], "scanned": scanned, "truncated": truncated,
             "agents": agents, "upstreams": ups}
@@ -185,9 +181,20 @@ class StatsCache:
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit is not None and now - hit[0] < CACHE_SECONDS:
-            return hit[1]
-        doc = await compute(gw, since_s, buckets)
-        if len(self._cache) > 16:
-            self._cache.clear()
-        self._cache[key] = (now, doc)
-        return doc
+            doc = hit[1]
+        else:
+            doc = await compute(gw, since_s, buckets)
+            if len(self._cache) > 16:
+                self._cache.clear()
+            self._cache[key] = (now, doc)
+        return with_quota(gw, doc)
+
+
+def with_quota(gw: "Gateway", doc: dict[str, Any]) -> dict[str, Any]:
+    """The (cached) series with the quota as it is now (cheap, so never cached)."""
+    quotas = quota_of(gw)
+    ups = {}
+    for name, row in doc["upstreams"].items():
+        ups[name] = {**row, "quota": quotas.get(name),
+                     "quota_tracked": name in quotas or any(v is not None for v in row["quota_remaining"])}
+    return {**doc, "upstreams": ups}
