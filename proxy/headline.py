@@ -77,16 +77,25 @@ def _lookup(record: Any, path: str) -> tuple[bool, Any]:
     return True, node
 
 
+REDACTED = "[redacted]"
+
+
 def changes(adapter: Adapter, op: Operation, record: Any) -> list[dict[str, Any]]:
     """The fields the operation writes: ``{field, label, from, to, known}`` (``known``: the current value
-    was read); unchanged fields are left out when the current record is known."""
+    was read); unchanged fields are left out when the current record is known. A capability's
+    ``sensitive_fields`` are shown as ``[redacted]``: headlines travel to Slack and to alert webhooks."""
+    from .validation import _path_matches
+
+    sensitive = list(getattr(getattr(op.capability, "config", None), "sensitive_fields", None) or [])
     out = []
     for path, value in _flatten(op.body).items():
         found, now = _lookup(record, path) if isinstance(record, dict) else (False, None)
         if found and now == value:
             continue
-        out.append({"field": path, "label": adapter.field_label(path), "from": now if found else None,
-                    "to": value, "known": found})
+        hidden = any(_path_matches(path, rule) for rule in sensitive)
+        out.append({"field": path, "label": adapter.field_label(path),
+                    "from": (REDACTED if hidden else now) if found else None,
+                    "to": REDACTED if hidden else value, "known": found})
     return out
 
 
@@ -169,6 +178,21 @@ def operations_of(gw: "Gateway", item: dict[str, Any]) -> tuple[Adapter, list[Op
     return (up.adapter, out) if out else None
 
 
+def _not_sensitive(d: Description, op: Operation, record: Any) -> Description:
+    """A record named by a sensitive field's value (an e-mail marked sensitive) is named by its id instead."""
+    from .validation import _path_matches
+
+    rules = list(getattr(getattr(op.capability, "config", None), "sensitive_fields", None) or [])
+    if not d.name or not rules:
+        return d
+    for src in (op.body, record):
+        for path, value in _flatten(src).items():
+            if any(_path_matches(path, r) for r in rules) and isinstance(value, (str, int, float)) \
+                    and str(value).strip() and str(value).strip() in d.name:
+                return Description(d.action, d.kind, None, d.record_id)
+    return d
+
+
 def headline_for(gw: "Gateway", item: dict[str, Any], record: Any = None, *, read: bool = False) -> dict[str, Any]:
     """The headline of a review item: ``{text, action, object, name, fields, complete}``.
 
@@ -186,7 +210,7 @@ def headline_for(gw: "Gateway", item: dict[str, Any], record: Any = None, *, rea
     parts = []
     for o in ops:
         rec = record if len(ops) == 1 else None
-        d = adapter.describe(o, rec)
+        d = _not_sensitive(adapter.describe(o, rec), o, rec)
         op_kind = getattr(o.capability, "operation", "action")
         parts.append((d, op_kind, changes(adapter, o, rec) if op_kind != "delete" else []))
     text = compose(agent, item.get("on_behalf_of"), item.get("intent"), parts, item.get("upstream", ""))

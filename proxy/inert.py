@@ -70,12 +70,18 @@ def field_value(value: Any, *, always_quote: bool = False) -> str:
     return text
 
 
+# what JSON text from orjson can still hold raw: C0 controls inside strings are always escaped (JSON
+# says so), so a raw newline or tab is layout (OPT_INDENT_2) and must stay; DEL, C1 and the line
+# separators and bidi controls are legal raw inside strings and are escaped here
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def json_text(text: str) -> str:
     """JSON text (from orjson) with the unsafe characters written as ``\\uXXXX`` escapes. They can only
     occur inside JSON strings, where the escape means the same character, so the JSON is unchanged."""
-    if not _UNSAFE.search(text):
+    if not _UNSAFE_IN_JSON.search(text):
         return text
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
 
 
 def slack_text(value: Any) -> str:

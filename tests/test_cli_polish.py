@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from proxy.journal import base_record
+import orjson
+
 from tests.conftest import base_rules
 from tests.procs import run_cli
 from tests.test_headline import cli
@@ -66,6 +67,9 @@ async def test_review_show_and_tx_views_make_agent_text_inert(make_gateway, upst
         for bad in ("\x1b", "\r", "\u202e", "\u2066", "\x07"):
             assert bad not in out, (argv, repr(bad))
         assert "\\x1b" in out or "\\u001b" in out, argv
+        if "--json" in argv:
+            doc = orjson.loads(out)  # still the same JSON, with the exact text inside
+            assert HOSTILE in (doc.get("intent"), doc.get("name")), argv
     rc, out, _ = await cli(capsys, "tx", "list", *args)
     row = next(line for line in out.splitlines() if line.startswith(tx))
     assert row.split()[1] == "open"  # the name's fake "state=rolled_back" is just text at the end

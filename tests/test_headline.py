@@ -109,6 +109,7 @@ def renewal_rules(upstream: Any, tmp_path: Any, **extra: Any) -> dict[str, Any]:
         "body": {"allow_fields": ["stage", "amount"]}}
     rules["agents"]["renewal-bot"] = {"grants": [{"capability": "opportunity.update", "mode": "dry_run"},
                                                  {"capability": "contact.create", "mode": "dry_run"}]}
+    rules["capabilities"]["contact.create"]["sensitive_fields"] = ["email"]
     return rules
 
 
@@ -161,12 +162,15 @@ async def test_headline_in_the_api_the_cli_and_the_alert(make_gateway, upstream,
     await asyncio.sleep(0.3)
     assert len([d for d in webhook.received if d.get("event") == "review_pending"]) == 1
 
-    # a create names the record from its body, before anything is read
+    # a create names the record from its body; a sensitive field's value never reaches a headline (it
+    # goes to Slack and to webhooks)
     r = await gw.request("POST", "/api/contacts", agent="renewal-bot", intent="add the buyer",
-                         json={"name": "Sam Buyer", "role": "procurement"})
+                         json={"name": "Sam Buyer", "role": "procurement", "email": "sam@acme.example"})
     created = r.headers["X-Tether-Dry-Run"]
     it2 = await complete(gw, created)
-    assert it2["headline"]["text"] == "renewal-bot wants to create contact 'Sam Buyer' with role procurement — because: add the buyer"
+    assert it2["headline"]["text"] == ("renewal-bot wants to create contact 'Sam Buyer' with role procurement, "
+                                       "email [redacted] — because: add the buyer")
+    assert "sam@acme.example" not in str(it2["headline"])
 
     args = ("--admin-url", gw.admin_url, "--token", gw.reviewer_token())
     rc, out, _ = await cli(capsys, "review", "list", *args)

@@ -27,6 +27,13 @@
   var UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
   var NAMED = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
 
+  /** A text node for a block of code (<pre>): its newlines and tabs stay, everything else as inert(). */
+  function block(v) {
+    return document.createTextNode(String(v).split('\n').map(function (line) {
+      return line.split('\t').map(inert).join('\t');
+    }).join('\n'));
+  }
+
   /** Text with every control, separator and bidi character shown as an escape (\x1b, \u202e). */
   function inert(v) {
     var t = String(v);
@@ -768,8 +775,8 @@
         el('p.request-line', el('span.method', r.method), ' ', el('code', requestLine(it)), el('span.muted', ' to upstream '), el('strong', it.upstream)),
         r.wire_method && r.wire_method !== r.method ? el('p.muted', 'sent on the wire as ' + r.wire_method) : null,
         r.content_type ? el('p.muted.small', 'Content-Type: ' + r.content_type) : null,
-        body.json ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, pretty(body.value))
-          : body.text ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, body.text) : el('p.muted', 'No body.'),
+        body.json ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, block(pretty(body.value)))
+          : body.text ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, block(body.text)) : el('p.muted', 'No body.'),
         r.headers && r.headers.length ? el('details', el('summary', 'Headers the agent sent (' + r.headers.length + ')'),
           table('Captured request headers', ['Header', 'Value'], r.headers.map(function (h) { return [h[0], h[1]]; }), { hideCaption: true })) : null,
         el('p.muted.small', 'The upstream\'s credentials and Tether\'s provenance headers are added when it is sent.'));
@@ -782,7 +789,7 @@
         el('h3', { id: 'syn-h' }, 'Synthetic response the agent got'),
         el('p', 'Status ', el('strong', String(syn.status)),
           synHeaders.length ? el('span.muted', ' — ' + synHeaders.map(function (k) { return k + ': ' + syn.headers[k]; }).join(', ')) : null),
-        syn.body !== null && syn.body !== undefined ? el('pre.code', { tabindex: '0', 'aria-label': 'Synthetic response body' }, pretty(syn.body)) : el('p.muted', 'No body.')));
+        syn.body !== null && syn.body !== undefined ? el('pre.code', { tabindex: '0', 'aria-label': 'Synthetic response body' }, block(pretty(syn.body))) : el('p.muted', 'No body.')));
 
       // the agent's approval record for this capability
       var evBox = el('section.block', { 'aria-labelledby': 'ev-h' }, el('h3', { id: 'ev-h' }, 'This agent\'s record for ' + it.capability));
@@ -991,7 +998,7 @@
         box.appendChild(el('p.muted', 'No field-by-field comparison for this operation.'));
       }
       if (d.current) {
-        box.appendChild(el('details', el('summary', 'The whole current record'), el('pre.code', pretty(d.current))));
+        box.appendChild(el('details', el('summary', 'The whole current record'), el('pre.code', block(pretty(d.current)))));
       }
     }
 
@@ -1010,8 +1017,8 @@
         rep ? ['Upstream answered', rep.status ? String(rep.status) : (rep.error || '—') + (rep.message ? ': ' + rep.message : '')] : null,
         rep && rep.request_id ? ['Replay request', el('a', { href: '#/journal/' + rep.intent_seq }, 'journal record #' + rep.intent_seq)] : null
       ]));
-      if (dcs.edit_body !== undefined) s.appendChild(el('details', el('summary', 'Body as edited'), el('pre.code', pretty(dcs.edit_body))));
-      if (rep && rep.body !== undefined && rep.body !== null && rep.body !== '') s.appendChild(el('details', el('summary', 'Upstream response body'), el('pre.code', pretty(rep.body))));
+      if (dcs.edit_body !== undefined) s.appendChild(el('details', el('summary', 'Body as edited'), el('pre.code', block(pretty(dcs.edit_body)))));
+      if (rep && rep.body !== undefined && rep.body !== null && rep.body !== '') s.appendChild(el('details', el('summary', 'Upstream response body'), el('pre.code', block(pretty(rep.body)))));
       return s;
     }
 
@@ -1242,7 +1249,7 @@
         ['Hash', el('code.hash', r.hash)],
         ['Previous hash', el('code.hash', r.prev_hash)]
       ], true)));
-      body.appendChild(el('details.block', el('summary', 'The full record (JSON)'), el('pre.code', pretty(r))));
+      body.appendChild(el('details.block', el('summary', 'The full record (JSON)'), el('pre.code', block(pretty(r)))));
 
       if (doc.related && doc.related.length > 1) {
         body.appendChild(el('section.block', { 'aria-labelledby': 'rel-h' }, el('h2', { id: 'rel-h' }, 'The same request'),
@@ -1388,7 +1395,7 @@
               s.last_error ? el('span.warn-text', ' — ' + s.last_error) : null) : null);
         })));
       }
-      wrap.appendChild(el('details.block', el('summary', 'The whole transaction (JSON)'), el('pre.code', pretty(tx))));
+      wrap.appendChild(el('details.block', el('summary', 'The whole transaction (JSON)'), el('pre.code', block(pretty(tx)))));
     }
 
     function confirmTx(tx, action, hasConflict) {
