@@ -137,8 +137,8 @@ async def _decorated(gw: "Gateway", item: dict[str, Any], *, read: bool = False)
         rows = await gw.store.journal_query(filters={"request_id": item["request_id"], "kind": "request"}, limit=1)
         item["intent_seq"] = rows[0].seq if rows else None
     hl = headline_of(gw, item)
-    if read and item.get("state") == "pending" and not hl.get("complete") and gw.server_cfg.review.read_current:
-        hl = await complete_headline(gw, item)
+    if read and item.get("state") == "pending" and not hl.get("complete"):
+        hl = await complete_headline(gw, item, read=True)  # a reviewer opened it: read it, as the diff does
     item["headline"] = hl
     return item
 

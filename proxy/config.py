@@ -519,7 +519,8 @@ class ReviewConfig(Model):
     sweep_interval: Duration = 30.0
     alert_queue_depth: int | None = None
     read_current: bool = Field(
-        True, description="read each new item's record once to name it in the headline (one upstream read per item)")
+        False, description="read each new item's record once, as it is captured, so that its headline (and its "
+                           "Slack message) names the record and the values it changes; one upstream read per item")
     slack: SlackReviewConfig | None = None
 
 

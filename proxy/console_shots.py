@@ -133,6 +133,7 @@ async def shoot(out_dir: Path) -> list[Path]:
     doc = load_rules(RULES).model_dump(mode="python")
     doc["upstreams"]["crm"]["url"] = f"http://127.0.0.1:{crm.port}"
     doc["server"].update({"store": str(work / "shots.db"), "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"})
+    doc["server"]["review"]["read_current"] = True  # headlines name the record and its current values
     for g in doc["agents"]["renewal-bot"]["grants"]:
         if g["capability"] == "opportunity.update":
             g["mode"] = "dry_run"  # so that a change waits for review (the headline's example)

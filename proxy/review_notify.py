@@ -3,11 +3,12 @@
 The notifier follows the journal (the source of truth for what happened, whichever replica or worker
 did it) from the admin side of the gateway:
 
-* a new dry-run capture (``kind=request, decision=dry_run``): the item's record is read once through the
-  gateway (``server.review.read_current``, the same read as the console's diff) so that its headline
-  names the record and each field's current value; the headline is stored on the item. Then, when
-  configured, the item is posted to Slack (:mod:`proxy.slack_review`) and a ``review_pending`` alert is
-  sent to the webhooks that list that event;
+* a new dry-run capture (``kind=request, decision=dry_run``): with ``server.review.read_current`` the
+  item's record is read once through the gateway (the same read as the console's diff) so that its
+  headline names the record and each field's current value (otherwise the headline names what the body
+  says, and is completed when a reviewer first opens the item); the headline is stored on the item.
+  Then, when configured, the item is posted to Slack (:mod:`proxy.slack_review`) and a
+  ``review_pending`` alert is sent to the webhooks that list that event;
 * a decision (``kind=review``: approved, rejected, expired) or a replay's outcome: the item's Slack
   message is updated with the outcome, its buttons removed.
 
@@ -52,10 +53,13 @@ async def annotate(gw: "Gateway", item_id: str, updates: dict[str, Any]) -> dict
     return None
 
 
-async def complete_headline(gw: "Gateway", item: dict[str, Any]) -> dict[str, Any]:
-    """The headline with the record read now (when allowed and the item is pending), stored on the item."""
-    current, read = None, False
-    if gw.server_cfg.review.read_current and item.get("state") == "pending":
+async def complete_headline(gw: "Gateway", item: dict[str, Any], *, read: bool | None = None) -> dict[str, Any]:
+    """The headline, with the record read now when ``read`` (default: ``server.review.read_current``) and
+    the item is pending; stored on the item."""
+    current = None
+    want = gw.server_cfg.review.read_current if read is None else read
+    read = False
+    if want and item.get("state") == "pending":
         try:
             d = await asyncio.wait_for(gw.review.diff(item), 15)
             current, read = d.get("current"), d.get("error") is None

@@ -110,6 +110,7 @@ def renewal_rules(upstream: Any, tmp_path: Any, **extra: Any) -> dict[str, Any]:
     rules["agents"]["renewal-bot"] = {"grants": [{"capability": "opportunity.update", "mode": "dry_run"},
                                                  {"capability": "contact.create", "mode": "dry_run"}]}
     rules["capabilities"]["contact.create"]["sensitive_fields"] = ["email"]
+    rules["server"]["review"] = {"read_current": True}
     return rules
 
 
@@ -184,3 +185,22 @@ async def test_headline_in_the_api_the_cli_and_the_alert(make_gateway, upstream,
     rc, out, _ = await cli(capsys, "review", "show", item_id, *args)
     assert rc == 0 and out.splitlines()[0] == HEADLINE
     assert "stage  negotiation → proposal" in out
+
+
+async def test_without_read_current_nothing_is_read_until_a_reviewer_opens_the_item(make_gateway, upstream, tmp_path):
+    rules = renewal_rules(upstream, tmp_path)
+    rules["server"]["review"] = {"read_current": False}
+    gw = await make_gateway(rules)
+    upstream.put_record("opportunities", {"id": "opp-1", "name": "Acme renewal 2027", "stage": "negotiation"})
+    r = await gw.request("PATCH", "/api/opportunities/opp-1", agent="renewal-bot", on_behalf_of="ae:jane@acme.example",
+                         intent="renew Acme Corp", json={"stage": "proposal"})
+    item_id = r.headers["X-Tether-Dry-Run"]
+    await asyncio.sleep(1.5)  # the notifier had its chance; it must not read
+    assert upstream.received == []
+    items = (await (await gw.admin("GET", "/api/review/items")).json())["items"]
+    assert items[0]["headline"]["text"] == ("renewal-bot, for jane@acme.example (AE), wants to change Opportunity "
+                                            "opp-1: stage → proposal — because: renew Acme Corp")
+    shown = await (await gw.admin("GET", f"/api/review/items/{item_id}")).json()  # a reviewer opens it
+    assert shown["headline"]["text"] == HEADLINE and len(upstream.seen("GET")) == 1
+    items = (await (await gw.admin("GET", "/api/review/items")).json())["items"]
+    assert items[0]["headline"]["text"] == HEADLINE  # stored: the list names it now too

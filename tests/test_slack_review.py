@@ -30,7 +30,7 @@ def slack_rules(upstream: Any, slack: SlackFake, tmp_path: Any) -> dict[str, Any
         "upstream": "crm", "method": "PATCH", "path": "/api/opportunities/{id}",
         "display": {"object": "Opportunity", "name": ["name"]}}
     rules["agents"]["renewal-bot"] = {"grants": [{"capability": "opportunity.update", "mode": "dry_run"}]}
-    rules["server"]["review"] = {"slack": {
+    rules["server"]["review"] = {"read_current": True, "slack": {
         "channel": CHANNEL, "bot_token": slack.token, "signing_secret": slack.signing_secret,
         "api_url": f"{slack.url}/api", "console_url": "https://tether.acme.example/console/",
         "reviewers": {RITA: "rita", AGENT_ITSELF: "renewal-bot", JANE: "ae:jane@acme.example"}}}
