@@ -92,6 +92,7 @@ class ReviewNotifier:
         self.cursor = (await gw.store.journal_head())[0]
         ev = gw.journal.subscribe()
         started = False
+        idle = False
         try:
             while not gw.draining:
                 try:
@@ -105,8 +106,11 @@ class ReviewNotifier:
                 self._last = time.monotonic()
                 try:
                     if not self._active():
-                        self.cursor = (await gw.store.journal_head())[0]
+                        idle = True  # nothing to tell anyone: no store query while it stays so
                         continue
+                    if idle:
+                        idle = False
+                        self.cursor = (await gw.store.journal_head())[0]
                     if not await gw.store.try_lease(LEASE, gw.instance_id, 15.0):
                         self.cursor = (await gw.store.journal_head())[0]
                         continue

@@ -53,6 +53,7 @@ WINDOW = 300.0  # seconds: Slack's own recommendation for the replay window
 APPROVE, REJECT, OPEN = "tether_approve", "tether_reject", "tether_open"
 REJECT_VIEW = "tether_reject_reason"
 MAX_BODY = 64 * 1024  # interaction payloads are small; anything larger is not from Slack
+REFUSALS_PER_MINUTE = 60
 
 
 class SlackError(Exception):
@@ -109,6 +110,7 @@ class SlackReviews:
         self._secrets: dict[tuple[str, int], Secret] = {}
         self._seen = _Seen()
         self._pending: set[asyncio.Task[Any]] = set()
+        self._refusals: list[float] = [0.0, 0, 0]  # window start, journaled, suppressed
 
     @property
     def cfg(self) -> SlackReviewConfig | None:
@@ -216,7 +218,15 @@ class SlackReviews:
         cfg = self.cfg
         if cfg is None:
             raise TetherError("not_found", "Slack reviewing is not configured (server.review.slack)")
-        body = await request.content.read(MAX_BODY + 1)
+        body = b""
+        if (request.content_length or 0) <= MAX_BODY:
+            while len(body) <= MAX_BODY:
+                chunk = await request.content.read(MAX_BODY + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+        else:
+            body = b"x" * (MAX_BODY + 1)  # refused below without reading it
         now = time.time()
         ts, sig = request.headers.get("X-Slack-Request-Timestamp"), request.headers.get("X-Slack-Signature")
         try:
@@ -348,7 +358,22 @@ class SlackReviews:
         except SlackError as exc:
             log.warning("could not tell %s: %s", uid, exc)
 
+    def _refusal_allowed(self, now: float) -> bool:
+        """At most REFUSALS_PER_MINUTE refusal records a minute: the endpoint faces Slack (and so possibly
+        the internet), and unsigned junk must not be able to fill the journal. The rest are counted."""
+        if now - self._refusals[0] >= 60:
+            if self._refusals[2]:
+                log.warning("%d more refused Slack requests in the last minute were not journaled", self._refusals[2])
+            self._refusals = [now, 0, 0]
+        if self._refusals[1] >= REFUSALS_PER_MINUTE:
+            self._refusals[2] += 1
+            return False
+        self._refusals[1] += 1
+        return True
+
     async def _journal(self, event: str, **fields: Any) -> None:
+        if event == "slack_refused" and "item" not in fields and not self._refusal_allowed(time.time()):
+            return
         rec = base_record("review", decision=event)
         rec.update({"event": event, "via": "slack", **{k: v for k, v in fields.items() if v is not None}})
         if "item" in rec:

@@ -242,6 +242,11 @@ async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstrea
     assert "name" in same and "same" in same
     detail = await page.inner_text(".detail-pane")
     assert hostile in detail  # shown as text, never as markup
+    # the headline, first in the item and in the list
+    headline = await page.inner_text("#item-headline")
+    assert headline.startswith("bot, for jane@acme (AE), wants to change contact 'Ann Lee': stage open → won")
+    assert "because: close the Acme renewal" in headline
+    assert "wants to change contact" in await page.inner_text(f'a.item-link[data-id="{upd}"] .item-headline')
     assert "ae:jane@acme" in detail and "PATCH" in detail and "/api/contacts/5" in detail
     assert '"stage": "won"' in detail  # the request body, pretty-printed
     assert "Synthetic response the agent got" in detail and "Status 200" in detail
@@ -638,3 +643,49 @@ async def test_partial_names_tampered_records_and_recent_rollbacks(console, upst
     await page.wait_for_selector('a.item-link[data-id="demo-renewal"]')
     assert "rolled back" in await page.inner_text('a.item-link[data-id="demo-renewal"]')
     assert page.js_errors == []
+
+
+async def test_agent_text_is_inert_in_the_console(console, upstream, tmp_path):
+    """Control and bidi characters an agent put in its text are shown as escapes, in every screen."""
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    r = await gw.request("POST", "/api/contacts", json={"name": "Bo"}, intent="add Bo")
+    item = r.headers["X-Tether-Dry-Run"]
+    hostile = "approve me\u202e\u2066 evil\u2069\x1b[2J\r\nline two"
+    # whatever the input rules let through, or an old record holds: the view must stay inert
+    await gw.gw.store.review_transition(item, ("pending",), "pending", {"intent": hostile})
+    from proxy.journal import base_record
+
+    await gw.gw.journal.write(base_record("request", agent="bot", intent=hostile, decision="denied",
+                                          method="GET", path="/x", reason="route_not_registered"))
+    page = await console.page(f"{gw.admin_url}/console/#/queue/{item}")
+    await sign_in(page, gw.reviewer_token())
+    await page.wait_for_selector("#item-headline")
+    for where in ("#item-headline", ".detail-pane dl.facts", f'a.item-link[data-id="{item}"]'):
+        text = await page.inner_text(where)
+        assert "\\u202e" in text and "\\x1b" in text and "\\r\\n" in text, where
+        for bad in ("\u202e", "\u2066", "\x1b", "\r"):
+            assert bad not in text, (where, repr(bad))
+    await page.goto(f"{gw.admin_url}/console/#/journal")
+    await page.wait_for_selector("table.journal tbody tr")
+    text = await page.inner_text("table.journal tbody tr:first-child")
+    assert "\\u202e" in text and "\u202e" not in text
+    assert page.js_errors == []
+
+
+def test_the_screenshot_script_writes_every_screen(tmp_path):
+    """`python -m proxy.console_shots` (what a reviewer of the project runs to look at the console)."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed; the screenshot script needs it")
+    if chromium_path() is None:
+        pytest.skip("Chromium is not installed; the screenshot script needs it")
+    from proxy.console_shots import main
+
+    assert main(["--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    for screen in ("queue", "item", "journal", "journal-record", "transactions", "agents"):
+        assert f"{screen}.png" in names and f"phone-{screen}.png" in names, names
+    for p in tmp_path.glob("*.png"):
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p.name

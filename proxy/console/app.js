@@ -309,11 +309,12 @@
   function refreshQueueCount() {
     if (!token()) return;
     var my = ++countSeq;
-    api('GET', 'review/items', { state: 'pending', limit: 1000 }).then(function (doc) {
+    // one item is enough: the answer carries the number pending (no need to download the queue)
+    api('GET', 'review/items', { state: 'pending', limit: 1 }).then(function (doc) {
       if (my !== countSeq) return;  // an older answer arriving late
       var c = $('queue-count');
-      c.textContent = doc.count ? String(doc.count) : '';
-      c.setAttribute('aria-label', doc.count + ' pending');
+      c.textContent = doc.pending ? String(doc.pending) : '';
+      c.setAttribute('aria-label', doc.pending + ' pending');
     }, function () {});
   }
 
