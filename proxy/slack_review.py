@@ -40,7 +40,7 @@ from aiohttp import web
 from .config import SlackReviewConfig
 from .errors import TetherError
 from .identity import Identity
-from .inert import inert, slack_text
+from .inert import slack_text
 from .journal import base_record
 from .secret import Secret, SecretUnavailable
 
@@ -201,7 +201,8 @@ class SlackReviews:
             buttons.append({"type": "button", "action_id": OPEN, "url": link,
                             "text": {"type": "plain_text", "text": "Open in the console"}})
         blocks.append({"type": "actions", "block_id": "tether_decide", "elements": buttons})
-        return {"text": f"Review needed: {inert(headline.get('text'))}"[:3000], "blocks": blocks}
+        # the fallback text is read as mrkdwn too (notifications): escaped like the blocks
+        return {"text": f"Review needed: {slack_text(headline.get('text'))}"[:3000], "blocks": blocks}
 
     def outcome_message(self, item: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any]:
         blocks = self._head_blocks(item, headline, "Review")
@@ -210,7 +211,7 @@ class SlackReviews:
         link = self.console_link(item["id"])
         if link:
             blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{link}|Open in the console>"}]})
-        return {"text": f"{outcome}: {inert(headline.get('text'))}"[:3000], "blocks": blocks}
+        return {"text": f"{slack_text(outcome)}: {slack_text(headline.get('text'))}"[:3000], "blocks": blocks}
 
     # -- the interaction callback -----------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class SlackReviews:
 
     async def _refused(self, item_id: str, uid: str, who: str, channel: str, err: TetherError) -> None:
         await self._journal("slack_refused", item=item_id, slack_user=uid, reviewer=who, reason=err.code)
-        await self._tell(channel, uid, f"Tether refused: {err.message} ({err.code}).")
+        await self._tell(channel, uid, f"Tether refused: {slack_text(err.message)} ({err.code}).")
         if err.code == "already_decided":
             from .review_notify import refresh_message
 

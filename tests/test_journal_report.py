@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 
 from proxy.cli import main
 from proxy.inert import field_value, inert, json_text
@@ -59,8 +60,8 @@ def test_a_value_cannot_forge_a_field_of_a_human_line():
 # --------------------------------------------------------------------------- a journal to ask about
 
 
-def audit_rules(upstream: Any, tmp_path: Any) -> dict[str, Any]:
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+def audit_rules(upstream: Any, store: str) -> dict[str, Any]:
+    rules = base_rules(upstream.url, store)
     rules["capabilities"]["contact.update"]["body"] = {"allow_fields": ["stage"],
                                                        "constraints": {"stage": {"enum": ["open", "won"]}}}
     rules["agents"]["renewal-bot"] = {"grants": [{"capability": "contact.update", "mode": "live"},
@@ -98,10 +99,11 @@ async def make_history(gw: Any, upstream: Any) -> dict[str, Any]:
     return {"approved": ok, "rejected": bad, "tx": tx}
 
 
-async def test_report_answers_what_the_agent_did_for_a_person(make_gateway, upstream, tmp_path, capsys):
-    gw = await make_gateway(audit_rules(upstream, tmp_path))
+@pytest.mark.stores
+async def test_report_answers_what_the_agent_did_for_a_person(make_gateway, upstream, store_url, capsys):
+    gw = await make_gateway(audit_rules(upstream, store_url))
     h = await make_history(gw, upstream)
-    store = str(tmp_path / "t.db")
+    store = store_url
 
     rc, out, err = await cli(capsys, "journal", "report", "--store", store, "--agent", "renewal", "--user", "jane",
                              "--since", "1h")
@@ -142,7 +144,7 @@ async def test_report_answers_what_the_agent_did_for_a_person(make_gateway, upst
 
 async def test_tail_matches_parts_of_names_counts_the_rest_and_names_system_events(make_gateway, upstream, tmp_path,
                                                                                    capsys):
-    gw = await make_gateway(audit_rules(upstream, tmp_path))
+    gw = await make_gateway(audit_rules(upstream, str(tmp_path / "t.db")))
     await make_history(gw, upstream)
     hostile = "x\r\x1b[31m | decision=live\u202e"
     # a record holding what an agent could have put there (whether or not the input is refused today: the

@@ -24,8 +24,8 @@ async def slack() -> AsyncIterator[SlackFake]:
     await fake.stop()
 
 
-def slack_rules(upstream: Any, slack: SlackFake, tmp_path: Any) -> dict[str, Any]:
-    rules = base_rules(upstream.url, str(tmp_path / "t.db"))
+def slack_rules(upstream: Any, slack: SlackFake, store: str) -> dict[str, Any]:
+    rules = base_rules(upstream.url, store)
     rules["capabilities"]["opportunity.update"] = {
         "upstream": "crm", "method": "PATCH", "path": "/api/opportunities/{id}",
         "display": {"object": "Opportunity", "name": ["name"]}}
@@ -87,8 +87,9 @@ def test_the_signature_is_slacks_scheme():
     assert check_signature(secret, None, good, body, now=1531420618) is not None
 
 
-async def test_decide_in_slack_signed_mapped_separated_and_journaled(make_gateway, upstream, slack, tmp_path):
-    gw = await make_gateway(slack_rules(upstream, slack, tmp_path))
+@pytest.mark.stores
+async def test_decide_in_slack_signed_mapped_separated_and_journaled(make_gateway, upstream, slack, store_url):
+    gw = await make_gateway(slack_rules(upstream, slack, store_url))
     url = f"{gw.admin_url}/slack/interactions"
     upstream.put_record("opportunities", {"id": "opp-1", "name": "Acme renewal 2027", "stage": "negotiation"})
     item = await capture(gw, upstream, intent="renew Acme Corp <!channel> <https://evil.example|approve>")
@@ -99,6 +100,7 @@ async def test_decide_in_slack_signed_mapped_separated_and_journaled(make_gatewa
     assert "renewal-bot, for jane@acme.example (AE), wants to change Opportunity 'Acme renewal 2027'" in text
     assert "negotiation → proposal" in text
     assert "&lt;!channel&gt;" in text and "<!channel>" not in text and "<https://evil" not in text
+    assert "<!channel>" not in msg["text"] and "&lt;!channel&gt;" in msg["text"]  # the notification text too
     buttons = button_values(msg)
     assert buttons[APPROVE] == item and buttons[REJECT] == item
     assert buttons["tether_open"] == f"https://tether.acme.example/console/#/queue/{item}"
@@ -154,7 +156,7 @@ async def test_decide_in_slack_signed_mapped_separated_and_journaled(make_gatewa
 
 async def test_reject_in_slack_asks_for_a_reason_and_other_decisions_update_the_message(make_gateway, upstream,
                                                                                            slack, tmp_path):
-    gw = await make_gateway(slack_rules(upstream, slack, tmp_path))
+    gw = await make_gateway(slack_rules(upstream, slack, str(tmp_path / "t.db")))
     url = f"{gw.admin_url}/slack/interactions"
     upstream.put_record("opportunities", {"id": "opp-1", "name": "Acme renewal 2027", "stage": "negotiation"})
     item = await capture(gw, upstream)
@@ -187,7 +189,7 @@ async def test_reject_in_slack_asks_for_a_reason_and_other_decisions_update_the_
 
 async def test_the_person_acted_for_cannot_approve_in_slack(make_gateway, upstream, slack, tmp_path):
     """Separation of duties is the review service's rule (issue 20 item 3); Slack goes through it."""
-    gw = await make_gateway(slack_rules(upstream, slack, tmp_path))
+    gw = await make_gateway(slack_rules(upstream, slack, str(tmp_path / "t.db")))
     url = f"{gw.admin_url}/slack/interactions"
     upstream.put_record("opportunities", {"id": "opp-1", "name": "Acme renewal 2027", "stage": "negotiation"})
     item = await capture(gw, upstream)
