@@ -265,7 +265,15 @@ async def journal_list(request: web.Request) -> web.Response:
 
     q = request.query
     filters = {col: q[name] for name, col in _JOURNAL_FILTERS if q.get(name)}
-    partial = {col: q[name].strip().lower() for name, col in _JOURNAL_PARTIAL if (q.get(name) or "").strip()}
+    partial: dict[str, str] = {}
+    for name, col in _JOURNAL_PARTIAL:
+        value = (q.get(name) or "").strip()
+        if not value:
+            continue
+        if await _gw(request).store.journal_query(filters={col: value}, limit=1, descending=True):
+            filters[col] = value  # the journal holds this exact name: an indexed filter
+        else:
+            partial[col] = value.lower()
     limit = min(int(_float(q.get("limit"), "limit") or 100), 1000)
     before = int(q["before_seq"]) if q.get("before_seq", "").isdigit() else None
     text = (q.get("q") or "").strip().lower()
@@ -296,9 +304,9 @@ async def journal_list(request: web.Request) -> web.Response:
         cursor = rows[-1].seq
         if not scan or scanned >= JOURNAL_SCAN_LIMIT:
             break
-    more = cursor if scan and scanned >= JOURNAL_SCAN_LIMIT and len(out) < limit else None
-    return json_response({"records": out, "next_before_seq": more or (out[-1]["seq"] if out else None),
-                          "scanned": scanned})
+    stopped = cursor if scan and scanned >= JOURNAL_SCAN_LIMIT and len(out) < limit else None
+    return json_response({"records": out, "next_before_seq": stopped or (out[-1]["seq"] if out else None),
+                          "more": bool(stopped) or len(out) >= limit, "scanned": scanned})
 
 
 JOURNAL_SCAN_LIMIT = 50_000  # records one search reads before it answers with what it found (and a cursor)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import secrets
@@ -48,7 +49,7 @@ async def seed_history(gw: Any, hours: int = 24) -> None:
     now = time.time()
     for h in range(hours, 0, -1):
         t0 = now - h * 3600
-        busy = 4 + int(6 * (1 + __import__("math").sin(h / 3.5)))
+        busy = 4 + int(6 * (1 + math.sin(h / 3.5)))
         for i in range(busy):
             t = t0 + i * 3600 / busy
             agent = "renewal-bot" if i % 3 else "eager-bot"

@@ -1156,7 +1156,7 @@
         if (my !== listSeq) return;
         records = before ? records.concat(doc.records) : doc.records;
         next = doc.next_before_seq;
-        more.hidden = !next || doc.records.length < 100;
+        more.hidden = !next || !doc.more;  // a search that read its share of the journal says there is more
         render();
       }, function (err) { clear(body).appendChild(errorBox(err)); });
     }
