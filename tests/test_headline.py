@@ -12,7 +12,7 @@ from adapters import get_adapter
 from adapters.base import Operation
 from proxy.cli import main
 from proxy.config import parse_rules
-from proxy.headline import compose, person
+from proxy.headline import person
 from proxy.normalise import decode_segments, split_target
 from proxy.registry import Registry
 from tests.conftest import base_rules
