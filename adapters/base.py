@@ -112,6 +112,55 @@ class UndoPlan:
                    pre_image=d.get("pre_image"), expect=d.get("expect"), note=d.get("note", ""))
 
 
+@dataclass(frozen=True, slots=True)
+class Description:
+    """An operation in a reviewer's words: the action and the record it acts on (``change`` /
+    ``Opportunity`` / ``Acme renewal 2027``). Built by :meth:`Adapter.describe` from the request and,
+    when Tether read it, the record as it is now; the headline of a review item is made from it."""
+
+    action: str  # a verb phrase: "create", "change", "delete", "post a message in"
+    kind: str  # what one record is called: "Opportunity", "deal", "customer", "channel"
+    name: str | None = None  # the record's own name: "Acme renewal 2027", "#sales", "jane@acme.example"
+    record_id: str | None = None  # its id when the request names one
+
+
+_ACTIONS = {"create": "create", "update": "change", "upsert": "create or change", "delete": "delete",
+            "read": "read", "action": "run an action on"}
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def humanise(field_name: str) -> str:
+    """``close_date`` / ``CloseDate`` / ``metadata.plan`` -> ``close date`` / ``close date`` / ``metadata plan``."""
+    words = _CAMEL.sub(" ", field_name.replace(".", " ").replace("_", " ").replace("-", " "))
+    return " ".join(w.lower() if not w.isupper() or len(w) == 1 else w for w in words.split())
+
+
+def record_field(record: Any, path: str) -> Any:
+    """The value at a dotted path of a JSON object, or None."""
+    node = record
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def display_name(sources: list[Any], fields: list[Any]) -> str | None:
+    """The first of ``fields`` found in the first source that has it. An entry is a dotted path, or a
+    list of paths whose values are joined by a space (``[firstname, lastname]``)."""
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        for f in fields:
+            paths = f if isinstance(f, (list, tuple)) else [f]
+            parts = [record_field(src, p) for p in paths]
+            words = [str(v).strip() for v in parts if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                     and str(v).strip()]
+            if words:
+                return " ".join(words)
+    return None
+
+
 class NotCompensable(Exception):
     """This write cannot be undone (raised by plan_undo with the reason)."""
 
@@ -241,6 +290,39 @@ class Adapter:
             r = self.synthetic_response(op, item_id)
             results.append({"status": r.status, "body": r.body if not isinstance(r.body, bytes) else None})
         return SyntheticResponse(200, {"results": results, "dry_run": item_id})
+
+    # -- what it does, in words -----------------------------------------------------------------
+
+    # fields that name a record, tried in order when the capability has no ``display.name``
+    name_fields: ClassVar[tuple[Any, ...]] = ("name", "title", "subject", ("first_name", "last_name"), "email",
+                                              "label")
+
+    def describe(self, op: Operation, record: Any = None) -> Description:
+        """The action and the record, in words (no I/O): from the capability's ``display`` config when it
+        has one, then from what this upstream's records look like. ``record`` is the record as Tether
+        read it (a pre-image), when it did; otherwise only the request names it."""
+        cap = op.capability
+        kind_op = getattr(cap, "operation", None) or "action"
+        display = getattr(getattr(cap, "config", None), "display", None)
+        kind = (display.object if display is not None and display.object else None) or self.record_kind(op)
+        fields = list(display.name) if display is not None and display.name else list(self.name_fields)
+        name = display_name([record, op.body if isinstance(op.body, dict) else None], fields)
+        rid = op.params.get("id") or next((v for k, v in op.params.items() if k.lower().endswith("id")), None)
+        return Description(_ACTIONS.get(kind_op, kind_op), kind, name, rid)
+
+    def record_kind(self, op: Operation) -> str:
+        """What one record of this path is called: the collection's last literal segment, singular."""
+        template = getattr(op.capability, "template", None) or op.path
+        literals = [s for s in template.strip("/").split("/") if s and not s.startswith("{")]
+        word = literals[-1] if literals else "record"
+        for plural, single in (("ies", "y"), ("sses", "ss"), ("ses", "s"), ("s", "")):
+            if word.endswith(plural) and len(word) > len(plural) + 1:
+                return word[: len(word) - len(plural)] + single
+        return word
+
+    def field_label(self, field_name: str) -> str:
+        """A body field as a reviewer reads it (``close_date`` -> ``close date``)."""
+        return humanise(field_name)
 
     # -- outcome --------------------------------------------------------------------------------
 

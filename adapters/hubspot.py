@@ -462,6 +462,32 @@ class HubSpotAdapter(Adapter):
         props = body.get("properties") if isinstance(body, dict) else None
         return dict(props) if isinstance(props, dict) else {}
 
+    # -- what it does, in words -----------------------------------------------------------------
+
+    name_fields = ("properties.dealname", ("properties.firstname", "properties.lastname"), "properties.name",
+                   "properties.subject", "properties.hs_ticket_subject", "properties.email", "properties.domain",
+                   "dealname", ("firstname", "lastname"), "name", "email")
+
+    def record_kind(self, op: Operation) -> str:
+        """``deal``, ``contact``, ``company`` (also for a type id such as ``0-3``)."""
+        t = self.target(op)
+        if t is None:
+            return super().record_kind(op)
+        for single in STANDARD_TYPES.get(t.type, ()):
+            if not single[0].isdigit():
+                return single.replace("_", " ")
+        word = t.type
+        return word[:-3] + "y" if word.endswith("ies") else word[:-1] if word.endswith("s") else word
+
+    def field_label(self, field_name: str) -> str:
+        """``properties.dealstage`` -> ``deal stage``."""
+        from .base import humanise
+
+        name = field_name.removeprefix("properties.")
+        return {"dealstage": "deal stage", "dealname": "deal name", "closedate": "close date",
+                "firstname": "first name", "lastname": "last name", "hubspot_owner_id": "owner",
+                "lifecyclestage": "lifecycle stage"}.get(name, humanise(name))
+
     def synthetic_response(self, op: Operation, item_id: str) -> SyntheticResponse:
         t = self.target(op)
         kind = self.kind_of(op)

@@ -669,6 +669,35 @@ class SalesforceAdapter(Adapter):
             return 200, {"totalSize": 0, "done": True, "records": []}, {}, None
         return 200, {"success": True, "errors": []}, {}, None
 
+    # -- what it does, in words -----------------------------------------------------------------
+
+    name_fields = ("Name", ("FirstName", "LastName"), "Subject", "CaseNumber", "Title", "Email")
+    _FIELD_LABELS = {"stagename": "stage", "closedate": "close date", "accountid": "account", "ownerid": "owner",
+                     "leadsource": "lead source", "nextstep": "next step", "recordtypeid": "record type",
+                     "forecastcategoryname": "forecast category"}
+
+    def record_kind(self, op: Operation) -> str:
+        """The sObject type: as the capability's template spells it when it names one, else the request."""
+        for source in (getattr(getattr(op.capability, "config", None), "path", None), op.path):
+            segs = [s for s in (source or "").split("/") if s]
+            low = [s.lower() for s in segs]
+            if "sobjects" in low[:-1]:
+                name = segs[low.index("sobjects") + 1]
+                if not name.startswith("{"):
+                    return name
+        sub = _meta(op)
+        return (sub.ref_type if sub is not None and sub.ref_type else None) or "record"
+
+    def field_label(self, field_name: str) -> str:
+        """``StageName`` -> ``stage``; a custom field's ``__c`` suffix is dropped (``Renewal_Risk__c`` ->
+        ``renewal risk``)."""
+        from .base import humanise
+
+        known = self._FIELD_LABELS.get(field_name.lower())
+        if known:
+            return known
+        return humanise(re.sub(r"__c$", "", field_name))
+
     def synthetic_response(self, op: Operation, item_id: str) -> SyntheticResponse:
         status, body, _, _ = self._synthetic(op)  # a plain create answers with its body only (no Location)
         return SyntheticResponse(status, body)

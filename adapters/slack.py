@@ -187,6 +187,34 @@ class SlackAdapter(Adapter):
     def new_id(self, op: Operation) -> str:
         return _new_ts()
 
+    # -- what it does, in words -----------------------------------------------------------------
+
+    _ACTION_WORDS = {"chat.postMessage": "post a message in", "chat.postEphemeral": "post a private message in",
+                     "chat.scheduleMessage": "schedule a message in", "chat.meMessage": "post a message in",
+                     "chat.update": "edit a message in", "chat.delete": "delete a message in",
+                     "reactions.add": "react to a message in", "reactions.remove": "remove a reaction in",
+                     "pins.add": "pin a message in", "pins.remove": "unpin a message in",
+                     "conversations.create": "create", "conversations.archive": "archive",
+                     "conversations.invite": "invite people to", "conversations.kick": "remove someone from",
+                     "conversations.setTopic": "set the topic of", "conversations.setPurpose": "set the purpose of",
+                     "conversations.rename": "rename"}
+
+    def describe(self, op: Operation, record: Any = None) -> "Description":
+        """``post a message in`` channel ``#sales`` (channel ids are shown as they are)."""
+        from .base import Description
+
+        name = method_of(op.segments or op.path) or ""
+        body = op.body if isinstance(op.body, dict) else {}
+        channel = body.get("channel") or body.get("name")
+        shown = None
+        if isinstance(channel, str) and channel:
+            shown = channel if channel.startswith("#") or _CHANNEL_RE.fullmatch(channel) else "#" + channel
+        action = self._ACTION_WORDS.get(name) or f"call {name or op.path} in"
+        return Description(action, "channel", shown, None)
+
+    def field_label(self, field_name: str) -> str:
+        return {"text": "text", "ts": "message", "thread_ts": "thread"}.get(field_name, super().field_label(field_name))
+
     def synthetic_response(self, op: Operation, item_id: str) -> SyntheticResponse:
         """What Slack answers, ``ok: true`` included (the SDKs raise on anything else)."""
         name = method_of(op.segments or op.path) or ""

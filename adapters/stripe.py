@@ -441,6 +441,32 @@ class StripeAdapter(Adapter):
             return _random_alnum(8)
         return f"{res.prefix}_dryrun{_random_alnum(14)}"
 
+    # -- what it does, in words -----------------------------------------------------------------
+
+    name_fields = ("name", "email", "description", "number", "nickname", "receipt_email")
+
+    def record_kind(self, op: Operation) -> str:
+        """``customer``, ``subscription``, ``invoice`` (the object the path names)."""
+        t = target_of(_segments(op))
+        if t is None:
+            return super().record_kind(op)
+        return t.resource.object.replace("_", " ") if getattr(t.resource, "object", None) else "object"
+
+    def describe(self, op: Operation, record: Any = None) -> "Description":
+        """As the base, with Stripe's actions named (``void`` invoice, ``refund``) and a customer named
+        by name or e-mail."""
+        from .base import Description
+
+        d = super().describe(op, record)
+        t = target_of(_segments(op))
+        rid = d.record_id or (t.id if t is not None else None)
+        action = d.action
+        if t is not None and t.is_action and t.sub:
+            action = f"{t.sub.replace('_', ' ')}"
+        elif t is not None and op.method == "DELETE" and t.collection == "subscriptions":
+            action = "cancel"
+        return Description(action, d.kind, d.name, rid)
+
     def synthetic_response(self, op: Operation, item_id: str) -> SyntheticResponse:
         """A Stripe object the SDKs parse into their classes: ``id``, ``object``, the fields written
         (typed as Stripe answers them), ``livemode: false``, ``created``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -20,11 +20,14 @@ from .exchange import new_request_id
 from .headers import REQUEST_ID
 from .identity import Identity
 from .responses import error_response, json_response
+from .stats import StatsCache
 
 if TYPE_CHECKING:
     from .gateway import Gateway
 
 GATEWAY = web.AppKey("gateway", object)
+SLACK = web.AppKey("slack", object)
+STATS = web.AppKey("stats", object)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
@@ -144,17 +147,28 @@ def _float(v: str | None, name: str) -> float | None:
         raise TetherError("bad_request", f"{name} must be a number") from None
 
 
+REVIEW_STATES = ("pending", "approved", "replayed", "replay_failed", "rejected", "expired")
+
+
 async def review_list(request: web.Request) -> web.Response:
     reviewer(request)
     q = request.query
     age = _float(q.get("min_age"), "min_age")
     gw = _gw(request)
+    state = q.get("state") or None
+    if state == "all":
+        state = None
+    elif state is not None and state not in REVIEW_STATES:
+        raise TetherError("bad_request", f"state is one of {', '.join(REVIEW_STATES)} or all")
     items = await gw.store.review_list(
-        state=q.get("state") or None, agent=q.get("agent") or None, capability=q.get("capability") or None,
+        state=state, agent=q.get("agent") or None, capability=q.get("capability") or None,
         upstream=q.get("upstream") or None, older_than=(time.time() - age) if age else None,
         limit=int(_float(q.get("limit"), "limit") or 200))
+    from .headline import headline_of
+
     for it in items:
         _add_upstream_url(gw, it)
+        it["headline"] = headline_of(gw, it)
     return json_response({"items": items, "count": len(items), "pending": await gw.store.review_count("pending")})
 
 
@@ -167,28 +181,43 @@ def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
     return item
 
 
-async def review_show(request: web.Request) -> web.Response:
-    reviewer(request)
-    gw = _gw(request)
-    item = _add_upstream_url(gw, await gw.review.get(request.match_info["id"]))
+async def _decorated(gw: "Gateway", item: dict[str, Any], *, read: bool = False) -> dict[str, Any]:
+    """An item as every view shows it: the upstream URL, its journal record's number, its headline
+    (completed with a read of the record when ``read`` and the notifier has not got to it yet)."""
+    from .headline import headline_of
+    from .review_notify import complete_headline
+
+    _add_upstream_url(gw, item)
     if item.get("intent_seq") is None and item.get("request_id"):
         rows = await gw.store.journal_query(filters={"request_id": item["request_id"], "kind": "request"}, limit=1)
         item["intent_seq"] = rows[0].seq if rows else None
-    return json_response(item)
+    hl = headline_of(gw, item)
+    if read and item.get("state") == "pending" and not hl.get("complete"):
+        hl = await complete_headline(gw, item, read=True)  # a reviewer opened it: read it, as the diff does
+    item["headline"] = hl
+    return item
+
+
+async def review_show(request: web.Request) -> web.Response:
+    reviewer(request)
+    gw = _gw(request)
+    return json_response(await _decorated(gw, await gw.review.get(request.match_info["id"]), read=True))
 
 
 async def review_approve(request: web.Request) -> web.Response:
     who = reviewer(request)
     doc = await _json_body(request)
-    item = await _gw(request).review.approve(request.match_info["id"], who, edit=doc.get("edit"), note=doc.get("note"))
-    return json_response(item)
+    gw = _gw(request)
+    item = await gw.review.approve(request.match_info["id"], who, edit=doc.get("edit"), note=doc.get("note"))
+    return json_response(await _decorated(gw, item))
 
 
 async def review_reject(request: web.Request) -> web.Response:
     who = reviewer(request)
     doc = await _json_body(request)
-    item = await _gw(request).review.reject(request.match_info["id"], who, str(doc.get("reason") or ""))
-    return json_response(item)
+    gw = _gw(request)
+    item = await gw.review.reject(request.match_info["id"], who, str(doc.get("reason") or ""))
+    return json_response(await _decorated(gw, item))
 
 
 async def tx_list(request: web.Request) -> web.Response:
@@ -279,8 +308,9 @@ async def promotion_evidence(request: web.Request) -> web.Response:
     return json_response({"evidence": ev, "missing": gov.gate_problems(ev)})
 
 
-_JOURNAL_FILTERS = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capability"),
-                    ("decision", "decision"), ("kind", "kind"), ("request_id", "request_id"))
+_JOURNAL_FILTERS = (("decision", "decision"), ("kind", "kind"), ("request_id", "request_id"))
+# matched as a case-insensitive part of the value ("jane" finds ae:jane@acme.example)
+_JOURNAL_PARTIAL = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capability"))
 
 
 async def journal_list(request: web.Request) -> web.Response:
@@ -290,9 +320,20 @@ async def journal_list(request: web.Request) -> web.Response:
 
     q = request.query
     filters = {col: q[name] for name, col in _JOURNAL_FILTERS if q.get(name)}
+    partial: dict[str, str] = {}
+    for name, col in _JOURNAL_PARTIAL:
+        value = (q.get(name) or "").strip()
+        if not value:
+            continue
+        if await _gw(request).store.journal_query(filters={col: value}, limit=1, descending=True):
+            filters[col] = value  # the journal holds this exact name: an indexed filter
+        else:
+            partial[col] = value.lower()
     limit = min(int(_float(q.get("limit"), "limit") or 100), 1000)
     before = int(q["before_seq"]) if q.get("before_seq", "").isdigit() else None
     text = (q.get("q") or "").strip().lower()
+    scan = bool(text or partial)
+    scanned = 0
     try:
         since, until = parse_time(q.get("since") or None), parse_time(q.get("until") or None)
     except SystemExit as exc:
@@ -302,10 +343,13 @@ async def journal_list(request: web.Request) -> web.Response:
     cursor = before
     while len(out) < limit:
         rows = await store.journal_query(before_seq=cursor, filters=filters, since=since, until=until,
-                                         descending=True, limit=500 if text else limit)
+                                         descending=True, limit=500 if scan else limit)
         if not rows:
             break
         for r in rows:
+            scanned += 1
+            if partial and not all(needle in str(r.columns.get(col) or "").lower() for col, needle in partial.items()):
+                continue
             rec = r.record()
             if text and text not in orjson.dumps(rec).decode().lower():
                 continue
@@ -313,9 +357,14 @@ async def journal_list(request: web.Request) -> web.Response:
             if len(out) >= limit:
                 break
         cursor = rows[-1].seq
-        if not text:
+        if not scan or scanned >= JOURNAL_SCAN_LIMIT:
             break
-    return json_response({"records": out, "next_before_seq": out[-1]["seq"] if out else None})
+    stopped = cursor if scan and scanned >= JOURNAL_SCAN_LIMIT and len(out) < limit else None
+    return json_response({"records": out, "next_before_seq": stopped or (out[-1]["seq"] if out else None),
+                          "more": bool(stopped) or len(out) >= limit, "scanned": scanned})
+
+
+JOURNAL_SCAN_LIMIT = 50_000  # records one search reads before it answers with what it found (and a cursor)
 
 
 async def journal_record(request: web.Request) -> web.Response:
@@ -327,6 +376,7 @@ async def journal_record(request: web.Request) -> web.Response:
     if not rows:
         raise TetherError("not_found", f"no journal record {seq}")
     rec = {"seq": rows[0].seq, "hash": rows[0].hash, "prev_hash": rows[0].prev_hash, **rows[0].record()}
+    integrity = await _record_integrity(gw, rows[0])
     related = []
     if rec.get("request_id"):
         related = [{"seq": r.seq, **r.record()} for r in
@@ -334,7 +384,37 @@ async def journal_record(request: web.Request) -> web.Response:
     item_id = rec.get("review_item") or next((r["review_item"] for r in related if r.get("review_item")), None)
     item = await gw.store.review_get(item_id) if item_id else None
     tx = await gw.transactions.describe(rec["tx"]) if rec.get("tx") and await gw.store.tx_get(rec["tx"]) else None
-    return json_response({"record": rec, "related": related, "review_item": item, "transaction": tx})
+    return json_response({"record": rec, "related": related, "review_item": item, "transaction": tx,
+                          "integrity": integrity})
+
+
+async def _record_integrity(gw: "Gateway", row: Any) -> dict[str, Any]:
+    """Is this record as written? Its hash over its content, its link to the record before and the next
+    record's link to it, its indexed columns (what `journal verify` checks, for this one record)."""
+    from .chain import INDEXED_FIELDS, record_hash
+
+    problems = []
+    if record_hash(row.prev_hash, row.seq, row.payload) != row.hash:
+        problems.append("its hash does not match its content: the record was altered")
+    try:
+        doc = orjson.loads(row.payload)
+    except orjson.JSONDecodeError:
+        doc = {}
+        problems.append("its content is not JSON")
+    for col in INDEXED_FIELDS:
+        if col in row.columns and row.columns[col] != doc.get(col):
+            problems.append(f"its {col} column ({row.columns[col]!r}) differs from the record ({doc.get(col)!r})")
+    near = await gw.store.journal_query(after_seq=row.seq - 2, before_seq=row.seq + 2, limit=3)
+    by_seq = {r.seq: r for r in near}
+    before, after = by_seq.get(row.seq - 1), by_seq.get(row.seq + 1)
+    anchor = (await gw.store.journal_anchor())[0]
+    if before is not None and before.hash != row.prev_hash:
+        problems.append(f"it does not link to record #{row.seq - 1}")
+    elif before is None and row.seq - 1 > anchor:
+        problems.append(f"record #{row.seq - 1} before it is missing")
+    if after is not None and after.prev_hash != row.hash:
+        problems.append(f"record #{row.seq + 1} does not link to it (it was replaced)")
+    return {"ok": not problems, "problems": problems}
 
 
 async def journal_verify(request: web.Request) -> web.Response:
@@ -417,9 +497,49 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/transactions", tx_list)
     app.router.add_get("/api/transactions/{id}", tx_show)
     app.router.add_post("/api/transactions/{id}/{action:rollback|retry}", tx_rollback)
+    app.router.add_get("/api/stats", stats)
+    app.router.add_post("/slack/interactions", slack_interactions)
     from .console_routes import add_console_routes
+    from .slack_review import SlackReviews
+
     from .signin import add_signin_routes
 
     add_console_routes(app)
     add_signin_routes(app, gw)
+    app[SLACK] = SlackReviews(gw)
+    app[STATS] = StatsCache()
+    app.cleanup_ctx.append(_notifier)
     return app
+
+
+async def _notifier(app: web.Application) -> Any:
+    """The review notifier (headlines, Slack messages, review_pending alerts) runs beside the admin API."""
+    from .review_notify import ReviewNotifier
+
+    gw: "Gateway" = app[GATEWAY]  # type: ignore[assignment]
+    task = asyncio.ensure_future(ReviewNotifier(gw, app[SLACK]).run())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await app[SLACK].drain()
+
+
+async def slack_interactions(request: web.Request) -> web.Response:
+    """Slack's interaction callback: authenticated by Slack's request signature, not a reviewer token."""
+    return await request.app[SLACK].handle(request)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Per agent and per upstream time series for the console's charts (see proxy/stats.py)."""
+    reviewer(request)
+    from .config import parse_duration
+
+    q = request.query
+    try:
+        since = parse_duration(q.get("since") or "24h")
+    except ValueError:
+        raise TetherError("bad_request", "since is a duration such as 24h or 7d") from None
+    buckets = int(_float(q.get("buckets"), "buckets") or 24)
+    if not 60 <= since <= 90 * 86400 or not 2 <= buckets <= 200:
+        raise TetherError("bad_request", "since is 1m..90d and buckets 2..200")
+    return json_response(await request.app[STATS].get(_gw(request), since, buckets))

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 
 from .config import AlertTarget
+from .inert import slack_text
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -30,14 +31,28 @@ _TITLES = {
     "review_queue_depth": "Review queue is deep",
     "rules_reload_failed": "Rules reload failed",
     "journal_unavailable": "Journal unavailable",
+    "review_pending": "Review needed",
 }
+# sent only to targets that list them (one alert per captured write is too many for a default)
+OPT_IN_EVENTS = frozenset({"review_pending"})
+
+
+def wanted(target: AlertTarget, event: str) -> bool:
+    if target.events is None:
+        return event not in OPT_IN_EVENTS
+    return event in target.events
 
 
 def slack_payload(event: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Slack incoming-webhook format. Values can carry agent-controlled text (agent names, intents,
+    reasons, headlines): each is made inert and escaped so it can neither mention nor link."""
     title = _TITLES.get(event, event)
-    fields = "\n".join(f"*{k}*: {v}" for k, v in payload.items() if v is not None)
-    return {"text": f":rotating_light: Tether: {title}", "blocks": [
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"*Tether: {title}*\n{fields}"}}]}
+    headline = payload.get("headline")
+    fields = "\n".join(f"*{slack_text(k)}*: {slack_text(v)}" for k, v in payload.items()
+                       if v is not None and k != "headline")
+    lead = f"{slack_text(headline)}\n" if headline else ""
+    return {"text": f":rotating_light: Tether: {title}" + (f": {slack_text(headline)}" if headline else ""),
+            "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": f"*Tether: {title}*\n{lead}{fields}"}}]}
 
 
 class Alerter:
@@ -69,7 +84,7 @@ class Alerter:
     def send(self, event: str, payload: dict[str, Any]) -> None:
         doc = {"event": event, "ts": time.time(), "gateway": self.gw.instance_id, **payload}
         for t in self.targets:
-            if t.events is None or event in t.events:
+            if wanted(t, event):
                 if len(self._queue) == self._queue.maxlen:
                     log.error("alert queue full; dropping the oldest alert")
                 self._queue.append((t, doc))

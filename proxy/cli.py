@@ -219,8 +219,16 @@ def add_config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="rules file (YAML); default: $TETHER_CONFIG")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line naming the verb, the problem and where the help is (subcommand
+    parsers are made of this class too)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tether",
         description="Tether: the gateway through which AI agents act on systems of record — "
                     "identified, default-deny, journaled, dry-run first, reversible.",
@@ -290,6 +298,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - every verb's failure is one line; TETHER_DEBUG=1 shows more
+        return _one_line_failure(exc)
+
+
+def _one_line_failure(exc: BaseException) -> int:
+    """An unexpected failure as one line on stderr (the traceback only with TETHER_DEBUG=1)."""
+    from .inert import inert
+    from .store import StoreUnavailable
+
+    if os.environ.get("TETHER_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, StoreUnavailable):
+        print(f"tether: store unavailable: {inert(exc)}", file=sys.stderr)
+        return 1
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"tether: {inert(exc.strerror or exc)}{inert(where)}", file=sys.stderr)
+        return 1
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"tether: {type(exc).__name__}: {inert(text)} (set TETHER_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

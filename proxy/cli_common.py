@@ -43,7 +43,23 @@ def open_cli_store(args: argparse.Namespace) -> Any:
     url = store_url(args)
     if not url.startswith(("postgres://", "postgresql://")) and not os.path.exists(url.removeprefix("sqlite:///")):
         raise SystemExit(f"tether: no store at {url!r} (pass --store or --config)")
-    return open_store(url)
+    store = open_store(url)
+    opener = store.open
+
+    async def open_or_close() -> None:
+        # a store that fails to open (not a database, refused connection) must not leave its connection
+        # thread behind: the command would print its one-line error and then never exit
+        try:
+            await opener()
+        except BaseException:
+            try:
+                await store.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    store.open = open_or_close
+    return store
 
 
 def run(coro: Any) -> Any:
@@ -58,12 +74,16 @@ def add_admin_args(p: argparse.ArgumentParser) -> None:
 
 
 class AdminError(Exception):
+    """A non-2xx answer of the admin API; its message is one line (the agent's text in it made inert)."""
+
     def __init__(self, status: int, body: Any) -> None:
+        from .inert import inert
+
         self.status = status
         self.body = body
         err = body.get("error") if isinstance(body, dict) else None
-        msg = f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict) else str(body)
-        super().__init__(f"admin API answered {status}: {msg}")
+        msg = f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict) else str(body)[:200]
+        super().__init__(inert(f"admin API answered {status}: {msg}"))
 
 
 def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
@@ -85,24 +105,62 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
                                      headers={"Authorization": f"Bearer {token}"},
                                      timeout=aiohttp.ClientTimeout(total=120)) as r:
                     data = await r.read()
-                    doc = orjson.loads(data) if data else None
+                    if "X-Tether-Request-Id" not in r.headers:
+                        raise SystemExit(f"tether: {base} answered {r.status} but is not Tether's admin listener "
+                                         "(its answer has no X-Tether-Request-Id)")
+                    try:
+                        doc = orjson.loads(data) if data else None
+                    except orjson.JSONDecodeError:
+                        if r.status >= 400:
+                            raise AdminError(r.status, data.decode("utf-8", "replace").strip()) from None
+                        raise SystemExit(f"tether: {base} answered {r.status} with something that is not JSON; "
+                                         "is it Tether's admin listener?") from None
                     if r.status >= 400:
                         raise AdminError(r.status, doc)
                     return doc
             except aiohttp.ClientConnectorError as exc:
                 raise SystemExit(f"tether: cannot reach the admin API at {base}: {exc.os_error}") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                raise SystemExit(f"tether: the admin API at {base} failed: {type(exc).__name__}"
+                                 + (f": {exc}" if str(exc) else "")) from None
 
     return asyncio.run(go())
 
 
 def print_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    """Pretty JSON; control and bidi characters inside strings are written as \\u escapes (same JSON)."""
+    from .inert import json_text
+
+    sys.stdout.write(json_text(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()) + "\n")
+
+
+def table(headers: list[str], rows: list[list[Any]], right: set[str] | frozenset[str] = frozenset()) -> str:
+    """Columns as wide as their widest cell (ids are 35 characters); the last column is not padded.
+    Every cell is made inert, so agent text cannot break the layout or the terminal."""
+    from .inert import inert
+
+    cells = [[inert(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        out = []
+        for i, (h, v) in enumerate(zip(headers, values)):
+            if i == len(headers) - 1:
+                out.append(v)
+            else:
+                out.append(v.rjust(widths[i]) if h in right else v.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in cells])
 
 
 def fail(msg: str, code: int = 1) -> int:
-    print(f"tether: {msg}", file=sys.stderr)
+    """Say what went wrong on one line (stderr) and return the exit status."""
+    from .inert import inert
+
+    print(f"tether: {inert(msg)}", file=sys.stderr)
     return code
 
 
 __all__ = ["AdminError", "ConfigError", "add_admin_args", "add_store_args", "admin_call", "fail", "open_cli_store",
-           "print_json", "rules_from", "run", "store_url"]
+           "print_json", "rules_from", "run", "store_url", "table"]

@@ -18,7 +18,8 @@ import orjson
 
 from .cli_common import add_store_args, fail, open_cli_store, rules_from, run
 from .config import parse_duration
-from .journal import archive, human_line, now_iso, verify, verify_archives
+from .journal import archive, now_iso, verify, verify_archives
+from .journal_lines import human_line
 
 _FILTERS = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capability"), ("decision", "decision"),
             ("kind", "kind"), ("request_id", "request_id"))
@@ -45,44 +46,73 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _emit(seq: int, rec: dict[str, Any], as_json: bool, hash_: str | None = None) -> None:
     if as_json:
+        from .inert import json_text
+
         doc = {"seq": seq, **rec}
         if hash_:
             doc["hash"] = hash_
-        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+        sys.stdout.write(json_text(orjson.dumps(doc).decode()) + "\n")
     else:
         sys.stdout.write(human_line(seq, rec) + "\n")
     sys.stdout.flush()
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    """The last N matching records (then, with -f, each new one). ``--agent``/``--user``/``--capability``
+    take an exact value or a part of one (see proxy/journal_search.py); when more records match than
+    were printed, it says how many."""
+    from .journal_search import resolve, scan_back, sql_filters, accepts
+
     async def go() -> int:
         store = open_cli_store(args)
         await store.open()
         try:
-            filters = _filters(args)
+            base = {col: getattr(args, flag) for flag, col in _FILTERS if getattr(args, flag, None) is not None
+                    and col not in ("agent", "on_behalf_of", "capability")}
+            matches = [await resolve(store, "agent", "--agent", args.agent),
+                       await resolve(store, "on_behalf_of", "--user", args.user),
+                       await resolve(store, "capability", "--capability", args.capability)]
+            filters = sql_filters(base, matches)
             since = parse_time(args.since)
-            rows = await store.journal_query(filters=filters, since=since, descending=True, limit=args.lines)
-            after = rows[0].seq if rows else (await store.journal_head())[0]
-            for r in reversed(rows):
+            head = (await store.journal_head())[0]
+            shown: list[Any] = []
+            more = 0
+            async for r in scan_back(store, filters, matches, since=since, before_seq=head + 1):
+                if len(shown) < args.lines:
+                    shown.append(r)
+                    continue
+                more += 1
+                if more >= COUNT_MORE_UPTO:
+                    break
+            for r in reversed(shown):
                 _emit(r.seq, r.record(), args.json)
+            for m in matches:
+                said = m.said() if m is not None else None
+                if said:
+                    print(f"tether: {said}", file=sys.stderr)
+            if more:
+                many = f"more than {COUNT_MORE_UPTO - 1:,}" if more >= COUNT_MORE_UPTO else f"{more:,}"
+                print(f"tether: {many} older record{'s' if more != 1 else ''} match too "
+                      f"(-n {args.lines + min(more, COUNT_MORE_UPTO)} or --since to see them)", file=sys.stderr)
             if not args.follow:
                 return 0
-            after = max(after, (await store.journal_head())[0]) if not rows else after
+            after = head
             while True:
-                head = (await store.journal_head())[0]
-                if head <= after:
+                now = (await store.journal_head())[0]
+                if now <= after:
                     await store.journal_wait(after, 1.0)
                     continue
                 cursor = after
-                while cursor < head:
-                    new = await store.journal_query(after_seq=cursor, before_seq=head + 1, filters=filters,
+                while cursor < now:
+                    new = await store.journal_query(after_seq=cursor, before_seq=now + 1, filters=filters,
                                                     since=since, limit=1000)
                     for r in new:
-                        _emit(r.seq, r.record(), args.json)
+                        if accepts(r, matches):
+                            _emit(r.seq, r.record(), args.json)
                     if len(new) < 1000:
                         break
                     cursor = new[-1].seq
-                after = head
+                after = now
         finally:
             await store.close()
 
@@ -124,6 +154,46 @@ def _parse_expect(value: str) -> tuple[int | None, str]:
     if not re.fullmatch(r"[0-9a-f]{64}", h) or (sep and not seq.isdigit()):
         raise SystemExit(f"tether: --expect-head takes HASH or SEQ:HASH (64 hex digits), got {value!r}")
     return (int(seq) if sep else None), h
+
+
+COUNT_MORE_UPTO = 10_001  # records counted past -n before saying "more than 10,000"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """What an agent did for a person over a period (see proxy/journal_report.py)."""
+    from .journal_report import RENDERERS, Report, grouped_by
+    from .journal_search import resolve, scan_forward, sql_filters
+
+    if not args.agent and not args.user:
+        return fail("give --agent and/or --user (a name, or a part of one)", 2)
+
+    async def go() -> int:
+        store = open_cli_store(args)
+        await store.open()
+        try:
+            matches = [await resolve(store, "agent", "--agent", args.agent),
+                       await resolve(store, "on_behalf_of", "--user", args.user)]
+            since, until = parse_time(args.since), parse_time(args.until)
+            rep = Report(agent=args.agent, user=args.user, since=since, until=until)
+            async for r in scan_forward(store, sql_filters({}, matches), matches, since=since, until=until):
+                rep.add(r.record())
+            rep.matched = grouped_by(matches)
+            if len(matches[0].matched if matches[0] else {}) == 1:
+                rep.agent = next(iter(matches[0].matched))  # type: ignore[union-attr]
+            if len(matches[1].matched if matches[1] else {}) == 1:
+                rep.user = next(iter(matches[1].matched))  # type: ignore[union-attr]
+            text = RENDERERS[args.format](rep)
+            if args.output:
+                with open(args.output, "w", encoding="utf-8", newline="") as f:
+                    f.write(text + "\n")
+                print(f"wrote {args.output} ({rep.records} records read)", file=sys.stderr)
+            else:
+                sys.stdout.write(text + "\n")
+            return 0
+        finally:
+            await store.close()
+
+    return run(go())
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -327,16 +397,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     js = p.add_subparsers(dest="journal_command", metavar="SUBCOMMAND")
 
     def filters(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--agent", help="only this agent")
-        q.add_argument("--user", help="only requests on behalf of this user")
-        q.add_argument("--capability", help="only this capability")
+        q.add_argument("--agent", help="only this agent (tail: a name or a part of one)")
+        q.add_argument("--user", help="only requests on behalf of this user (tail: a name or a part of one)")
+        q.add_argument("--capability", help="only this capability (tail: a name or a part of one)")
         q.add_argument("--decision", help="only this decision (denied, live, dry_run, approved, ...)")
         q.add_argument("--kind", help="only this record kind (request, outcome, review, tx, system)")
         q.add_argument("--request-id", dest="request_id", help="only this request")
 
     t = js.add_parser("tail", help="print recent records; -f to follow",
                       description="Print the last records as 'agent=… | on_behalf_of=… | intent=\"…\" | …' lines "
-                                  "(or JSON lines with --json); -f keeps following new records.")
+                                  "(or JSON lines with --json); -f keeps following new records. Says how many more "
+                                  "records match when it stops at -n. Control and bidi characters are shown "
+                                  "escaped, and a value holding ' | ' or a quote is quoted.")
     add_store_args(t)
     filters(t)
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new records as they are committed")
@@ -344,6 +416,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--since", help="only records at or after this time (RFC 3339) or age (10m, 2h, 7d)")
     t.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
     t.set_defaults(func=cmd_tail)
+
+    rp = js.add_parser("report", help="what an agent did for a person: by capability and decision, reviews, "
+                                      "denials, rollbacks",
+                       description="One report from the journal: what the agent did for the person over the period, "
+                                   "grouped by capability and decision, with intents, reviewers, denials and "
+                                   "rollbacks. --agent/--user take a name or a part of one (it says which matched).")
+    add_store_args(rp)
+    rp.add_argument("--agent", help="the agent (a name, or a part of one)")
+    rp.add_argument("--user", help="the person it acted for (a name, or a part of one: 'jane')")
+    rp.add_argument("--since", default="7d", help="from this time or age (default 7d)")
+    rp.add_argument("--until", help="up to (not including) this time or age")
+    rp.add_argument("--format", choices=["text", "markdown", "csv"], default="text",
+                    help="text (default), markdown, or csv (one row per request)")
+    rp.add_argument("--output", "-o", help="file to write (default stdout)")
+    rp.set_defaults(func=cmd_report)
 
     v = js.add_parser("verify", help="check the hash chain; exit 1 at the first broken or missing record",
                       description="Check the hash chain from its anchor to its head. The chain alone cannot show a "

@@ -9,7 +9,10 @@ from typing import Any
 
 import orjson
 
-from .cli_common import AdminError, add_admin_args, admin_call, fail, print_json
+from .cli_common import AdminError, add_admin_args, admin_call, fail, print_json, table
+from .inert import inert
+
+STATES = ("pending", "approved", "replayed", "replay_failed", "rejected", "expired")
 
 
 def _age(ts: float) -> str:
@@ -21,9 +24,12 @@ def _age(ts: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    state = args.state
+    if state in ("", "all"):
+        state = "all"
     try:
         doc = admin_call(args, "GET", "/api/review/items", params={
-            "state": args.state, "agent": args.agent, "capability": args.capability, "upstream": args.upstream,
+            "state": state, "agent": args.agent, "capability": args.capability, "upstream": args.upstream,
             "limit": args.limit})
     except AdminError as exc:
         return fail(str(exc))
@@ -32,49 +38,70 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = doc["items"]
     if not rows:
-        print("no items")
+        print("no items" if state == "all" else f"no {state.replace('_', ' ')} items")
         return 0
-    print(f"{'ID':<24} {'STATE':<13} {'AGE':>5}  {'AGENT':<18} {'CAPABILITY':<28} INTENT")
-    for it in rows:
-        print(f"{it['id']:<24} {it['state']:<13} {_age(it['created_at']):>5}  {it['agent']:<18} "
-              f"{it['capability']:<28} {it.get('intent') or ''}")
+    print(table(["ID", "STATE", "AGE", "CAPABILITY", "WHAT"],
+                [[it["id"], it["state"], _age(it["created_at"]), it["capability"],
+                  (it.get("headline") or {}).get("text") or it.get("intent") or ""] for it in rows],
+                right={"AGE"}))
     return 0
 
 
 def render_item(it: dict[str, Any]) -> str:
+    """An item as text; everything the agent controlled is made inert (see proxy/inert.py)."""
     req = it["request"]
-    lines = [
-        f"Item        {it['id']}  ({it['state']})",
-        f"Agent       {it['agent']}  on behalf of {it.get('on_behalf_of') or it['agent']}"
-        + (f" ({it['on_behalf_of_proof']})" if it.get("on_behalf_of_proof") else ""),  # verified / asserted
-        f"Intent      {it.get('intent') or '-'}",
-        f"Capability  {', '.join(it.get('capabilities') or [it['capability']])}  (upstream {it['upstream']})",
-        f"Captured    {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(it['created_at']))}Z   request {it.get('request_id')}",
-        "",
-        f"{req['method']} {req['path']}{'?' + req['query'] if req.get('query') else ''}",
+    headline = (it.get("headline") or {}).get("text")
+    lines = []
+    if headline:
+        lines += [inert(headline), ""]
+    lines += [
+        f"Item        {inert(it['id'])}  ({it['state']})",
+        f"Agent       {inert(it['agent'])}  on behalf of {inert(it.get('on_behalf_of') or it['agent'])}"
+        + (f" ({inert(it['on_behalf_of_proof'])})" if it.get("on_behalf_of_proof") else ""),  # verified / asserted
+        f"Intent      {inert(it.get('intent') or '-')}",
+        f"Capability  {inert(', '.join(it.get('capabilities') or [it['capability']]))}  (upstream {inert(it['upstream'])})",
+        f"Captured    {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(it['created_at']))}Z   request {inert(it.get('request_id'))}",
     ]
+    fields = (it.get("headline") or {}).get("fields") or []
+    if fields:
+        from .headline import show_value
+
+        lines += ["", "Changes"]
+        width = max(len(inert(f["label"])) for f in fields)
+        for f in fields:
+            old = f"{inert(show_value(f['from']))} → " if f.get("known") else ""
+            lines.append(f"  {inert(f['label']):<{width}}  {old}{inert(show_value(f['to']))}")
+    lines += ["", inert(f"{req['method']} {req['path']}{'?' + req['query'] if req.get('query') else ''}")]
     for k, v in req.get("headers") or []:
-        lines.append(f"{k}: {v}")
+        lines.append(inert(f"{k}: {v}"))
     if req.get("content_type"):
-        lines.append(f"Content-Type: {req['content_type']}")
+        lines.append(inert(f"Content-Type: {req['content_type']}"))
     body = req.get("body_json")
     if body is not None:
-        lines += ["", orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()]
+        lines += ["", _json(body)]
     elif req.get("body_text"):
-        lines += ["", req["body_text"]]
+        lines += ["", inert(req["body_text"])]
     syn = it.get("synthetic") or {}
     lines += ["", f"Synthetic response given to the agent: {syn.get('status')}"]
     if syn.get("body") is not None:
-        lines.append(orjson.dumps(syn["body"], option=orjson.OPT_INDENT_2).decode())
+        lines.append(_json(syn["body"]))
     dec = it.get("decision")
     if dec:
-        lines += ["", f"Decision    {dec.get('action')} by {dec.get('by', '-')}"
-                      + (f": {dec['reason']}" if dec.get("reason") else "")
-                      + (" (edited)" if dec.get("edited") else "")]
+        lines += ["", inert(f"Decision    {dec.get('action')} by {dec.get('by', '-')}"
+                            + (f": {dec['reason']}" if dec.get("reason") else "")
+                            + (" (edited)" if dec.get("edited") else ""))]
     rep = it.get("replay")
     if rep:
-        lines.append(f"Replay      status {rep.get('status')} {rep.get('error') or ''}".rstrip())
+        how = "replayed with the reviewer's edits" if (dec or {}).get("edited") else "replayed as sent"
+        lines.append(inert(f"Replay      {how}: upstream answered {rep.get('status') or rep.get('error')}"))
     return "\n".join(lines)
+
+
+def _json(doc: Any) -> str:
+    """Pretty JSON whose strings can hold no terminal control (the inert escapes are valid JSON)."""
+    from .inert import json_text
+
+    return json_text(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -110,7 +137,11 @@ def cmd_approve(args: argparse.Namespace) -> int:
         print_json(it)
     else:
         rep = it.get("replay") or {}
-        print(f"{it['id']}: {it['state']} (upstream answered {rep.get('status') or rep.get('error')})")
+        how = "replayed with your edits" if (it.get("decision") or {}).get("edited") else "replayed as sent"
+        if it["state"] == "replayed":
+            print(f"{it['id']}: {how} (upstream answered {rep.get('status')})")
+        else:
+            print(f"{it['id']}: {it['state']} (upstream answered {rep.get('status') or rep.get('error')})")
     return 0 if it["state"] == "replayed" else 1
 
 
@@ -133,8 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rs = p.add_subparsers(dest="review_command", metavar="SUBCOMMAND")
     ls = rs.add_parser("list", help="list items (newest first)")
     add_admin_args(ls)
-    ls.add_argument("--state", default="pending",
-                    help="pending (default), approved, replayed, replay_failed, rejected, expired, or '' for all")
+    ls.add_argument("--state", default="pending", choices=[*STATES, "all"], metavar="STATE", type=lambda v: v or "all",
+                    help="pending (default), approved, replayed, replay_failed, rejected, expired, or all")
     ls.add_argument("--agent")
     ls.add_argument("--capability")
     ls.add_argument("--upstream")

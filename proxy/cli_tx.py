@@ -6,35 +6,43 @@ import argparse
 import time
 from typing import Any
 
-from .cli_common import AdminError, add_admin_args, admin_call, fail, print_json
+from .cli_common import AdminError, add_admin_args, admin_call, fail, print_json, table
+from .inert import inert
+
+TX_STATES = ("open", "committed", "rolling_back", "rolled_back", "needs_attention")
 
 
 def render_tx(tx: dict[str, Any]) -> str:
-    lines = [f"Transaction {tx['id']}  ({tx['state']})",
-             f"Agent       {tx['agent']}  on behalf of {tx.get('on_behalf_of') or tx['agent']}",
-             f"Name        {tx.get('name') or '-'}",
+    """A transaction as text; its name, ids and intents are the agent's, so each is made inert."""
+    lines = [f"Transaction {inert(tx['id'])}  ({tx['state']})",
+             f"Agent       {inert(tx['agent'])}  on behalf of {inert(tx.get('on_behalf_of') or tx['agent'])}",
+             f"Name        {inert(tx.get('name') or '-')}",
              f"Deadline    {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(tx['deadline']))}Z" if tx.get("deadline")
              else "Deadline    -"]
+    if tx.get("rollback_reason"):
+        lines.append(f"Rolled back {inert(tx['rollback_reason'])}")
     if tx.get("problem"):
-        lines.append(f"Problem     {tx['problem']}")
+        lines.append(f"Problem     {inert(tx['problem'])}")
     steps = tx.get("steps") or []
     if steps:
-        lines += ["", f"{'STEP':>5}  {'STATE':<15} {'CAPABILITY':<28} {'ACTION':<40} UNDO"]
+        rows = []
         for s in steps:
             plan = s.get("plan") or {}
             req = plan.get("request") or {}
             undo = f"{req.get('method', '')} {req.get('path', '')}".strip() or "-"
-            lines.append(f"{s['id']:>5}  {s['state']:<15} {s.get('capability', ''):<28} "
-                         f"{(s.get('method', '') + ' ' + s.get('path', '')):<40} {undo}"
-                         + (f"  [{s['last_error']}]" if s.get("last_error") and s["state"] != "compensated" else ""))
+            err = f"  [{s['last_error']}]" if s.get("last_error") and s["state"] != "compensated" else ""
+            rows.append([s["id"], s["state"], s.get("capability", ""),
+                         f"{s.get('method', '')} {s.get('path', '')}", undo + err])
+        lines += ["", table(["STEP", "STATE", "CAPABILITY", "ACTION", "UNDO"], rows, right={"STEP"})]
     if tx.get("remaining_steps"):
         lines.append(f"\nRemaining steps: {', '.join(str(x) for x in tx['remaining_steps'])}")
     return "\n".join(lines)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    state = None if args.state in (None, "", "all") else args.state
     try:
-        doc = admin_call(args, "GET", "/api/transactions", params={"state": args.state, "agent": args.agent})
+        doc = admin_call(args, "GET", "/api/transactions", params={"state": state, "agent": args.agent})
     except AdminError as exc:
         return fail(str(exc))
     if args.json:
@@ -43,9 +51,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not doc["transactions"]:
         print("no transactions")
         return 0
-    print(f"{'ID':<26} {'STATE':<16} {'AGENT':<20} NAME")
-    for tx in doc["transactions"]:
-        print(f"{tx['id']:<26} {tx['state']:<16} {tx['agent']:<20} {tx.get('name') or ''}")
+    print(table(["ID", "STATE", "AGENT", "OPENED", "NAME"],
+                [[tx["id"], tx["state"], tx["agent"],
+                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(tx["created_at"])) if tx.get("created_at") else "-",
+                  tx.get("name") or ""] for tx in doc["transactions"]]))
     return 0
 
 
@@ -75,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ts = p.add_subparsers(dest="tx_command", metavar="SUBCOMMAND")
     ls = ts.add_parser("list", help="list transactions")
     add_admin_args(ls)
-    ls.add_argument("--state", help="open, committed, rolling_back, rolled_back or needs_attention")
+    ls.add_argument("--state", choices=[*TX_STATES, "all"], metavar="STATE",
+                    help="open, committed, rolling_back, rolled_back, needs_attention or all (default)")
     ls.add_argument("--agent")
     ls.set_defaults(func=cmd_list)
     sh = ts.add_parser("show", help="a transaction with its steps and their undo operations")

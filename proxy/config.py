@@ -314,6 +314,15 @@ Effect = Literal["read", "write"]
 Operation = Literal["read", "create", "update", "delete", "upsert", "action"]
 
 
+class DisplayConfig(Model):
+    """How a reviewer reads this capability's records in headlines (``wants to change Ticket 'Printer on
+    fire'``): what one record is called, and which fields name it (the first found, in the record as
+    read, then in the request body; a list of fields is joined by spaces)."""
+
+    object: str | None = Field(None, description="what one record is called, e.g. Ticket")
+    name: list[str | list[str]] = Field([], description="fields naming a record: [title] or [[first, last], email]")
+
+
 class CapabilityConfig(Model):
     upstream: str
     method: str
@@ -332,6 +341,7 @@ class CapabilityConfig(Model):
     promotion: PromotionGate | None = None
     allow_accounts: list[str] = Field([], description="Stripe-Account / tenant values the agent may select")
     stream_request: bool = Field(False, description="stream the request body (digest journaled with the outcome)")
+    display: DisplayConfig | None = None
 
     @field_validator("method")
     @classmethod
@@ -657,6 +667,36 @@ class LimitsConfig(Model):
     max_response_bytes: Size | None = None
 
 
+class SlackReviewConfig(Model):
+    """Review items posted to a Slack channel as interactive messages (headline, changes, Approve /
+    Reject, a link to the console); Slack's interaction callbacks reach the admin listener at
+    ``/slack/interactions`` and are verified with the app's signing secret."""
+
+    channel: str = Field(description="channel id (C0123...) or name the items are posted to")
+    bot_token: SecretRef = Field(description="the Slack app's bot token (chat:write)")
+    signing_secret: SecretRef = Field(description="the Slack app's signing secret (verifies interaction callbacks)")
+    reviewers: dict[str, str] = Field(
+        {}, description="Slack user id -> reviewer identity; an unmapped Slack user cannot decide")
+    api_url: str = Field("https://slack.com/api", description="Slack Web API base URL")
+    console_url: str | None = Field(None, description="the console as reviewers reach it, for the message's link")
+    max_posts_per_pass: int = Field(20, ge=1, description="items posted per pass; more are summarised in one message")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("bot_token", "signing_secret"))
+
+    @field_validator("reviewers")
+    @classmethod
+    def _user_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        for uid, who in v.items():
+            if not re.fullmatch(r"[UW][A-Z0-9]{2,20}", uid):
+                raise ValueError(f"{uid!r} is not a Slack user id (U0123ABCD)")
+            if not who.strip():
+                raise ValueError(f"{uid}: empty reviewer identity")
+        return v
+
+
 class ReviewConfig(Model):
     ttl: Duration = 7 * 86400.0
     sweep_interval: Duration = 30.0
@@ -665,6 +705,10 @@ class ReviewConfig(Model):
         1000, ge=1, description="an agent with this many items pending review gets 429 review_queue_full")
     max_pending_bytes_per_agent: Size = Field(
         256 * 1024 * 1024, ge=1, description="nor may its pending items hold more than this (stored size)")
+    read_current: bool = Field(
+        False, description="read each new item's record once, as it is captured, so that its headline (and its "
+                           "Slack message) names the record and the values it changes; one upstream read per item")
+    slack: SlackReviewConfig | None = None
 
 
 class TransactionsConfig(Model):
@@ -682,7 +726,8 @@ class AlertTarget(Model):
     url: str
     format: Literal["json", "slack"] = "json"
     events: list[Literal["quarantine", "needs_attention", "review_queue_depth", "rules_reload_failed",
-                         "journal_unavailable"]] | None = None
+                         "journal_unavailable", "review_pending"]] | None = Field(
+        None, description="events to send (default: all but review_pending, which is sent only when listed)")
 
 
 class GovernanceConfig(Model):

@@ -34,7 +34,8 @@ import orjson
 from aiohttp import web
 
 from .config import load_rules, parse_rules
-from .journal import human_line, verify
+from .journal import verify
+from .journal_lines import human_line
 
 RULES = Path(__file__).resolve().parent.parent / "rules" / "demo.yaml"
 

@@ -189,6 +189,12 @@ def prepare_capture(gw: "Gateway", ex: Exchange) -> dict[str, Any]:
         "quarantined": ex.quarantined,
     }
     item["digest"] = digest_of(item)
+    try:  # the headline lists show (stored in the item's summary; completed when a reviewer opens it)
+        from .headline import headline_for
+
+        item["headline"] = headline_for(gw, item)
+    except Exception:  # noqa: BLE001 - a headline never fails a capture; views compute a plain one
+        log.debug("no headline for %s", item_id, exc_info=True)
     ex.extra["capture"] = (item, synthetic)
     return item
 

@@ -11,15 +11,25 @@
   ``auth.test``; anything else is ``unknown_method``.
 * ``received`` records every request; ``fail_next(method, error)`` makes the next call of a method
   fail; ``messages(channel)`` shows a channel's state.
+* ``chat.postEphemeral`` (kept in ``ephemeral``) and ``views.open`` (kept in ``views``) for interactive apps.
+* Interactivity, as Slack's side of it: :meth:`SlackFake.interact` posts an interaction payload (a button
+  click, a dialog submission) to an app's request URL, form-encoded and signed with the app's signing
+  secret exactly as Slack signs it — or signed wrongly, with a stale timestamp, or not at all — and
+  returns what was sent, so that a test can replay it byte for byte.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
 
 from aiohttp import web
 
@@ -46,6 +56,9 @@ class SlackFake:
     })
     received: list[Received] = field(default_factory=list)
     failures: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    signing_secret: str = "fake-signing-secret-0123456789abcdef"
+    ephemeral: list[dict[str, Any]] = field(default_factory=list)
+    views: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     _seq: Any = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
@@ -211,6 +224,71 @@ class SlackFake:
             return self._err("cant_delete_message")
         ch["messages"].remove(msg)
         return self._reply({"ok": True, "channel": ch["id"], "ts": msg["ts"]})
+
+    def _m_chat_postEphemeral(self, args: dict[str, Any]) -> web.Response:
+        ch = self._channel(args.get("channel"))
+        if ch is None:
+            return self._err("channel_not_found")
+        if not args.get("user"):
+            return self._err("user_not_in_channel")
+        if not (args.get("text") or args.get("blocks")):
+            return self._err("no_text")
+        self.ephemeral.append({"channel": ch["id"], "user": args["user"], "text": args.get("text", "")})
+        return self._reply({"ok": True, "message_ts": self._next_ts()})
+
+    def _m_views_open(self, args: dict[str, Any]) -> web.Response:
+        view = args.get("view")
+        if not args.get("trigger_id"):
+            return self._err("invalid_arguments")
+        if not isinstance(view, dict) or view.get("type") != "modal":
+            return self._err("invalid_arguments")
+        self.views.append({"trigger_id": args["trigger_id"], "view": view})
+        return self._reply({"ok": True, "view": {"id": f"V{len(self.views):08d}", **view}})
+
+    # -- interactivity: Slack calling the app ---------------------------------------------------
+
+    def sign(self, timestamp: str, body: bytes, secret: str | None = None) -> str:
+        base = b"v0:" + timestamp.encode() + b":" + body
+        return "v0=" + hmac.new((secret or self.signing_secret).encode(), base, hashlib.sha256).hexdigest()
+
+    def block_action(self, user: str, action_id: str, value: str, channel: str, message_ts: str) -> dict[str, Any]:
+        """A button click, as Slack describes it to the app."""
+        return {"type": "block_actions", "team": {"id": TEAM}, "api_app_id": APP,
+                "user": {"id": user, "username": user.lower(), "team_id": TEAM},
+                "trigger_id": f"{next(self._seq)}.{TEAM}.trigger", "channel": {"id": channel},
+                "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
+                "message": {"ts": message_ts}, "response_url": f"{self.url}/actions/{message_ts}",
+                "actions": [{"type": "button", "action_id": action_id, "block_id": "tether_decide", "value": value,
+                             "action_ts": str(time.time())}]}
+
+    def view_submission(self, user: str, view: dict[str, Any], values: dict[str, dict[str, str]]) -> dict[str, Any]:
+        """A modal's submission: ``values`` is {block_id: {action_id: value}}."""
+        state = {b: {a: {"type": "plain_text_input", "value": v} for a, v in acts.items()} for b, acts in values.items()}
+        return {"type": "view_submission", "team": {"id": TEAM}, "api_app_id": APP,
+                "user": {"id": user, "team_id": TEAM},
+                "view": {**view, "id": "V0VIEW", "state": {"values": state}}}
+
+    async def interact(self, url: str, payload: dict[str, Any], *, timestamp: float | None = None,
+                       secret: str | None = None, signature: str | None = None, unsigned: bool = False,
+                       replay: "tuple[dict[str, str], bytes] | None" = None) -> tuple[int, Any, dict[str, str], bytes]:
+        """POST an interaction to the app as Slack does; returns (status, answer, headers sent, body sent)."""
+        if replay is not None:
+            headers, body = replay
+        else:
+            body = urlencode({"payload": json.dumps(payload)}).encode()
+            ts = str(int(timestamp if timestamp is not None else time.time()))
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": ts,
+                       "User-Agent": "Slackbot 1.0 (+https://api.slack.com/robots)"}
+            if not unsigned:
+                headers["X-Slack-Signature"] = signature or self.sign(ts, body, secret)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, data=body, headers=headers) as r:
+                raw = await r.read()
+                try:
+                    answer: Any = json.loads(raw) if raw else None
+                except ValueError:
+                    answer = raw.decode()
+                return r.status, answer, headers, body
 
     def _m_conversations_list(self, args: dict[str, Any]) -> web.Response:
         chans = [{"id": c["id"], "name": c["name"], "is_channel": True, "is_private": False, "is_archived": False,

@@ -242,6 +242,11 @@ async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstrea
     assert "name" in same and "same" in same
     detail = await page.inner_text(".detail-pane")
     assert hostile in detail  # shown as text, never as markup
+    # the headline, first in the item and in the list
+    headline = await page.inner_text("#item-headline")
+    assert headline.startswith("bot, for jane@acme (AE), wants to change contact 'Ann Lee': stage open → won")
+    assert "because: close the Acme renewal" in headline
+    assert "wants to change contact" in await page.inner_text(f'a.item-link[data-id="{upd}"] .item-headline')
     assert "ae:jane@acme" in detail and "PATCH" in detail and "/api/contacts/5" in detail
     assert '"stage": "won"' in detail  # the request body, pretty-printed
     assert "Synthetic response the agent got" in detail and "Status 200" in detail
@@ -269,13 +274,16 @@ async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstrea
     await page.fill("form.editor input[name=stage]", "won")
     await page.fill("form.editor input[name=name]", "Ann Lee-Smith")
     await page.click("form.editor button[type=submit]")
-    await page.wait_for_selector("#flash:has-text('the upstream answered 200')")
+    await page.wait_for_selector("#flash:has-text('replayed with your edits; the upstream answered 200')")
     sent = upstream.seen("PATCH")
     assert len(sent) == 1 and sent[0].json() == {"stage": "won", "name": "Ann Lee-Smith"}
     assert sent[0].headers["X-Tether-Reviewer"] == "rita"
     assert upstream.records["contacts"]["5"]["name"] == "Ann Lee-Smith"
-    await page.wait_for_selector(".decision .badge.state-replayed")
     await page.wait_for_function("id => !document.querySelector(`a.item-link[data-id='${id}']`)", arg=upd)
+    # the console moved on to the next pending item by itself
+    await page.wait_for_selector(f'a.item-link[data-id="{new}"][aria-current="true"]')
+    await page.wait_for_selector("#item-title:has-text('contact.create')")
+    assert page.url.endswith(f"#/queue/{new}")
 
     # a: approve the create (after a confirmation)
     await page.click(f'a.item-link[data-id="{new}"]')
@@ -285,7 +293,7 @@ async def test_review_queue_approve_edit_and_reject_in_the_page(console, upstrea
     await page.wait_for_selector("#action-dialog[open]")
     await page.fill("#action-dialog input[name=note]", "checked with Jane")
     await page.click("#action-submit")
-    await page.wait_for_selector("#flash:has-text('the upstream answered 201')")
+    await page.wait_for_selector("#flash:has-text('replayed as sent; the upstream answered 201')")
     assert [x.json() for x in upstream.seen("POST")] == [{"name": "Bo Chen", "stage": "open"}]
 
     # r: reject the delete; a reason is required
@@ -374,8 +382,8 @@ async def test_journal_transactions_and_agents_screens(console, upstream, tmp_pa
     await page.click("#nav a[data-screen=transactions]")
     await page.wait_for_selector('a.item-link[data-id="renewal-acme"]')
     await page.click('a.item-link[data-id="renewal-acme"]')
-    await page.wait_for_selector(".tx-detail table")
-    steps = await page.inner_text(".tx-detail table")
+    await page.wait_for_selector(".tx-detail ol.steps")
+    steps = await page.inner_text(".tx-detail ol.steps")
     assert "account.update" in steps and "failed" in steps and "PATCH /api/accounts/a1" in steps
     assert await unlabelled(page) == []
     await shot(page, "transactions")
@@ -422,3 +430,263 @@ async def test_without_the_event_stream_the_console_polls(console, upstream, tmp
     await page.wait_for_selector(".list-pane .empty")
     r = await gw.request("POST", "/api/contacts", json={"name": "Cy"}, intent="add Cy")
     await page.wait_for_selector(f'a.item-link[data-id="{r.headers["X-Tether-Dry-Run"]}"]', timeout=8000)
+
+
+# ---------------------------------------------------------------------------------------------- issue 26
+
+
+async def no_sideways_scroll(page: Any) -> None:
+    width = await page.evaluate("() => document.documentElement.clientWidth")
+    scroll = await page.evaluate("() => document.documentElement.scrollWidth")
+    assert scroll <= width, f"the page scrolls sideways: {scroll}px of content in {width}px"
+
+
+async def test_phone_layout_at_390px(console, upstream, tmp_path):
+    """On a phone an item opens full screen (and goes back), tables become cards, nothing scrolls sideways."""
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    upstream.put_record("contacts", {"id": "5", "name": "Ann Lee", "stage": "open"})
+    upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
+    r = await gw.request("PATCH", "/api/contacts/5", json={"stage": "won"}, on_behalf_of="ae:jane@acme.example",
+                         intent="close the Acme renewal before the end of the quarter, as agreed with procurement")
+    first = r.headers["X-Tether-Dry-Run"]
+    r = await gw.request("POST", "/api/contacts", json={"name": "Bo Chen", "stage": "open"}, intent="add Bo")
+    second = r.headers["X-Tether-Dry-Run"]
+    h = {"X-Tether-Transaction": "renewal-acme-with-a-rather-long-transaction-name"}
+    await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h, intent="upgrade Acme")
+    async with gw.session.post(f"{gw.url}/_tether/transactions/{h['X-Tether-Transaction']}/rollback",
+                               headers=gw.headers()) as resp:
+        assert (await resp.json())["state"] == "rolled_back"
+
+    page = await console.browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.set_default_timeout(TIMEOUT_MS)
+    page.js_errors = []
+    page.on("pageerror", lambda e: page.js_errors.append(str(e)))
+    console.pages.append(page)
+    await page.goto(f"{gw.admin_url}/console/")
+    await sign_in(page, gw.reviewer_token("rita"))
+    await page.wait_for_selector(f'a.item-link[data-id="{first}"]')
+    assert not await page.is_visible(".detail-pane")  # the list has the screen
+    await no_sideways_scroll(page)
+    await shot(page, "phone-queue", full=False)
+
+    await page.tap(f'a.item-link[data-id="{first}"]')
+    await page.wait_for_selector("#item-headline")
+    assert await page.is_visible(".detail-pane") and not await page.is_visible(".list-pane")
+    assert "wants to change contact 'Ann Lee': stage open → won" in await page.inner_text("#item-headline")
+    await page.wait_for_selector("table.diff")
+    await no_sideways_scroll(page)
+    await shot(page, "phone-item")
+    # decide from the phone: it moves on to the next item, still full screen
+    await page.tap("button.primary:has-text('Approve')")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.tap("#action-submit")
+    await page.wait_for_selector("#flash:has-text('replayed as sent')")
+    await page.wait_for_selector(f"#item-headline:has-text('create contact')")
+    assert page.url.endswith(f"#/queue/{second}")
+    await page.tap("a.back-link")
+    await page.wait_for_selector(".list-pane", state="visible")
+    assert not await page.is_visible(".detail-pane")
+
+    # the journal is cards: no header row, one card per record, each cell labelled
+    await page.goto(f"{gw.admin_url}/console/#/journal")
+    await page.wait_for_selector("table.journal tbody tr")
+    assert await page.eval_on_selector("table.journal thead", "e => getComputedStyle(e).display") == "none"
+    assert await page.eval_on_selector("table.journal tbody tr", "e => getComputedStyle(e).display") == "block"
+    assert await page.eval_on_selector("table.journal tbody td:nth-child(4)", "e => e.dataset.label") == "Agent"
+    await no_sideways_scroll(page)
+    await shot(page, "phone-journal", full=False)
+
+    # a transaction's steps are cards in words, the raw JSON tucked away
+    await page.goto(f"{gw.admin_url}/console/#/transactions/{h['X-Tether-Transaction']}")
+    await page.wait_for_selector(".tx-detail ol.steps li.step")
+    steps = await page.inner_text(".tx-detail ol.steps")
+    assert "Undo:" in steps and "tier → silver" in steps
+    assert not await page.is_visible(".tx-detail details pre")
+    await no_sideways_scroll(page)
+    await shot(page, "phone-transaction")
+
+    await page.goto(f"{gw.admin_url}/console/#/agents")
+    await page.wait_for_selector("figure.chart svg")
+    await no_sideways_scroll(page)
+    await shot(page, "phone-agents", full=False)
+    assert page.js_errors == []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_offline_says_so_and_catches_up(console, upstream, tmp_path):
+    """The gateway goes down: the console says "offline — retrying", and catches up when it is back."""
+    rules = dry_rules(upstream, tmp_path)
+    rules["server"]["admin_listen"] = f"127.0.0.1:{free_port()}"
+    gw = await console.gateway(rules)
+    page = await console.page(f"{gw.admin_url}/console/")
+    await sign_in(page, gw.reviewer_token())
+    await page.wait_for_selector("#live-state.live")
+    await page.wait_for_selector(".list-pane .empty")
+
+    await gw.gw.stop(grace=0.5)
+    await page.wait_for_selector("#live-state.offline:has-text('offline — retrying')", timeout=30_000)
+    assert "polling" not in await page.inner_text("#live-state")
+    await shot(page, "offline", full=False)
+
+    gw2 = await console.gateway(rules)  # back, on the same admin port and store
+    assert gw2.admin_url == gw.admin_url
+    r = await gw2.request("POST", "/api/contacts", json={"name": "Cy"}, intent="add Cy while you were away")
+    await page.wait_for_selector(f'a.item-link[data-id="{r.headers["X-Tether-Dry-Run"]}"]', timeout=30_000)
+    await page.wait_for_selector("#live-state.live", timeout=30_000)
+    assert page.js_errors == []
+
+
+class FakeQuotas:
+    """What the multi-process quota tracker is to expose (proxy/stats.py: quota_of)."""
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"crm": {"remaining": 420, "limit": 1000, "at": 0}}
+
+
+async def test_charts_are_drawn_from_the_store(console, upstream, tmp_path):
+    rules = dry_rules(upstream, tmp_path)
+    rules["governance"] = {"error_budget": {"window": "1h", "max_bad_ratio": 0.2, "min_requests": 100}}
+    gw = await console.gateway(rules)
+    upstream.put_record("contacts", {"id": "5", "name": "Ann", "stage": "open"})
+    for _ in range(4):
+        await gw.request("GET", "/api/contacts/5")
+    for _ in range(3):
+        await gw.request("GET", "/api/not-registered")  # denials: bad outcomes
+    items = [(await gw.request("POST", "/api/contacts", json={"name": n}, intent="add")).headers["X-Tether-Dry-Run"]
+             for n in ("A", "B", "C")]
+    await gw.admin("POST", f"/api/review/items/{items[0]}/approve", json={})
+    await gw.admin("POST", f"/api/review/items/{items[1]}/approve", json={})
+    await gw.admin("POST", f"/api/review/items/{items[2]}/reject", json={"reason": "no"})
+    await gw.admin("POST", "/api/agents/renewal-bot/quarantine", json={"reason": "test"})
+    recs = await gw.journal()
+    bot_requests = len([r for r in recs if r["kind"] == "request" and r["agent"] == "bot"])
+    crm_requests = len([r for r in recs if r["kind"] == "request" and r.get("upstream") == "crm"
+                        and r["decision"] != "replay"])
+
+    page = await console.page(f"{gw.admin_url}/console/#/agents")
+    await sign_in(page, gw.reviewer_token())
+    card = "section[aria-labelledby=agent-bot-h]"
+    await page.wait_for_selector(f"{card} figure.chart[data-chart=requests] svg rect")
+    desc = await page.text_content(f"{card} figure.chart[data-chart=requests] desc")
+    assert desc.startswith(f"{bot_requests} requests over the last 24 hours")
+    bars = await page.eval_on_selector_all(f"{card} figure.chart[data-chart=requests] rect title",
+                                           "ts => ts.map(t => t.textContent)")
+    assert sum(int(t.split(": ")[1].split(" ")[0]) for t in bars) == bot_requests
+    bad = f"{card} figure.chart[data-chart=bad]"
+    assert "budget 20%" in await page.text_content(f"{bad} svg")
+    # bad outcomes: the three denials and the rejected review, against all its requests
+    assert (await page.text_content(f"{bad} desc")).startswith(f"4 bad outcomes of {bot_requests} requests")
+    assert await page.locator(f"{bad} line.threshold").count() == 1
+    approval = f"{card} figure.chart[data-chart=approval]"
+    assert (await page.text_content(f"{approval} desc")).startswith("2 approved, 1 rejected (67% approved)")
+    assert "gate 95%" in await page.text_content(f"{approval} svg")
+    assert await page.locator(f"{approval} polyline.rate, {approval} circle.rate").count() >= 1
+    # a quarantine is marked on the agent's charts
+    q = "section[aria-labelledby=agent-renewal-bot-h] figure.chart[data-chart=requests]"
+    assert await page.locator(f"{q} g.marker.quarantined").count() == 1
+    # upstreams: traffic from the journal; quota said to be untracked, until a tracker reports it
+    up = "section[data-upstream=crm]"
+    assert (await page.text_content(f"{up} figure.chart[data-chart=traffic] desc")).startswith(f"{crm_requests} requests")
+    assert "Not reported" in await page.inner_text(f"{up} figure[data-chart=quota]")
+    await shot(page, "agents-charts")
+    gw.gw.quotas = FakeQuotas()
+    await page.select_option("select[name=range]", "7d")
+    await page.wait_for_selector(f"{up} figure.chart[data-chart=quota] svg")
+    assert "now 420 of 1000" in await page.text_content(f"{up} figure.chart[data-chart=quota] desc")
+    assert "over the last 7 days" in await page.text_content(f"{card} figure.chart[data-chart=requests] desc")
+    assert page.js_errors == []
+
+
+async def test_partial_names_tampered_records_and_recent_rollbacks(console, upstream, tmp_path):
+    from tests.conftest import store_sql
+
+    rules = dry_rules(upstream, tmp_path)
+    gw = await console.gateway(rules)
+    upstream.put_record("accounts", {"id": "a1", "tier": "silver"})
+    await gw.request("GET", "/api/contacts/5", on_behalf_of="ae:jane@acme.example", intent="look up Ann")
+    h = {"X-Tether-Transaction": "demo-renewal"}
+    await gw.request("PATCH", "/api/accounts/a1", json={"tier": "gold"}, headers=h, intent="upgrade Acme")
+    async with gw.session.post(f"{gw.url}/_tether/transactions/demo-renewal/rollback", headers=gw.headers()) as resp:
+        assert (await resp.json())["state"] == "rolled_back"
+    recs = await gw.journal()
+    target = next(r["seq"] for r in recs if r.get("intent") == "look up Ann")
+
+    page = await console.page(f"{gw.admin_url}/console/#/journal")
+    await sign_in(page, gw.reviewer_token())
+    await page.wait_for_selector("table.journal tbody tr")
+    await page.fill("input[name=user]", "jane")  # a part of ae:jane@acme.example
+    await page.press("input[name=user]", "Enter")
+    await page.wait_for_function("() => document.querySelectorAll('table.journal tbody tr').length >= 1 && "
+                                 "[...document.querySelectorAll('table.journal tbody tr')].every(tr => "
+                                 "tr.textContent.includes('ae:jane@acme.example'))")
+
+    # someone with the database rewrites the record: its own page says so
+    store_sql(str(tmp_path / "t.db"), f"UPDATE journal SET record = replace(record, 'look up Ann', 'look up Bob') "
+                                      f"WHERE seq = {target}")
+    await page.goto(f"{gw.admin_url}/console/#/journal/{target}")
+    await page.wait_for_selector(".tamper[role=alert]")
+    assert "altered" in await page.inner_text(".tamper")
+    await shot(page, "journal-record-tampered", full=False)
+    await page.goto(f"{gw.admin_url}/console/#/journal/{target - 1}")
+    await page.wait_for_selector("#rec-h")
+    assert await page.locator(".tamper").count() == 0
+
+    # the transactions page opens on recent activity, rollbacks included
+    await page.goto(f"{gw.admin_url}/console/#/transactions")
+    await page.wait_for_selector('a.item-link[data-id="demo-renewal"]')
+    assert "rolled back" in await page.inner_text('a.item-link[data-id="demo-renewal"]')
+    assert page.js_errors == []
+
+
+async def test_agent_text_is_inert_in_the_console(console, upstream, tmp_path):
+    """Control and bidi characters an agent put in its text are shown as escapes, in every screen."""
+    gw = await console.gateway(dry_rules(upstream, tmp_path))
+    r = await gw.request("POST", "/api/contacts", json={"name": "Bo"}, intent="add Bo")
+    item = r.headers["X-Tether-Dry-Run"]
+    hostile = "approve me\u202e\u2066 evil\u2069\x1b[2J\r\nline two"
+    # whatever the input rules let through, or an old record holds: the view must stay inert
+    # (its stored headline dropped too, so every view composes one from the hostile text)
+    await gw.gw.store.review_transition(item, ("pending",), "pending", {"intent": hostile, "headline": None})
+    from proxy.journal import base_record
+
+    await gw.gw.journal.write(base_record("request", agent="bot", intent=hostile, decision="denied",
+                                          method="GET", path="/x", reason="route_not_registered"))
+    page = await console.page(f"{gw.admin_url}/console/#/queue/{item}")
+    await sign_in(page, gw.reviewer_token())
+    await page.wait_for_selector("#item-headline")
+    for where in ("#item-headline", ".detail-pane dl.facts", f'a.item-link[data-id="{item}"]'):
+        text = await page.inner_text(where)
+        assert "\\u202e" in text and "\\x1b" in text and "\\r\\n" in text, where
+        for bad in ("\u202e", "\u2066", "\x1b", "\r"):
+            assert bad not in text, (where, repr(bad))
+    await page.goto(f"{gw.admin_url}/console/#/journal")
+    await page.wait_for_selector("table.journal tbody tr")
+    text = await page.inner_text("table.journal tbody tr:first-child")
+    assert "\\u202e" in text and "\u202e" not in text
+    assert page.js_errors == []
+
+
+def test_the_screenshot_script_writes_every_screen(tmp_path):
+    """`python -m proxy.console_shots` (what a reviewer of the project runs to look at the console)."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed; the screenshot script needs it")
+    if chromium_path() is None:
+        pytest.skip("Chromium is not installed; the screenshot script needs it")
+    from proxy.console_shots import main
+
+    assert main(["--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    for screen in ("queue", "item", "journal", "journal-record", "transactions", "agents"):
+        assert f"{screen}.png" in names and f"phone-{screen}.png" in names, names
+    for p in tmp_path.glob("*.png"):
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p.name

@@ -1,8 +1,12 @@
 /* Tether review console — plain JavaScript, no build step, no third-party code.
  *
  * Every value that comes from the API is put into the page with textContent / text nodes (see el()),
- * never as HTML. The reviewer token lives in sessionStorage and goes out as a Bearer header on every
- * call; nothing else is stored.
+ * never as HTML, and made inert first (inert(): control, line-separator and bidi characters are shown
+ * as escapes such as \u202e, so an agent's text cannot reorder or hide what a reviewer reads). The
+ * reviewer token lives in sessionStorage and goes out as a Bearer header on every call; nothing else
+ * is stored.
+ *
+ * Charts are SVG drawn here from the admin API's /api/stats (no library, nothing fetched elsewhere).
  *
  * Live updates: EventSource cannot send an Authorization header, and a token in a query string ends
  * up in access logs and browser history, so the console reads /api/events with fetch() and a streamed
@@ -17,6 +21,28 @@
   var API_BASE = new URL('../api/', window.location.href);
 
   // ------------------------------------------------------------------------------------------ DOM helpers
+
+  // C0, DEL, C1, LRM/RLM/ALM, the line and paragraph separators, bidi embeddings/overrides/isolates
+  // (the same set as proxy/inert.py)
+  var UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+  var NAMED = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+
+  /** A text node for a block of code (<pre>): its newlines and tabs stay, everything else as inert(). */
+  function block(v) {
+    return document.createTextNode(String(v).split('\n').map(function (line) {
+      return line.split('\t').map(inert).join('\t');
+    }).join('\n'));
+  }
+
+  /** Text with every control, separator and bidi character shown as an escape (\x1b, \u202e). */
+  function inert(v) {
+    var t = String(v);
+    return t.replace(UNSAFE, function (c) {
+      if (NAMED[c]) return NAMED[c];
+      var h = c.charCodeAt(0).toString(16);
+      return c.charCodeAt(0) < 256 ? '\\x' + ('0' + h).slice(-2) : '\\u' + ('000' + h).slice(-4);
+    });
+  }
 
   /** el('tag.class#id', {attrs}, children...) — strings become text nodes, never HTML. */
   function el(spec, attrs) {
@@ -34,10 +60,10 @@
         var v = attrs[k];
         if (v === null || v === undefined || v === false) return;
         if (k.slice(0, 2) === 'on' && typeof v === 'function') node.addEventListener(k.slice(2), v);
-        else if (k === 'text') node.textContent = String(v);
-        else if (k === 'value') node.value = v;
+        else if (k === 'text') node.textContent = inert(v);
+        else if (k === 'value') node.value = v;  // an editable value keeps its exact text
         else if (k === 'checked' || k === 'selected' || k === 'disabled') node[k] = !!v;
-        else node.setAttribute(k, v === true ? '' : String(v));
+        else node.setAttribute(k, v === true ? '' : inert(v));
       });
     }
     for (var i = start; i < arguments.length; i++) append(node, arguments[i]);
@@ -47,7 +73,7 @@
   function append(node, child) {
     if (child === null || child === undefined || child === false) return;
     if (Array.isArray(child)) { child.forEach(function (c) { append(node, c); }); return; }
-    node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+    node.appendChild(child instanceof Node ? child : document.createTextNode(inert(child)));
   }
 
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
@@ -99,6 +125,13 @@
     return el('span.badge.state-' + String(state || 'none').replace(/[^a-z_]/gi, ''), String(state || '—').replace(/_/g, ' '));
   }
 
+  function headlineText(it) {
+    var h = it.headline && it.headline.text;
+    if (h) return h;
+    return it.agent + (it.on_behalf_of ? ', for ' + it.on_behalf_of + ',' : '') + ' wants to call ' + it.capability +
+      (it.intent ? ' — because: ' + it.intent : '');
+  }
+
   function pct(x) { return (x === null || x === undefined) ? '—' : (Math.round(x * 1000) / 10) + '%'; }
 
   function dl(rows, skipEmpty) {
@@ -119,21 +152,25 @@
     t.appendChild(el('thead', el('tr', headers.map(function (h) { return el('th', { scope: 'col' }, h); }))));
     var tb = el('tbody');
     rows.forEach(function (r) { tb.appendChild(r instanceof Node ? r : el('tr', r.map(function (c) { return el('td', c); }))); });
+    Array.prototype.forEach.call(tb.rows, function (tr) {
+      Array.prototype.forEach.call(tr.cells, function (cell, i) { if (headers[i]) cell.setAttribute('data-label', headers[i]); });
+    });
     t.appendChild(tb);
+    if (!opts.noCards) t.classList.add('cards');
     return el('div.table-wrap', t);
   }
 
   function announce(msg) {
     var a = $('announcer');
     a.textContent = '';
-    window.setTimeout(function () { a.textContent = msg; }, 30);
+    window.setTimeout(function () { a.textContent = inert(msg); }, 30);
   }
 
   var flashTimer = null;
   function flash(msg, kind) {
     var f = $('flash');
     f.className = 'flash ' + (kind || 'ok');
-    f.textContent = msg;
+    f.textContent = inert(msg);
     f.hidden = false;
     if (flashTimer) window.clearTimeout(flashTimer);
     flashTimer = window.setTimeout(function () { f.hidden = true; }, kind === 'error' ? 12000 : 6000);
@@ -191,6 +228,7 @@
     var init = { method: method, headers: headers, cache: 'no-store', credentials: SESSION && !tok ? 'same-origin' : 'omit' };
     if (body !== undefined) { headers['Content-Type'] = 'application/json'; init.body = JSON.stringify(body); }
     return fetch(apiUrl(path, params), init).then(function (resp) {
+      live.reachable(true);
       return resp.text().then(function (txt) {
         var doc = null;
         try { doc = txt ? JSON.parse(txt) : null; } catch (e) { doc = null; }
@@ -202,7 +240,8 @@
         return doc;
       });
     }, function (e) {
-      throw new ApiError(0, { error: { code: 'network_error', message: 'the admin listener could not be reached (' + e.message + ')' } });
+      live.reachable(false);
+      throw new ApiError(0, { error: { code: 'network_error', message: 'the gateway could not be reached (' + e.message + ')' } });
     });
   }
 
@@ -242,7 +281,7 @@
     $('session').hidden = true;
     clear($('screen'));
     $('signin').hidden = false;
-    $('signin-error').textContent = message || '';
+    $('signin-error').textContent = inert(message || '');
     var input = $('token-input');
     input.setAttribute('aria-invalid', message ? 'true' : 'false');
     input.focus();
@@ -270,7 +309,7 @@
       $('token-input').value = '';
       started();
     }, function (err) {
-      $('signin-error').textContent = authMessage(err);
+      $('signin-error').textContent = inert(authMessage(err));
       $('token-input').setAttribute('aria-invalid', 'true');
       $('token-input').focus();
     });
@@ -280,7 +319,7 @@
     $('signin').hidden = true;
     $('nav').hidden = false;
     $('session').hidden = false;
-    $('who-name').textContent = SESSION && token() === SESSION_MARK ? SESSION.reviewer : tokenName(token());
+    $('who-name').textContent = inert(SESSION && token() === SESSION_MARK ? SESSION.reviewer : tokenName(token()));
     live.start();
     if (!window.location.hash || window.location.hash === '#' || window.location.hash === '#/') {
       window.location.hash = '#/queue';
@@ -306,7 +345,7 @@
   // ------------------------------------------------------------------------------------------ live updates
 
   var live = {
-    ctrl: null, pollTimer: null, retry: 0, running: false, debounce: null,
+    ctrl: null, pollTimer: null, retry: 0, running: false, debounce: null, offline: false, mode: 'connecting',
     start: function () {
       this.running = true;
       this.connect();
@@ -316,17 +355,35 @@
       if (this.ctrl) this.ctrl.abort();
       this.ctrl = null;
       this.stopPolling();
+      this.offline = false;
       this.state('off');
     },
     state: function (s) {
+      this.mode = s;
       var node = $('live-state');
-      node.className = 'live-state ' + s;
-      node.textContent = s === 'live' ? 'live' : s === 'polling' ? 'polling every ' + (POLL_MS / 1000) + ' s' : s === 'off' ? '' : 'connecting…';
+      var shown = this.offline && s !== 'off' ? 'offline' : s;
+      node.className = 'live-state ' + shown;
+      node.textContent = shown === 'offline' ? 'offline — retrying' : shown === 'live' ? 'live'
+        : shown === 'polling' ? 'polling every ' + (POLL_MS / 1000) + ' s' : shown === 'off' ? '' : 'connecting…';
+      node.title = shown === 'offline' ? 'The gateway does not answer; the console keeps trying and catches up when it is back.'
+        : 'How the console learns about new activity';
+    },
+    /** Every API answer (or failure to get one) says whether the gateway is reachable. */
+    reachable: function (ok) {
+      if (ok === !this.offline) return;
+      this.offline = !ok;
+      document.body.classList.toggle('offline', this.offline);
+      if (this.running) {
+        this.state(this.mode);
+        announce(ok ? 'The gateway answers again.' : 'The gateway is offline; retrying.');
+        if (!ok) this.startPolling();
+        else { this.changed(); if (this.mode !== 'live') { this.retry = 0; this.connect(); } }
+      }
     },
     startPolling: function () {
       if (this.pollTimer) return;
       var self = this;
-      this.state('polling');
+      if (this.mode !== 'live' || this.offline) this.state('polling');
       this.pollTimer = window.setInterval(function () { self.changed(); }, POLL_MS);
     },
     stopPolling: function () {
@@ -344,6 +401,8 @@
     },
     connect: function () {
       var self = this;
+      if (this.retryTimer) { window.clearTimeout(this.retryTimer); this.retryTimer = null; }
+      if (this.ctrl) this.ctrl.abort();
       if (!this.running || !window.ReadableStream || !window.TextDecoder) { this.startPolling(); return; }
       var ctrl = new AbortController();
       this.ctrl = ctrl;
@@ -377,7 +436,7 @@
         if (!self.running || ctrl.signal.aborted) return;
         self.startPolling();
         var wait = Math.min(30000, 1000 * Math.pow(2, self.retry++));
-        window.setTimeout(function () { if (self.running) self.connect(); }, wait);
+        self.retryTimer = window.setTimeout(function () { self.retryTimer = null; if (self.running) self.connect(); }, wait);
       });
     },
     block: function (text) {
@@ -403,7 +462,7 @@
   function actionDialog(opts) {
     var dlg = $('action-dialog');
     var form = $('action-form');
-    $('action-title').textContent = opts.title;
+    $('action-title').textContent = inert(opts.title);
     clear($('action-body'));
     append($('action-body'), opts.body);
     $('action-error').textContent = '';
@@ -424,7 +483,7 @@
         dlg.close();
       }, function (err) {
         submit.disabled = false;
-        $('action-error').textContent = (err && err.code ? err.code + ': ' : '') + ((err && err.message) || String(err));
+        $('action-error').textContent = inert((err && err.code ? err.code + ': ' : '') + ((err && err.message) || String(err)));
       });
     };
     $('action-cancel').onclick = function () { dlg.close(); };
@@ -536,7 +595,10 @@
     var detail = el('section.detail-pane', { 'aria-label': 'Review item', tabindex: '-1' });
     root.appendChild(el('div.screen-head', heading, el('p.muted', 'Writes the agents made in dry-run, newest first. Approve to send them to the upstream; reject with a reason.')));
     root.appendChild(form);
-    root.appendChild(el('div.split', listBox, detail));
+    var split = el('div.split', listBox, detail);
+    root.appendChild(split);
+    // on a phone the list and the item take turns: an open item fills the screen, with a way back
+    function showingDetail(on) { split.classList.toggle('showing-detail', !!on); }
 
     agentsList().then(function (known) {
       var f = queueFilters;
@@ -613,8 +675,7 @@
         var a = el('a.item-link', { href: '#/queue/' + encodeURIComponent(it.id), 'data-id': it.id,
           'aria-current': it.id === selected ? 'true' : null },
           el('span.item-top', el('span.cap', it.capability), when(it.created_at)),
-          el('span.item-who', it.agent, it.on_behalf_of ? el('span.muted', ' for ' + it.on_behalf_of) : null),
-          el('span.item-intent', it.intent || '(no intent given)'),
+          el('span.item-headline', headlineText(it)),
           el('span.item-req', el('span.method', it.request.method), ' ', it.upstream, ' ', it.request.path),
           it.state !== 'pending' ? badge(it.state) : null);
         ul.appendChild(el('li', a));
@@ -626,7 +687,16 @@
       }
     }
 
+    function nextPending(afterId) {
+      var idx = -1;
+      items.forEach(function (i, n) { if (i.id === afterId) idx = n; });
+      var rest = items.filter(function (i, n) { return i.state === 'pending' && i.id !== afterId && n > idx; });
+      if (!rest.length) rest = items.filter(function (i) { return i.state === 'pending' && i.id !== afterId; }).reverse();
+      return rest.length ? rest[0].id : null;
+    }
+
     function renderEmptyDetail() {
+      showingDetail(false);
       clear(detail);
       detail.appendChild(el('div.placeholder', el('p', items.length ? 'Select an item (or press ' : 'No item selected.',
         items.length ? el('kbd', 'j') : null, items.length ? ') to see the full request, the change against the current record and the agent\'s record.' : null)));
@@ -635,6 +705,7 @@
     function showDetail(id) {
       var seq = ++detailSeq;
       editing = false;
+      showingDetail(true);
       clear(detail);
       detail.appendChild(loading('Loading item…'));
       api('GET', 'review/items/' + encodeURIComponent(id)).then(function (it) {
@@ -666,10 +737,13 @@
       var r = it.request;
       var body = bodyOf(r);
       setTitle(it.capability + ' — review');
+      detail.appendChild(el('p.back', el('a.back-link', { href: '#/queue' }, '← All items')));
       detail.appendChild(el('div.detail-head',
         el('h2', { id: 'item-title' }, it.capability, ' ', badge(it.state)),
         el('p.muted.small', 'Item ', el('code', it.id))));
+      detail.appendChild(el('p.headline', { id: 'item-headline' }, headlineText(it)));
       detail.setAttribute('aria-labelledby', 'item-title');
+      detail.setAttribute('aria-describedby', 'item-headline');
 
       detail.appendChild(dl([
         ['Agent', it.agent],
@@ -681,7 +755,9 @@
         it.tx ? ['Transaction', el('a', { href: '#/transactions/' + encodeURIComponent(it.tx) }, it.tx)] : null,
         it.quarantined ? ['Note', el('strong', 'captured while the agent was quarantined')] : null,
         it.canary ? ['Canary', String(it.canary)] : null,
-        ['Journal', el('a', { href: '#/journal/' + it.intent_seq }, 'request record #' + it.intent_seq)]
+        ['Journal', it.intent_seq !== null && it.intent_seq !== undefined
+          ? el('a', { href: '#/journal/' + it.intent_seq }, 'request record #' + it.intent_seq)
+          : el('span.muted', 'request ' + (it.request_id || '—'))]
       ]));
 
       // decision actions first: they are what the reviewer is here for
@@ -727,8 +803,8 @@
         el('p.request-line', el('span.method', r.method), ' ', el('code', requestLine(it)), el('span.muted', ' to upstream '), el('strong', it.upstream)),
         r.wire_method && r.wire_method !== r.method ? el('p.muted', 'sent on the wire as ' + r.wire_method) : null,
         r.content_type ? el('p.muted.small', 'Content-Type: ' + r.content_type) : null,
-        body.json ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, pretty(body.value))
-          : body.text ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, body.text) : el('p.muted', 'No body.'),
+        body.json ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, block(pretty(body.value)))
+          : body.text ? el('pre.code', { tabindex: '0', 'aria-label': 'Request body' }, block(body.text)) : el('p.muted', 'No body.'),
         r.headers && r.headers.length ? el('details', el('summary', 'Headers the agent sent (' + r.headers.length + ')'),
           table('Captured request headers', ['Header', 'Value'], r.headers.map(function (h) { return [h[0], h[1]]; }), { hideCaption: true })) : null,
         el('p.muted.small', 'The upstream\'s credentials and Tether\'s provenance headers are added when it is sent.'));
@@ -741,7 +817,7 @@
         el('h3', { id: 'syn-h' }, 'Synthetic response the agent got'),
         el('p', 'Status ', el('strong', String(syn.status)),
           synHeaders.length ? el('span.muted', ' — ' + synHeaders.map(function (k) { return k + ': ' + syn.headers[k]; }).join(', ')) : null),
-        syn.body !== null && syn.body !== undefined ? el('pre.code', { tabindex: '0', 'aria-label': 'Synthetic response body' }, pretty(syn.body)) : el('p.muted', 'No body.')));
+        syn.body !== null && syn.body !== undefined ? el('pre.code', { tabindex: '0', 'aria-label': 'Synthetic response body' }, block(pretty(syn.body))) : el('p.muted', 'No body.')));
 
       // the agent's approval record for this capability
       var evBox = el('section.block', { 'aria-labelledby': 'ev-h' }, el('h3', { id: 'ev-h' }, 'This agent\'s record for ' + it.capability));
@@ -804,16 +880,25 @@
       }
 
       function done(res) {
+        var how = res.decision && res.decision.edited ? 'replayed with your edits' : 'replayed as sent';
         var msg = res.state === 'rejected' ? 'Rejected — nothing was sent.'
-          : res.state === 'replayed' ? 'Approved — the upstream answered ' + (res.replay && res.replay.status) + '.'
+          : res.state === 'replayed' ? 'Approved — ' + how + '; the upstream answered ' + (res.replay && res.replay.status) + '.'
             : res.state === 'replay_failed' ? 'Approved, but the upstream refused it (' + ((res.replay && (res.replay.status || res.replay.error)) || 'error') + ').'
               : 'Approved (' + res.state + ').';
-        flash(msg, res.state === 'replay_failed' ? 'error' : 'ok');
+        // move on: the next pending item after this one (or the one before), as a reviewer works a queue
+        var next = nextPending(res.id);
+        flash(msg + (next ? ' Next item.' : ' Nothing left to review.'), res.state === 'replay_failed' ? 'error' : 'ok');
         announce(msg);
+        refreshQueueCount();
+        if (next && res.state !== 'replay_failed') {
+          replaceHash('#/queue/' + encodeURIComponent(next));
+          selected = next;
+          load().then(function () { detail.focus(); });
+          return;
+        }
         shown = res;
         renderDetail(res, ++detailSeq);
         load();
-        refreshQueueCount();
         detail.focus();
       }
 
@@ -941,7 +1026,7 @@
         box.appendChild(el('p.muted', 'No field-by-field comparison for this operation.'));
       }
       if (d.current) {
-        box.appendChild(el('details', el('summary', 'The whole current record'), el('pre.code', pretty(d.current))));
+        box.appendChild(el('details', el('summary', 'The whole current record'), el('pre.code', block(pretty(d.current)))));
       }
     }
 
@@ -960,8 +1045,8 @@
         rep ? ['Upstream answered', rep.status ? String(rep.status) : (rep.error || '—') + (rep.message ? ': ' + rep.message : '')] : null,
         rep && rep.request_id ? ['Replay request', el('a', { href: '#/journal/' + rep.intent_seq }, 'journal record #' + rep.intent_seq)] : null
       ]));
-      if (dcs.edit_body !== undefined) s.appendChild(el('details', el('summary', 'Body as edited'), el('pre.code', pretty(dcs.edit_body))));
-      if (rep && rep.body !== undefined && rep.body !== null && rep.body !== '') s.appendChild(el('details', el('summary', 'Upstream response body'), el('pre.code', pretty(rep.body))));
+      if (dcs.edit_body !== undefined) s.appendChild(el('details', el('summary', 'Body as edited'), el('pre.code', block(pretty(dcs.edit_body)))));
+      if (rep && rep.body !== undefined && rep.body !== null && rep.body !== '') s.appendChild(el('details', el('summary', 'Upstream response body'), el('pre.code', block(pretty(rep.body)))));
       return s;
     }
 
@@ -1098,7 +1183,7 @@
         if (my !== listSeq) return;
         records = before ? records.concat(doc.records) : doc.records;
         next = doc.next_before_seq;
-        more.hidden = !next || doc.records.length < 100;
+        more.hidden = !next || !doc.more;  // a search that read its share of the journal says there is more
         render();
       }, function (err) { clear(body).appendChild(errorBox(err)); });
     }
@@ -1167,6 +1252,12 @@
       clear(body);
       var r = doc.record;
       body.appendChild(el('h1', 'Record #' + r.seq + ' ', badge(r.decision || r.kind)));
+      if (doc.integrity && !doc.integrity.ok) {
+        body.appendChild(el('div.tamper', { role: 'alert' },
+          el('strong', 'This record does not verify: do not trust what it says.'),
+          el('ul', doc.integrity.problems.map(function (p) { return el('li', p); })),
+          el('p.small', 'Run ', el('code', 'tether journal verify'), ' and compare with your checkpoints or archives.')));
+      }
       body.appendChild(el('section.block', { 'aria-labelledby': 'rec-h' }, el('h2', { id: 'rec-h' }, 'What happened'), dl([
         ['Time', stamp(r.ts)],
         ['Kind', r.kind + (r.event ? ' — ' + r.event : '')],
@@ -1187,7 +1278,7 @@
         ['Hash', el('code.hash', r.hash)],
         ['Previous hash', el('code.hash', r.prev_hash)]
       ], true)));
-      body.appendChild(el('details.block', el('summary', 'The full record (JSON)'), el('pre.code', pretty(r))));
+      body.appendChild(el('details.block', el('summary', 'The full record (JSON)'), el('pre.code', block(pretty(r)))));
 
       if (doc.related && doc.related.length > 1) {
         body.appendChild(el('section.block', { 'aria-labelledby': 'rel-h' }, el('h2', { id: 'rel-h' }, 'The same request'),
@@ -1228,7 +1319,7 @@
 
   // ------------------------------------------------------------------------------------------ transactions
 
-  var txFilter = 'attention';
+  var txFilter = 'recent';
 
   screens.transactions = function (root, selectedId) {
     setTitle('Transactions');
@@ -1240,17 +1331,20 @@
     var detail = el('section.detail-pane', { 'aria-label': 'Transaction', tabindex: '-1' });
     root.appendChild(el('div.screen-head', el('h1', 'Transactions'), el('p.muted', 'Workflows the agents tied together. A rollback undoes their live writes newest first; a step that cannot be undone leaves the transaction needing attention.')));
     root.appendChild(form);
-    root.appendChild(el('div.split', listBox, detail));
-    form.appendChild(field('Show', select('state', [['attention', 'open or needing attention'], ['needs_attention', 'needs attention'], ['open', 'open'],
+    var split = el('div.split', listBox, detail);
+    root.appendChild(split);
+    form.appendChild(field('Show', select('state', [['recent', 'open, needing attention, recent rollbacks'], ['needs_attention', 'needs attention'], ['open', 'open'],
       ['rolling_back', 'rolling back'], ['rolled_back', 'rolled back'], ['committed', 'committed'], ['', 'all']], txFilter)));
     form.addEventListener('change', function () { txFilter = form.elements.state.value; load(); });
     form.addEventListener('submit', function (ev) { ev.preventDefault(); });
 
     var listSeq = 0;
     function load() {
-      var calls = txFilter === 'attention' ? ['needs_attention', 'rolling_back', 'open'] : [txFilter];
+      // the default view: what needs a human, what is running, and the last rollbacks (what just happened)
+      var calls = txFilter === 'recent' ? [['needs_attention', 200], ['rolling_back', 200], ['open', 200], ['rolled_back', 20]]
+        : [[txFilter, 200]];
       var my = ++listSeq;
-      return Promise.all(calls.map(function (s) { return api('GET', 'transactions', { state: s, limit: 200 }); })).then(function (docs) {
+      return Promise.all(calls.map(function (c) { return api('GET', 'transactions', { state: c[0], limit: c[1] }); })).then(function (docs) {
         if (my !== listSeq) return;
         txs = [].concat.apply([], docs.map(function (d) { return d.transactions; }));
         renderList();
@@ -1262,7 +1356,10 @@
       var hadFocus = listBox.contains(document.activeElement) ? document.activeElement.getAttribute('data-id') : null;
       clear(listBox);
       listBox.appendChild(el('p.list-count', txs.length + ' transaction' + (txs.length === 1 ? '' : 's')));
-      if (!txs.length) { listBox.appendChild(el('p.empty', 'Nothing here.')); return; }
+      if (!txs.length) {
+        listBox.appendChild(el('p.empty', txFilter === 'recent' ? 'No open transaction, none needing attention and no recent rollback.' : 'No transaction in this state.'));
+        return;
+      }
       var ul = el('ul.items');
       txs.forEach(function (tx) {
         ul.appendChild(el('li', el('a.item-link', { href: '#/transactions/' + encodeURIComponent(tx.id), 'data-id': tx.id, 'aria-current': tx.id === selected ? 'true' : null },
@@ -1277,6 +1374,7 @@
     function showDetail(id) {
       var my = ++seq;
       clear(detail);
+      split.classList.toggle('showing-detail', !!id);
       if (!id) { detail.appendChild(el('div.placeholder', el('p', 'Select a transaction to see its steps.'))); return; }
       detail.appendChild(loading('Loading transaction…'));
       api('GET', 'transactions/' + encodeURIComponent(id)).then(function (tx) {
@@ -1288,6 +1386,7 @@
     function renderDetail(tx) {
       clear(detail);
       var wrap = el('div.tx-detail');
+      detail.appendChild(el('p.back', el('a.back-link', { href: '#/transactions' }, '← All transactions')));
       detail.appendChild(wrap);
       wrap.appendChild(el('div.detail-head', el('h2', { id: 'tx-title' }, tx.name || tx.id, ' ', badge(tx.state)), el('p.muted.small', 'Transaction ', el('code', tx.id))));
       detail.setAttribute('aria-labelledby', 'tx-title');
@@ -1306,19 +1405,26 @@
       wrap.appendChild(el('h3', 'Steps (newest first, the order they are undone in)'));
       if (!steps.length) wrap.appendChild(el('p.muted', 'No live writes recorded.'));
       else {
-        wrap.appendChild(table('Transaction steps', ['#', 'Write', 'State', 'Undo', 'Attempts', 'Last error'], steps.map(function (s) {
+        // one card per step, in words: what was written, how it is undone, where it stands
+        wrap.appendChild(el('ol.steps', steps.map(function (s) {
           var plan = s.plan || {};
-          var undo = plan.request ? plan.request.method + ' ' + plan.request.path : (plan.kind || s.reason || '—');
-          return el('tr' + (tx.remaining_steps && tx.remaining_steps.indexOf(s.id) >= 0 ? '.remaining' : ''),
-            el('td', String(s.order || s.id)),
-            el('td', el('div', s.capability), el('div.small', el('code', s.method + ' ' + s.path)), s.intent ? el('div.small.muted', s.intent) : null),
-            el('td', badge(s.state)),
-            el('td', el('code.small', undo), plan.request && plan.request.body ? el('div', el('code.small', JSON.stringify(plan.request.body))) : null,
-              plan.note ? el('div.small.muted', plan.note) : null),
-            el('td', String(s.attempts || 0)),
-            el('td.small', s.last_error || ''));
-        }), { hideCaption: true }));
+          var req = plan.request;
+          var remaining = tx.remaining_steps && tx.remaining_steps.indexOf(s.id) >= 0;
+          return el('li.step' + (remaining ? '.remaining' : ''), { 'data-step': String(s.id) },
+            el('div.step-head', el('span.step-no', '#' + (s.order || s.id)), ' ', el('strong', s.capability || '—'), ' ', badge(s.state),
+              remaining ? el('span.small.warn-text', ' not undone yet') : null),
+            el('div.step-write', el('span.method', s.method), ' ', el('code', s.path)),
+            s.intent ? el('div.small.muted', 'because: ' + s.intent) : null,
+            el('div.step-undo', el('span.muted', 'Undo: '), req ? [el('span.method', req.method), ' ', el('code', req.path)] : (plan.kind || s.reason || 'nothing to undo'),
+              plan.note ? el('span.muted', ' — ' + plan.note) : null),
+            req && req.body && typeof req.body === 'object' && !Array.isArray(req.body) ? el('ul.undo-fields', Object.keys(req.body).slice(0, 12).map(function (k) {
+              return el('li', el('code', k), ' → ', value(req.body[k]));
+            })) : null,
+            (s.attempts || s.last_error) ? el('div.small', (s.attempts || 0) + ' attempt' + (s.attempts === 1 ? '' : 's'),
+              s.last_error ? el('span.warn-text', ' — ' + s.last_error) : null) : null);
+        })));
       }
+      wrap.appendChild(el('details.block', el('summary', 'The whole transaction (JSON)'), el('pre.code', block(pretty(tx)))));
     }
 
     function confirmTx(tx, action, hasConflict) {
@@ -1384,25 +1490,187 @@
     }
   };
 
+
+  // ------------------------------------------------------------------------------------------ charts
+
+  var SVG_NS = 'http://www.w3.org/2000/svg';
+  var chartSeq = 0;
+
+  function svgEl(tag, attrs, text) {
+    var n = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) { if (attrs[k] !== null && attrs[k] !== undefined) n.setAttribute(k, String(attrs[k])); });
+    if (text !== undefined) n.textContent = inert(text);
+    return n;
+  }
+
+  function shortTime(t, span) {
+    var d = new Date(t * 1000);
+    if (span > 2 * 86400) return d.toLocaleDateString(undefined, { month: 'short', day: 'numeric' });
+    return ('0' + d.getHours()).slice(-2) + ':' + ('0' + d.getMinutes()).slice(-2);
+  }
+
+  /**
+   * A small SVG chart drawn from numbers (no library): bars and/or lines over the buckets of /api/stats,
+   * an optional dashed threshold (the error budget, the promotion gate) and markers (quarantines).
+   * opts: {title, summary, stats, bars: [{values, cls, label}], lines: [{values, cls, label}], max,
+   *        percent, threshold: {value, label}, markers: [{t, label, cls}], empty}
+   */
+  function chart(opts) {
+    var W = 320, H = 150, L = 34, R = 8, T = 10, B = 22;
+    var id = 'chart-' + (++chartSeq);
+    var fig = el('figure.chart' + (opts.cls ? '.' + opts.cls : ''), { 'data-chart': opts.key || '' });
+    fig.appendChild(el('figcaption', opts.title));
+    var svg = svgEl('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-labelledby': id + '-t ' + id + '-d',
+      focusable: 'false' });
+    svg.appendChild(svgEl('title', { id: id + '-t' }, opts.title));
+    svg.appendChild(svgEl('desc', { id: id + '-d' }, opts.summary || ''));
+    var st = opts.stats;
+    var n = st.buckets.length;
+    var all = [];
+    (opts.bars || []).forEach(function (b) { all = all.concat(b.values); });
+    (opts.lines || []).forEach(function (l) { all = all.concat(l.values.filter(function (v) { return v !== null; })); });
+    var max = opts.max !== undefined ? opts.max : Math.max.apply(null, [1].concat(all));
+    if (opts.threshold && opts.threshold.value > max) max = opts.threshold.value * 1.1;
+    var x = function (i) { return L + (W - L - R) * i / n; };
+    var y = function (v) { return T + (H - T - B) * (1 - Math.min(v, max) / max); };
+    var fmt = function (v) { return opts.percent ? Math.round(v * 100) + '%' : String(Math.round(v * 10) / 10); };
+    svg.appendChild(svgEl('line', { x1: L, x2: W - R, y1: y(0), y2: y(0), 'class': 'axis' }));
+    svg.appendChild(svgEl('line', { x1: L, x2: L, y1: T, y2: y(0), 'class': 'axis' }));
+    svg.appendChild(svgEl('text', { x: L - 4, y: T + 8, 'text-anchor': 'end', 'class': 'tick' }, fmt(max)));
+    svg.appendChild(svgEl('text', { x: L - 4, y: y(0), 'text-anchor': 'end', 'class': 'tick' }, fmt(0)));
+    svg.appendChild(svgEl('text', { x: L, y: H - 6, 'class': 'tick' }, shortTime(st.buckets[0], st.until - st.since)));
+    svg.appendChild(svgEl('text', { x: W - R, y: H - 6, 'text-anchor': 'end', 'class': 'tick' }, 'now'));
+    var stacks = new Array(n).fill(0);
+    (opts.bars || []).forEach(function (b) {
+      var g = svgEl('g', { 'class': 'bars ' + (b.cls || '') });
+      b.values.forEach(function (v, i) {
+        if (!v) return;
+        var bw = Math.max(1, (W - L - R) / n - 1);
+        var top = y(stacks[i] + v);
+        var r = svgEl('rect', { x: x(i) + 0.5, y: top, width: bw, height: Math.max(0.5, y(stacks[i]) - top) });
+        r.appendChild(svgEl('title', {}, (b.label || '') + ': ' + fmt(v) + ' at ' + shortTime(st.buckets[i], st.until - st.since)));
+        g.appendChild(r);
+        stacks[i] += v;
+      });
+      svg.appendChild(g);
+    });
+    (opts.lines || []).forEach(function (l) {
+      var pts = [];
+      l.values.forEach(function (v, i) { if (v !== null && v !== undefined) pts.push((x(i) + (W - L - R) / n / 2).toFixed(1) + ',' + y(v).toFixed(1)); });
+      if (pts.length) svg.appendChild(svgEl('polyline', { points: pts.join(' '), 'class': 'line ' + (l.cls || '') }));
+      if (pts.length === 1) {
+        var xy = pts[0].split(',');
+        svg.appendChild(svgEl('circle', { cx: xy[0], cy: xy[1], r: 2.5, 'class': 'dot ' + (l.cls || '') }));
+      }
+    });
+    if (opts.threshold && opts.threshold.value !== null && opts.threshold.value !== undefined) {
+      var ty = y(opts.threshold.value);
+      svg.appendChild(svgEl('line', { x1: L, x2: W - R, y1: ty, y2: ty, 'class': 'threshold' }));
+      svg.appendChild(svgEl('text', { x: W - R - 2, y: ty - 3, 'text-anchor': 'end', 'class': 'tick threshold-label' },
+        opts.threshold.label + ' ' + fmt(opts.threshold.value)));
+    }
+    (opts.markers || []).forEach(function (m) {
+      var i = Math.min(n - 1, Math.max(0, Math.floor((m.t - st.since) / st.bucket_seconds)));
+      var mx = x(i) + (W - L - R) / n / 2;
+      var g = svgEl('g', { 'class': 'marker ' + (m.cls || '') });
+      g.appendChild(svgEl('line', { x1: mx, x2: mx, y1: T, y2: y(0) }));
+      g.appendChild(svgEl('title', {}, m.label));
+      svg.appendChild(g);
+    });
+    fig.appendChild(svg);
+    if (opts.legend) fig.appendChild(el('p.legend.small', opts.legend));
+    if (opts.empty) fig.appendChild(el('p.chart-empty.small.muted', opts.empty));
+    return fig;
+  }
+
+  function sum(v) { return v.reduce(function (a, b) { return a + (b || 0); }, 0); }
+
+  function agentCharts(name, row, st) {
+    var span = st.until - st.since;
+    var rangeText = span > 2 * 86400 ? Math.round(span / 86400) + ' days' : Math.round(span / 3600) + ' hours';
+    var box = el('div.charts', { 'aria-label': 'Charts for ' + name });
+    var q = row.quarantines || [];
+    var markers = q.map(function (m) { return { t: m.at, cls: m.event, label: (m.event === 'quarantined' ? 'quarantined' : 'released') + (m.reason ? ': ' + m.reason : '') }; });
+    var req = sum(row.requests);
+    box.appendChild(chart({ key: 'requests', title: 'Requests', stats: st, bars: [{ values: row.requests, cls: 'requests', label: 'requests' }],
+      markers: markers, summary: req + ' requests over the last ' + rangeText + (q.length ? '; ' + q.length + ' quarantine event(s) marked' : ''),
+      legend: q.length ? [el('span.key.quarantined', '|'), ' quarantined ', el('span.key.released', '|'), ' released'] : null }));
+    var ratio = row.requests.map(function (r, i) { var ev = r + row.rejected[i] + row.rollbacks[i]; return ev ? row.bad[i] / ev : null; });
+    var budget = row.budget ? row.budget.max_bad_ratio : null;
+    var over = ratio.filter(function (v) { return v !== null && budget !== null && v > budget; }).length;
+    box.appendChild(chart({ key: 'bad', title: 'Bad outcomes against the error budget', stats: st, percent: true, max: 1,
+      bars: [{ values: ratio.map(function (v) { return v || 0; }), cls: 'bad', label: 'bad share' }],
+      threshold: budget !== null ? { value: budget, label: 'budget' } : null, markers: markers,
+      summary: sum(row.bad) + ' bad outcomes of ' + req + ' requests; the budget allows ' + (budget !== null ? Math.round(budget * 100) + '%' : '—') +
+        (over ? '; ' + over + ' period(s) over it' : ''),
+      empty: req ? null : 'No requests in this period.' }));
+    var okCum = 0, decided = 0;
+    var rate = row.approved.map(function (a, i) { okCum += a; decided += a + row.rejected[i]; return decided ? okCum / decided : null; });
+    box.appendChild(chart({ key: 'approval', title: 'Dry-run approval rate against the promotion gate', stats: st, percent: true, max: 1,
+      bars: [{ values: row.approved.map(function (v, i) { var d = v + row.rejected[i]; return d ? v / d : 0; }), cls: 'approved', label: 'approved in this period' }],
+      lines: [{ values: rate, cls: 'rate' }],
+      legend: decided ? [el('span.key.approved', '■'), ' approved per period ', el('span.key.rate', '—'), ' running approval rate'] : null,
+      threshold: row.min_approval_rate !== null ? { value: row.min_approval_rate, label: 'gate' } : null,
+      summary: (decided ? sumText(row) : 'no review decisions') + ' over the last ' + rangeText +
+        (row.min_approval_rate !== null ? '; promotion needs ' + Math.round(row.min_approval_rate * 100) + '%' : ''),
+      empty: decided ? null : (row.write_grants ? 'No review decisions in this period.' : 'This agent has no write grants.') }));
+    return box;
+  }
+
+  function sumText(row) {
+    var a = sum(row.approved), r = sum(row.rejected);
+    return a + ' approved, ' + r + ' rejected (' + Math.round(100 * a / (a + r)) + '% approved)';
+  }
+
+  function upstreamCharts(name, row, st) {
+    var box = el('div.charts', { 'aria-label': 'Charts for upstream ' + name });
+    box.appendChild(chart({ key: 'traffic', title: 'Requests and upstream errors', stats: st,
+      bars: [{ values: row.requests.map(function (v, i) { return Math.max(0, v - row.errors[i]); }), cls: 'requests', label: 'requests' },
+        { values: row.errors, cls: 'bad', label: 'errors' }],
+      summary: sum(row.requests) + ' requests, ' + sum(row.errors) + ' upstream errors',
+      legend: [el('span.key.requests', '■'), ' requests ', el('span.key.bad', '■'), ' upstream errors'] }));
+    var series = row.quota_remaining || [];
+    var known = series.some(function (v) { return v !== null; });
+    if (known || row.quota) {
+      box.appendChild(chart({ key: 'quota', title: 'Quota remaining', stats: st,
+        lines: [{ values: series, cls: 'quota' }], max: row.quota_limit || (row.quota && row.quota.limit) || undefined,
+        summary: row.quota ? 'now ' + row.quota.remaining + ' of ' + row.quota.limit : 'quota remaining as reported by the upstream',
+        empty: known ? null : 'Now: ' + row.quota.remaining + ' of ' + row.quota.limit + ' (no history yet).' }));
+    } else {
+      box.appendChild(el('figure.chart.no-data', { 'data-chart': 'quota' }, el('figcaption', 'Quota remaining'),
+        el('p.small.muted', 'Not reported: this gateway does not track ' + name + '\'s own quota signals yet (see proxy/stats.py, quota_of).')));
+    }
+    return box;
+  }
+
   // ------------------------------------------------------------------------------------------ agents
+
+  var statsRange = '24h';
+  var RANGES = { '24h': 24, '7d': 28 };
 
   screens.agents = function (root) {
     setTitle('Agents');
     var body = el('div');
+    var form = el('form.filters', { 'aria-label': 'Chart period' });
     root.appendChild(el('div.screen-head', el('h1', 'Agents'), el('p.muted', 'Service levels over each agent\'s window, its error budget, quarantine, and how far each write grant is on the way to live.')));
+    form.appendChild(field('Charts over', select('range', [['24h', 'the last 24 hours'], ['7d', 'the last 7 days']], statsRange)));
+    form.addEventListener('change', function () { statsRange = form.elements.range.value; load(); });
+    form.addEventListener('submit', function (ev) { ev.preventDefault(); });
+    root.appendChild(form);
     root.appendChild(body);
     body.appendChild(loading('Loading agents…'));
 
     var loadSeq = 0;
     function load() {
       var my = ++loadSeq;
-      return Promise.all([api('GET', 'agents'), api('GET', 'grants'), api('GET', 'promotions', { history: 1 })]).then(function (res) {
+      return Promise.all([api('GET', 'agents'), api('GET', 'grants'), api('GET', 'promotions', { history: 1 }),
+        api('GET', 'stats', { since: statsRange, buckets: RANGES[statsRange] })]).then(function (res) {
         if (my !== loadSeq) return;
-        render(res[0].agents, res[1].grants, res[2].promotions);
+        render(res[0].agents, res[1].grants, res[2].promotions, res[3]);
       }, function (err) { clear(body).appendChild(errorBox(err)); });
     }
 
-    function render(agents, grants, promotions) {
+    function render(agents, grants, promotions, stats) {
       var focusId = document.activeElement && document.activeElement.id;
       clear(body);
       var byKey = {};
@@ -1426,6 +1694,7 @@
           el('meter', { id: id + '-meter', min: '0', max: '1', low: '0.25', high: '0.6', optimum: '1', value: String(ratio) }, pct(ratio)),
           el('span.muted.small', ' ' + s.bad + ' bad of ' + s.events + ' events (' + pct(s.bad_ratio) + '; allowed ' + pct(b.max_bad_ratio) +
             ' over ' + Math.round((b.window || 0) / 60) + ' min, judged from ' + b.min_requests + ' requests)')));
+        if (stats && stats.agents[a.agent]) card.appendChild(agentCharts(a.agent, stats.agents[a.agent], stats));
         card.appendChild(table('Service levels for ' + a.agent, ['Requests', 'Denials', 'Validation', 'Rate limited', 'Upstream errors', 'Rejected reviews', 'Rollbacks', 'Replay failures'],
           [[String(s.requests), String(s.denials), String(s.validation), String(s.rate_limited), String(s.upstream_errors), String(s.rejected_reviews), String(s.rollbacks), String(s.replay_failures)]],
           { cls: 'sli', hideCaption: false }));
@@ -1447,6 +1716,14 @@
         }
         body.appendChild(card);
       });
+      if (stats) {
+        var ups = el('section.block', { 'aria-labelledby': 'ups-h' }, el('h2', { id: 'ups-h' }, 'Upstreams'));
+        Object.keys(stats.upstreams).sort().forEach(function (u) {
+          ups.appendChild(el('section.card.upstream', { 'aria-label': 'Upstream ' + u, 'data-upstream': u }, el('h3', u), upstreamCharts(u, stats.upstreams[u], stats)));
+        });
+        if (stats.truncated) ups.appendChild(el('p.small.muted', 'Charts show the first ' + stats.scanned + ' records of the period.'));
+        body.appendChild(ups);
+      }
       body.appendChild(el('section.block', { 'aria-labelledby': 'promo-h' }, el('h2', { id: 'promo-h' }, 'Promotion history'),
         promotions.length ? table('Promotions, newest first', ['When', 'Agent', 'Capability', 'From → to', 'By', 'Forced', 'Evidence'], promotions.map(function (p) {
           return [stamp(p.at), p.agent, el('code', p.capability), (p.from || '?') + ' → ' + p.mode, p.by, p.forced ? el('strong.warn-text', 'forced: ' + (p.reason || '')) : 'no',

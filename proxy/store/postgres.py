@@ -84,7 +84,7 @@ from .base import Store, StoreUnavailable
 from .rows import REVIEW_COLS as _REVIEW_COLS
 from .rows import STEP_COLS as _STEP_COLS
 from .rows import TX_COLS as _TX_COLS
-from .rows import PreparedRow, advance, from_row, prepare_review, summary_from_row
+from .rows import PreparedRow, advance, from_row, prepare_review, summary_bytes, summary_changed, summary_from_row
 from .rows import review_stats as _review_stats
 from .rows import split as _split
 
@@ -667,12 +667,16 @@ class PostgresStore(Store):
                 f"WHERE id = $1 AND state = ANY($2::text[]){alive} FOR UPDATE", row_id, expect, *extra)
             if row is None:
                 return False
-            values, doc = _split(advance(from_row(cols, row), to, updates), cols)
+            new = advance(from_row(cols, row), to, updates)
+            values, doc = _split(new, cols)
             sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(settable, start=1))
             await conn.execute(
                 f"UPDATE {self._s}.{table} SET {sets}, doc = ${len(settable) + 1} WHERE id = ${len(settable) + 2}",
                 *(_text(values[c]) if c in ("state", "agent", "capability", "upstream") else values[c]
                   for c in settable), doc, row_id)
+            if table == "review_items" and summary_changed(updates):  # lists show the summary: keep it true
+                await conn.execute(f"UPDATE {self._s}.review_items SET summary = $1 WHERE id = $2",
+                                   summary_bytes(new), row_id)
             return True
 
         return bool(await self._write(go))

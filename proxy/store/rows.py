@@ -29,7 +29,7 @@ STEP_COLS = ("id", "tx_id", "state", "created_at", "updated_at")
 
 # What a list of review items shows: enough to pick one, nothing large (no headers, no body).
 SUMMARY_FIELDS = ("on_behalf_of", "intent", "capabilities", "request_id", "tx", "canary", "quarantined",
-                  "rules_version", "trace_id")
+                  "rules_version", "trace_id", "headline", "on_behalf_of_proof")
 SUMMARY_REQUEST_FIELDS = ("method", "wire_method", "path", "query", "content_type", "body_bytes")
 
 
@@ -67,6 +67,20 @@ def summary_of(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in SUMMARY_FIELDS if k in row}
     out["request"] = {k: req[k] for k in SUMMARY_REQUEST_FIELDS if k in req}
     return out
+
+
+def summary_bytes(row: dict[str, Any]) -> bytes:
+    """The stored summary of an existing item (escaped where JSON cannot hold a value exactly, as :func:`split`)."""
+    summary = summary_of(row)
+    try:
+        return orjson.dumps(summary)
+    except TypeError:
+        return orjson.dumps(lenient(summary)[0])
+
+
+def summary_changed(updates: dict[str, Any] | None) -> bool:
+    """Does a transition's update touch what the item's summary shows (then the summary is rewritten)?"""
+    return bool(updates) and any(k in SUMMARY_FIELDS for k in updates)  # type: ignore[union-attr]
 
 
 def prepare_review(item: dict[str, Any]) -> PreparedRow:

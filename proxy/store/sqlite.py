@@ -29,7 +29,7 @@ from .base import Store, StoreUnavailable
 from .rows import REVIEW_COLS as _REVIEW_COLS
 from .rows import STEP_COLS as _STEP_COLS
 from .rows import TX_COLS as _TX_COLS
-from .rows import PreparedRow, advance, from_row, prepare_review, summary_from_row
+from .rows import PreparedRow, advance, from_row, prepare_review, summary_bytes, summary_changed, summary_from_row
 from .rows import review_stats as _review_stats
 from .rows import split as _split
 
@@ -431,10 +431,14 @@ class SQLiteStore(Store):
             row = await cur.fetchone()
             if row is None:
                 return False
-            values, doc = _split(advance(from_row(cols, row), to, updates), cols)
+            new = advance(from_row(cols, row), to, updates)
+            values, doc = _split(new, cols)
             settable = [c for c in cols if c != "id"]
             await db.execute(f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in settable)}, doc = ? WHERE id = ?",
                              (*(values[c] for c in settable), doc, row_id))
+            if table == "review_items" and summary_changed(updates):  # lists show the summary: keep it true
+                await db.execute("UPDATE review_items SET summary = ? WHERE id = ?",
+                                 (summary_bytes(new), row_id))
             return True
 
     async def review_count(self, state: str = "pending") -> int:
