@@ -210,16 +210,29 @@ def headline_for(gw: "Gateway", item: dict[str, Any], record: Any = None, *, rea
     parts = []
     for o in ops:
         rec = record if len(ops) == 1 else None
-        d = _not_sensitive(adapter.describe(o, rec), o, rec)
+        d = _clipped(_not_sensitive(adapter.describe(o, rec), o, rec))
         op_kind = getattr(o.capability, "operation", "action")
         parts.append((d, op_kind, changes(adapter, o, rec) if op_kind != "delete" else []))
     text = compose(agent, item.get("on_behalf_of"), item.get("intent"), parts, item.get("upstream", ""))
     d0, _, fields0 = parts[0]
     return {"text": text, "action": d0.action, "object": d0.kind, "name": d0.name, "record_id": d0.record_id,
-            "fields": [_bounded(f) for f in fields0[:MAX_LISTED]] if len(parts) == 1 else [], "operations": len(parts), "complete": bool(read and len(parts) == 1)}
+            "fields": [_bounded(f) for f in fields0[:MAX_LISTED]] if len(parts) == 1 else [],
+            "operations": len(parts), "complete": bool(read and len(parts) == 1)}
 
 
 MAX_LISTED = 50  # fields a headline lists (it is stored with the item's summary: bounded whatever the body)
+
+
+def _clipped(d: Description) -> Description:
+    """A record's name and id as a headline says them: at most MAX_NAME characters each."""
+    name, rid = d.name, d.record_id
+    if (name is None or len(name) <= MAX_NAME) and (rid is None or len(rid) <= MAX_NAME):
+        return d
+    clip = lambda v: v if v is None or len(v) <= MAX_NAME else v[: MAX_NAME - 1] + "…"  # noqa: E731
+    return Description(d.action, d.kind, clip(name), clip(rid))
+
+
+MAX_NAME = 120
 
 
 def _bounded(f: dict[str, Any]) -> dict[str, Any]:
