@@ -80,6 +80,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),
     "upstream_unavailable": (502, "the upstream could not be reached or broke the connection"),
     "upstream_response_too_large": (502, "the upstream's response exceeded the configured limit"),
+    "upstream_applied_response_lost": (502, "the upstream APPLIED the write, but its answer could not be relayed "
+                                            "(X-Tether-Upstream-Status has its status); do not send it again"),
     "journal_unavailable": (503, "the audit journal could not be written, so nothing was forwarded"),
     "overloaded": (503, "too many requests in flight; see Retry-After"),
     "not_ready": (503, "the gateway is starting or draining"),

@@ -96,6 +96,7 @@ class UpstreamRuntime:
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
+        self.via = cfg.via
 
     def credential_now(self) -> tuple[tuple[str, str], ...] | None:
         """The credential header when it can be had without waiting (static secrets, a cached OAuth

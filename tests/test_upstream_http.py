@@ -12,7 +12,8 @@ Every upstream here is a raw ``asyncio.start_server`` on 127.0.0.1 whose bytes t
   bytes bodies and bodiless POST/PUT/PATCH, none for GET, chunked streamed bodies, managed headers that
   the caller cannot override;
 - header injection refused before a single byte is written;
-- stale pooled connections: safe methods retried once on a fresh connection, writes never;
+- stale pooled connections: idempotent methods (and Idempotency-Key) retried once on a fresh connection,
+  other writes never, nor streamed bodies; the upstream's Keep-Alive timeout hint;
 - timeouts (connect refused, connect timeout, silence before the head and in the body, trickling that
   is not silence), broken and malformed answers, oversized heads, ``read`` limits;
 - back-pressure on large bodies, release/close semantics, TLS with a trusted and an untrusted
@@ -741,13 +742,19 @@ def stale_after_first(abort: bool) -> Handler:
 
 
 @pytest.mark.parametrize("abort", [False, True], ids=["fin", "rst"])
-@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
-async def test_safe_request_on_stale_connection_is_retried_once(servers: StartServer, pools: MakePool,
-                                                                method: str, abort: bool) -> None:
+@pytest.mark.parametrize(("method", "headers"), [
+    ("GET", {}), ("HEAD", {}), ("OPTIONS", {}), ("PUT", {}), ("DELETE", {}),
+    ("POST", {"Idempotency-Key": "k-1"}), ("PATCH", [("idempotency-key", "k-2")]),
+], ids=["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST-idempotency-key", "PATCH-idempotency-key"])
+async def test_idempotent_request_on_stale_connection_is_retried_once(servers: StartServer, pools: MakePool,
+                                                                      method: str, headers: Any,
+                                                                      abort: bool) -> None:
+    # RFC 9110 §9.2.2: an idempotent request (or one whose Idempotency-Key makes it so) may be sent again
+    # when its connection failed before any byte of the answer
     srv = await servers(stale_after_first(abort))
     pool = pools(srv.url)
     await fetch(pool, target="/warm")
-    resp, body = await fetch(pool, method, "/again")
+    resp, body = await fetch(pool, method, "/again", headers=headers)
     assert resp.status == 200 and body == (b"" if method == "HEAD" else b"ok")
     assert srv.connections == 2
     assert [(p.index, r.line) for p in srv.peers for r in p.requests] == [
@@ -755,7 +762,7 @@ async def test_safe_request_on_stale_connection_is_retried_once(servers: StartSe
 
 
 @pytest.mark.parametrize("body", [None, b'{"x":1}'])
-@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_write_on_stale_connection_is_not_retried(servers: StartServer, pools: MakePool, method: str,
                                                         body: bytes | None) -> None:
     srv = await servers(stale_after_first(False))
