@@ -564,6 +564,120 @@ async def test_informational_answers_are_skipped(servers: StartServer, pools: Ma
     assert srv.connections == 1
 
 
+@pytest.mark.parametrize(("te", "body", "chunked", "coding"), [
+    ([b"gzip"], b"\x1f\x8b-coded-bytes", False, "gzip"),
+    ([b"chunked, gzip"], b"3\r\nabc\r\n0\r\n\r\n", False, "chunked, gzip"),
+    ([b"chunked", b"gzip"], b"3\r\nabc\r\n0\r\n\r\n", False, "chunked, gzip"),
+    ([b"identity"], b"as is", False, None),
+    ([b"gzip, chunked"], b"3\r\nabc\r\n0\r\n\r\n", True, "gzip"),
+    ([b"gzip", b"Chunked"], b"3\r\nabc\r\n0\r\n\r\n", True, "gzip"),
+], ids=["gzip", "chunked-then-gzip", "two-fields", "identity", "gzip-then-chunked", "two-fields-chunked-last"])
+async def test_transfer_encoding_is_chunked_only_as_the_last_coding(servers: StartServer, pools: MakePool,
+                                                                    te: list[bytes], body: bytes, chunked: bool,
+                                                                    coding: str | None) -> None:
+    # RFC 9112 §6.3: chunked frames a response body only when it is the final coding (over every
+    # Transfer-Encoding field); otherwise the body runs until the connection closes. Whatever coding is
+    # left on the body is reported, for the forward path to refuse (Tether decodes none).
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n" + b"".join(b"Transfer-Encoding: %s\r\n" % t for t in te)
+                        + b"\r\n" + body)
+        if chunked:
+            await peer.request()  # a framed body: the connection goes on
+            await peer.send(OK)
+        # else: returning closes the connection, which ends the body
+
+    srv = await servers(handler)
+    pool = pools(srv.url)
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=1, read_timeout=2)
+    assert resp.transfer_coding == coding
+    assert await resp.read(1000) == (b"abc" if chunked else body)
+    resp.release()
+    if chunked:
+        assert (await fetch(pool))[1] == b"ok" and srv.connections == 1
+    else:
+        assert not pool.idle
+
+
+async def test_read_until_close_body_ended_by_a_reset_is_broken(servers: StartServer, pools: MakePool) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart-1")
+        await asyncio.sleep(0.05)
+        sock = peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.abort()  # RST: the body did not end, it was cut
+
+    srv = await servers(handler)
+    pool = pools(srv.url)
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=1, read_timeout=2)
+    got = []
+    with pytest.raises(UpstreamError) as ei:
+        async for chunk in resp.chunks():
+            got.append(chunk)
+    assert ei.value.kind == "broken" and "reset" in str(ei.value)
+    assert b"".join(got) in (b"", b"part-1")
+    resp.close()
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "no-close_notify"])
+async def test_read_until_close_body_over_tls_needs_close_notify(servers: StartServer, pools: MakePool,
+                                                                 tls_files: tuple[Path, Path], clean: bool) -> None:
+    crt, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(crt, key)
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        await asyncio.sleep(0.05)
+        if not clean:
+            peer.abort()  # the TCP connection goes without a TLS close_notify
+        # else: the wrapper's close() sends close_notify
+
+    srv = await servers(handler, tls=server_ctx)
+    pool = pools(srv.url, ssl.create_default_context(cafile=str(crt)))
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=2, read_timeout=2)
+    if clean:
+        assert await resp.read(100) == b"all of it"
+    else:
+        with pytest.raises(UpstreamError) as ei:
+            await resp.read(100)
+        assert ei.value.kind == "broken"
+    resp.close()
+
+
+@pytest.mark.parametrize(("value", "raw"), [
+    (b'attachment; filename="caf\xe9.txt"', True),  # latin-1
+    (b'attachment; filename="caf\xc3\xa9.txt"', False),  # UTF-8
+    (b"plain ascii", False),
+])
+async def test_header_bytes_survive_as_sent(servers: StartServer, pools: MakePool, value: bytes, raw: bool) -> None:
+    srv = await servers(answer_all(b"HTTP/1.1 200 OK\r\nContent-Disposition: " + value + b"\r\n" + EMPTY[17:]))
+    pool = pools(srv.url)
+    resp, _ = await fetch(pool)
+    assert resp.raw_bytes is raw
+    assert resp.headers["Content-Disposition"].encode("utf-8", "surrogateescape") == value
+
+
+async def test_keep_alive_timeout_hint_retires_idle_connections(servers: StartServer, pools: MakePool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_http, "KEEPALIVE_MARGIN_S", 0.8)
+    answers = {"/short": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\nok",
+               "/none": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0\r\nContent-Length: 2\r\n\r\nok"}
+    srv = await servers(answer_all(lambda req: answers[req.target]))
+    pool = pools(srv.url)
+    await fetch(pool, target="/short")
+    await fetch(pool, target="/short")
+    assert srv.connections == 1  # reused within 0.2 s (1 s announced, 0.8 s margin)
+    await asyncio.sleep(0.3)
+    await fetch(pool, target="/short")
+    assert srv.connections == 2  # idle past 0.2 s: not reused, closed
+    await asyncio.wait_for(srv.peers[0].eof.wait(), 1)
+    await fetch(pool, target="/none")  # an upstream that keeps nothing idle: never pooled
+    assert not pool.idle
+
+
 # --------------------------------------------------------------------------- 3. request framing
 
 
@@ -668,6 +782,30 @@ async def test_streamed_request_body_is_sent_chunked(servers: StartServer, pools
     await fetch(pool, "GET", "/after")
     assert srv.requests[2].line == "GET /after HTTP/1.1"
     assert srv.connections == 1
+
+
+async def test_streamed_request_body_of_known_length_keeps_its_content_length(servers: StartServer,
+                                                                             pools: MakePool) -> None:
+    srv = await servers(answer_all(OK))
+    pool = pools(srv.url)
+    stream = FakeStream(os.urandom(300_000))
+    resp = await pool.request("PUT", "/obj", {}, stream, connect_timeout=1, read_timeout=2,
+                              content_length=300_000)
+    assert await resp.read(10) == b"ok"
+    resp.release()
+    req = srv.requests[0]
+    assert req.values("Content-Length") == ["300000"] and req.values("Transfer-Encoding") == []
+    assert req.body == stream.data
+    await fetch(pool, "GET", "/after")
+    assert srv.requests[1].line == "GET /after HTTP/1.1" and srv.connections == 1
+
+    for size in (299_999, 300_001):  # a body that does not match its length never leaves a usable connection
+        with pytest.raises(UpstreamError) as ei:
+            await pool.request("PUT", "/obj", {}, FakeStream(b"z" * size), connect_timeout=1, read_timeout=2,
+                               content_length=300_000)
+        assert ei.value.kind == "bad_request"
+    await fetch(pool, "GET", "/last")
+    assert srv.requests[-1].line == "GET /last HTTP/1.1"
 
 
 async def test_managed_headers_cannot_be_overridden(servers: StartServer, pools: MakePool) -> None:
