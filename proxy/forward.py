@@ -108,6 +108,25 @@ async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> 
         raise as_tether_error(exc, timeouts, mid_response=True) from None
 
 
+async def read_prefix(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a body and whether that was all of it; a longer one is then dropped
+    (the connection closed). Releases the response either way."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in resp.chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                resp.close()
+                return b"".join(parts)[:limit], False
+    except UpstreamError as exc:
+        resp.close()
+        raise as_tether_error(exc, timeouts, mid_response=True) from None
+    resp.release()
+    return b"".join(parts), True
+
+
 async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMultiDict[str],
                 limit: int | None, tap: Any = None) -> tuple[web.StreamResponse, int, str | None]:
     """Stream an upstream response to the client. Returns (response, bytes sent, error code or None).
@@ -295,5 +314,5 @@ class Timer:
 
 
 __all__ = ["REQUEST_ID", "SMALL_BODY", "AnswerPrefix", "ExactResponse", "ExactStreamResponse", "Timer", "answer",
-           "as_tether_error", "build_target", "json_prefix_fields", "make_session", "read_whole", "relay",
+           "as_tether_error", "build_target", "json_prefix_fields", "make_session", "read_prefix", "read_whole", "relay",
            "response_headers", "send", "WHOLE_BODY_LIMIT"]

@@ -215,6 +215,26 @@ async def test_write_answer_that_cannot_be_relayed_says_the_write_was_applied(
         assert rec["applied"] is True and rec["upstream_status"] == 201
 
 
+async def test_replayed_write_with_a_large_answer_counts_as_replayed(make_gateway: MakeGateway, store_url: str,
+                                                                       gunicorn: R.ServerProcess) -> None:
+    """Issue 21 item 1, for approved dry-run writes: the replay's 6 MiB answer no longer marks an applied
+    write ``replay_failed`` (which invites a second approval, a duplicate); its status and the answer's
+    top-level fields (the created id) are kept."""
+    rules = fidelity_rules(store_url, {"wsgi": gunicorn.url}, {
+        "item.create": cap("wsgi", "POST", "/api/items", operation="create")})
+    rules["agents"]["bot"]["grants"] = [{"capability": "item.create", "mode": "dry_run"}]
+    gw = await make_gateway(rules)
+    async with gw.session.post(f"{gw.url}/wsgi/api/items?pad={6 << 20}", json={"name": "replayed"},
+                               headers=gw.headers()) as r:
+        assert r.status == 201
+        item_id = r.headers["X-Tether-Dry-Run"]
+    r = await gw.admin("POST", f"/api/review/items/{item_id}/approve", json={"note": "ok"})
+    item = await r.json()
+    assert r.status == 200 and item["state"] == "replayed", item.get("replay")
+    assert item["replay"]["status"] == 201 and item["replay"]["body"]["id"].startswith("item-")
+    assert item["replay"]["body"]["name"] == "replayed" and "pad" not in item["replay"]["body"]
+
+
 async def test_max_response_bytes_null_means_no_limit_for_reads_and_writes(make_gateway: MakeGateway,
                                                                          store_url: str, nginx: R.ServerProcess,
                                                                          gunicorn: R.ServerProcess) -> None:

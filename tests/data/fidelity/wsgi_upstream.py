@@ -28,7 +28,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         rid = f"item-{next(_ids)}"
         _items[rid] = {**json.loads(data or b"{}"), "id": rid}
         pad = int(query.get("pad", ["0"])[0])
-        body = b'{"id": "%s", "name": "big", "pad": "%s"}' % (rid.encode(), b"x" * pad)
+        name = str(_items[rid].get("name", "")).encode()
+        body = b'{"id": "%s", "name": "%s", "pad": "%s"}' % (rid.encode(), name, b"x" * pad)
         start_response("201 Created", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                        ("Location", f"/api/items/{rid}")])
         return [body]
