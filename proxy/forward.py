@@ -241,7 +241,8 @@ class AnswerPrefix:
         return b"".join(self.parts)
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+PREFIX_SCAN = 64 * 1024  # how much of a too-large JSON answer json_prefix_fields looks at (bounded CPU)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_SCALAR = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
 _JSON_WS = re.compile(rb"[ \t\r\n]*")
 _JSON_PLAIN = re.compile(rb'[^"\[\]{}]*')
@@ -249,8 +250,10 @@ _JSON_PLAIN = re.compile(rb'[^"\[\]{}]*')
 
 def json_prefix_fields(data: bytes) -> dict[str, Any] | None:
     """The top-level scalar members (strings, numbers, booleans, null) of a JSON object that ``data``
-    only begins — the first bytes of an answer too large to keep whole. Nested values are skipped; the
-    scan stops where the prefix does. None when ``data`` does not begin a JSON object."""
+    only begins — the first bytes of an answer too large to keep whole (where APIs put ``id``). Nested
+    values are skipped; the scan stops where the prefix does, and after PREFIX_SCAN bytes (a pure-Python
+    walk: bounded so that it never holds the event loop long). None when ``data`` is no JSON object."""
+    data = data[:PREFIX_SCAN]
     ws = _JSON_WS.match
     i = ws(data, 0).end()
     if data[i:i + 1] != b"{":

@@ -47,7 +47,7 @@ from proxy import upstream_http
 from proxy.certs import make_dev_cert
 from proxy.config import Timeouts
 from proxy.errors import TetherError
-from proxy.forward import read_whole, relay, send
+from proxy.forward import json_prefix_fields, read_whole, relay, response_headers, send
 from proxy.upstream_http import HIGH_WATER, OriginPool, UpstreamClient, UpstreamError, UpstreamResponse, _Connection
 from tests.fakes import serve_app
 
@@ -1524,3 +1524,51 @@ async def test_retired_pools_close_idle_connections_now_and_busy_ones_when_done(
     assert client.pool(new.url, None, None) is p_new
     assert client.pool(old.url, None, None) is not p_old
     await client.close()
+
+
+async def test_relay_writes_header_bytes_as_the_upstream_sent_them(servers: StartServer, pools: MakePool) -> None:
+    """A streamed answer (relay) keeps non-UTF-8 header bytes and a latin-1 reason, as a whole one does."""
+    payload = os.urandom(200_000)
+
+    async def upstream(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 Tr\xe8s bien\r\nContent-Disposition: attachment; filename=\"caf\xe9.bin\"\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+
+    srv = await servers(upstream)
+    pool = pools(srv.url)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = await send(pool, "GET", "/", {}, None, Timeouts(connect=1, read=1))
+        out, _, err = await relay(request, resp, response_headers(resp.raw_headers), None)
+        assert err is None
+        return out
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner, port = await serve_app(app)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 Tr\xe8s bien\r\n")
+    assert b'\r\nContent-Disposition: attachment; filename="caf\xe9.bin"' in head
+    assert body == payload
+
+
+@pytest.mark.parametrize(("data", "fields"), [
+    (b'{"id": "a1", "n": -3.5e2, "ok": true, "x": {"a": [1, "}"]}, "none": null, "big": "xxxx', {
+        "id": "a1", "n": -350.0, "ok": True, "none": None}),
+    (b' {"blob": ["' + b"y" * 1000 + b'"], "id": 5, "z": 1', {"id": 5}),  # 1 may continue: not trusted
+    (b'{"a": "q\\"x", "b": "\\\\", "c": "\\u00e9"}', {"a": 'q"x', "b": "\\", "c": "é"}),
+    (b'{"id": "x", "rows": [{"k": "v"}, ' + b'{"k": "v"}, ' * 10000, {"id": "x"}),
+    (b"[1, 2]", None),
+    (b"not json", None),
+    (b'{"id": "cut', {}),
+], ids=["scalars", "after-nested", "escapes", "nested-cut", "array", "text", "cut-string"])
+def test_json_prefix_fields(data: bytes, fields: dict[str, Any] | None) -> None:
+    assert json_prefix_fields(data) == fields
