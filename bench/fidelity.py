@@ -126,6 +126,8 @@ class Env:
                  "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
                             "store": str(self.work / f"{kind}.db")},
                  "identity": {"hs_secret": {"value": SECRET}}, "upstreams": ups,
+                 # the cases provoke upstream errors on purpose: no quarantine may turn writes into dry-runs
+                 "governance": {"error_budget": {"max_bad_ratio": 1.0, "min_requests": 1000000}},
                  "agents": {"bot": {"grants": grants}}, "capabilities": caps}
         path = self.work / f"{kind}.yaml"
         path.write_text(yaml.safe_dump(rules, sort_keys=False))
