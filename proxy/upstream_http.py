@@ -390,14 +390,14 @@ class _Connection(asyncio.Protocol):
             self.informational = True  # 100 Continue, 103 Early Hints: not the answer
             return
         resp = UpstreamResponse(self, status, self._reason, self._hdrs, self._length)
-        if self._codings:
+        no_body = self.head_request or status in (204, 304)
+        if self._codings and not no_body:
             left = [c for c in (self._codings[:-1] if self._chunked else self._codings) if c != b"identity"]
             if left:
                 resp.transfer_coding = b", ".join(left).decode("latin-1")
         resp.raw_bytes = self._raw
         self.server_idle = None if self._idle_hint is None else self._idle_hint - KEEPALIVE_MARGIN_S
         self.response = resp
-        no_body = self.head_request or status in (204, 304)
         self.until_close = not no_body and self._length is None and not self._chunked
         hw, self.head_waiter = self.head_waiter, None
         if hw is not None and not hw.done():

@@ -599,6 +599,17 @@ async def test_transfer_encoding_is_chunked_only_as_the_last_coding(servers: Sta
         assert not pool.idle
 
 
+async def test_transfer_coding_of_a_bodiless_answer_is_not_reported(servers: StartServer, pools: MakePool) -> None:
+    # HEAD, 204 and 304 have no body, whatever codings their head names: nothing to refuse, nothing to wait for
+    srv = await servers(answer_all(lambda req: b"HTTP/1.1 %s\r\nTransfer-Encoding: gzip\r\n\r\n"
+                                   % (b"200 OK" if req.method == "HEAD" else b"304 Not Modified")))
+    pool = pools(srv.url)
+    for method in ("HEAD", "GET"):
+        resp, body = await fetch(pool, method)
+        assert (resp.transfer_coding, body) == (None, b"")
+    assert srv.connections == 1
+
+
 async def test_read_until_close_body_ended_by_a_reset_is_broken(servers: StartServer, pools: MakePool) -> None:
     async def handler(peer: Peer) -> None:
         await peer.request()
