@@ -223,6 +223,7 @@ class UpstreamConfig(Model):
     verify_tls: bool = True
     ca_file: Path | None = None
     provenance: ProvenanceConfig = ProvenanceConfig()
+    via: bool = Field(True, description="add 'Via: 1.1 tether' to forwarded requests (RFC 9110 §7.6.3)")
 
     @field_validator("url")
     @classmethod

@@ -89,6 +89,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "upstream_unavailable": (502, "the upstream could not be reached or broke the connection"),
     "upstream_response_too_large": (502, "the upstream's response exceeded the configured limit"),
     "identity_unavailable": (503, "Tether cannot verify tokens now: an issuer's keys or its own token key are unavailable"),
+    "upstream_applied_response_lost": (502, "the upstream APPLIED the write, but its answer could not be relayed "
+                                            "(X-Tether-Upstream-Status has its status); do not send it again"),
     "journal_unavailable": (503, "the audit journal could not be written, so nothing was forwarded"),
     "overloaded": (503, "too many requests in flight; see Retry-After"),
     "not_ready": (503, "the gateway is starting or draining"),

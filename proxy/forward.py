@@ -5,15 +5,21 @@ query string, byte for byte). It is never produced by joining the client's targe
 an absolute-form target or ``//host/...`` can never send injected credentials to another host.
 
 Response bodies are streamed back chunk by chunk with back-pressure (a 100 MB download never sits in
-memory); small write responses are read whole because transactions and adapters need their content.
+memory). A write's answer is never refused for its size: a small one with a known length is read whole
+(transactions and adapters need its content), any other streams through like a read's while
+:class:`AnswerPrefix` keeps its first ``WHOLE_BODY_LIMIT`` bytes for what Tether needs from it (created
+ids, failure flags). Response heads are written back with the header bytes the upstream sent, non-UTF-8
+ones included (:class:`ExactResponse`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
@@ -27,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tether.forward")
 
-WHOLE_BODY_LIMIT = 4 * 1024 * 1024  # write responses up to this size are read whole
+WHOLE_BODY_LIMIT = 4 * 1024 * 1024  # write answers up to this size are read whole; past it, this much is kept
 SMALL_BODY = 64 * 1024  # read responses with a Content-Length up to this are read whole, not streamed
 
 
@@ -66,12 +72,13 @@ def as_tether_error(exc: UpstreamError, timeouts: Timeouts, *, mid_response: boo
     return TetherError("upstream_unavailable", f"the upstream connection failed: {exc}")
 
 
-async def send(pool: OriginPool, method: str, target: str, headers: CIMultiDict[str] | dict[str, str], body: Any,
-               timeouts: Timeouts) -> UpstreamResponse:
-    """Open the upstream request and return once its status and headers arrived."""
+async def send(pool: OriginPool, method: str, target: str, headers: Any, body: Any, timeouts: Timeouts,
+               content_length: int | None = None) -> UpstreamResponse:
+    """Open the upstream request and return once its status and headers arrived (``content_length``:
+    the exact size of a streamed body, sent as is instead of chunked)."""
     try:
         return await pool.request(method, target, headers, body, connect_timeout=timeouts.connect,
-                                  read_timeout=timeouts.read)
+                                  read_timeout=timeouts.read, content_length=content_length)
     except UpstreamError as exc:
         raise as_tether_error(exc, timeouts) from None
 
@@ -101,19 +108,40 @@ async def read_whole(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> 
         raise as_tether_error(exc, timeouts, mid_response=True) from None
 
 
+async def read_prefix(resp: UpstreamResponse, limit: int, timeouts: Timeouts) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a body and whether that was all of it; a longer one is then dropped
+    (the connection closed). Releases the response either way."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in resp.chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                resp.close()
+                return b"".join(parts)[:limit], False
+    except UpstreamError as exc:
+        resp.close()
+        raise as_tether_error(exc, timeouts, mid_response=True) from None
+    resp.release()
+    return b"".join(parts), True
+
+
 async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMultiDict[str],
-                limit: int | None, needles: "Needles | None" = None,
-                found: list[bool] | None = None) -> tuple[web.StreamResponse, int, str | None]:
+                limit: int | None, needles: "Needles | None" = None, found: list[bool] | None = None,
+                tap: Any = None) -> tuple[web.StreamResponse, int, str | None]:
     """Stream an upstream response to the client. Returns (response, bytes sent, error code or None).
     With ``needles`` the injected credential is masked on the way (``found[0]`` tells whether it was).
+    ``tap``, when given, is called with each chunk before it is sent (see :class:`AnswerPrefix`).
 
     Once the first byte is sent an error can no longer be reported as JSON; the connection is then
-    closed so the client sees a truncated response rather than a silently short one."""
+    aborted so the client sees a broken response rather than a silently short one."""
     cl = resp.content_length
     if limit is not None and cl is not None and cl > limit:
         resp.close()
         raise TetherError("upstream_response_too_large", f"the upstream's response is {cl} bytes; limit {limit}")
-    out = web.StreamResponse(status=resp.status, reason=resp.reason or None, headers=headers)
+    out = (ExactStreamResponse if resp.raw_bytes else web.StreamResponse)(
+        status=resp.status, reason=resp.reason or None, headers=headers)
     if cl is not None:
         out.content_length = cl
     await out.prepare(request)
@@ -126,6 +154,8 @@ async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMul
             if limit is not None and sent > limit:
                 error = "upstream_response_too_large"
                 break
+            if tap is not None:
+                tap(chunk)
             try:
                 await out.write(chunk)
             except (ConnectionResetError, BrokenPipeError):  # incl. aiohttp's ClientConnectionResetError
@@ -136,9 +166,9 @@ async def relay(request: web.BaseRequest, resp: UpstreamResponse, headers: CIMul
     finally:
         resp.release() if error is None else resp.close()
     if error is not None:
-        # Abort: the client must not mistake a truncated body for a complete one.
+        # Abort (RST, not FIN): the client must not mistake a truncated body for a complete one.
         if request.transport is not None:
-            request.transport.close()
+            request.transport.abort()
         return out, sent, error
     try:
         await out.write_eof()
@@ -240,6 +270,138 @@ async def redacted_chunks(chunks: Any, needles: Needles, found: list[bool]) -> A
         yield carry
 
 
+def answer(resp: UpstreamResponse, headers: CIMultiDict[str], body: bytes | None) -> web.Response:
+    """A whole upstream answer for the client, its head as the upstream sent it. A HEAD answer keeps the
+    upstream's Content-Length (aiohttp would write none for an empty body)."""
+    if body is None and resp.content_length is not None:
+        headers["Content-Length"] = str(resp.content_length)
+    return (ExactResponse if resp.raw_bytes else web.Response)(
+        body=body, status=resp.status, reason=resp.reason or None, headers=headers)
+
+
+class _ExactHead:
+    """Writes the response head with the bytes the upstream sent: aiohttp's serialiser writes UTF-8 and
+    silently drops what does not encode (a latin-1 ``filename="caf\xe9.txt"`` would lose its é). Used only
+    for answers whose head holds such bytes (``UpstreamResponse.raw_bytes``); relies on aiohttp's
+    StreamWriter keeping the serialised head in ``_headers_buf`` until the body's first write, which
+    tests/test_transport_fidelity.py checks against a real server."""
+
+    async def _write_headers(self) -> None:
+        request = self._req  # type: ignore[attr-defined]
+        writer = self._payload_writer  # type: ignore[attr-defined]
+        version = request.version
+        status_line = f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}"  # type: ignore[attr-defined]
+        headers = self._headers  # type: ignore[attr-defined]
+        await writer.write_headers(status_line, headers)  # aiohttp's own checks (CR, LF, controls)
+        if getattr(writer, "_headers_buf", None) and not getattr(writer, "_headers_written", True):
+            head = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+            writer._headers_buf = (status_line.encode("latin-1", "replace") + b"\r\n"
+                                   + head.encode("utf-8", "surrogateescape") + b"\r\n")
+        if self._send_headers_immediately:  # type: ignore[attr-defined]
+            writer.send_headers()
+
+
+class ExactResponse(_ExactHead, web.Response):
+    pass
+
+
+class ExactStreamResponse(_ExactHead, web.StreamResponse):
+    pass
+
+
+class AnswerPrefix:
+    """Keeps the first ``limit`` bytes of an answer relayed as a stream (a :func:`relay` tap): what Tether
+    reads from a write's answer — created ids, failure flags — without holding the whole of it."""
+
+    __slots__ = ("limit", "parts", "kept", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        room = self.limit - self.kept
+        if room > 0:
+            part = chunk if len(chunk) <= room else chunk[:room]
+            self.parts.append(part)
+            self.kept += len(part)
+
+    @property
+    def whole(self) -> bool:
+        return self.size <= self.limit
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+PREFIX_SCAN = 64 * 1024  # how much of a too-large JSON answer json_prefix_fields looks at (bounded CPU)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_SCALAR = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
+_JSON_WS = re.compile(rb"[ \t\r\n]*")
+_JSON_PLAIN = re.compile(rb'[^"\[\]{}]*')
+
+
+def json_prefix_fields(data: bytes) -> dict[str, Any] | None:
+    """The top-level scalar members (strings, numbers, booleans, null) of a JSON object that ``data``
+    only begins — the first bytes of an answer too large to keep whole (where APIs put ``id``). Nested
+    values are skipped; the scan stops where the prefix does, and after PREFIX_SCAN bytes (a pure-Python
+    walk: bounded so that it never holds the event loop long). None when ``data`` is no JSON object."""
+    data = data[:PREFIX_SCAN]
+    ws = _JSON_WS.match
+    i = ws(data, 0).end()
+    if data[i:i + 1] != b"{":
+        return None
+    out: dict[str, Any] = {}
+    i += 1
+    n = len(data)
+    while True:
+        i = ws(data, i).end()
+        m = _JSON_STRING.match(data, i)
+        if m is None:
+            return out
+        key = orjson.loads(m.group())
+        i = ws(data, m.end()).end()
+        if data[i:i + 1] != b":":
+            return out
+        i = ws(data, i + 1).end()
+        c = data[i:i + 1]
+        if c in (b"{", b"["):
+            depth = 0
+            while i < n:  # skip the nested value, strings and all
+                i = _JSON_PLAIN.match(data, i).end()  # type: ignore[union-attr]
+                if i >= n:
+                    return out
+                c = data[i:i + 1]
+                if c == b'"':
+                    m = _JSON_STRING.match(data, i)
+                    if m is None:
+                        return out
+                    i = m.end()
+                    continue
+                depth += 1 if c in (b"{", b"[") else -1
+                i += 1
+                if depth == 0:
+                    break
+            else:
+                return out
+        else:
+            m = (_JSON_STRING if c == b'"' else _JSON_SCALAR).match(data, i)
+            if m is None or m.end() >= n:  # a value cut by the prefix's end is not trusted
+                return out
+            try:
+                out[key] = orjson.loads(m.group())
+            except orjson.JSONDecodeError:
+                return out
+            i = m.end()
+        i = ws(data, i).end()
+        if data[i:i + 1] != b",":
+            return out
+        i += 1
+
+
 class Timer:
     __slots__ = ("t0",)
 
@@ -250,6 +412,7 @@ class Timer:
         return round((time.perf_counter() - self.t0) * 1000.0, 3)
 
 
-__all__ = ["NO_NEEDLES", "Needles", "REQUEST_ID", "SMALL_BODY", "Timer", "as_tether_error", "build_target",
-           "credential_needles", "make_session", "read_whole", "redact_bytes", "redact_headers", "relay",
+__all__ = ["NO_NEEDLES", "Needles", "REQUEST_ID", "SMALL_BODY", "AnswerPrefix", "ExactResponse", "ExactStreamResponse",
+           "Timer", "answer", "as_tether_error", "build_target", "credential_needles", "json_prefix_fields",
+           "make_session", "read_prefix", "read_whole", "redact_bytes", "redact_headers", "relay",
            "response_headers", "send", "WHOLE_BODY_LIMIT"]

@@ -104,6 +104,7 @@ class UpstreamRuntime:
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
+        self.via = cfg.via
         self._reflection: tuple[Any, Needles] = (None, NO_NEEDLES)
 
     def reflection_needles(self) -> Needles:

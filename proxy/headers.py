@@ -51,6 +51,7 @@ AUTHZ_EVENT = "X-Tether-Authz-Event"
 DRY_RUN = "X-Tether-Dry-Run"
 QUARANTINED = "X-Tether-Quarantined"
 DECISION = "X-Tether-Decision"
+UPSTREAM_STATUS = "X-Tether-Upstream-Status"  # on an error about an answer the upstream did give
 
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
 

@@ -707,7 +707,7 @@ class ReviewService:
                 forwarded = True
                 status, rheaders, raw, parsed = await call_upstream(
                     gw, up, planned, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
-                    intent=item.get("intent"), request_id=rid, authz_event=str(seq), reviewer=reviewer.agent)
+                    intent=item.get("intent"), request_id=rid, authz_event=str(seq), reviewer=reviewer.agent, prefix_ok=True)
                 failed = up.adapter.is_failure(status, parsed)
                 replay.update({"status": status, "headers": rheaders,
                                "body": parsed if parsed is not None else raw[:65536].decode("utf-8", "replace")})

@@ -27,10 +27,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict
 
 from adapters import vendor_headers
@@ -41,14 +40,15 @@ from .bodies import OVERRIDE_FIELDS, media_type, multipart_names, parse_body, sm
 from .config import HTTP_METHODS
 from .errors import TetherError
 from .exchange import Exchange
-from .forward import (SMALL_BODY, WHOLE_BODY_LIMIT, Timer, build_target, read_whole, redact_bytes, redact_headers,
-                      relay, response_headers, send)
+from .forward import (SMALL_BODY, WHOLE_BODY_LIMIT, AnswerPrefix, Timer, answer, as_tether_error, build_target,
+                      json_prefix_fields, read_whole, redact_bytes, redact_headers, relay, response_headers, send)
 from .identity import USER_TOKEN, require_verified_user_message
 from .journal import JournalUnavailable
 from .normalise import (ambiguous, canonical_path, decode_segments, parse_query, policy_params,
                         redact_query, split_target, unsafe_char)
 from .pipeline import request_record
 from .upstream_calls import call_upstream
+from .upstream_http import UpstreamError, UpstreamResponse
 from .validation import validator_for
 
 if TYPE_CHECKING:
@@ -525,6 +525,9 @@ async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = Fa
         if ex.authz_event:
             out.append((H.AUTHZ_EVENT, ex.authz_event))
         out.append((H.REQUEST_ID, ex.request_id))
+    if up.via:  # RFC 9110 §7.6.3: a proxy says so, with the protocol version it received
+        v = ex.request.version
+        out.append(("Via", "1.1 tether" if v == (1, 1) else f"{v[0]}.{v[1]} tether"))
     cred = up.credential_now()
     if cred is not None:
         out.extend(cred)
@@ -542,6 +545,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
     up = ex.upstream
     assert up is not None
     body: Any = ex.body
+    length: int | None = None
     stamped = ex.extra.get("forward_body")  # set by the stamp_provenance stage
     if stamped is not None:
         body, content_type = stamped
@@ -551,13 +555,14 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         hdrs = await upstream_headers(gw, ex)
         if body is None and ex.request.body_exists:
             body = StreamedBody(gw, ex)  # stream_request capabilities
+            length = ex.request.content_length  # passed on as is: object stores answer 411 to chunked
     target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")
     timer = Timer()
     ex.forwarded = True
     try:
-        resp = await send(gw.origin(up), wire_method, target, hdrs, body, up.timeouts)
+        resp = await send(gw.origin(up), wire_method, target, hdrs, body, up.timeouts, length)
     except TetherError as err:
         if steps:
             await gw.transactions.after_forward(ex, status=None, headers={}, body=None, failed=True,
@@ -571,39 +576,18 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         _reflected(ex)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
-    if ex.is_write or ex.transaction_id is not None:
-        try:
-            data = await read_whole(resp, min(limit or WHOLE_BODY_LIMIT, WHOLE_BODY_LIMIT), up.timeouts)
-        except TetherError:
-            if steps:
-                await gw.transactions.after_forward(ex, status=resp.status, headers={}, body=None, failed=True,
-                                                    applied=None)
-            raise
-        finally:
-            resp.release()
-        if needles:
-            data, hit = redact_bytes(data, needles)
-            if hit:
-                _reflected(ex)
-        parsed = decode_json_body(data, resp.headers.get("Content-Type"))
-        ex.response_body = parsed
-        rheaders = {str(k): v for k, v in resp.headers.items()}
-        failed = up.adapter.is_failure(resp.status, parsed)
-        if failed:
-            ex.extra.setdefault("outcome", {})["upstream_failure"] = True
-        else:
-            for o in ex.operations:
-                for rid in up.adapter.created_ids(o, resp.status, rheaders, parsed):
-                    if rid not in ex.upstream_ids:
-                        ex.upstream_ids.append(rid)
-        if steps:
-            await gw.transactions.after_forward(ex, status=resp.status, headers=rheaders, body=parsed,
-                                                failed=failed, applied=not failed)
-            if ex.extra.get("tx_state"):
-                out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
-        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
+    if resp.transfer_coding is not None:
+        resp.close()
+        await _answer_lost(gw, ex, resp, f"it is framed with the transfer coding {resp.transfer_coding!r}, which "
+                                         "Tether does not decode", code="upstream_unavailable")
+    if ex.is_write:
+        await _forward_write(gw, ex, resp, out_headers, limit)
         return
     cl = resp.content_length
+    if wire_method == "HEAD":  # no body; the answer keeps its Content-Length
+        resp.release()
+        ex.response = answer(resp, out_headers, None)
+        return
     if cl is not None and cl <= SMALL_BODY and (limit is None or cl <= limit):
         # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
         data = await read_whole(resp, SMALL_BODY, up.timeouts)
@@ -612,7 +596,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
             data, hit = redact_bytes(data, needles)
             if hit:
                 _reflected(ex)
-        ex.response = web.Response(body=data, status=resp.status, reason=resp.reason or None, headers=out_headers)
+        ex.response = answer(resp, out_headers, data)
         return
     found = [False]
     streamed, sent, err = await relay(ex.request, resp, out_headers, limit, needles, found)
@@ -620,9 +604,116 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         _reflected(ex)
     ex.response = streamed
     if err is not None:
-        ex.error = TetherError(err)
-        ex.reason = err
-        ex.extra.setdefault("outcome", {})["bytes_sent"] = sent
+        _relay_failed(ex, err, sent)
+
+
+async def _forward_write(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, out_headers: CIMultiDict[str],
+                         limit: int | None) -> None:
+    """Relay a write's answer — never refused for its size. A small one of known length is read whole
+    (the transaction state can then ride on it as a header); any other (a 100 MB export, an event
+    stream) streams through while its first WHOLE_BODY_LIMIT bytes are kept for what Tether needs."""
+    up = ex.upstream
+    assert up is not None
+    size = resp.content_length if resp.content_length is not None else (resp.buffered if resp.complete else None)
+    if limit is not None and size is not None and size > limit:
+        resp.close()
+        await _answer_lost(gw, ex, resp, f"its answer is {size} bytes, over the response limit of {limit}")
+    if size is not None and size <= WHOLE_BODY_LIMIT and (resp.complete or not _is_event_stream(resp)):
+        try:
+            data = await resp.read(WHOLE_BODY_LIMIT)
+        except UpstreamError as exc:
+            resp.close()
+            await _answer_lost(gw, ex, resp, as_tether_error(exc, up.timeouts, mid_response=True).message)
+        resp.release()
+        needles = up.reflection_needles()
+        if needles:
+            data, hit = redact_bytes(data, needles)
+            if hit:
+                _reflected(ex)
+        await _write_outcome(gw, ex, resp, decode_json_body(data, resp.headers.get("Content-Type")))
+        if ex.extra.get("tx_state"):
+            out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
+        ex.response = answer(resp, out_headers, data)
+        return
+    prefix = AnswerPrefix(WHOLE_BODY_LIMIT)
+    found = [False]
+    streamed, sent, err = await relay(ex.request, resp, out_headers, limit, up.reflection_needles(), found, tap=prefix)
+    if found[0]:
+        _reflected(ex)
+    ex.response = streamed
+    if err is not None:
+        _relay_failed(ex, err, sent)
+        ex.extra["outcome"].update(applied=not up.adapter.is_failure(resp.status, None), upstream_status=resp.status)
+    ctype = resp.headers.get("Content-Type")
+    data = prefix.data()
+    parsed = decode_json_body(data, ctype) if prefix.whole else _json_prefix(data, ctype)
+    await _write_outcome(gw, ex, resp, parsed)
+
+
+async def _write_outcome(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, parsed: Any) -> None:
+    """What a write's answer tells: failure or created ids (journaled with the outcome); inside a
+    transaction, the undo steps armed from it."""
+    up = ex.upstream
+    assert up is not None
+    ex.response_body = parsed
+    rheaders = {str(k): v for k, v in resp.headers.items()}
+    failed = up.adapter.is_failure(resp.status, parsed)
+    if failed:
+        ex.extra.setdefault("outcome", {})["upstream_failure"] = True
+    else:
+        for o in ex.operations:
+            for rid in up.adapter.created_ids(o, resp.status, rheaders, parsed):
+                if rid not in ex.upstream_ids:
+                    ex.upstream_ids.append(rid)
+    if ex.extra.get("tx_steps"):
+        await gw.transactions.after_forward(ex, status=resp.status, headers=rheaders, body=parsed,
+                                            failed=failed, applied=not failed)
+
+
+async def _answer_lost(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, why: str,
+                       code: str = "upstream_response_too_large") -> NoReturn:
+    """The upstream answered but its answer cannot reach the agent. For a write the upstream applied
+    (its status is no failure), a distinct error saying so — the agent must not retry it — and the
+    journal says so too; otherwise ``code``. Inside a transaction the steps are settled either way."""
+    up = ex.upstream
+    assert up is not None
+    status = resp.status
+    applied = ex.is_write and not up.adapter.is_failure(status, None)
+    outcome = ex.extra.setdefault("outcome", {})
+    outcome["upstream_status"] = status
+    if ex.is_write:
+        outcome["applied"] = applied
+    if ex.extra.get("tx_steps"):
+        rheaders = {str(k): v for k, v in resp.headers.items()}
+        await gw.transactions.after_forward(ex, status=status, headers=rheaders, body=None, failed=not applied,
+                                            applied=True if applied else None)
+    if applied:
+        raise TetherError("upstream_applied_response_lost",
+                          f"the upstream applied this write (status {status}) but {why}; do not send it again",
+                          headers={H.UPSTREAM_STATUS: str(status)},
+                          details={"applied": True, "upstream_status": status})
+    raise TetherError(code, f"the upstream answered {status} but {why}", headers={H.UPSTREAM_STATUS: str(status)},
+                      details={"upstream_status": status})
+
+
+def _relay_failed(ex: Exchange, err: str, sent: int) -> None:
+    """A streamed answer broke off after its head went out: the agent's connection was aborted; the
+    journal records why and how many bytes got through."""
+    ex.error = TetherError(err)
+    ex.reason = err
+    ex.extra.setdefault("outcome", {})["bytes_sent"] = sent
+
+
+def _is_event_stream(resp: UpstreamResponse) -> bool:
+    return media_type(resp.headers.get("Content-Type")) == "text/event-stream"
+
+
+def _json_prefix(data: bytes, content_type: str | None) -> Any:
+    """The top-level scalar fields of a JSON answer too large to keep whole (where APIs put ``id``)."""
+    mt = media_type(content_type)
+    if mt and "json" not in mt:
+        return None
+    return json_prefix_fields(data)
 
 
 class StreamedBody:

@@ -16,8 +16,8 @@ from multidict import CIMultiDict
 from adapters.base import FORM_CT, PlannedRequest
 
 from . import headers as H
-from .forward import WHOLE_BODY_LIMIT, build_target, read_whole, redact_bytes, send
 from .errors import TetherError
+from .forward import WHOLE_BODY_LIMIT, build_target, json_prefix_fields, read_prefix, read_whole, redact_bytes, send
 from .normalise import decode_segments, split_target
 
 if TYPE_CHECKING:
@@ -71,10 +71,14 @@ async def call_upstream(
     authz_event: str | None = None,
     reviewer: str | None = None,
     extra_headers: dict[str, str] | None = None,
+    prefix_ok: bool = False,
 ) -> tuple[int, dict[str, str], bytes, Any]:
     """Send a planned request; returns (status, headers, raw body, parsed JSON or None).
 
-    Raises TetherError (upstream_unavailable / upstream_timeout) when the upstream cannot answer."""
+    Raises TetherError (upstream_unavailable / upstream_timeout) when the upstream cannot answer.
+    ``prefix_ok`` (a replayed write, whose status is what counts): an answer past WHOLE_BODY_LIMIT is
+    not an error — its first bytes are returned, parsed as far as they go (the top-level fields of a JSON
+    object). Pre-image reads never set it: a record read in part must not be restored."""
     # The planned path is validated exactly like an agent's (it may embed ids from a response); a '?' in
     # it would cut the path short (an id "7?x" must never become DELETE .../7), so it is refused too.
     path, stray_query = split_target(req.path, 1 << 16)
@@ -107,10 +111,14 @@ async def call_upstream(
             headers["X-Tether-Reviewer"] = reviewer
     await up.apply_credentials(headers)
     resp = await send(gw.origin(up), req.method, build_target(path, req.query), headers, body, up.timeouts)
-    try:
-        data = await read_whole(resp, WHOLE_BODY_LIMIT, up.timeouts)
-    finally:
-        resp.release()
+    whole = True
+    if prefix_ok and (resp.content_length is None or resp.content_length > WHOLE_BODY_LIMIT):
+        data, whole = await read_prefix(resp, WHOLE_BODY_LIMIT, up.timeouts)
+    else:
+        try:
+            data = await read_whole(resp, WHOLE_BODY_LIMIT, up.timeouts)
+        finally:
+            resp.release()
     rheaders = {str(k): v for k, v in resp.headers.items()}
     needles = up.reflection_needles()
     if needles:
@@ -120,6 +128,8 @@ async def call_upstream(
             for n in needles.text:
                 if n in v:
                     rheaders[k] = v = v.replace(n, "*" * len(n))
+    if not whole:
+        return resp.status, rheaders, data, json_prefix_fields(data)
     parsed: Any = None
     if data:
         try:

@@ -11,13 +11,25 @@ so it gets a transport that does only what a reverse proxy needs:
   closed after ``KEEPALIVE_S``; no limit on concurrent connections (as before);
 - responses parsed by llhttp (through ``httptools``, the parser uvicorn uses): status, headers, body,
   chunked and read-until-close bodies, 1xx skipped, HEAD/204/304 without a body, keep-alive rules;
+- framing as RFC 9112 §6.3 has it: a body is chunked only when ``chunked`` is the *last* transfer coding
+  (otherwise it runs until the connection closes, and :attr:`UpstreamResponse.transfer_coding` names the
+  codings left on it); a read-until-close body is complete only when the connection ends cleanly — a
+  reset, or a TLS close without ``close_notify``, is a broken body, never a short complete one;
+- header values kept as the bytes the upstream sent (non-UTF-8 bytes survive as surrogate escapes, and
+  :attr:`UpstreamResponse.raw_bytes` says so, so that the forward path writes them back byte for byte);
 - flow control both ways: request bodies streamed as chunked with back-pressure, response bodies
   buffered up to ``HIGH_WATER`` then the socket is paused until the consumer catches up;
 - timeouts: ``connect`` for opening a connection, ``read`` for the longest silence while waiting for
   the response head or the next body bytes (the same meaning the rules file documents);
 - a request found on a stale pooled connection (the upstream closed it while idle) is retried once on a
-  new connection when it is safe to: nothing of the response arrived and the method is GET, HEAD or
-  OPTIONS. Writes are never retried here (their fate is for the journal and transactions to record).
+  new connection when it is safe to: the connection failed before a single byte of the answer, the body
+  can be sent again (not streamed), and the request is idempotent — GET, HEAD, OPTIONS, PUT, DELETE
+  (RFC 9110 §9.2.2) or any request carrying an ``Idempotency-Key``. Other writes are never retried here
+  (their fate is for the journal and transactions to record);
+- an upstream's ``Keep-Alive: timeout=N`` hint is honoured: its connection is not reused once it has
+  idled for ``N - KEEPALIVE_MARGIN_S`` seconds, so Tether lets go of it before the server does;
+- a request body of known length is streamed with that ``Content-Length`` (object stores answer 411 to
+  chunked uploads); one of unknown length is sent chunked.
 
 Failures are :class:`UpstreamError` with a ``kind`` the caller maps to Tether's error codes, and
 ``applied=False`` where the request provably never left Tether (connection refused or timed out).
@@ -41,7 +53,9 @@ HIGH_WATER = 256 * 1024  # response bytes buffered before the socket is paused
 LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # a response head larger than this is a protocol error
 CHUNK = 64 * 1024
-SAFE_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # idempotent (RFC 9110 §9.2.2)
+IDEMPOTENCY_KEY = "idempotency-key"  # a request carrying one may be retried whatever its method
+KEEPALIVE_MARGIN_S = 1.0  # stop reusing a connection this long before the upstream's Keep-Alive timeout
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 # After these exchanges the connection is closed, never pooled: an answer that comes late on it (a HEAD
 # "body" held back, the answer to a request a lenient server read out of a GET/DELETE body or a chunked
@@ -63,6 +77,16 @@ def _dec(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _keepalive_timeout(value: bytes) -> float | None:
+    """``timeout=N`` of a Keep-Alive header (``timeout=5, max=100``), or None."""
+    for part in value.split(b","):
+        k, _, v = part.partition(b"=")
+        if k.strip().lower() == b"timeout":
+            v = v.strip().strip(b'"')
+            return float(v) if v.isdigit() else None
+    return None
+
+
 class UpstreamResponse:
     """Status and headers of an upstream answer; the body is read with :meth:`read` or :meth:`chunks`.
 
@@ -70,7 +94,7 @@ class UpstreamResponse:
     end) or :meth:`close` to drop the connection."""
 
     __slots__ = ("status", "reason", "raw_headers", "_headers", "content_length", "_conn", "_chunks", "_buffered",
-                 "_done", "_error", "_waiter", "_keep_alive", "_finished")
+                 "_done", "_error", "_waiter", "_keep_alive", "_finished", "transfer_coding", "raw_bytes")
 
     def __init__(self, conn: "_Connection", status: int, reason: str, raw_headers: list[tuple[str, str]],
                  content_length: int | None) -> None:
@@ -87,6 +111,18 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._keep_alive = False
         self._finished = False  # released or closed
+        self.transfer_coding: str | None = None  # codings other than chunked left on the body, e.g. "gzip"
+        self.raw_bytes = False  # a header value or the reason holds bytes that are not UTF-8
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may still sit in the buffer)."""
+        return self._done
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and not yet taken."""
+        return self._buffered
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -226,6 +262,11 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._length: int | None = None
         self._chunked = False
+        self._codings: list[bytes] = []  # the Transfer-Encoding codings, in order, over every such header
+        self._raw = False
+        self._idle_hint: float | None = None
+        self.server_idle: float | None = None  # seconds the upstream keeps this connection idle (Keep-Alive)
+        self.clean_eof = False  # the upstream ended the connection in order (TLS: with close_notify)
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -236,8 +277,14 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
         resp = self.response
         if resp is not None and not resp._done:
-            if self.until_close:
+            if self.until_close and exc is None and (self.clean_eof or not self.pool.tls):
                 resp._complete(keep_alive=False)  # the body's end is the connection's end
+            elif self.until_close:
+                # a reset (or a TLS close without close_notify) cuts a read-until-close body short: it
+                # must never pass for the whole body
+                resp._fail(UpstreamError("broken", "the upstream's connection was reset before the body ended"
+                                         if exc is not None else "the upstream closed TLS without close_notify "
+                                         "before the body ended"))
             else:
                 resp._fail(UpstreamError("broken", "the upstream broke the connection mid-response"))
         hw = self.head_waiter
@@ -279,6 +326,19 @@ class _Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def eof_received(self) -> bool:
+        if self.pool.tls and self.transport is not None:
+            # Over TLS only a close_notify ends a body in order: after one the SSL object reads b"" (an
+            # asyncio transport also calls this on a bare TCP FIN, when the read fails instead; uvloop
+            # does not call it at all then).
+            sslobj = self.transport.get_extra_info("ssl_object")
+            try:
+                rest = sslobj.read(1) if sslobj is not None else b""
+            except ssl_mod.SSLError:
+                return False
+            if rest:  # never seen in practice (the transport hands over all data first): keep it anyway
+                self.data_received(rest)
+                return False
+        self.clean_eof = True
         return False  # close the transport; connection_lost settles what was in flight
 
     # -- httptools callbacks
@@ -294,8 +354,13 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._length = None
         self._chunked = False
+        self._codings = []
+        self._raw = False
+        self._idle_hint = None
 
     def on_status(self, reason: bytes) -> None:
+        if not reason.isascii():
+            self._raw = True
         self._reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -304,13 +369,22 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise UpstreamError("protocol", f"the upstream's response head exceeds {MAX_HEAD_BYTES} bytes")
-        if len(name) in (14, 17):
+        if len(name) in (10, 14, 17):
             lname = name.lower()
             if lname == b"content-length":
                 self._length = int(value) if value.isdigit() else None  # llhttp already refused bad ones
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                self._chunked = True
-        self._hdrs.append((_dec(name), _dec(value)))
+            elif lname == b"transfer-encoding":
+                # RFC 9112 §6.3: chunked frames the body only as the last coding (of all such headers)
+                self._codings.extend(c for c in (t.strip() for t in value.lower().split(b",")) if c)
+                self._chunked = bool(self._codings) and self._codings[-1] == b"chunked"
+            elif lname == b"keep-alive":
+                self._idle_hint = _keepalive_timeout(value)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:  # latin-1 filenames and the like: kept as bytes, written back as bytes
+            text = _dec(value)
+            self._raw = True
+        self._hdrs.append((_dec(name), text))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -319,8 +393,14 @@ class _Connection(asyncio.Protocol):
             self.informational = True  # 100 Continue, 103 Early Hints: not the answer
             return
         resp = UpstreamResponse(self, status, self._reason, self._hdrs, self._length)
-        self.response = resp
         no_body = self.head_request or status in (204, 304)
+        if self._codings and not no_body:
+            left = [c for c in (self._codings[:-1] if self._chunked else self._codings) if c != b"identity"]
+            if left:
+                resp.transfer_coding = b", ".join(left).decode("latin-1")
+        resp.raw_bytes = self._raw
+        self.server_idle = None if self._idle_hint is None else self._idle_hint - KEEPALIVE_MARGIN_S
+        self.response = resp
         self.until_close = not no_body and self._length is None and not self._chunked
         hw, self.head_waiter = self.head_waiter, None
         if hw is not None and not hw.done():
@@ -398,10 +478,16 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> None:
         self.response = None
         self.read_timeout = None
-        if self.closed or self.reading_paused or self.must_close:
+        if self.closed or self.reading_paused or self.must_close or (self.server_idle is not None
+                                                                      and self.server_idle <= 0):
             self.close()
             return
         self.pool.put_back(self)
+
+    def idle_too_long(self, now: float) -> bool:
+        """Idle past our own limit, or close to the upstream's announced ``Keep-Alive: timeout``."""
+        idle = now - self.idle_since
+        return idle > KEEPALIVE_S or (self.server_idle is not None and idle > self.server_idle)
 
     def close(self) -> None:
         if not self.closed:
@@ -468,7 +554,7 @@ class OriginPool:
             if conn.closed or conn.transport is None or conn.transport.is_closing():
                 conn.close()
                 continue
-            if now - conn.idle_since > KEEPALIVE_S:
+            if conn.idle_too_long(now):
                 conn.close()
                 continue
             return conn
@@ -520,22 +606,27 @@ class OriginPool:
         return head.encode("utf-8", "surrogateescape")
 
     async def request(self, method: str, target: str, headers: Any, body: Any, *,
-                      connect_timeout: float | None, read_timeout: float | None) -> UpstreamResponse:
-        """Send ``method prefix+target`` and return once the response head arrived."""
+                      connect_timeout: float | None, read_timeout: float | None,
+                      content_length: int | None = None) -> UpstreamResponse:
+        """Send ``method prefix+target`` and return once the response head arrived.
+
+        ``body``: bytes, or an async iterable / aiohttp StreamReader streamed with back-pressure — with
+        ``content_length`` (its exact size) as is, else chunked."""
         streamed = body is not None and not isinstance(body, (bytes, bytearray, memoryview, str))
         if isinstance(body, str):
             body = body.encode("utf-8")
-        head = self._head(method, target, headers, None if streamed else (len(body) if body else 0))
+        length = (content_length if streamed else (len(body) if body else 0))
+        head = self._head(method, target, headers, length)
         conn = self._acquire_idle()
         reused = conn is not None
         while True:
             if conn is None:
                 conn = await self._open(connect_timeout)
             try:
-                return await self._exchange(conn, method, head, body, streamed, read_timeout)
+                return await self._exchange(conn, method, head, body, streamed, read_timeout, length)
             except UpstreamError as err:
-                if (reused and err.kind == "broken" and not conn.got_bytes and method in SAFE_RETRY
-                        and not streamed):
+                if (reused and err.kind == "broken" and not conn.got_bytes and not streamed
+                        and _idempotent(method, headers)):
                     conn.close()
                     conn, reused = None, False  # a stale pooled connection: once more on a fresh one
                     continue
@@ -546,7 +637,7 @@ class OriginPool:
                 raise
 
     async def _exchange(self, conn: _Connection, method: str, head: bytes, body: Any, streamed: bool,
-                        read_timeout: float | None) -> UpstreamResponse:
+                        read_timeout: float | None, length: int | None = None) -> UpstreamResponse:
         if method == "HEAD" or (body and not streamed and method not in BODY_METHODS):
             conn.must_close = True  # see BODY_METHODS: its next answer could be a late one
         conn.got_bytes = False
@@ -561,7 +652,7 @@ class OriginPool:
             raise UpstreamError("broken", "the upstream closed the connection")
         if streamed:
             transport.write(head)
-            await self._send_stream(conn, transport, body, waiter)
+            await self._send_stream(conn, transport, body, waiter, length)
         elif body:
             transport.write(head + bytes(body))
         else:
@@ -571,17 +662,40 @@ class OriginPool:
         return await conn.wait(waiter)  # type: ignore[no-any-return]
 
     async def _send_stream(self, conn: _Connection, transport: asyncio.Transport, body: Any,
-                           waiter: asyncio.Future[UpstreamResponse]) -> None:
+                           waiter: asyncio.Future[UpstreamResponse], length: int | None = None) -> None:
+        """Stream the body: chunked, or as is when its ``length`` was announced (then exactly that many
+        bytes, or the connection is dropped: a short or long body would desynchronise it)."""
         it = body.iter_chunked(CHUNK) if hasattr(body, "iter_chunked") else body
+        sent = 0
         async for chunk in it:
             if waiter.done():
                 conn.must_close = True  # answered early (e.g. 413): stop; the body's end was never sent
                 return
             if chunk:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                if length is None:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                elif sent > length:
+                    conn.must_close = True
+                    raise UpstreamError("bad_request", f"the request body is longer than its Content-Length "
+                                                       f"({length})")
+                else:
+                    transport.write(chunk)
                 await conn.drain()
-        if not conn.closed:
+        if conn.closed:
+            return
+        if length is None:
             transport.write(b"0\r\n\r\n")
+        elif sent != length:
+            conn.must_close = True
+            raise UpstreamError("bad_request", f"the request body ended after {sent} of its {length} bytes")
+
+
+def _idempotent(method: str, headers: Any) -> bool:
+    """May this request be sent again after a connection failed before any byte of its answer?"""
+    if method in RETRY_METHODS:
+        return True
+    return any(k.lower() == IDEMPOTENCY_KEY for k, _ in (headers if isinstance(headers, list) else headers.items()))
 
 
 class UpstreamClient:

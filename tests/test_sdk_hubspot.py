@@ -138,7 +138,7 @@ async def journal_of(gw: GatewayHandle, kind: str = "request") -> list[dict[str,
 
 
 _NOT_COMPARED = {"host", "content-length", "authorization", "x-tether-agent", "x-tether-on-behalf-of",
-                 "x-tether-intent", "x-tether-authz-event", "x-tether-request-id"}
+                 "x-tether-intent", "x-tether-authz-event", "x-tether-request-id", "via"}  # Via: RFC 9110 §7.6.3
 
 
 # --------------------------------------------------------------------------- reads
@@ -164,6 +164,7 @@ async def test_reads_pass_through_unchanged_apart_from_credentials_and_provenanc
         assert (t.method, t.raw_path, t.body) == (d.method, d.raw_path, d.body)
         assert t.headers["Authorization"] == d.headers["Authorization"] == f"Bearer {PAT}"
         assert t.headers["X-Tether-Agent"] == "sdr-bot" and t.headers["X-Tether-On-Behalf-Of"] == "ae:jane@acme"
+        assert t.headers["Via"] == "1.1 tether" and "Via" not in d.headers
         assert {k.lower(): v for k, v in t.header_items if k.lower() not in _NOT_COMPARED} == \
                {k.lower(): v for k, v in d.header_items if k.lower() not in _NOT_COMPARED}
     assert hub.received[3].raw_path == "/crm/v3/objects/contacts/search"

@@ -12,7 +12,8 @@ Every upstream here is a raw ``asyncio.start_server`` on 127.0.0.1 whose bytes t
   bytes bodies and bodiless POST/PUT/PATCH, none for GET, chunked streamed bodies, managed headers that
   the caller cannot override;
 - header injection refused before a single byte is written;
-- stale pooled connections: safe methods retried once on a fresh connection, writes never;
+- stale pooled connections: idempotent methods (and Idempotency-Key) retried once on a fresh connection,
+  other writes never, nor streamed bodies; the upstream's Keep-Alive timeout hint;
 - timeouts (connect refused, connect timeout, silence before the head and in the body, trickling that
   is not silence), broken and malformed answers, oversized heads, ``read`` limits;
 - back-pressure on large bodies, release/close semantics, TLS with a trusted and an untrusted
@@ -46,7 +47,7 @@ from proxy import upstream_http
 from proxy.certs import make_dev_cert
 from proxy.config import Timeouts
 from proxy.errors import TetherError
-from proxy.forward import read_whole, relay, send
+from proxy.forward import json_prefix_fields, read_whole, relay, response_headers, send
 from proxy.upstream_http import HIGH_WATER, OriginPool, UpstreamClient, UpstreamError, UpstreamResponse, _Connection
 from tests.fakes import serve_app
 
@@ -565,6 +566,130 @@ async def test_informational_answers_are_skipped(servers: StartServer, pools: Ma
     assert srv.connections == 1
 
 
+@pytest.mark.parametrize(("te", "body", "chunked", "coding"), [
+    ([b"gzip"], b"\x1f\x8b-coded-bytes", False, "gzip"),
+    ([b"chunked, gzip"], b"3\r\nabc\r\n0\r\n\r\n", False, "chunked, gzip"),
+    ([b"chunked", b"gzip"], b"3\r\nabc\r\n0\r\n\r\n", False, "chunked, gzip"),
+    ([b"identity"], b"as is", False, None),
+    ([b"gzip, chunked"], b"3\r\nabc\r\n0\r\n\r\n", True, "gzip"),
+    ([b"gzip", b"Chunked"], b"3\r\nabc\r\n0\r\n\r\n", True, "gzip"),
+], ids=["gzip", "chunked-then-gzip", "two-fields", "identity", "gzip-then-chunked", "two-fields-chunked-last"])
+async def test_transfer_encoding_is_chunked_only_as_the_last_coding(servers: StartServer, pools: MakePool,
+                                                                    te: list[bytes], body: bytes, chunked: bool,
+                                                                    coding: str | None) -> None:
+    # RFC 9112 §6.3: chunked frames a response body only when it is the final coding (over every
+    # Transfer-Encoding field); otherwise the body runs until the connection closes. Whatever coding is
+    # left on the body is reported, for the forward path to refuse (Tether decodes none).
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n" + b"".join(b"Transfer-Encoding: %s\r\n" % t for t in te)
+                        + b"\r\n" + body)
+        if chunked:
+            await peer.request()  # a framed body: the connection goes on
+            await peer.send(OK)
+        # else: returning closes the connection, which ends the body
+
+    srv = await servers(handler)
+    pool = pools(srv.url)
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=1, read_timeout=2)
+    assert resp.transfer_coding == coding
+    assert await resp.read(1000) == (b"abc" if chunked else body)
+    resp.release()
+    if chunked:
+        assert (await fetch(pool))[1] == b"ok" and srv.connections == 1
+    else:
+        assert not pool.idle
+
+
+async def test_transfer_coding_of_a_bodiless_answer_is_not_reported(servers: StartServer, pools: MakePool) -> None:
+    # HEAD, 204 and 304 have no body, whatever codings their head names: nothing to refuse, nothing to wait for
+    srv = await servers(answer_all(lambda req: b"HTTP/1.1 %s\r\nTransfer-Encoding: gzip\r\n\r\n"
+                                   % (b"200 OK" if req.method == "HEAD" else b"304 Not Modified")))
+    pool = pools(srv.url)
+    for method in ("HEAD", "GET"):
+        resp, body = await fetch(pool, method)
+        assert (resp.transfer_coding, body) == (None, b"")
+
+
+async def test_read_until_close_body_ended_by_a_reset_is_broken(servers: StartServer, pools: MakePool) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart-1")
+        await asyncio.sleep(0.05)
+        sock = peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.abort()  # RST: the body did not end, it was cut
+
+    srv = await servers(handler)
+    pool = pools(srv.url)
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=1, read_timeout=2)
+    got = []
+    with pytest.raises(UpstreamError) as ei:
+        async for chunk in resp.chunks():
+            got.append(chunk)
+    assert ei.value.kind == "broken" and "reset" in str(ei.value)
+    assert b"".join(got) in (b"", b"part-1")
+    resp.close()
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "no-close_notify"])
+async def test_read_until_close_body_over_tls_needs_close_notify(servers: StartServer, pools: MakePool,
+                                                                 tls_files: tuple[Path, Path], clean: bool) -> None:
+    crt, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(crt, key)
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        await asyncio.sleep(0.05)
+        if not clean:
+            peer.abort()  # the TCP connection goes without a TLS close_notify
+        # else: the wrapper's close() sends close_notify
+
+    srv = await servers(handler, tls=server_ctx)
+    pool = pools(srv.url, ssl.create_default_context(cafile=str(crt)))
+    resp = await pool.request("GET", "/", {}, None, connect_timeout=2, read_timeout=2)
+    if clean:
+        assert await resp.read(100) == b"all of it"
+    else:
+        with pytest.raises(UpstreamError) as ei:
+            await resp.read(100)
+        assert ei.value.kind == "broken"
+    resp.close()
+
+
+@pytest.mark.parametrize(("value", "raw"), [
+    (b'attachment; filename="caf\xe9.txt"', True),  # latin-1
+    (b'attachment; filename="caf\xc3\xa9.txt"', False),  # UTF-8
+    (b"plain ascii", False),
+])
+async def test_header_bytes_survive_as_sent(servers: StartServer, pools: MakePool, value: bytes, raw: bool) -> None:
+    srv = await servers(answer_all(b"HTTP/1.1 200 OK\r\nContent-Disposition: " + value + b"\r\n" + EMPTY[17:]))
+    pool = pools(srv.url)
+    resp, _ = await fetch(pool)
+    assert resp.raw_bytes is raw
+    assert resp.headers["Content-Disposition"].encode("utf-8", "surrogateescape") == value
+
+
+async def test_keep_alive_timeout_hint_retires_idle_connections(servers: StartServer, pools: MakePool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_http, "KEEPALIVE_MARGIN_S", 0.8)
+    answers = {"/short": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\nok",
+               "/none": b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0\r\nContent-Length: 2\r\n\r\nok"}
+    srv = await servers(answer_all(lambda req: answers[req.target]))
+    pool = pools(srv.url)
+    await fetch(pool, target="/short")
+    await fetch(pool, target="/short")
+    assert srv.connections == 1  # reused within 0.2 s (1 s announced, 0.8 s margin)
+    await asyncio.sleep(0.3)
+    await fetch(pool, target="/short")
+    assert srv.connections == 2  # idle past 0.2 s: not reused, closed
+    await asyncio.wait_for(srv.peers[0].eof.wait(), 1)
+    await fetch(pool, target="/none")  # an upstream that keeps nothing idle: never pooled
+    assert not pool.idle
+
+
 # --------------------------------------------------------------------------- 3. request framing
 
 
@@ -674,6 +799,30 @@ async def test_streamed_request_body_is_sent_chunked(servers: StartServer, pools
     assert srv.connections == 1
 
 
+async def test_streamed_request_body_of_known_length_keeps_its_content_length(servers: StartServer,
+                                                                             pools: MakePool) -> None:
+    srv = await servers(answer_all(OK))
+    pool = pools(srv.url)
+    stream = FakeStream(os.urandom(300_000))
+    resp = await pool.request("PUT", "/obj", {}, stream, connect_timeout=1, read_timeout=2,
+                              content_length=300_000)
+    assert await resp.read(10) == b"ok"
+    resp.release()
+    req = srv.requests[0]
+    assert req.values("Content-Length") == ["300000"] and req.values("Transfer-Encoding") == []
+    assert req.body == stream.data
+    await fetch(pool, "GET", "/after")
+    assert srv.requests[1].line == "GET /after HTTP/1.1" and srv.connections == 1
+
+    for size in (299_999, 300_001):  # a body that does not match its length never leaves a usable connection
+        with pytest.raises(UpstreamError) as ei:
+            await pool.request("PUT", "/obj", {}, FakeStream(b"z" * size), connect_timeout=1, read_timeout=2,
+                               content_length=300_000)
+        assert ei.value.kind == "bad_request"
+    await fetch(pool, "GET", "/last")
+    assert srv.requests[-1].line == "GET /last HTTP/1.1"
+
+
 async def test_managed_headers_cannot_be_overridden(servers: StartServer, pools: MakePool) -> None:
     srv = await servers(answer_all(OK))
     pool = pools(srv.url)
@@ -746,13 +895,19 @@ def stale_after_first(abort: bool) -> Handler:
 
 
 @pytest.mark.parametrize("abort", [False, True], ids=["fin", "rst"])
-@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
-async def test_safe_request_on_stale_connection_is_retried_once(servers: StartServer, pools: MakePool,
-                                                                method: str, abort: bool) -> None:
+@pytest.mark.parametrize(("method", "headers"), [
+    ("GET", {}), ("HEAD", {}), ("OPTIONS", {}), ("PUT", {}), ("DELETE", {}),
+    ("POST", {"Idempotency-Key": "k-1"}), ("PATCH", [("idempotency-key", "k-2")]),
+], ids=["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST-idempotency-key", "PATCH-idempotency-key"])
+async def test_idempotent_request_on_stale_connection_is_retried_once(servers: StartServer, pools: MakePool,
+                                                                      method: str, headers: Any,
+                                                                      abort: bool) -> None:
+    # RFC 9110 §9.2.2: an idempotent request (or one whose Idempotency-Key makes it so) may be sent again
+    # when its connection failed before any byte of the answer
     srv = await servers(stale_after_first(abort))
     pool = pools(srv.url)
     await fetch(pool, target="/warm")
-    resp, body = await fetch(pool, method, "/again")
+    resp, body = await fetch(pool, method, "/again", headers=headers)
     assert resp.status == 200 and body == (b"" if method == "HEAD" else b"ok")
     assert srv.connections == 2
     assert [(p.index, r.line) for p in srv.peers for r in p.requests] == [
@@ -760,7 +915,7 @@ async def test_safe_request_on_stale_connection_is_retried_once(servers: StartSe
 
 
 @pytest.mark.parametrize("body", [None, b'{"x":1}'])
-@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_write_on_stale_connection_is_not_retried(servers: StartServer, pools: MakePool, method: str,
                                                         body: bytes | None) -> None:
     srv = await servers(stale_after_first(False))
@@ -1384,3 +1539,51 @@ async def test_retired_pools_close_idle_connections_now_and_busy_ones_when_done(
     assert client.pool(new.url, None, None) is p_new
     assert client.pool(old.url, None, None) is not p_old
     await client.close()
+
+
+async def test_relay_writes_header_bytes_as_the_upstream_sent_them(servers: StartServer, pools: MakePool) -> None:
+    """A streamed answer (relay) keeps non-UTF-8 header bytes and a latin-1 reason, as a whole one does."""
+    payload = os.urandom(200_000)
+
+    async def upstream(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 Tr\xe8s bien\r\nContent-Disposition: attachment; filename=\"caf\xe9.bin\"\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+
+    srv = await servers(upstream)
+    pool = pools(srv.url)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = await send(pool, "GET", "/", {}, None, Timeouts(connect=1, read=1))
+        out, _, err = await relay(request, resp, response_headers(resp.raw_headers), None)
+        assert err is None
+        return out
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner, port = await serve_app(app)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 Tr\xe8s bien\r\n")
+    assert b'\r\nContent-Disposition: attachment; filename="caf\xe9.bin"' in head
+    assert body == payload
+
+
+@pytest.mark.parametrize(("data", "fields"), [
+    (b'{"id": "a1", "n": -3.5e2, "ok": true, "x": {"a": [1, "}"]}, "none": null, "big": "xxxx', {
+        "id": "a1", "n": -350.0, "ok": True, "none": None}),
+    (b' {"blob": ["' + b"y" * 1000 + b'"], "id": 5, "z": 1', {"id": 5}),  # 1 may continue: not trusted
+    (b'{"a": "q\\"x", "b": "\\\\", "c": "\\u00e9"}', {"a": 'q"x', "b": "\\", "c": "é"}),
+    (b'{"id": "x", "rows": [{"k": "v"}, ' + b'{"k": "v"}, ' * 10000, {"id": "x"}),
+    (b"[1, 2]", None),
+    (b"not json", None),
+    (b'{"id": "cut', {}),
+], ids=["scalars", "after-nested", "escapes", "nested-cut", "array", "text", "cut-string"])
+def test_json_prefix_fields(data: bytes, fields: dict[str, Any] | None) -> None:
+    assert json_prefix_fields(data) == fields
