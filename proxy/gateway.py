@@ -249,13 +249,20 @@ class Gateway:
         return self.session
 
     async def start(self) -> None:
+        """Open the store, start the journal and bind every listener. If anything fails (a port already
+        in use), what was started is stopped again before the error propagates: a half-started gateway
+        would keep the store's thread and the bound listeners alive, and the process could not exit."""
         await self.store.open()
-        self.journal.start()
-        self.session = make_session()
-        await self.governance.start()
-        await self.journal.write(base_record("system", event="started", instance=self.instance_id,
-                                             rules_version=self.state.registry.version, pid=os.getpid()))
-        await self._start_listeners()
+        try:
+            self.journal.start()
+            self.session = make_session()
+            await self.governance.start()
+            await self.journal.write(base_record("system", event="started", instance=self.instance_id,
+                                                 rules_version=self.state.registry.version, pid=os.getpid()))
+            await self._start_listeners()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         self._background.append(asyncio.ensure_future(self.review.sweep_loop(self.server_cfg.review.sweep_interval)))
         self._background.append(asyncio.ensure_future(self.transactions.sweep_loop()))
         jc = self.server_cfg.journal
@@ -285,8 +292,8 @@ class Gateway:
         await runner.setup()
         ah, ap = parse_hostport(srv.admin_listen)
         site = web.TCPSite(runner, ah, ap, reuse_port=srv.workers > 1)
-        await site.start()
         self._runners.append(runner)
+        await _bind(site, ah, ap, "server.admin_listen")
         self._sites.append(site)
         self.admin_port = _bound_port(site)
 
@@ -305,9 +312,10 @@ class Gateway:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(lst.tls.cert), str(lst.tls.key))
         site = web.TCPSite(runner, lst.host, lst.port, ssl_context=ctx, reuse_port=self.server_cfg.workers > 1)
-        await site.start()
-        lst.bound_port = _bound_port(site)
         self._runners.append(runner)
+        await _bind(site, lst.host, lst.port,
+                    f"upstreams.{lst.upstream_name}.listen" if lst.upstream_name else "server.listen")
+        lst.bound_port = _bound_port(site)
         self._sites.append(site)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -474,6 +482,20 @@ class Gateway:
         return ok, checks
 
 
+class ListenError(OSError):
+    """A listener could not bind; the message names the address, the setting and the reason."""
+
+
+async def _bind(site: web.TCPSite, host: str, port: int, setting: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's message repeats the address
+        err = ListenError(f"cannot listen on {host}:{port} ({setting}): {reason}")
+        err.errno = exc.errno
+        raise err from None
+
+
 def _bound_port(site: web.BaseSite) -> int:
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
@@ -528,5 +550,5 @@ def _ready_banner(gw: Gateway) -> str:
     }).decode()
 
 
-__all__ = ["Gateway", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
+__all__ = ["Gateway", "ListenError", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
            "json_response"]
