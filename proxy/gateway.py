@@ -32,6 +32,7 @@ from . import headers as H
 from . import stages as S
 from .config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_hostport
 from .credentials import CredentialError, Injector, build_injector
+from .egress import Egress, EgressError, build_egress
 from .errors import TetherError
 from .exchange import Exchange
 from .forward import make_session
@@ -74,7 +75,8 @@ STAGES: list[tuple[str, Any]] = [
 class UpstreamRuntime:
     """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
 
-    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any) -> None:
+    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any,
+                 egress: Egress | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.adapter = adapter
@@ -86,13 +88,9 @@ class UpstreamRuntime:
         self.credential_params = tuple(p.lower() for p in cfg.credential_params)
         self.timeouts = cfg.timeouts
         self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
-        self.tls_key = (cfg.verify_tls, str(cfg.ca_file or ""))
-        self.ssl: Any = None
-        if cfg.url.startswith("https://"):
-            if not cfg.verify_tls:
-                self.ssl = False
-            elif cfg.ca_file:
-                self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
+        self.egress = egress or build_egress(name, cfg)  # TLS, proxy, connection limit (proxy.egress)
+        self.tls_key = self.egress.key
+        self.ssl: Any = self.egress.ssl
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
@@ -139,6 +137,14 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") ->
         problems.append(("identity", str(exc)))
     if problems:
         raise ConfigError(file, problems)
+    egress: dict[str, Egress] = {}
+    for name, up in rules.upstreams.items():
+        try:
+            egress[name] = build_egress(name, up)
+        except EgressError as exc:
+            problems.append((exc.path, str(exc)))
+    if problems:
+        raise ConfigError(file, problems)
     for name, up_cfg in rules.upstreams.items():
         adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
     registry = Registry(rules, adapters)
@@ -154,7 +160,8 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>") ->
                                  f"{getattr(exc, 'message', exc)}"))
     if problems:
         raise ConfigError(file, problems)
-    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter) for n in rules.upstreams}
+    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter, egress[n])
+                 for n in rules.upstreams}
     return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
 
 
@@ -241,7 +248,7 @@ class Gateway:
         """The keep-alive pool forwarding to ``up`` (shared by every rules version with its URL)."""
         pool = up.pool
         if pool is None:
-            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key)
+            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key, up.egress.options)
         return pool
 
     def _get_session(self) -> aiohttp.ClientSession:
