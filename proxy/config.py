@@ -216,9 +216,20 @@ class ClientCertificate(Model):
         return _fold_secret_shorthands(data, ("password",))
 
 
+def _url_or_object(schema: dict[str, Any]) -> None:
+    """The JSON Schema of ProxyConfig: a proxy URL string, or the object (editors accept both)."""
+    obj = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    keep = {k: schema[k] for k in ("title", "description") if k in schema}
+    schema.clear()
+    schema.update(keep)
+    schema["anyOf"] = [{"type": "string", "pattern": "^http://"}, obj]
+
+
 class ProxyConfig(Model):
     """A forward proxy the upstream is reached through (a CONNECT tunnel, for http and https upstreams).
     Credentials in the URL (``http://user:pass@proxy:3128``) are taken out of it and kept as a secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, json_schema_extra=_url_or_object)
 
     url: str
     username: str | None = None

@@ -82,7 +82,7 @@ def _ssl_context(where: str, cfg: UpstreamConfig) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     cert = cfg.client_cert
     if cert is not None:
-        password: str | None = None
+        password: str | Callable[[], str] = _no_password  # never OpenSSL's own prompt on the terminal
         if cert.password is not None:
             try:
                 password = Secret(cert.password, f"{where}.client_cert.password").get()
@@ -90,11 +90,22 @@ def _ssl_context(where: str, cfg: UpstreamConfig) -> ssl.SSLContext:
                 raise EgressError(f"{where}.client_cert.password", str(exc)) from None
         try:
             ctx.load_cert_chain(str(cert.cert), str(cert.key) if cert.key else None, password=password)
+        except _KeyIsEncrypted:
+            raise EgressError(f"{where}.client_cert.password", "the client certificate's key is encrypted: "
+                                                               "give its password") from None
         except (OSError, ssl.SSLError) as exc:
             raise EgressError(f"{where}.client_cert", f"cannot load the client certificate {cert.cert}"
                                                       f"{' with key ' + str(cert.key) if cert.key else ''}: "
                                                       f"{_why(exc)}") from None
     return ctx
+
+
+class _KeyIsEncrypted(Exception):
+    pass
+
+
+def _no_password() -> str:
+    raise _KeyIsEncrypted
 
 
 def _why(exc: BaseException) -> str:
