@@ -142,6 +142,77 @@ async def test_connection_limit_queues_requests_and_the_upstream_never_sees_more
     assert sorted(counting.paths) == sorted(f"/slow?n={i}" for i in range(8))
 
 
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """nginx (the system's) answering every request at once; its access log holds each request's connection
+    serial number, so the test counts the TCP connections Tether opened."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if exe is None:
+        pytest.skip("nginx is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tmp_path / "nginx"
+    d.mkdir()
+    log = d / "access.log"
+    conf = d / "nginx.conf"
+    temps = "\n".join(f"    {k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+{temps}
+    log_format conn '$connection $request_uri';
+    access_log {log} conn;
+    keepalive_timeout 60s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ default_type application/json; return 200 '{{"ok":true}}'; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([exe, "-p", str(d), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"nginx did not start: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+            time.sleep(0.05)
+    yield port, log
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def test_nginx_sees_no_more_connections_than_the_limit(make_gateway: MakeGateway, nginx: tuple[int, Path],
+                                                             store_url: str) -> None:
+    port, log = nginx
+    rules = base_rules(f"http://127.0.0.1:{port}", store_url)
+    rules["upstreams"]["crm"]["max_connections"] = 3
+    rules["upstreams"]["crm"]["timeouts"] = {"pool": "60s"}
+    gw = await make_gateway(rules)
+    rs = await asyncio.gather(*(gw.request("GET", f"/echo?i={i}") for i in range(60)))
+    assert [r.status for r in rs] == [200] * 60
+    for _ in range(100):  # nginx writes its log line after the answer
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) >= 60:
+            break
+        await asyncio.sleep(0.05)
+    assert len(lines) == 60
+    assert 1 <= len({ln.split()[0] for ln in lines}) <= 3
+
+
 async def test_a_wait_past_the_pool_timeout_is_upstream_busy_and_nothing_is_sent(
         make_gateway: MakeGateway, counting: CountingUpstream, store_url: str) -> None:
     rules = base_rules(counting.url, store_url)
