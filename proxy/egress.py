@@ -154,14 +154,16 @@ def proxy_for(where: str, cfg: UpstreamConfig) -> tuple[ProxyTunnel | None, Any]
     display = f"http://{_bracket(host)}:{p.port or 80}"
     auth: Callable[[], str | None] | None = None
     if setting.username is not None or setting.password is not None:
-        user = setting.username or ""
-        secret = Secret(setting.password, f"{where}.proxy.password") if setting.password is not None else None
-
-        def auth() -> str | None:
-            return _basic(user, secret.get() if secret is not None else "")
-
+        auth = _config_auth(setting.username or "", Secret(setting.password, f"{where}.proxy.password")
+                            if setting.password is not None else None)
     key = (display, setting.username, _secret_source(setting.password))
     return ProxyTunnel(host=host, port=p.port or 80, display=display, authorization=auth), key
+
+
+def _config_auth(user: str, secret: Secret | None) -> Callable[[], str | None]:
+    """Proxy-Authorization from the rules file's credentials, read when a connection opens (so a rotated
+    password file applies to the next tunnel)."""
+    return lambda: _basic(user, secret.get() if secret is not None else "")
 
 
 def _env_proxy(scheme: str, host: str, port: int | None) -> str | None:

@@ -45,7 +45,7 @@ from proxy.config import ConfigError, parse_rules
 from proxy.egress import EgressError, build_egress, proxy_for
 from proxy.identity import mint_token
 from proxy.upstream_http import ConnectOptions, OriginPool, UpstreamError
-from tests.conftest import SECRET, MakeGateway, base_rules
+from tests.conftest import MakeGateway, base_rules
 from tests.procs import ROOT
 
 PROXY_USER, PROXY_PASSWORD = "tether", "pr0xy-S3cret-Do-Not-Log"
