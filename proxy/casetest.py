@@ -145,7 +145,10 @@ def _test_rules(rules: RulesFile, sink_url: str, store: str) -> tuple[RulesFile,
     for a in doc["agents"].values():
         a["error_budget"] = None
     for up in doc["upstreams"].values():
-        up.update({"url": sink_url, "listen": None, "tls": None, "credentials": {"type": "none"}})
+        up.update({"url": sink_url, "listen": None, "tls": None, "credentials": {"type": "none"},
+                   # the sink is plain http on loopback: no proxy, no upstream TLS settings
+                   "proxy": "direct", "ca_file": None, "client_cert": None, "server_name": None,
+                   "host_header": None, "max_connections": None})
     return RulesFile.model_validate(doc), secret
 
 

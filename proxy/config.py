@@ -22,8 +22,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -185,10 +187,12 @@ Credentials = Annotated[
 
 class Timeouts(Model):
     """``connect``: to open a connection (past it: 502 upstream_unavailable). ``read``: the longest wait
-    for the response headers and between body chunks (past it: 504 upstream_timeout)."""
+    for the response headers and between body chunks (past it: 504 upstream_timeout). ``pool``: the
+    longest wait for a connection when ``max_connections`` are busy (past it: 503 upstream_busy)."""
 
     connect: Duration = 5.0
     read: Duration = 60.0
+    pool: Duration = 10.0
 
 
 class TLSConfig(Model):
@@ -196,6 +200,78 @@ class TLSConfig(Model):
 
     cert: Path
     key: Path
+
+
+class ClientCertificate(Model):
+    """The certificate Tether presents to the upstream (mutual TLS): PEM files; ``key`` may be left out
+    when ``cert`` holds the key too; ``password`` decrypts an encrypted key."""
+
+    cert: Path
+    key: Path | None = None
+    password: SecretRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _fold_secret_shorthands(data, ("password",))
+
+
+def _url_or_object(schema: dict[str, Any]) -> None:
+    """The JSON Schema of ProxyConfig: a proxy URL string, or the object (editors accept both)."""
+    obj = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    keep = {k: schema[k] for k in ("title", "description") if k in schema}
+    schema.clear()
+    schema.update(keep)
+    schema["anyOf"] = [{"type": "string", "pattern": "^http://"}, obj]
+
+
+class ProxyConfig(Model):
+    """A forward proxy the upstream is reached through (a CONNECT tunnel, for http and https upstreams).
+    Credentials in the URL (``http://user:pass@proxy:3128``) are taken out of it and kept as a secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, json_schema_extra=_url_or_object)
+
+    url: str
+    username: str | None = None
+    password: SecretRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"url": data}
+        data = _fold_secret_shorthands(data, ("password",))
+        if isinstance(data, dict) and isinstance(data.get("url"), str) and "@" in data["url"]:
+            from urllib.parse import unquote, urlsplit
+
+            parts = urlsplit(data["url"])
+            if parts.username is not None:
+                if data.get("username") is not None or data.get("password") is not None:
+                    raise ValueError("give the proxy's credentials in the URL or as username/password, not both")
+                data = {**data, "url": parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(),
+                        "username": unquote(parts.username)}
+                if parts.password is not None:
+                    data["password"] = {"value": unquote(parts.password)}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^http://(\[[0-9A-Fa-f:.]+\]|[^/\s?#:@\[\]]+)(:\d{1,5})?/?$", v):
+            raise ValueError("must be http://host[:port] (Tether speaks to the proxy in plain HTTP and asks it for "
+                             "a CONNECT tunnel; https:// proxies are not supported)")
+        return v.rstrip("/")
+
+
+def _proxy_kind(v: Any) -> str:
+    """``env`` and ``direct`` are words; anything else is a proxy (a URL or {url, username, password})."""
+    return "proxy_word" if v in ("env", "direct") else "proxy_url"
+
+
+ProxySetting = Annotated[
+    Union[Annotated[Literal["env", "direct"], Tag("proxy_word")], Annotated[ProxyConfig, Tag("proxy_url")]],
+    Discriminator(_proxy_kind),
+]
 
 
 class ProvenanceConfig(Model):
@@ -221,7 +297,17 @@ class UpstreamConfig(Model):
     max_response_bytes: Size | None = None
     rate_limit: RateLimit | None = None
     verify_tls: bool = True
-    ca_file: Path | None = None
+    ca_file: Path | None = Field(None, description="CA bundle (PEM) that verifies this upstream, instead of the "
+                                                   "system's")
+    client_cert: ClientCertificate | None = Field(None, description="client certificate for mutual TLS")
+    server_name: str | None = Field(None, description="TLS SNI name, and the name the upstream's certificate must "
+                                                      "carry (default: the URL's host)")
+    host_header: str | None = Field(None, description="Host header sent upstream (default: the URL's host[:port])")
+    proxy: ProxySetting = Field(
+        "env", description="env: HTTPS_PROXY/HTTP_PROXY/NO_PROXY (never for loopback upstreams); direct: no proxy; "
+                           "or a proxy URL / {url, username, password}")
+    max_connections: int | None = Field(100, ge=1, description="connections to this upstream at most (null: no "
+                                                               "limit); more requests wait up to timeouts.pool")
     provenance: ProvenanceConfig = ProvenanceConfig()
     via: bool = Field(True, description="add 'Via: 1.1 tether' to forwarded requests (RFC 9110 §7.6.3)")
 
@@ -231,6 +317,29 @@ class UpstreamConfig(Model):
         if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", v):
             raise ValueError("must be an http:// or https:// URL without query or fragment")
         return v.rstrip("/")
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
+                                              r"[A-Za-z0-9])?)*\.?", v):
+            raise ValueError("must be a DNS name (no scheme, port or path)")
+        return v
+
+    @field_validator("host_header")
+    @classmethod
+    def _host_header(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?", v):
+            raise ValueError("must be host or host:port")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_only(self) -> "UpstreamConfig":
+        if not self.url.startswith("https://"):
+            given = [k for k in ("client_cert", "server_name", "ca_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to https:// upstreams only")
+        return self
 
     @field_validator("listen")
     @classmethod
@@ -851,7 +960,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
         elif isinstance(part, str) and part in {
             "NoCredentials", "BearerCredentials", "BasicCredentials", "ApiKeyCredentials",
             "OAuth2ClientCredentials", "none", "bearer", "basic", "api_key", "oauth2_client_credentials",
-            "function-before[_grant_from_short(), GrantConfig]",
+            "function-before[_grant_from_short(), GrantConfig]", "proxy_word", "proxy_url",
         }:
             continue
         elif isinstance(part, str) and part.startswith("function-"):

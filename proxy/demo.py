@@ -165,6 +165,30 @@ class Narrator:
 # --------------------------------------------------------------------------- the script
 
 
+def demo_ports(args: argparse.Namespace) -> tuple[int, int]:
+    """The agent and admin ports: as given (0 = any free port); else free ports for a run that ends by
+    itself, and 8100/8199 for --keep-running unless another Tether already holds them."""
+    port, admin = args.port, args.admin_port
+    if not args.keep_running:
+        return (0 if port is None else port), (0 if admin is None else admin)
+    if port is None:
+        port = 8100 if _port_free(8100) else 0
+    if admin is None:
+        admin = 8199 if _port_free(8199) else 0
+    return port, admin
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 async def run_demo(args: argparse.Namespace) -> int:
     from .gateway import Gateway
     from .identity import mint_token
@@ -182,16 +206,16 @@ async def run_demo(args: argparse.Namespace) -> int:
     doc["upstreams"]["crm"]["url"] = f"http://127.0.0.1:{crm.port}"
     doc["server"]["store"] = store
     doc["server"]["journal"]["mirror_file"] = str(workdir / "journal.jsonl")
-    if not args.keep_running:
-        doc["server"]["listen"] = "127.0.0.1:0"
-        doc["server"]["admin_listen"] = "127.0.0.1:0"
+    port, admin_port = demo_ports(args)
+    doc["server"]["listen"] = f"127.0.0.1:{port}"
+    doc["server"]["admin_listen"] = f"127.0.0.1:{admin_port}"
     rules = parse_rules(doc, str(args.rules))
     gw = Gateway(rules)
     try:
         await gw.start()
     except OSError as exc:
-        print(f"tether demo: cannot listen ({exc}); is another gateway running? "
-              "Try without --keep-running, or free ports 8100/8199.", file=sys.stderr)
+        print(f"tether demo: {exc}; is another Tether running there? Pass --port/--admin-port "
+              "(0 picks a free port).", file=sys.stderr)
         await crm.stop()
         return 1
     url = f"http://127.0.0.1:{gw.listeners[0].bound_port}/crm"
@@ -324,13 +348,13 @@ async def run_demo(args: argparse.Namespace) -> int:
             print("  tether tx list --state rolled_back")
             print(f"  reviewer console: {admin}/console/  (paste the TETHER_ADMIN_TOKEN above)")
             print(f"  as the agent: curl -H 'Authorization: Bearer {agent_token}' {url}/accounts/acme")
-            print("Press Ctrl-C to stop.")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             import signal
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            print("Press Ctrl-C to stop.", flush=True)  # (after the handlers: a signal from now on stops cleanly)
             await stop.wait()
     finally:
         await gw.stop(grace=1)
@@ -355,7 +379,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description=__doc__.split("\n\n")[1] if __doc__ else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep-running", action="store_true",
-                   help="leave the mock CRM and Tether up afterwards (ports 8100/8199) and print next steps")
+                   help="leave the mock CRM and Tether up afterwards and print next steps")
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="Tether's agent port on 127.0.0.1 (0: any free port; default: free, or 8100 with "
+                        "--keep-running when it is free)")
+    p.add_argument("--admin-port", type=int, metavar="PORT",
+                   help="the admin/console port (0: any free port; default: free, or 8199 with --keep-running "
+                        "when it is free)")
     p.add_argument("--rules", default=str(RULES), help="rules file (default: rules/demo.yaml)")
     p.add_argument("--store", help="journal/queue store (default: a new SQLite file in a temp folder)")
     p.add_argument("--workdir", help="folder for the store and the journal mirror (default: a temp folder)")

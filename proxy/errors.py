@@ -94,6 +94,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "journal_unavailable": (503, "the audit journal could not be written, so nothing was forwarded"),
     "overloaded": (503, "too many requests in flight; see Retry-After"),
     "not_ready": (503, "the gateway is starting or draining"),
+    "upstream_busy": (503, "every connection to the upstream stayed busy past timeouts.pool; nothing was sent; "
+                           "see Retry-After"),
     "upstream_timeout": (504, "the upstream did not answer in time"),
 }
 

@@ -65,6 +65,8 @@ def as_tether_error(exc: UpstreamError, timeouts: Timeouts, *, mid_response: boo
                            else f"the upstream did not answer within {timeouts.read:g}s")
     if kind == "too_large":
         return TetherError("upstream_response_too_large", str(exc))
+    if kind == "pool_timeout":  # upstreams.<name>.max_connections all busy: nothing was sent
+        return TetherError("upstream_busy", str(exc), headers={"Retry-After": "1"}, details={"applied": False})
     if exc.applied is False:
         return TetherError("upstream_unavailable", str(exc), details={"applied": False})
     if mid_response:

@@ -32,6 +32,7 @@ from . import headers as H
 from . import stages as S
 from .config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_hostport
 from .credentials import CredentialError, Injector, build_injector
+from .egress import Egress, EgressError, build_egress
 from .errors import TetherError
 from .exchange import Exchange
 from .forward import NO_NEEDLES, Needles, credential_needles, make_session
@@ -78,7 +79,8 @@ STAGES: list[tuple[str, Any]] = [
 class UpstreamRuntime:
     """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
 
-    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any) -> None:
+    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any,
+                 egress: Egress | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.adapter = adapter
@@ -94,13 +96,9 @@ class UpstreamRuntime:
                                                      + list(adapter.credential_params)))
         self.timeouts = cfg.timeouts
         self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
-        self.tls_key = (cfg.verify_tls, str(cfg.ca_file or ""))
-        self.ssl: Any = None
-        if cfg.url.startswith("https://"):
-            if not cfg.verify_tls:
-                self.ssl = False
-            elif cfg.ca_file:
-                self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
+        self.egress = egress or build_egress(name, cfg)  # TLS, proxy, connection limit (proxy.egress)
+        self.tls_key = self.egress.key
+        self.ssl: Any = self.egress.ssl
         self.provenance_headers = cfg.provenance.headers
         self.record_fields = dict(cfg.provenance.record_fields)
         self.max_response_bytes = cfg.max_response_bytes
@@ -163,6 +161,14 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", ke
         problems.append(("identity", str(exc)))
     if problems:
         raise ConfigError(file, problems)
+    egress: dict[str, Egress] = {}
+    for name, up in rules.upstreams.items():
+        try:
+            egress[name] = build_egress(name, up)
+        except EgressError as exc:
+            problems.append((exc.path, str(exc)))
+    if problems:
+        raise ConfigError(file, problems)
     for name, up_cfg in rules.upstreams.items():
         adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
     registry = Registry(rules, adapters)
@@ -178,7 +184,8 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", ke
                                  f"{getattr(exc, 'message', exc)}"))
     if problems:
         raise ConfigError(file, problems)
-    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter) for n in rules.upstreams}
+    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter, egress[n])
+                 for n in rules.upstreams}
     return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
 
 
@@ -302,7 +309,7 @@ class Gateway:
         """The keep-alive pool forwarding to ``up`` (shared by every rules version with its URL)."""
         pool = up.pool
         if pool is None:
-            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key)
+            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key, up.egress.options)
         return pool
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -310,15 +317,22 @@ class Gateway:
         return self.session
 
     async def start(self) -> None:
+        """Open the store, start the journal and bind every listener. If anything fails (a port already
+        in use), what was started is stopped again before the error propagates: a half-started gateway
+        would keep the store's thread and the bound listeners alive, and the process could not exit."""
         await self.store.open()
-        self.journal.start()
-        self.session = make_session()
-        # fetch the issuers' keys now (briefly): a gateway that starts ready can verify its first token
-        await self.keysets.start(self.state.verifier.keysets_in_use, wait=min(5.0, self.limits.client_timeout))
-        await self.governance.start()
-        await self.journal.write(base_record("system", event="started", instance=self.instance_id,
-                                             rules_version=self.state.registry.version, pid=os.getpid()))
-        await self._start_listeners()
+        try:
+            self.journal.start()
+            self.session = make_session()
+            # fetch the issuers' keys now (briefly): a gateway that starts ready can verify its first token
+            await self.keysets.start(self.state.verifier.keysets_in_use, wait=min(5.0, self.limits.client_timeout))
+            await self.governance.start()
+            await self.journal.write(base_record("system", event="started", instance=self.instance_id,
+                                                 rules_version=self.state.registry.version, pid=os.getpid()))
+            await self._start_listeners()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         self._background.append(asyncio.ensure_future(self.review.sweep_loop(self.server_cfg.review.sweep_interval)))
         self._background.append(asyncio.ensure_future(self.transactions.sweep_loop()))
         jc = self.server_cfg.journal
@@ -348,8 +362,8 @@ class Gateway:
         await runner.setup()
         ah, ap = parse_hostport(srv.admin_listen)
         site = web.TCPSite(runner, ah, ap, reuse_port=srv.workers > 1)
-        await site.start()
         self._runners.append(runner)
+        await _bind(site, ah, ap, "server.admin_listen")
         self._sites.append(site)
         self.admin_port = _bound_port(site)
 
@@ -368,9 +382,10 @@ class Gateway:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(lst.tls.cert), str(lst.tls.key))
         site = web.TCPSite(runner, lst.host, lst.port, ssl_context=ctx, reuse_port=self.server_cfg.workers > 1)
-        await site.start()
-        lst.bound_port = _bound_port(site)
         self._runners.append(runner)
+        await _bind(site, lst.host, lst.port,
+                    f"upstreams.{lst.upstream_name}.listen" if lst.upstream_name else "server.listen")
+        lst.bound_port = _bound_port(site)
         self._sites.append(site)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -539,6 +554,20 @@ class Gateway:
         return ok and id_ok, checks
 
 
+class ListenError(OSError):
+    """A listener could not bind; the message names the address, the setting and the reason."""
+
+
+async def _bind(site: web.TCPSite, host: str, port: int, setting: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's message repeats the address
+        err = ListenError(f"cannot listen on {host}:{port} ({setting}): {reason}")
+        err.errno = exc.errno
+        raise err from None
+
+
 def _bound_port(site: web.BaseSite) -> int:
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
@@ -593,5 +622,5 @@ def _ready_banner(gw: Gateway) -> str:
     }).decode()
 
 
-__all__ = ["Gateway", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
+__all__ = ["Gateway", "ListenError", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
            "json_response"]

@@ -8,6 +8,13 @@ refusal becomes Tether's JSON error with a stable code, and it is journaled like
 A client that opens a connection and then trickles the headers of a request (slow-loris) is cut off
 once ``limits.client_timeout`` passes without a complete request head; reading the body is bounded by
 the same timeout in the ``read_body`` stage.
+
+``Expect: 100-continue`` (RFC 9110 §10.1.1; curl and several SDKs send it with uploads): the client holds
+its body back until the server says ``100 Continue``, or gives up waiting after a second or so. aiohttp
+answers it only for routed ``web.Application`` handlers; the agent listeners are bare servers, so Tether
+sends the 100 itself, from the stage that reads the body (:func:`send_continue`) — after every check that
+does not need the body. A request refused before that gets its refusal instead, marked
+``Connection: close`` (the body it announced never comes, so the connection cannot carry another request).
 """
 
 from __future__ import annotations
@@ -15,12 +22,42 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-from aiohttp import http_exceptions, web
+from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import TetherError
 
 ParseErrorHook = Callable[[web.BaseRequest, TetherError], Awaitable[web.StreamResponse]]
+
+
+_CONTINUED = web.RequestKey("tether_continued", bool)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def awaits_continue(request: web.BaseRequest) -> bool:
+    """The client sent ``Expect: 100-continue`` and still holds its body back (none of it arrived yet,
+    no 100 sent). Cheap for the usual request: a body already complete ends the test at once."""
+    return (not request.content.is_eof() and request.version == HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue" and _CONTINUED not in request)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Tell a client waiting on ``Expect: 100-continue`` to send its body (once; only if it waits)."""
+    if awaits_continue(request):
+        request[_CONTINUED] = True
+        await request.writer.write(_CONTINUE)
+        request.writer.output_size = 0  # (as aiohttp's own expect handler: the response proper starts now)
+
+
+def _close_if_body_never_asked(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                               ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    async def run(request: web.BaseRequest) -> web.StreamResponse:
+        resp = await handler(request)
+        if awaits_continue(request):
+            resp.force_close()  # refused before the body was asked for: it never comes; say so (RFC 9112 §9.6)
+        return resp
+
+    return run
 
 
 def parse_error_to_tether(exc: BaseException | None, message: str, line_limit: int | None = None) -> TetherError:
@@ -80,6 +117,8 @@ class GuardedRequestHandler(RequestHandler):
     async def _handle_request(self, request: Any, start_time: Any, request_handler: Any) -> Any:  # type: ignore[override]
         self._tg_busy += 1
         self._tg_pending_since = None
+        if awaits_continue(request):  # (rare: the usual body is complete or absent, and the test ends there)
+            request_handler = _close_if_body_never_asked(request_handler)
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:

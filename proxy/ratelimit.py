@@ -64,8 +64,10 @@ class RateLimiter:
         for k in [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.capacity]:
             del self._buckets[k]
 
-    def take(self, demands: list[tuple[str, float, int | None, float, str]], now: float | None = None) -> None:
-        """``demands``: (key, per_minute, burst, tokens needed, description). All or nothing."""
+    def take(self, demands: list[tuple[str, float, int | None, float, str]], now: float | None = None, *,
+             consume: bool = True) -> None:
+        """``demands``: (key, per_minute, burst, tokens needed, description). All or nothing.
+        ``consume=False`` only checks (before asking an agent for its body: the tokens are taken later)."""
         if not demands:
             return
         now = time.monotonic() if now is None else now
@@ -83,8 +85,9 @@ class RateLimiter:
             retry = max(1, math.ceil(worst))
             raise TetherError("rate_limited", f"{worst_what} is exhausted; retry in {retry}s",
                               headers={"Retry-After": str(retry)})
-        for b, n in buckets:
-            b.tokens -= n
+        if consume:
+            for b, n in buckets:
+                b.tokens -= n
 
 
 def demands_for(ex: "Exchange") -> list[tuple[str, float, int | None, float, str]]:

@@ -47,6 +47,8 @@ from .journal import JournalUnavailable
 from .normalise import (ambiguous, canonical_path, decode_segments, parse_query, policy_params,
                         redact_query, split_target, unsafe_char)
 from .pipeline import request_record
+from .protocol import awaits_continue, send_continue
+from .ratelimit import demands_for
 from .upstream_calls import call_upstream
 from .upstream_http import UpstreamError, UpstreamResponse
 from .validation import validator_for
@@ -222,11 +224,26 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
         if len(body) > limit:
             raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
     else:
+        if awaits_continue(req):
+            await _before_continue(gw, ex)
         body = await _read_body_slowly(gw, content, limit)
     ex.body = body
     ex.body_digest = hashlib.sha256(body).hexdigest() if body else None
     for op in ex.operations:
         op.raw_body = body
+
+
+async def _before_continue(gw: "Gateway", ex: Exchange) -> None:
+    """The agent waits for ``100 Continue`` before sending its body (``Expect: 100-continue``). First the
+    checks that do not need the body — the grant, the intent a write must declare, the rate limits (only
+    looked at here; their tokens are taken by the rate_limit stage, as for any request) — so that a
+    refusal comes instead of the 100 and the body is never sent. A composite request's sub-operations are
+    in its body: those are checked after it arrives."""
+    if not ex.composite:
+        check_grant(gw, ex)
+        require_intent(gw, ex)
+        gw.rate_limiter.take(demands_for(ex), consume=False)
+    await send_continue(ex.request)
 
 
 async def _read_body_slowly(gw: "Gateway", content: Any, limit: int) -> bytes:
@@ -556,6 +573,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         if body is None and ex.request.body_exists:
             body = StreamedBody(gw, ex)  # stream_request capabilities
             length = ex.request.content_length  # passed on as is: object stores answer 411 to chunked
+            await send_continue(ex.request)  # every check passed: an agent waiting on Expect may send it now
     target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")

@@ -44,6 +44,7 @@ from .headers import REQUEST_ID
 from .identity import Identity
 from .journal import base_record
 from .normalise import decode_segments, split_target, unsafe_char
+from .protocol import send_continue
 from .responses import json_response
 from .upstream_calls import call_upstream
 
@@ -536,6 +537,7 @@ async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Ide
         if request.method != "POST":
             raise TetherError("method_not_allowed", "POST /_tether/transactions opens a transaction")
         doc: dict[str, Any] = {}
+        await send_continue(request)  # (an agent waiting on Expect: 100-continue)
         raw = await request.read()
         if raw:
             try:

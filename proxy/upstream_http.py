@@ -8,7 +8,16 @@ serves 3× the requests per second. Upstream forwarding is the one call made for
 so it gets a transport that does only what a reverse proxy needs:
 
 - one keep-alive pool per upstream origin, connections reused LIFO (warm sockets first), idle ones
-  closed after ``KEEPALIVE_S``; no limit on concurrent connections (as before);
+  closed after ``KEEPALIVE_S``; at most ``max_connections`` per origin (:class:`ConnectOptions`): past it a
+  request waits, first come first served, for a connection another request gives back, at most
+  ``pool_timeout`` (then ``UpstreamError('pool_timeout')``, nothing sent). Under the limit the check is
+  one comparison, no allocation;
+- connecting (:meth:`OriginPool._connect`): the name resolved, then RFC 8305 happy eyeballs through
+  ``aiohappyeyeballs`` (aiohttp's own; uvloop's ``create_connection`` has no ``happy_eyeballs_delay``): the
+  next address family is tried 250 ms after the first, so a dead IPv6 address does not eat the connect
+  timeout; optionally a ``CONNECT`` tunnel through a forward proxy (for http and https upstreams alike,
+  so the request line stays origin-form and keep-alive works as without a proxy); then TLS with the
+  upstream's own context (CA bundle, client certificate) and SNI name;
 - responses parsed by llhttp (through ``httptools``, the parser uvicorn uses): status, headers, body,
   chunked and read-until-close bodies, 1xx skipped, HEAD/204/304 without a body, keep-alive rules;
 - framing as RFC 9112 §6.3 has it: a body is chunked only when ``chunked`` is the *last* transfer coding
@@ -39,11 +48,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl as ssl_mod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 
@@ -61,10 +73,43 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 
 # "body" held back, the answer to a request a lenient server read out of a GET/DELETE body or a chunked
 # body it did not understand) would otherwise be taken for the next request's answer.
 MANAGED = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305 §5's recommended Connection Attempt Delay
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_POOL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyTunnel:
+    """A forward proxy reached at ``host:port`` and asked to ``CONNECT`` to the origin. ``authorization``
+    returns the ``Proxy-Authorization`` value (read when a connection opens, so a rotated secret file
+    applies) or None; it never prints. ``display`` (``http://host:port``) is what messages show."""
+
+    host: str
+    port: int
+    display: str
+    authorization: Callable[[], str | None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """How an :class:`OriginPool` reaches its origin (built once per rules version, by proxy.egress).
+
+    ``server_name``: TLS SNI and the name the certificate must carry (default: the URL's host).
+    ``host_header``: the Host sent (default: the URL's host[:port]). ``proxy``: a CONNECT tunnel.
+    ``max_connections``: per origin (None: no limit); ``pool_timeout``: the longest wait for one."""
+
+    server_name: str | None = None
+    host_header: str | None = None
+    proxy: ProxyTunnel | None = None
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+
+
+DEFAULT_OPTIONS = ConnectOptions()
 
 
 class UpstreamError(Exception):
-    """``kind``: connect | connect_timeout | read_timeout | broken | protocol | bad_request."""
+    """``kind``: connect | connect_timeout | pool_timeout | read_timeout | broken | protocol | bad_request."""
 
     def __init__(self, kind: str, message: str, *, applied: bool | None = None) -> None:
         super().__init__(message)
@@ -500,7 +545,8 @@ class _Connection(asyncio.Protocol):
 class OriginPool:
     """Keep-alive connections to one ``scheme://host:port``."""
 
-    def __init__(self, base_url: str, ssl: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, base_url: str, ssl: Any, loop: asyncio.AbstractEventLoop,
+                 options: ConnectOptions = DEFAULT_OPTIONS) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -511,6 +557,14 @@ class OriginPool:
         self.host_header = parts.netloc.rsplit("@", 1)[-1]
         if parts.port is not None and parts.port == (443 if self.tls else 80):
             self.host_header = self.host_header.rsplit(":", 1)[0]
+        if options.host_header:
+            self.host_header = options.host_header
+        self.server_name = options.server_name or self.host
+        self.proxy = options.proxy
+        self.limit = options.max_connections
+        self.pool_timeout = options.pool_timeout
+        self.opening = 0  # connections being opened (they count against the limit like live ones)
+        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self.prefix = parts.path.rstrip("/")
         self.ssl: Any = None
         if self.tls:
@@ -529,22 +583,151 @@ class OriginPool:
 
     # -- connections
     async def _open(self, connect_timeout: float | None) -> _Connection:
+        """A new connection; at the origin's connection limit, the first one another request gives back
+        (or a new one once a connection closes), waiting at most ``pool_timeout``."""
+        limit = self.limit
+        while True:
+            if limit is None or len(self.live) + self.opening < limit:
+                self.opening += 1
+                break
+            handed = await self._wait_turn()
+            if handed is None:
+                break  # a slot was reserved for this request (counted in self.opening)
+            if not handed.closed:
+                return handed
+            # closed while being handed over: its slot is free again; look once more
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                                            server_hostname=self.host if self.tls else None),
-                connect_timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamError("connect_timeout", f"could not connect to the upstream within {connect_timeout:g}s",
-                                applied=False) from None
-        except ssl_mod.SSLError as exc:
-            raise UpstreamError("connect", f"TLS handshake with the upstream failed: {exc.reason or exc}",
-                                applied=False) from None
-        except OSError as exc:
-            raise UpstreamError("connect", f"cannot connect to the upstream: {exc.strerror or exc}",
-                                applied=False) from None
+            _, conn = await asyncio.wait_for(self._connect(), connect_timeout)
+        except BaseException as exc:
+            self.opening -= 1
+            self._slot_freed()
+            if isinstance(exc, UpstreamError):
+                raise
+            where = f"the proxy {self.proxy.display}" if self.proxy is not None else "the upstream"
+            if isinstance(exc, asyncio.TimeoutError):
+                raise UpstreamError("connect_timeout", f"could not connect to {where} within {connect_timeout:g}s",
+                                    applied=False) from None
+            if isinstance(exc, ssl_mod.SSLError):
+                why = getattr(exc, "verify_message", None) or exc.reason or exc  # e.g. the name it is not valid for
+                raise UpstreamError("connect", f"TLS handshake with the upstream failed: {why}",
+                                    applied=False) from None
+            if isinstance(exc, OSError):
+                raise UpstreamError("connect", f"cannot connect to {where}: {exc.strerror or exc}",
+                                    applied=False) from None
+            raise
+        self.opening -= 1
         self.live.add(conn)
         return conn
+
+    async def _connect(self) -> tuple[asyncio.BaseTransport, _Connection]:
+        """Resolve, connect (happy eyeballs across the addresses), tunnel through the proxy if any, then
+        hand the socket to the event loop (which does TLS when the origin is https)."""
+        loop = self.loop
+        proxy = self.proxy
+        host, port = (proxy.host, proxy.port) if proxy is not None else (self.host, self.port)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"{host} has no address")
+        sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                                                       interleave=1, loop=loop)
+        if proxy is not None:
+            try:
+                await self._tunnel(sock, proxy)
+            except BaseException:
+                sock.close()
+                raise
+        return await loop.create_connection(lambda: _Connection(self), sock=sock, ssl=self.ssl,
+                                            server_hostname=self.server_name if self.tls else None)
+
+    async def _tunnel(self, sock: socket.socket, proxy: ProxyTunnel) -> None:
+        """``CONNECT host:port`` through the proxy; returns once it answered 2xx (the socket is then a
+        byte pipe to the origin). The proxy's credentials go in Proxy-Authorization and nowhere else."""
+        loop = self.loop
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        target = f"{host}:{self.port}"
+        lines = [f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"]
+        if proxy.authorization is not None:
+            try:
+                auth = proxy.authorization()
+            except Exception as exc:  # noqa: BLE001 - an unreadable secret: reported without its value
+                raise UpstreamError("connect", f"the credentials for the proxy {proxy.display} are unavailable: "
+                                               f"{exc}", applied=False) from None
+            if auth:
+                lines.append(f"Proxy-Authorization: {auth}\r\n")
+        lines.append("\r\n")
+        await loop.sock_sendall(sock, "".join(lines).encode("latin-1"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = await loop.sock_recv(sock, 4096)
+            if not data:
+                raise UpstreamError("connect", f"the proxy {proxy.display} closed the connection instead of "
+                                               f"answering CONNECT {target}", applied=False)
+            buf += data
+            if len(buf) > MAX_HEAD_BYTES:
+                raise UpstreamError("connect", f"the proxy {proxy.display}'s answer to CONNECT is too large",
+                                    applied=False)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise UpstreamError("connect", f"the proxy {proxy.display} answered CONNECT with "
+                                           f"{status_line[:100]!r}", applied=False)
+        if not 200 <= int(parts[1]) < 300:
+            raise UpstreamError("connect", f"the proxy {proxy.display} refused the tunnel to {target}: "
+                                           f"{status_line[9:100]}", applied=False)
+        if rest:  # nothing may come before Tether speaks: the tunnel's bytes would be out of step
+            raise UpstreamError("connect", f"the proxy {proxy.display} sent data after its CONNECT answer",
+                                applied=False)
+
+    async def _wait_turn(self) -> _Connection | None:
+        """Queue for a connection (FIFO): the result is a connection given back by another request, or
+        None: a slot came free (already counted in ``opening``) and this request opens one."""
+        fut: asyncio.Future[_Connection | None] = self.loop.create_future()
+        self.waiters.append(fut)
+        timer = self.loop.call_later(self.pool_timeout, self._give_up, fut)
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._pass_on(fut.result())  # handed over just as this request gave up: to the next one
+            else:
+                try:
+                    self.waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            timer.cancel()
+
+    def _give_up(self, fut: asyncio.Future[_Connection | None]) -> None:
+        if not fut.done():
+            fut.set_exception(UpstreamError(
+                "pool_timeout", f"all {self.limit} connections to the upstream are busy and none came free within "
+                                f"{self.pool_timeout:g}s", applied=False))
+
+    def _hand(self, item: _Connection | None) -> bool:
+        """Give a connection (or, None, a reserved slot) to the longest-waiting request; False if none waits."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(item)
+                return True
+        return False
+
+    def _pass_on(self, item: _Connection | None) -> None:
+        if item is not None:
+            self.put_back(item)
+        else:
+            self.opening -= 1
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A connection closed (or failed to open): the first waiter, if any, may open one."""
+        if self.waiters and (self.limit is None or len(self.live) + self.opening < self.limit):
+            self.opening += 1
+            if not self._hand(None):
+                self.opening -= 1
 
     def _acquire_idle(self) -> _Connection | None:
         now = self.loop.time()
@@ -561,6 +744,8 @@ class OriginPool:
         return None
 
     def put_back(self, conn: _Connection) -> None:
+        if self.waiters and not self.retired and self._hand(conn):
+            return  # straight to a request waiting at the connection limit
         if self.retired or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
@@ -568,13 +753,20 @@ class OriginPool:
         self.idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
-        self.live.discard(conn)
+        if conn in self.live:
+            self.live.discard(conn)
+            if self.waiters:
+                self._slot_freed()
         try:
             self.idle.remove(conn)
         except ValueError:
             pass
 
     def close(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(UpstreamError("connect", "the gateway is stopping", applied=False))
         for conn in list(self.live):
             conn.close()
         self.idle.clear()
@@ -705,12 +897,13 @@ class UpstreamClient:
         self._pools: dict[tuple[str, Any], OriginPool] = {}
         self.closed = False
 
-    def pool(self, base_url: str, ssl: Any, tls_key: Any) -> OriginPool:
-        """The pool for ``base_url``; ``tls_key`` names the TLS settings (a reload keeps the pool)."""
+    def pool(self, base_url: str, ssl: Any, tls_key: Any, options: ConnectOptions = DEFAULT_OPTIONS) -> OriginPool:
+        """The pool for ``base_url``; ``tls_key`` names the TLS and connection settings (``ssl``,
+        ``options``): a reload that keeps them keeps the pool."""
         key = (base_url, tls_key)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = OriginPool(base_url, ssl, asyncio.get_running_loop())
+            pool = self._pools[key] = OriginPool(base_url, ssl, asyncio.get_running_loop(), options)
         return pool
 
     def retire_except(self, keep: set[tuple[str, Any]]) -> int:
@@ -730,4 +923,4 @@ class UpstreamClient:
         await asyncio.sleep(0)
 
 
-__all__ = ["OriginPool", "UpstreamClient", "UpstreamError", "UpstreamResponse"]
+__all__ = ["ConnectOptions", "OriginPool", "ProxyTunnel", "UpstreamClient", "UpstreamError", "UpstreamResponse"]
