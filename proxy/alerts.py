@@ -30,6 +30,7 @@ _TITLES = {
     "review_queue_depth": "Review queue is deep",
     "rules_reload_failed": "Rules reload failed",
     "journal_unavailable": "Journal unavailable",
+    "quota_low": "Upstream quota at its reserve: agents are held back",
 }
 
 

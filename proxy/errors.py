@@ -75,6 +75,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "field_required": (422, "the body lacks a field the capability requires"),
     "schema_violation": (422, "the body does not satisfy the capability's JSON Schema"),
     "rate_limited": (429, "a rate limit is exhausted; see Retry-After"),
+    "upstream_quota": (429, "the upstream's shared quota is at its reserve or the upstream asked to wait; not forwarded; see Retry-After"),
     "headers_too_large": (431, "too many or too large request headers"),
     # 5xx: Tether could not do its part, so it did nothing
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),
@@ -83,6 +84,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "journal_unavailable": (503, "the audit journal could not be written, so nothing was forwarded"),
     "overloaded": (503, "too many requests in flight; see Retry-After"),
     "not_ready": (503, "the gateway is starting or draining"),
+    "rate_limit_unavailable": (503, "the shared rate-limit buckets could not be reached, so nothing was forwarded"),
     "upstream_timeout": (504, "the upstream did not answer in time"),
 }
 

@@ -16,6 +16,7 @@ rate_limit             token buckets per agent, grant and upstream     (proxy.ra
 decide_mode            live / dry-run / canary / quarantine
 journal_intent         commit the intent record durably — before anything leaves
 capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.dryrun)
+upstream_quota         the upstream's shared quota at its reserve or "wait": 429 (proxy.quota)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.transactions)
 forward                credentials, provenance, stream to the upstream and back
 =====================  ======================================================================
@@ -433,6 +434,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         raise
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
+    gw.quota.observe(up, resp.status, resp.raw_headers)  # the upstream's quota signals (proxy.quota)
     out_headers = response_headers(resp.raw_headers)
     out_headers[H.REQUEST_ID] = ex.request_id
     limit = up.max_response_bytes or gw.limits.max_response_bytes
