@@ -102,3 +102,26 @@ async def test_a_signal_reaches_every_watching_replica(store, replica):
     await asyncio.wait_for(got.wait(), 5)
     assert time.monotonic() - t0 < 2.0
     assert seen and seen[0] in ("quarantine:bot", None)
+
+
+async def test_a_fresh_sqlite_file_opens_while_another_opener_holds_the_write_lock(tmp_path):
+    """The start-up race of ``--workers`` on a fresh file: switching to WAL while another connection holds
+    the write lock fails at once with "database is locked" (SQLite does not wait for that one); the store
+    waits for it instead."""
+    import sqlite3
+
+    from proxy.store import open_store
+
+    path = tmp_path / "fresh.db"
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    s = open_store(str(path))
+    opening = asyncio.ensure_future(s.open())
+    await asyncio.sleep(0.3)
+    assert not opening.done()  # waiting, not failed
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(opening, 10)
+    assert await s.schema_version() >= 3
+    await s.close()
