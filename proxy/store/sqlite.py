@@ -767,9 +767,11 @@ def _sli_sync(conn: sqlite3.Connection, increments: list[tuple[str, int, float, 
         if prune_before is not None:
             conn.execute("DELETE FROM gov_sli WHERE start < ?", (prune_before,))
         totals: dict[str, dict[str, int]] = {}
-        for agent, cut in since.items():
-            for kind, n in conn.execute("SELECT kind, SUM(n) FROM gov_sli WHERE agent = ? AND start > ? "
-                                        "GROUP BY kind", (agent, cut)):
+        if since:  # one query for every agent, each with its own window (a JSON list of [agent, cutoff])
+            for agent, kind, n in conn.execute(
+                    "SELECT s.agent, s.kind, SUM(s.n) FROM gov_sli s JOIN json_each(?) w "
+                    "ON s.agent = json_extract(w.value, '$[0]') WHERE s.start > json_extract(w.value, '$[1]') "
+                    "GROUP BY s.agent, s.kind", (orjson.dumps(list(since.items())).decode(),)):
                 totals.setdefault(agent, {})[kind] = int(n)
         conn.execute("COMMIT")
     except BaseException:
