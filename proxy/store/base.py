@@ -2,7 +2,8 @@
 
 What Tether must keep across a crash lives behind these methods: the journal (hash-chained), review
 items, transactions with their compensation steps, promotions, quarantines and leases (so that a sweep
-runs on one replica at a time). Rows cross the interface as plain dicts whose JSON columns are already
+runs on one replica at a time) — and what makes several processes one gateway: shared rate-limit
+buckets, error-budget counts, upstream quota blocks, and a signal that tells the others something changed. Rows cross the interface as plain dicts whose JSON columns are already
 decoded, so the SQLite and PostgreSQL implementations are interchangeable and tested by one suite.
 
 State changes that must happen exactly once (deciding a review item, moving a transaction from
