@@ -44,6 +44,24 @@ async def test_bucket_takes_racing_from_two_replicas_never_grant_more_than_the_b
     assert sum(totals) == 20.0
 
 
+async def test_multi_key_takes_racing_from_two_replicas_neither_deadlock_nor_overgrant(store, replica):
+    other = await replica()
+
+    async def hammer(s, keys: list[str]) -> dict[str, float]:
+        got = {k: 0.0 for k in keys}
+        for _ in range(20):
+            out = await s.bucket_take([(k, 0.001, 15.0, 1.0, 1.0) for k in keys])
+            for k, (granted, _) in zip(keys, out):
+                got[k] += granted
+        return got
+
+    results = await asyncio.wait_for(asyncio.gather(
+        hammer(store, ["agent:a", "upstream:u"]), hammer(other, ["agent:a", "upstream:u"]),
+        hammer(store, ["grant:a:x", "upstream:u"]), hammer(other, ["agent:a", "grant:a:x"])), 30)
+    for key in ("agent:a", "upstream:u", "grant:a:x"):
+        assert sum(r.get(key, 0.0) for r in results) == 15.0
+
+
 async def test_error_budget_counts_add_up_across_replicas_and_a_release_restarts_them(store, replica):
     other = await replica()
     now = time.time()

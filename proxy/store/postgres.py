@@ -904,14 +904,18 @@ class PostgresStore(Store):
     @property
     def _bucket_sql(self) -> str:
         avail = "least(r.cap, b.tokens + greatest(0, n.t - b.stamp) * r.rate)"
-        return (f"UPDATE {self._s}.rl_buckets AS b SET "
+        # the rows are locked in key order first (``locked``), whatever join order the planner picks for
+        # the UPDATE: two replicas taking overlapping keys at once queue up instead of deadlocking
+        return (f"WITH r AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[], "
+                f"$5::float8[]) AS r(key, rate, cap, need, want)), "
+                f"locked AS (SELECT x.key FROM {self._s}.rl_buckets x JOIN r ON x.key = r.key "
+                f"ORDER BY x.key FOR UPDATE OF x) "
+                f"UPDATE {self._s}.rl_buckets AS b SET "
                 f"tokens = CASE WHEN {avail} >= r.need THEN {avail} - least({avail}, r.want) ELSE {avail} END, "
                 f"granted = CASE WHEN {avail} >= r.need THEN least({avail}, r.want) ELSE 0 END, "
                 f"stamp = greatest(b.stamp, n.t) "
-                f"FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[], $5::float8[]) "
-                f"AS r(key, rate, cap, need, want), "
-                f"(SELECT extract(epoch FROM clock_timestamp())::float8 AS t) AS n "
-                f"WHERE b.key = r.key RETURNING b.key, b.granted, b.tokens")
+                f"FROM r, locked AS l, (SELECT extract(epoch FROM clock_timestamp())::float8 AS t) AS n "
+                f"WHERE b.key = r.key AND l.key = b.key RETURNING b.key, b.granted, b.tokens")
 
     async def sli_sync(self, increments: list[tuple[str, int, float, str, int]], since: dict[str, float],
                        prune_before: float | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
