@@ -162,6 +162,11 @@ class Governance:
         from .store import shared_by_processes
 
         self.shared = shared_by_processes(self.gw.store, self.gw.server_cfg.workers)
+        limiter = self.gw.rate_limiter
+        if limiter.shared:
+            self.metrics.add_counter_source(
+                "tether_ratelimit_lease_requests", "Leases this process asked of the shared rate-limit buckets "
+                "(each one round trip to the store or Redis)", lambda: limiter.round_trips)
         self.alerter.start()
         await self.refresh()
         loop = asyncio.get_running_loop()
@@ -212,7 +217,8 @@ class Governance:
             except Exception as exc:  # noqa: BLE001 - the 2 s loop tries again
                 log.error("governance refresh on signal failed: %s", exc)
 
-    async def _signal(self, topic: str) -> None:
+    async def signal(self, topic: str) -> None:
+        """Tell the other processes that shared state changed (they re-read it at once)."""
         if self.shared:
             try:
                 await self.gw.store.signal(topic)
@@ -388,7 +394,7 @@ class Governance:
                "forced": bool(force and problems), "reason": reason, "evidence": ev, "missing": problems}
         await self.gw.store.promotion_add(row)
         self.promoted[(agent, capability)] = to
-        await self._signal("promotion")
+        await self.signal("promotion")
         rec = base_record("governance", agent=agent, capability=capability, decision="promoted")
         rec.update({"event": "forced_promotion" if row["forced"] else "promotion", "from": current, "to": to,
                     "reviewer": by, "reason": reason, "missing": problems or None,
@@ -524,7 +530,7 @@ class Governance:
         rec = base_record("governance", agent=agent, decision="quarantined")
         rec.update({"event": "quarantine", "reason": row["reason"], "action": self.quarantine_action(agent)})
         await self.gw.journal.write(rec)
-        await self._signal(f"quarantine:{agent}")
+        await self.signal(f"quarantine:{agent}")
         await self.alert("quarantine", {"agent": agent, "reason": row["reason"],
                                         "action": self.quarantine_action(agent)})
         return True
@@ -548,7 +554,7 @@ class Governance:
         self.windows.pop(agent, None)  # a fresh window: the old evidence led to the quarantine
         if self.shared:  # ... for every process: the store moved the epoch on; ours follows now
             self.counts.set_epochs(await self.gw.store.sli_epochs())
-            await self._signal(f"release:{agent}")
+            await self.signal(f"release:{agent}")
         rec = base_record("governance", agent=agent, decision="released")
         rec.update({"event": "release", "reviewer": by, "reason": reason})
         await self.gw.journal.write(rec)

@@ -114,6 +114,19 @@ class Metrics:
                               ["agent", "capability", "side", "outcome"], registry=r)
         self._canary_counts: dict[tuple[str, str], dict[str, int]] = {}
 
+    def add_counter_source(self, name: str, doc: str, source: Any) -> None:
+        """A counter read from ``source()`` at scrape time (a plain number kept by its owner)."""
+        class _Counter:
+            def collect(self) -> Iterator[Metric]:
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], float(source()))
+                yield c
+
+            def describe(self) -> Iterator[Metric]:
+                return iter(())
+
+        self.registry.register(_Counter())  # type: ignore[arg-type]
+
     def add_quota_source(self, source: Any) -> None:
         """``source()`` -> [(upstream, window, remaining, limit)] (proxy.quota.QuotaGuard.gauges)."""
         self.registry.register(_QuotaCollector(source))  # type: ignore[arg-type]

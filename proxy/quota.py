@@ -149,7 +149,7 @@ class QuotaGuard:
             self.blocks[upstream] = max(self.blocks.get(upstream, 0.0), until)
         if started:  # one event per block, whichever process saw it first
             gov = self.gw.governance
-            await gov._signal(f"quota:{upstream}")
+            await gov.signal(f"quota:{upstream}")
             await gov.alert("quota_low", {"upstream": upstream, "reason": doc.get("reason"),
                                           "blocked_until": until, "windows": doc.get("windows")})
 

@@ -136,3 +136,6 @@ async def test_store_buckets_in_one_process_behave_like_local_ones(make_gateway,
     assert statuses == [404, 404, 404, 429, 429]
     r = await gw.request("GET", "/api/contacts/1")
     assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+    text = await (await gw.admin("GET", "/metrics")).text()
+    trips = [line for line in text.splitlines() if line.startswith("tether_ratelimit_lease_requests_total ")]
+    assert trips and 1 <= float(trips[0].split()[1]) <= 6  # refusals after the bucket ran dry cost none
