@@ -22,6 +22,9 @@ from typing import Any, ClassVar, Mapping
 
 import orjson
 
+from .quota import STANDARD_HEADERS as STANDARD_QUOTA_HEADERS
+from .quota import QuotaReading, QuotaWindow, standard_quota
+
 JSON_CT = "application/json"
 # One path segment an id may be when the adapter knows no stricter format: starts with a letter or digit
 # (so never '.' or '..'), then unreserved and sub-delim characters only (no / ? # % \ ; or controls).
@@ -334,6 +337,16 @@ class Adapter:
             return []
         rid = body.get("id")
         return [str(rid)] if rid is not None else []
+
+    # -- quota ----------------------------------------------------------------------------------
+
+    # the response headers read_quota looks at (lower case); the gateway hands it only these
+    quota_headers: ClassVar[frozenset[str]] = STANDARD_QUOTA_HEADERS
+
+    def read_quota(self, status: int, headers: Mapping[str, str]) -> QuotaReading | None:
+        """What this answer says about the upstream's quota (``adapters/quota.py``); None: nothing.
+        ``headers``: the ``quota_headers`` present, by lower-case name."""
+        return standard_quota(status, headers)
 
     # -- compensation ---------------------------------------------------------------------------
 

@@ -64,10 +64,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 from urllib.parse import quote
 
 from .base import Adapter, AdapterOptionsError, NotCompensable, Operation, PlannedRequest, SyntheticResponse, UndoPlan
+from .quota import STANDARD_HEADERS as STANDARD_QUOTA_HEADERS
+from .quota import QuotaReading, QuotaWindow, standard_quota
 
 # canonical name -> other spellings HubSpot accepts for a standard object type
 STANDARD_TYPES: dict[str, tuple[str, ...]] = {
@@ -182,10 +184,36 @@ class Target:
         return self.rest[0] if self.kind == "item" else None
 
 
+_HS = "x-hubspot-ratelimit-"
+
+
 class HubSpotAdapter(Adapter):
     name = "hubspot"
     credential_params = ("hapikey",)  # the legacy developer API key in the query
     case_insensitive_paths: ClassVar[bool] = True
+    quota_headers = STANDARD_QUOTA_HEADERS | {_HS + s for s in (
+        "daily", "daily-remaining", "max", "remaining", "interval-milliseconds", "secondly", "secondly-remaining")}
+
+    def read_quota(self, status: int, headers: Mapping[str, str]) -> QuotaReading | None:
+        """HubSpot's ``X-HubSpot-RateLimit-*``: the daily allowance (resets at midnight in the account's
+        time zone, which Tether does not know), the per-interval burst (``-Max``/``-Remaining`` over
+        ``-Interval-Milliseconds``) and the per-second one."""
+        reading = standard_quota(status, headers) or QuotaReading()
+
+        def num(name: str) -> float | None:
+            try:
+                return float(headers[_HS + name])
+            except (KeyError, ValueError):
+                return None
+
+        interval = num("interval-milliseconds")
+        for window, remaining, limit, reset in (
+                ("daily", num("daily-remaining"), num("daily"), None),
+                ("interval", num("remaining"), num("max"), interval / 1000.0 if interval else None),
+                ("secondly", num("secondly-remaining"), num("secondly"), 1.0)):
+            if remaining is not None:
+                reading.windows.append(QuotaWindow(window, remaining, limit, reset))
+        return reading if reading.windows or reading.retry_after is not None else None
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

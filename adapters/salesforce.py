@@ -68,12 +68,16 @@ import secrets
 from dataclasses import dataclass, fields as dc_fields
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
 from proxy.errors import TetherError
 
 from .base import (
+    STANDARD_QUOTA_HEADERS,
+    QuotaReading,
+    QuotaWindow,
+    standard_quota,
     Adapter,
     AdapterOptionsError,
     NotCompensable,
@@ -230,6 +234,9 @@ def _soql_string(value: str) -> str:
     return "'" + out + "'"
 
 
+_LIMIT_INFO = re.compile(r"([a-z-]+)=(\d+)/(\d+)")
+
+
 class SalesforceAdapter(Adapter):
     """Salesforce's REST API behind the adapter interface (see the module docstring for every decision)."""
 
@@ -241,6 +248,18 @@ class SalesforceAdapter(Adapter):
     id_param_names = frozenset({"id", "recordId", "record_id"})
     name_param_names = frozenset({"sobject", "sobjectName", "object", "type", "field", "extField", "externalIdField"})
     version_header = None  # see precondition_headers
+    quota_headers = STANDARD_QUOTA_HEADERS | {"sforce-limit-info"}
+
+    def read_quota(self, status: int, headers: Mapping[str, str]) -> QuotaReading | None:
+        """``Sforce-Limit-Info: api-usage=14999/15000`` (calls used of the org's rolling 24-hour allowance;
+        ``per-app-api-usage=17/250(appName=x)`` too): Salesforce never says when it refills."""
+        reading = standard_quota(status, headers) or QuotaReading()
+        for part in (headers.get("sforce-limit-info") or "").split(";"):
+            m = _LIMIT_INFO.match(part.strip())
+            if m:
+                used, limit = float(m.group(2)), float(m.group(3))
+                reading.windows.append(QuotaWindow(m.group(1), max(0.0, limit - used), limit, None))
+        return reading if reading.windows or reading.retry_after is not None else None
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

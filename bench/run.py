@@ -403,7 +403,9 @@ def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int,
             caps[cap_name(method, path, taken)] = {"upstream": "crm", "method": method, "path": path}
         grants = [n if c["method"] == "GET" else {"capability": n, "mode": "live"} for n, c in caps.items()]
         dry_grants = []
-    agents: dict[str, Any] = {AGENT: {"grants": grants}}
+    # rate limits far above what wrk sends: they cost their bookkeeping (shared buckets and leases with
+    # --workers and on PostgreSQL), never a refusal
+    agents: dict[str, Any] = {AGENT: {"grants": grants, "rate_limit": {"requests_per_minute": 60_000_000}}}
     if dry_grants:
         agents[DRY_AGENT] = {"grants": dry_grants}
     return {
@@ -416,6 +418,7 @@ def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int,
         "identity": {"hs_secret": {"value": SECRET}, "issuer": "tether", "audience": "tether",
                      "algorithms": ["HS256"]},
         "upstreams": {"crm": {"url": upstream_url, "listen": f"127.0.0.1:{up_port}",
+                              "rate_limit": {"per_minute": 60_000_000},
                               "credentials": {"type": "bearer", "token": {"value": "UPSTREAM-REAL-SECRET"}},
                               "provenance": {"headers": True}}},
         "agents": agents,

@@ -255,7 +255,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def agents_status(request: web.Request) -> web.Response:
     reviewer(request)
-    return json_response({"agents": await _gw(request).governance.agents_status()})
+    gw = _gw(request)
+    return json_response({"agents": await gw.governance.agents_status(), "upstreams": gw.quota.status()})
+
+
+async def upstream_quota(request: web.Request) -> web.Response:
+    reviewer(request)
+    return json_response({"upstreams": _gw(request).quota.status()})
 
 
 async def agent_action(request: web.Request) -> web.Response:
@@ -489,6 +495,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/api/review/items/{id}/diff", review_diff)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/agents", agents_status)
+    app.router.add_get("/api/upstreams/quota", upstream_quota)
     app.router.add_post("/api/agents/{agent}/{action:release|quarantine}", agent_action)
     app.router.add_get("/api/grants", grants_status)
     app.router.add_get("/api/promotions", promotions_list)

@@ -32,6 +32,7 @@ _TITLES = {
     "rules_reload_failed": "Rules reload failed",
     "journal_unavailable": "Journal unavailable",
     "review_pending": "Review needed",
+    "quota_low": "Upstream quota at its reserve: agents are held back",
 }
 # sent only to targets that list them (one alert per captured write is too many for a default)
 OPT_IN_EVENTS = frozenset({"review_pending"})

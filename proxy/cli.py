@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -105,55 +106,200 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_one(rules, config_path)
 
 
-def _serve_one(rules: RulesFile, config_path: str | None) -> int:
+def _serve_one(rules: RulesFile, config_path: str | None, errors: list[str] | None = None) -> int:
     from .gateway import Gateway, run_forever
+
+    def fail(message: str, code: int) -> int:
+        print(f"tether: {message}", file=sys.stderr)
+        if errors is not None:
+            errors.append(message)
+        return code
 
     try:
         gw = Gateway(rules, rules_path=config_path)
     except ConfigError as exc:
-        print(f"tether: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     try:
         run_async(run_forever(gw))
     except OSError as exc:
-        print(f"tether: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"cannot start: {exc}", 1)
     except Exception as exc:  # StoreUnavailable and friends
         from .store import StoreUnavailable
 
         if isinstance(exc, StoreUnavailable):
-            print(f"tether: store unavailable: {exc}", file=sys.stderr)
-            return 1
+            return fail(f"store unavailable: {exc}", 1)
         raise
     return 0
 
 
 def _serve_workers(rules: RulesFile, config_path: str | None, workers: int) -> int:
-    """Fork ``workers`` processes that share the listeners with SO_REUSEPORT and the store."""
-    import signal
+    """Fork ``workers`` processes that share the listeners (SO_REUSEPORT) and the store, and supervise
+    them (:class:`_Supervisor`). The store is prepared first — created, switched to WAL, migrated — so
+    that workers opening it at once never race over a fresh file."""
+    from .store import StoreUnavailable
 
-    children: list[int] = []
-    for _ in range(workers):
+    try:
+        run_async(_prepare_store(rules))
+    except StoreUnavailable as exc:
+        print(f"tether: store unavailable: {exc}", file=sys.stderr)
+        return 1
+    return _Supervisor(rules, config_path, workers).run()
+
+
+async def _prepare_store(rules: RulesFile) -> None:
+    from .store import open_store
+
+    store = open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
+    await store.open()
+    await store.close()
+
+
+async def _journal_event(rules: RulesFile, event: str, **fields: Any) -> None:
+    """One system record written by the supervising parent (it holds no store between events)."""
+    from .journal import JournalWriter, base_record
+    from .store import open_store
+
+    store = open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
+    await store.open()
+    writer = JournalWriter(store)
+    writer.start()
+    try:
+        await writer.write(base_record("system", event=event, instance=f"{os.uname().nodename}:{os.getpid()}:parent",
+                                       **fields))
+    finally:
+        await writer.close()
+        await store.close()
+
+
+class _Supervisor:
+    """The parent of ``--workers N``: restarts a worker that dies, with backoff, journaling each death
+    and restart; when one worker keeps dying (``GIVE_UP`` deaths in a row, each within ``QUICK`` seconds
+    of its start) it stops the others and exits 1 with the reason. SIGTERM/SIGINT/SIGHUP are passed on;
+    after SIGTERM/SIGINT nothing is restarted and the parent exits with the worst worker status."""
+
+    BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
+    GIVE_UP = 5
+    QUICK = 30.0
+    POLL = 0.05
+
+    def __init__(self, rules: RulesFile, config_path: str | None, workers: int) -> None:
+        self.rules = rules
+        self.config_path = config_path
+        self.slots: list[dict[str, Any]] = [{"slot": i, "pid": None, "started": 0.0, "deaths": 0, "due": 0.0,
+                                             "pipe": None} for i in range(workers)]
+        self.stopping = False
+        self.gave_up: str | None = None
+        self.worst = 0
+
+    def spawn(self, slot: dict[str, Any]) -> None:
+        import signal
+
+        r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:
-            code = _serve_one(rules, config_path)
-            os._exit(code)
-        children.append(pid)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for c in children:
+        if pid == 0:  # the worker
+            os.close(r)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            errors: list[str] = []
+            code = 1
             try:
-                os.kill(c, signum)
-            except ProcessLookupError:
-                pass
+                code = _serve_one(self.rules, self.config_path, errors)
+            except BaseException as exc:  # noqa: BLE001 - report why, whatever it was
+                errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                if errors:
+                    try:
+                        os.write(w, errors[-1].encode("utf-8", "replace")[:2000])
+                    except OSError:
+                        pass
+                os._exit(code)
+        os.close(w)
+        slot.update(pid=pid, started=time.monotonic(), pipe=r, due=0.0)
 
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, forward)
-    worst = 0
-    for c in children:
-        _, status = os.waitpid(c, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status))
-    return worst
+    def forward(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot["pid"] is not None:
+                try:
+                    os.kill(slot["pid"], signum)
+                except ProcessLookupError:
+                    pass
+
+    def journal(self, event: str, **fields: Any) -> None:
+        try:
+            run_async(_journal_event(self.rules, event, **fields))
+        except Exception as exc:  # noqa: BLE001 - the workers journal their own start either way
+            print(f"tether: could not journal {event}: {exc}", file=sys.stderr)
+
+    def run(self) -> int:
+        import signal
+
+        def on_stop(signum: int, _frame: Any) -> None:
+            self.stopping = True
+            self.forward(signum)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, on_stop)
+        signal.signal(signal.SIGHUP, lambda signum, _f: self.forward(signum))
+        for slot in self.slots:
+            self.spawn(slot)
+        while True:
+            live = [s for s in self.slots if s["pid"] is not None]
+            if self.stopping and not live:
+                break
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid == 0:
+                now = time.monotonic()
+                for slot in self.slots:
+                    if slot["pid"] is None and slot["due"] and now >= slot["due"] and not self.stopping:
+                        self.spawn(slot)
+                        self.journal("worker_restarted", worker=slot["slot"], pid=slot["pid"],
+                                     deaths_in_a_row=slot["deaths"])
+                time.sleep(self.POLL)
+                continue
+            slot = next((s for s in self.slots if s["pid"] == pid), None)
+            if slot is None:
+                continue
+            self.reaped(slot, os.waitstatus_to_exitcode(status))
+        if self.gave_up:
+            print(f"tether: {self.gave_up}", file=sys.stderr)
+            return 1
+        return self.worst
+
+    def reaped(self, slot: dict[str, Any], code: int) -> None:
+        import signal
+
+        pid, slot["pid"] = slot["pid"], None
+        why = ""
+        if slot["pipe"] is not None:
+            try:
+                os.set_blocking(slot["pipe"], False)
+                why = os.read(slot["pipe"], 4096).decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+            os.close(slot["pipe"])
+            slot["pipe"] = None
+        if self.stopping:
+            self.worst = max(self.worst, code)
+            return
+        lived = time.monotonic() - slot["started"]
+        slot["deaths"] = slot["deaths"] + 1 if lived < self.QUICK else 1
+        status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        reason = f"{status}" + (f": {why}" if why else "")
+        if slot["deaths"] >= self.GIVE_UP:
+            self.gave_up = (f"worker {slot['slot']} keeps dying ({slot['deaths']} times in a row, each within "
+                            f"{self.QUICK:g}s of starting; last: {reason}); stopping the gateway")
+            self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
+            self.stopping = True
+            self.forward(int(signal.SIGTERM))  # the others drain and stop
+            return
+        delay = self.BACKOFF[min(slot["deaths"], len(self.BACKOFF)) - 1]
+        slot["due"] = time.monotonic() + delay
+        print(f"tether: worker {slot['slot']} (pid {pid}) died ({reason}); restarting in {delay:g}s", file=sys.stderr)
+        self.journal("worker_died", worker=slot["slot"], pid=pid, status=status, reason=why or None,
+                     lived_seconds=round(lived, 3), restart_in=delay)
 
 
 def run_async(coro: Any) -> Any:

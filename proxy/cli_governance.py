@@ -86,6 +86,14 @@ def cmd_agents_status(args: argparse.Namespace) -> int:
               f"{s['rejected_reviews']}, rollbacks {s['rollbacks']}")
         for g in a["grants"]:
             print(f"    {g['capability']:<32} {g['effect']:<5} {g['mode']}")
+    for u in doc.get("upstreams") or []:
+        if not (u["windows"] or u["blocked"] or u["reserve"]):
+            continue
+        figures = ", ".join(f"{w} {d['remaining']:g}" + (f"/{d['limit']:g}" if d.get("limit") else "") + " left"
+                            for w, d in u["windows"].items() if d.get("remaining") is not None) or "no figures yet"
+        state = (f"BLOCKED for agents until {time.strftime('%H:%M:%S', time.localtime(u['blocked_until']))} "
+                 f"({u['reason']})" if u["blocked"] else "ok")
+        print(f"upstream {u['upstream']} quota: {state}; {figures}; reserve {u['reserve'] or 'none'}")
     return 0
 
 

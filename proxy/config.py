@@ -282,6 +282,40 @@ class ProvenanceConfig(Model):
     record_fields: dict[Literal["agent", "on_behalf_of", "intent", "authz_event"], str] = {}
 
 
+def _reserve(v: Any) -> Any:
+    """'20%' -> 0.2 (a share of the upstream's limit); a plain number is a count of calls."""
+    if isinstance(v, str) and v.strip().endswith("%"):
+        try:
+            pct = float(v.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"{v!r} is not a percentage") from None
+        if not 0 <= pct < 100:
+            raise ValueError("a reserve percentage is at least 0% and under 100%")
+        return {"share": pct / 100.0}
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v < 0:
+            raise ValueError("a reserve is not negative")
+        return {"calls": float(v)}
+    return v
+
+
+class QuotaReserve(Model):
+    share: float | None = None
+    calls: float | None = None
+
+
+class QuotaConfig(Model):
+    """The upstream's own quota, shared with the company's people and other integrations (proxy/quota.py).
+    ``reserve``: keep this much for them — ``20%`` of each quota window the upstream reports, or a number
+    of calls; under it Tether answers agents ``429 upstream_quota`` itself. ``recheck``: how long such a
+    block lasts when the upstream does not say when its window resets. ``honor_retry_after``: a 429/503
+    with ``Retry-After`` (or a window reported empty) blocks agents until then."""
+
+    reserve: Annotated[QuotaReserve | None, BeforeValidator(_reserve)] = None
+    recheck: Duration = 60.0
+    honor_retry_after: bool = True
+
+
 class UpstreamConfig(Model):
     url: str
     adapter: str = "generic"
@@ -296,6 +330,7 @@ class UpstreamConfig(Model):
     timeouts: Timeouts = Timeouts()
     max_response_bytes: Size | None = None
     rate_limit: RateLimit | None = None
+    quota: QuotaConfig = QuotaConfig()
     verify_tls: bool = True
     ca_file: Path | None = Field(None, description="CA bundle (PEM) that verifies this upstream, instead of the "
                                                    "system's")
@@ -836,7 +871,7 @@ class AlertTarget(Model):
     url: str
     format: Literal["json", "slack"] = "json"
     events: list[Literal["quarantine", "needs_attention", "review_queue_depth", "rules_reload_failed",
-                         "journal_unavailable", "review_pending"]] | None = Field(
+                         "journal_unavailable", "review_pending", "quota_low"]] | None = Field(
         None, description="events to send (default: all but review_pending, which is sent only when listed)")
 
 
@@ -856,6 +891,8 @@ class ServerConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     grace_period: Duration = 20.0
     workers: int = Field(1, ge=1)
+    ratelimit: str = Field("auto", description="where rate-limit buckets live: auto, local, store, or a "
+                                               "redis:// / rediss:// / unix:// URL (see proxy/ratelimit.py)")
     journal: JournalConfig = JournalConfig()
     limits: LimitsConfig = LimitsConfig()
     review: ReviewConfig = ReviewConfig()
@@ -865,6 +902,13 @@ class ServerConfig(Model):
     @classmethod
     def _hp(cls, v: str) -> str:
         parse_hostport(v)
+        return v
+
+    @field_validator("ratelimit")
+    @classmethod
+    def _ratelimit(cls, v: str) -> str:
+        if v not in ("auto", "local", "store") and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use auto, local, store, or a redis://, rediss:// or unix:// URL")
         return v
 
 

@@ -83,6 +83,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "rate_limited": (429, "a rate limit is exhausted; see Retry-After"),
     "review_queue_full": (429, "the agent already has as many items pending review as allowed; "
                                 "nothing was captured (a reviewer must decide some first)"),
+    "upstream_quota": (429, "the upstream's shared quota is at its reserve or the upstream asked to wait; not forwarded; see Retry-After"),
     "headers_too_large": (431, "too many or too large request headers"),
     # 5xx: Tether could not do its part, so it did nothing
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),
@@ -96,6 +97,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "not_ready": (503, "the gateway is starting or draining"),
     "upstream_busy": (503, "every connection to the upstream stayed busy past timeouts.pool; nothing was sent; "
                            "see Retry-After"),
+    "rate_limit_unavailable": (503, "the shared rate-limit buckets could not be reached, so nothing was forwarded"),
     "upstream_timeout": (504, "the upstream did not answer in time"),
 }
 

@@ -43,7 +43,8 @@ from .journal import JournalWriter, base_record
 from .pipeline import Pipeline
 from .protocol import GuardedServer
 from .provenance import stamp_provenance
-from .ratelimit import RateLimiter, rate_limit
+from .quota import QuotaGuard, check_upstream_quota
+from .ratelimit import make_rate_limiter, rate_limit
 from .registry import Registry
 from .review import ReviewService, capture_dry_run
 from .transactions import TransactionManager, prepare_compensation
@@ -70,6 +71,7 @@ STAGES: list[tuple[str, Any]] = [
     ("journal_intent", S.journal_intent),
     ("check_relative_caps", S.check_relative_caps),
     ("capture_dry_run", capture_dry_run),
+    ("upstream_quota", check_upstream_quota),
     ("stamp_provenance", stamp_provenance),
     ("prepare_compensation", prepare_compensation),
     ("forward", S.forward),
@@ -287,9 +289,10 @@ class Gateway:
         from .governance import Governance
 
         self.governance = Governance(self)
+        self.quota = QuotaGuard(self)
         self.review = ReviewService(self)
         self.transactions = TransactionManager(self)
-        self.rate_limiter = RateLimiter()
+        self.rate_limiter = make_rate_limiter(rules.server, self.store)
         self.pipeline = Pipeline(self, STAGES)
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
@@ -421,6 +424,8 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
         await self.upstream_client.close()
+        await self.quota.close()
+        await self.rate_limiter.close()
         await self.store.close()
 
     async def _retention_loop(self) -> None:

@@ -20,6 +20,16 @@ When the bad share exceeds the budget (with at least ``min_requests`` seen), the
 *before the response that tipped it is sent*, so the very next request is already governed: its writes
 are forced to dry-run (or refused with 403 ``agent_quarantined``), reads continue, an alert goes out.
 ``tether agents release`` lifts it.
+
+**Many processes** (``--workers`` on one SQLite file, replicas on one PostgreSQL store): one gateway.
+Each process counts its own outcomes and adds them to shared counts in the store (at once after a bad
+outcome, else every second), reading back every process's totals in the same transaction; it judges on
+those totals plus what it has not added yet. The first process whose judgement tips records the
+quarantine (compare-and-set: one quarantine, one journal event, one alert) and signals the others —
+PostgreSQL ``NOTIFY`` on the schema's channel, a signal file for workers on SQLite — which re-read the
+quarantines, promotions and quota blocks at once (a few milliseconds; every 2 s regardless). A release
+restarts the agent's window for every process: its shared counts are dropped and its *epoch* moves on,
+so counts or judgements made before the release, still on their way, are voided by the store.
 """
 
 from __future__ import annotations
@@ -87,6 +97,43 @@ def canary_live(percent: float) -> bool:
     return secrets.randbelow(10000) < percent * 100
 
 
+class SharedCounts:
+    """Error-budget counts when several processes share the store (see the module doc).
+
+    ``base``: every process's totals per kind as of the last sync (ours included); ``pending``: what this
+    process observed since, per (bucket start, kind); ``inflight``: what the sync under way carries."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, dict[str, int]] = {}
+        self.pending: dict[str, dict[tuple[float, str], int]] = {}
+        self.inflight: dict[str, dict[tuple[float, str], int]] = {}
+        self.epochs: dict[str, int] = {}
+
+    def add(self, agent: str, kind: str, now: float, n: int = 1) -> None:
+        key = (now - (now % _BUCKET), kind)
+        p = self.pending.get(agent)
+        if p is None:
+            p = self.pending[agent] = {}
+        p[key] = p.get(key, 0) + n
+
+    def totals(self, agent: str) -> dict[str, int]:
+        out = {k: 0 for k in SLI_KINDS}
+        for k, v in self.base.get(agent, {}).items():
+            out[k] = out.get(k, 0) + v
+        for src in (self.pending, self.inflight):
+            for (_, k), v in src.get(agent, {}).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def set_epochs(self, epochs: dict[str, int]) -> None:
+        """A new epoch (a release somewhere): what was counted before it no longer counts."""
+        for agent, epoch in epochs.items():
+            if epoch != self.epochs.get(agent, 0):
+                self.pending.pop(agent, None)
+                self.base.pop(agent, None)
+            self.epochs[agent] = epoch
+
+
 class Governance:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
@@ -101,27 +148,128 @@ class Governance:
         self._pending: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._depth_alerted_at = 0.0
+        # many processes (set at start): counts shared through the store, changes signalled
+        self.shared = False
+        self.counts = SharedCounts()
+        self._judged: dict[str, dict[str, Any]] = {}  # quarantines judged here, not yet confirmed by the store
+        self._sync_wanted = asyncio.Event()
+        self._refresh_wanted = asyncio.Event()
+        self._pruned_at = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        from .store import shared_by_processes
+
+        self.shared = shared_by_processes(self.gw.store, self.gw.server_cfg.workers)
+        limiter = self.gw.rate_limiter
+        if limiter.shared:
+            self.metrics.add_counter_source(
+                "tether_ratelimit_lease_requests", "Leases this process asked of the shared rate-limit buckets "
+                "(each one round trip to the store or Redis)", lambda: limiter.round_trips)
         self.alerter.start()
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="governance")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name="governance")
+        if self.shared:
+            await self.gw.store.watch(self._on_signal)
+            self._tasks = [loop.create_task(self._sync_loop(), name="governance-sync"),
+                           loop.create_task(self._refresh_loop(), name="governance-signals")]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in [self._task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.shared:
+            try:
+                await self._sync_once()  # this process's last counts are not lost
+            except Exception:  # noqa: BLE001
+                pass
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self.alerter.stop()
 
     async def refresh(self) -> None:
-        """Reload stored promotions and quarantines (replicas share them through the store)."""
-        self.promoted = {(p["agent"], p["capability"]): p["mode"] for p in await self.gw.store.promotions()}
-        stored = await self.gw.store.quarantines()
-        self.quarantined = stored
+        """Reload stored promotions, quarantines, error-budget epochs and quota blocks (every process
+        shares them through the store)."""
+        store = self.gw.store
+        self.promoted = {(p["agent"], p["capability"]): p["mode"] for p in await store.promotions()}
+        stored = await store.quarantines()
+        # a quarantine judged here but not yet in the store stays in force meanwhile
+        self.quarantined = {**{a: r for a, r in self._judged.items() if a not in stored}, **stored}
+        if self.shared:
+            self.counts.set_epochs(await store.sli_epochs())
+        await self.gw.quota.refresh()
+
+    def _on_signal(self, topic: str | None) -> None:
+        self._refresh_wanted.set()
+
+    async def _refresh_loop(self) -> None:
+        """Re-read shared state as soon as another process signals a change (coalesced)."""
+        while True:
+            await self._refresh_wanted.wait()
+            self._refresh_wanted.clear()
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the 2 s loop tries again
+                log.error("governance refresh on signal failed: %s", exc)
+
+    async def signal(self, topic: str) -> None:
+        """Tell the other processes that shared state changed (they re-read it at once)."""
+        if self.shared:
+            try:
+                await self.gw.store.signal(topic)
+            except Exception as exc:  # noqa: BLE001 - the others still re-read within 2 s
+                log.error("could not signal %s to the other processes: %s", topic, exc)
+
+    async def _sync_loop(self) -> None:
+        """Add this process's counts to the shared ones: at once after a bad outcome, else every second."""
+        while True:
+            try:
+                await asyncio.wait_for(self._sync_wanted.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._sync_wanted.clear()
+            try:
+                await self._sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - counts are kept and sent with the next sync
+                log.error("error-budget sync failed: %s", exc)
+
+    async def _sync_once(self) -> None:
+        c = self.counts
+        if c.inflight:
+            return
+        c.inflight, c.pending = c.pending, {}
+        increments = [(agent, c.epochs.get(agent, 0), start, kind, n)
+                      for agent, d in c.inflight.items() for (start, kind), n in d.items()]
+        now = time.time()
+        agents = self.gw.state.rules.agents
+        since = {a: now - self.budget(a).window - _BUCKET for a in agents}
+        prune = None
+        if now - self._pruned_at > 60:
+            self._pruned_at = now
+            prune = now - max([self.budget(a).window for a in agents] or [0.0]) - 2 * _BUCKET
+        try:
+            totals, epochs = await self.gw.store.sli_sync(increments, since, prune)
+        except BaseException:
+            for agent, d in c.inflight.items():  # keep them for the next sync
+                for key, n in d.items():
+                    p = c.pending.setdefault(agent, {})
+                    p[key] = p.get(key, 0) + n
+            c.inflight = {}
+            raise
+        c.inflight = {}
+        c.base = totals
+        c.set_epochs(epochs)
+        now = time.time()
+        for agent in agents:
+            self._judge(agent, now)
 
     async def _loop(self) -> None:
         while True:
@@ -130,8 +278,9 @@ class Governance:
                 await self.refresh()
                 await self._gauges()
                 now = time.time()
-                for agent in list(self.windows):  # a good request never triggers a judgement: catch the
-                    self._judge(agent, now)      # case where reaching min_requests tips the share over
+                for agent in list(self.windows if not self.shared else self.gw.state.rules.agents):
+                    self._judge(agent, now)  # a good request never triggers a judgement: catch the case
+                    # where reaching min_requests tips the share over
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -246,6 +395,7 @@ class Governance:
                "forced": bool(force and problems), "reason": reason, "evidence": ev, "missing": problems}
         await self.gw.store.promotion_add(row)
         self.promoted[(agent, capability)] = to
+        await self.signal("promotion")
         rec = base_record("governance", agent=agent, capability=capability, decision="promoted")
         rec.update({"event": "forced_promotion" if row["forced"] else "promotion", "from": current, "to": to,
                     "reviewer": by, "reason": reason, "missing": problems or None,
@@ -271,29 +421,36 @@ class Governance:
         a = rules.agents.get(agent)
         return a.error_budget if a is not None and a.error_budget is not None else rules.governance.error_budget
 
+    def _add(self, agent: str, kind: str, now: float) -> None:
+        if self.shared:
+            self.counts.add(agent, kind, now)
+        else:
+            self._window(agent).add(kind, now)
+
     def observe(self, ex: "Exchange") -> None:
         self.metrics.observe(ex)
         agent = ex.agent
         if agent is None or agent not in self.gw.state.rules.agents:
             return
         now = time.time()
-        w = self._window(agent)
-        w.add("requests", now)
+        self._add(agent, "requests", now)
         bad = False
         if ex.decision == "denied" and ex.error is not None:
             code = ex.error.code
-            w.add("denials", now)
+            self._add(agent, "denials", now)
             bad = True
             if code in _VALIDATION:
-                w.add("validation", now)
+                self._add(agent, "validation", now)
             elif code == "rate_limited":
-                w.add("rate_limited", now)
+                self._add(agent, "rate_limited", now)
         elif ex.forwarded and (ex.error is not None or (ex.status is not None and ex.status >= 500)
                                or ex.extra.get("outcome", {}).get("upstream_failure")):
-            w.add("upstream_errors", now)
+            self._add(agent, "upstream_errors", now)
             bad = True
         if bad:  # a good outcome only lowers the bad share: judging is needed after a bad one alone
             self._judge(agent, now)
+            if self.shared:
+                self._sync_wanted.set()  # the other processes' counts, and ours for them, now
 
     def on_captured(self, ex: "Exchange") -> None:
         return None
@@ -304,17 +461,19 @@ class Governance:
             return
         now = time.time()
         if outcome == "rejected":
-            self._window(agent).add("rejected_reviews", now)
+            self._add(agent, "rejected_reviews", now)
         elif outcome == "replay_failed":
-            self._window(agent).add("replay_failures", now)
+            self._add(agent, "replay_failures", now)
         self._judge(agent, now)
+        self._sync_wanted.set()
 
     def on_rollback(self, tx: dict[str, Any]) -> None:
         agent = tx.get("agent")
         if agent in self.gw.state.rules.agents:
             now = time.time()
-            self._window(agent).add("rollbacks", now)
+            self._add(agent, "rollbacks", now)
             self._judge(agent, now)
+            self._sync_wanted.set()
 
     def on_overload(self) -> None:
         self.metrics.overloaded.inc()
@@ -325,7 +484,7 @@ class Governance:
 
     def sli(self, agent: str) -> dict[str, Any]:
         now = time.time()
-        t = self._window(agent).totals(now)
+        t = self.counts.totals(agent) if self.shared else self._window(agent).totals(now)
         budget = self.budget(agent)
         bad = sum(t[k] for k in _BAD)
         events = t["requests"] + t["rejected_reviews"] + t["rollbacks"] + t["replay_failures"]
@@ -344,20 +503,38 @@ class Governance:
             reason = (f"error budget spent: {s['bad']} bad of {s['events']} "
                       f"({s['bad_ratio']:.1%} > {budget.max_bad_ratio:.1%} over {budget.window:g}s)")
             row = {"agent": agent, "since": now, "reason": reason, "sli": s, "by": "error-budget"}
+            if self.shared:  # judged on this epoch's counts: a release meanwhile voids it (in the store)
+                row["epoch"] = self.counts.epochs.get(agent, 0)
             # in memory first: the very next request is governed even before the store write lands
             self.quarantined[agent] = row
+            self._judged[agent] = row
             self._spawn(self._persist_quarantine(agent, row))
 
-    async def _persist_quarantine(self, agent: str, row: dict[str, Any]) -> None:
+    async def _persist_quarantine(self, agent: str, row: dict[str, Any]) -> bool:
+        """Record the quarantine; only the process whose record wins journals, alerts and signals it
+        (one quarantine, one event). A loser adopts what the store holds."""
         try:
-            await self.gw.store.quarantine_set(agent, row)
-        except Exception as exc:  # noqa: BLE001
+            won = await self.gw.store.quarantine_set(agent, row)
+        except Exception as exc:  # noqa: BLE001 - stays quarantined here (fail closed); retried by judging
             log.error("could not store the quarantine of %s: %s", agent, exc)
+            return False
+        finally:
+            if self._judged.get(agent) is row:
+                del self._judged[agent]
+        if not won:
+            stored = (await self.gw.store.quarantines()).get(agent)
+            if stored is not None:
+                self.quarantined[agent] = stored
+            elif self.quarantined.get(agent) is row:
+                del self.quarantined[agent]  # voided: the agent was released since the counts it was judged on
+            return False
         rec = base_record("governance", agent=agent, decision="quarantined")
         rec.update({"event": "quarantine", "reason": row["reason"], "action": self.quarantine_action(agent)})
         await self.gw.journal.write(rec)
+        await self.signal(f"quarantine:{agent}")
         await self.alert("quarantine", {"agent": agent, "reason": row["reason"],
                                         "action": self.quarantine_action(agent)})
+        return True
 
     async def quarantine(self, agent: str, *, by: str, reason: str) -> dict[str, Any]:
         if agent not in self.gw.state.rules.agents:
@@ -365,16 +542,20 @@ class Governance:
         row = {"agent": agent, "since": time.time(), "reason": reason, "by": by}
         self.quarantined[agent] = row
         await self._persist_quarantine(agent, row)
-        return row
+        return self.quarantined.get(agent, row)
 
     async def release(self, agent: str, *, by: str, reason: str) -> bool:
         if not reason or not reason.strip():
             raise TetherError("bad_request", "a release needs a reason")
         was = await self.gw.store.quarantine_release(agent, by, reason)
+        self._judged.pop(agent, None)
         was = self.quarantined.pop(agent, None) is not None or was
         if not was:
             raise TetherError("not_found", f"agent {agent!r} is not quarantined")
         self.windows.pop(agent, None)  # a fresh window: the old evidence led to the quarantine
+        if self.shared:  # ... for every process: the store moved the epoch on; ours follows now
+            self.counts.set_epochs(await self.gw.store.sli_epochs())
+            await self.signal(f"release:{agent}")
         rec = base_record("governance", agent=agent, decision="released")
         rec.update({"event": "release", "reviewer": by, "reason": reason})
         await self.gw.journal.write(rec)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -72,6 +72,29 @@ class _HotPathCollector:
         return iter(())
 
 
+class _QuotaCollector:
+    """What each upstream last said about its quota (proxy.quota), exported at scrape time."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        rem = GaugeMetricFamily("tether_upstream_quota_remaining",
+                                "Quota the upstream last reported left, per window", labels=["upstream", "window"])
+        lim = GaugeMetricFamily("tether_upstream_quota_limit",
+                                "Quota the upstream last reported in total, per window", labels=["upstream", "window"])
+        for upstream, window, remaining, limit in self.source():
+            if remaining is not None:
+                rem.add_metric([upstream, window], remaining)
+            if limit is not None:
+                lim.add_metric([upstream, window], limit)
+        yield rem
+        yield lim
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -90,6 +113,23 @@ class Metrics:
         self.canary = Counter("tether_canary_writes", "Canary writes by side and outcome",
                               ["agent", "capability", "side", "outcome"], registry=r)
         self._canary_counts: dict[tuple[str, str], dict[str, int]] = {}
+
+    def add_counter_source(self, name: str, doc: str, source: Any) -> None:
+        """A counter read from ``source()`` at scrape time (a plain number kept by its owner)."""
+        class _Counter:
+            def collect(self) -> Iterator[Metric]:
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], float(source()))
+                yield c
+
+            def describe(self) -> Iterator[Metric]:
+                return iter(())
+
+        self.registry.register(_Counter())  # type: ignore[arg-type]
+
+    def add_quota_source(self, source: Any) -> None:
+        """``source()`` -> [(upstream, window, remaining, limit)] (proxy.quota.QuotaGuard.gauges)."""
+        self.registry.register(_QuotaCollector(source))  # type: ignore[arg-type]
 
     def observe(self, ex: "Exchange") -> None:
         hot = self._hot

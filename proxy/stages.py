@@ -17,6 +17,7 @@ decide_mode            live / dry-run / canary / quarantine
 journal_intent         commit the intent record durably — before anything leaves
 check_relative_caps    read the pre-image, check caps relative to it (max_increase_pct)
 capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.dryrun)
+upstream_quota         the upstream's shared quota at its reserve or "wait": 429 (proxy.quota)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.transactions)
 forward                credentials, provenance, stream to the upstream and back
 =====================  ======================================================================
@@ -242,7 +243,7 @@ async def _before_continue(gw: "Gateway", ex: Exchange) -> None:
     if not ex.composite:
         check_grant(gw, ex)
         require_intent(gw, ex)
-        gw.rate_limiter.take(demands_for(ex), consume=False)
+        gw.rate_limiter.peek(demands_for(ex))
     await send_continue(ex.request)
 
 
@@ -588,6 +589,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         raise
     ex.upstream_latency_ms = timer.ms()
     ex.status = resp.status
+    gw.quota.observe(up, resp.status, resp.raw_headers)  # the upstream's quota signals (proxy.quota)
     out_headers = response_headers(resp.raw_headers)
     needles = up.reflection_needles()
     if needles and redact_headers(out_headers, needles):

@@ -11,9 +11,8 @@
 
 and per upstream: ``requests``, ``errors`` (5xx answers and transport failures) and ``quota``.
 
-Quota: Tether does not yet track upstreams' own quota signals on this branch. :func:`quota_of` is the
-hook: when the gateway has a quota tracker (``gw.quotas`` with ``snapshot() -> {upstream: {remaining,
-limit, at}}``), its current value is returned; outcome records carrying ``quota_remaining`` (and
+Quota: :func:`quota_of` reads the gateway's quota guard (:mod:`proxy.quota`, ``snapshot() -> {upstream:
+{remaining, limit, at}}``: what each upstream last said about the quota it has left); outcome records carrying ``quota_remaining`` (and
 ``quota_limit``) are charted over time. With neither, ``quota`` is null and the console says so.
 
 The scan is bounded (``MAX_RECORDS``; the answer says ``truncated``) and cached for a few seconds, so a
@@ -37,7 +36,7 @@ _UPSTREAM_FAILURES = frozenset({"upstream_unavailable", "upstream_timeout", "ups
 
 def quota_of(gw: "Gateway") -> dict[str, dict[str, Any]]:
     """The hook for upstream quota (see the module docstring): {upstream: {remaining, limit, at}}."""
-    tracker = getattr(gw, "quotas", None)
+    tracker = getattr(gw, "quota", None)
     snap = getattr(tracker, "snapshot", None)
     if not callable(snap):
         return {}

@@ -111,6 +111,7 @@ async def call_upstream(
             headers["X-Tether-Reviewer"] = reviewer
     await up.apply_credentials(headers)
     resp = await send(gw.origin(up), req.method, build_target(path, req.query), headers, body, up.timeouts)
+    gw.quota.observe(up, resp.status, resp.raw_headers)  # replays and undo steps spend the quota too
     whole = True
     if prefix_ok and (resp.content_length is None or resp.content_length > WHOLE_BODY_LIMIT):
         data, whole = await read_prefix(resp, WHOLE_BODY_LIMIT, up.timeouts)

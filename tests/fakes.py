@@ -19,6 +19,15 @@ import orjson
 from aiohttp import web
 
 
+def send_extra_headers(app: web.Application, fake: Any) -> None:
+    """Every response of ``app`` also carries ``fake.response_headers`` (as read at that moment): a test
+    makes a fake speak a vendor's quota headers (``Sforce-Limit-Info``, ``X-HubSpot-RateLimit-*``, ...)."""
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(fake.response_headers)
+
+    app.on_response_prepare.append(add)
+
+
 async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
     """Serve an aiohttp app on a free loopback port: (runner to clean up, port)."""
     runner = web.AppRunner(app, access_log=None)
@@ -35,6 +44,7 @@ class Received:
     headers: dict[str, str]
     header_items: list[tuple[str, str]]
     body: bytes
+    peer: Any = None  # (host, port) of the connection it came on
 
     @property
     def path(self) -> str:
@@ -68,6 +78,7 @@ class FakeUpstream:
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
     versioned: bool = True
+    response_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -89,6 +100,7 @@ class FakeUpstream:
     async def start(self) -> "FakeUpstream":
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        send_extra_headers(app, self)
         self._runner, self.port = await serve_app(app)
         return self
 
@@ -99,7 +111,8 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.method, request.raw_path, dict(request.headers),
-                                      list(request.headers.items()), body))
+                                      list(request.headers.items()), body,
+                                      request.transport.get_extra_info("peername") if request.transport else None))
         for f in self.failures:
             if f.times > 0 and f.method in (request.method, "*") and request.path.startswith(f.prefix):
                 f.times -= 1

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes import Received, serve_app
+from tests.fakes import Received, send_extra_headers, serve_app
 
 TYPES = {"contacts": "contacts", "0-1": "contacts", "companies": "companies", "0-2": "companies",
          "deals": "deals", "0-3": "deals"}
@@ -79,6 +79,7 @@ class HubSpotFake:
     port: int = 0
     _ids: Any = field(default_factory=lambda: itertools.count(51001))
     _runner: web.AppRunner | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)  # sent with every response
 
     @property
     def url(self) -> str:
@@ -87,6 +88,7 @@ class HubSpotFake:
     async def start(self) -> "HubSpotFake":
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        send_extra_headers(app, self)
         self._runner, self.port = await serve_app(app)
         return self
 

@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 from aiohttp import web
 
-from tests.fakes import Received, serve_app
+from tests.fakes import Received, send_extra_headers, serve_app
 
 KEY_PREFIXES = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q", "Case": "500",
                 "Task": "00T", "Event": "00U", "User": "005", "Campaign": "701", "Contract": "800", "Order": "801",
@@ -93,6 +93,7 @@ class SalesforceFake:
     _seq: Any = field(default_factory=lambda: itertools.count(1))
     _clock: datetime = field(default_factory=lambda: datetime(2026, 1, 5, 9, 0, 0, tzinfo=timezone.utc))
     _runner: web.AppRunner | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)  # sent with every response
 
     # -- harness --------------------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class SalesforceFake:
     async def start(self) -> "SalesforceFake":
         app = web.Application(client_max_size=20 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        send_extra_headers(app, self)
         self._runner, self.port = await serve_app(app)
         return self
 

@@ -543,13 +543,6 @@ async def test_offline_says_so_and_catches_up(console, upstream, tmp_path):
     assert page.js_errors == []
 
 
-class FakeQuotas:
-    """What the multi-process quota tracker is to expose (proxy/stats.py: quota_of)."""
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"crm": {"remaining": 420, "limit": 1000, "at": 0}}
-
-
 async def test_charts_are_drawn_from_the_store(console, upstream, tmp_path):
     rules = dry_rules(upstream, tmp_path)
     rules["governance"] = {"error_budget": {"window": "1h", "max_bad_ratio": 0.2, "min_requests": 100}}
@@ -596,7 +589,10 @@ async def test_charts_are_drawn_from_the_store(console, upstream, tmp_path):
     assert (await page.text_content(f"{up} figure.chart[data-chart=traffic] desc")).startswith(f"{crm_requests} requests")
     assert "Not reported" in await page.inner_text(f"{up} figure[data-chart=quota]")
     await shot(page, "agents-charts")
-    gw.gw.quotas = FakeQuotas()
+    # the upstream says how much quota is left (IETF/X-RateLimit headers): the quota guard records it
+    upstream.response_headers = {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "420"}
+    assert (await gw.request("GET", "/api/contacts/1")).status in (200, 404)
+    upstream.response_headers = {}
     await page.select_option("select[name=range]", "7d")
     await page.wait_for_selector(f"{up} figure.chart[data-chart=quota] svg")
     assert "now 420 of 1000" in await page.text_content(f"{up} figure.chart[data-chart=quota] desc")

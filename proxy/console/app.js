@@ -1666,17 +1666,33 @@
       return Promise.all([api('GET', 'agents'), api('GET', 'grants'), api('GET', 'promotions', { history: 1 }),
         api('GET', 'stats', { since: statsRange, buckets: RANGES[statsRange] })]).then(function (res) {
         if (my !== loadSeq) return;
-        render(res[0].agents, res[1].grants, res[2].promotions, res[3]);
+        render(res[0].agents, res[1].grants, res[2].promotions, res[3], res[0].upstreams);
       }, function (err) { clear(body).appendChild(errorBox(err)); });
     }
 
-    function render(agents, grants, promotions, stats) {
+    function renderQuota(upstreams) {
+      // the SaaS quota the company shares (proxy/quota.py): what each upstream last said, and any block
+      (upstreams || []).filter(function (u) { return u.blocked || u.reserve || Object.keys(u.windows || {}).length; }).forEach(function (u) {
+        var card = el('section.card' + (u.blocked ? '.quarantined' : ''));
+        card.appendChild(el('h2', 'Upstream ' + u.upstream + ' quota ', badge(u.blocked ? 'held_back' : 'ok')));
+        if (u.blocked) card.appendChild(el('p', 'Agents get 429 upstream_quota until ', stamp(u.blocked_until), ': ' + u.reason));
+        card.appendChild(table('Quota of ' + u.upstream + ' (reserve ' + (u.reserve || 'none') + ')', ['Window', 'Remaining', 'Limit'],
+          Object.keys(u.windows || {}).map(function (w) {
+            var d = u.windows[w];
+            return [w, d.remaining === null || d.remaining === undefined ? '—' : String(d.remaining), d.limit === null || d.limit === undefined ? '—' : String(d.limit)];
+          })));
+        body.appendChild(card);
+      });
+    }
+
+    function render(agents, grants, promotions, stats, upstreams) {
       var focusId = document.activeElement && document.activeElement.id;
       clear(body);
       var byKey = {};
       grants.forEach(function (g) { byKey[g.agent + '\u0000' + g.capability] = g; });
       var summary = agents.filter(function (a) { return a.quarantined; }).length;
       body.appendChild(el('p', agents.length + ' agent' + (agents.length === 1 ? '' : 's') + (summary ? ', ' : ''), summary ? el('strong.warn-text', summary + ' quarantined') : null, '.'));
+      renderQuota(upstreams);
       agents.slice().sort(function (x, y) { return (y.quarantined ? 1 : 0) - (x.quarantined ? 1 : 0); }).forEach(function (a) {
         var s = a.sli;
         var b = s.budget || {};

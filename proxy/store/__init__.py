@@ -22,4 +22,10 @@ def open_store(url: str, *, synchronous: str = "full") -> Store:
     return SQLiteStore(path, synchronous=synchronous)
 
 
-__all__ = ["Store", "StoreUnavailable", "open_store"]
+def shared_by_processes(store: Store, workers: int) -> bool:
+    """Do other gateway processes share this store's state? Workers of one gateway always do; a
+    PostgreSQL store is meant for replicas, so Tether assumes others may be there."""
+    return workers > 1 or store.kind == "postgresql"
+
+
+__all__ = ["Store", "StoreUnavailable", "open_store", "shared_by_processes"]

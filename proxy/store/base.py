@@ -2,7 +2,8 @@
 
 What Tether must keep across a crash lives behind these methods: the journal (hash-chained), review
 items, transactions with their compensation steps, promotions, quarantines and leases (so that a sweep
-runs on one replica at a time). Rows cross the interface as plain dicts whose JSON columns are already
+runs on one replica at a time) — and what makes several processes one gateway: shared rate-limit
+buckets, error-budget counts, upstream quota blocks, and a signal that tells the others something changed. Rows cross the interface as plain dicts whose JSON columns are already
 decoded, so the SQLite and PostgreSQL implementations are interchangeable and tested by one suite.
 
 State changes that must happen exactly once (deciding a review item, moving a transaction from
@@ -13,7 +14,7 @@ report whether they won, so two reviewers or two replicas racing cannot both suc
 from __future__ import annotations
 
 import abc
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from ..chain import StoredRecord
 
@@ -178,10 +179,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def quarantine_set(self, agent: str, row: dict[str, Any]) -> bool:
-        """Quarantine an agent; False if it already was."""
+        """Quarantine an agent; False if it already was, or if ``row["epoch"]`` is given and is no longer
+        the agent's error-budget epoch (the counts that tipped it were voided by a release since)."""
 
     @abc.abstractmethod
-    async def quarantine_release(self, agent: str, by: str, reason: str) -> bool: ...
+    async def quarantine_release(self, agent: str, by: str, reason: str) -> bool:
+        """Lift a quarantine (True if there was one) and restart the agent's error-budget window for
+        every process: its shared counts are dropped and its epoch moves on, in the same transaction."""
 
     @abc.abstractmethod
     async def quarantines(self) -> dict[str, dict[str, Any]]:
@@ -195,3 +199,42 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def lease_release(self, name: str, holder: str) -> None:
         """Give a lease up (its row goes: per-transaction leases must not pile up)."""
+
+    # -- many processes (workers and replicas are one gateway) ---------------------------------------
+    @abc.abstractmethod
+    async def bucket_take(self, reqs: list[tuple[str, float, float, float, float]]) -> list[tuple[float, float]]:
+        """Shared token buckets. For each ``(key, rate per second, capacity, need, want)`` (keys sorted,
+        distinct): refill by the time passed (the store's clock), then take ``want`` tokens (or all there
+        are, if fewer) when at least ``need`` are there, else none. Returns ``(granted, tokens left)``
+        per key. Atomic per call: a process leases tokens this way and spends them locally."""
+
+    @abc.abstractmethod
+    async def sli_sync(self, increments: list[tuple[str, int, float, str, int]], since: dict[str, float],
+                       prune_before: float | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """Add error-budget counts ``(agent, epoch, bucket start, kind, n)`` — those of a stale epoch are
+        dropped — then return every process's totals per agent and kind over buckets starting after
+        ``since[agent]``, and every agent's epoch. Serialised per agent, so two processes syncing at
+        once see each other's counts. ``prune_before`` drops buckets older than that."""
+
+    @abc.abstractmethod
+    async def sli_epochs(self) -> dict[str, int]:
+        """Each agent's error-budget epoch (moved on by each release; absent means 0)."""
+
+    @abc.abstractmethod
+    async def quota_update(self, upstream: str, doc: dict[str, Any], now: float) -> tuple[bool, float]:
+        """Store what an upstream last said about its quota. A block (``doc["blocked_until"]``) only ends
+        by expiring: a stored one still in force is kept or extended, never shortened. Returns (whether
+        this call started a new block, the block in force)."""
+
+    @abc.abstractmethod
+    async def quota_states(self) -> dict[str, dict[str, Any]]:
+        """The stored quota state per upstream."""
+
+    @abc.abstractmethod
+    async def signal(self, topic: str) -> None:
+        """Tell every process sharing the store that shared governance state changed (promptly)."""
+
+    @abc.abstractmethod
+    async def watch(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(topic or None)`` on every signal from any process (None: something changed,
+        or signals may have been missed: re-read everything). Runs until :meth:`close`."""

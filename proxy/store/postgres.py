@@ -193,6 +193,33 @@ _MIGRATIONS: list[list[str]] = [
         "UPDATE {s}.review_items SET bytes = octet_length(doc)",
         "CREATE INDEX review_agent_state ON {s}.review_items (agent, state, bytes)",
     ],
+    # 4: shared state for many processes: rate-limit buckets, error-budget counts and their epochs,
+    # upstream quota state
+    [
+        """CREATE TABLE {s}.rl_buckets (
+            key TEXT COLLATE "C" PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            stamp DOUBLE PRECISION NOT NULL,
+            granted DOUBLE PRECISION NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE {s}.gov_sli (
+            agent TEXT COLLATE "C" NOT NULL,
+            start DOUBLE PRECISION NOT NULL,
+            kind TEXT COLLATE "C" NOT NULL,
+            n BIGINT NOT NULL,
+            PRIMARY KEY (agent, start, kind)
+        )""",
+        """CREATE TABLE {s}.gov_epochs (
+            agent TEXT COLLATE "C" PRIMARY KEY,
+            epoch INTEGER NOT NULL
+        )""",
+        """CREATE TABLE {s}.upstream_quota (
+            upstream TEXT COLLATE "C" PRIMARY KEY,
+            updated_at DOUBLE PRECISION NOT NULL,
+            blocked_until DOUBLE PRECISION NOT NULL,
+            doc BYTEA NOT NULL
+        )""",
+    ],
 ]
 
 LATEST_VERSION = len(_MIGRATIONS)
@@ -297,6 +324,11 @@ class PostgresStore(Store):
         self.auto_migrate: bool = opts["migrate"]
         self.description = redact(url)
         self.channel = "tether_journal" if self.schema == DEFAULT_SCHEMA else f"tether_journal_{self.schema}"[:63]
+        # governance signals (quarantines, releases, promotions, quota blocks): per schema, like the journal's
+        self.gov_channel = "tether_gov" if self.schema == DEFAULT_SCHEMA else f"tether_gov_{self.schema}"[:63]
+        self._watcher: Any = None
+        self._watch_cb: Any = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.migrated_from: int | None = None  # schema version found by the last migrate()
         self._pool: Any = None
         self._listener: Any = None
@@ -394,6 +426,16 @@ class PostgresStore(Store):
     async def close(self) -> None:
         for ev in self._waiters:
             ev.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                await asyncio.wait_for(watcher.close(), 2)
+            except Exception:  # noqa: BLE001
+                watcher.terminate()
         listener, self._listener = self._listener, None
         if listener is not None:
             try:
@@ -803,17 +845,32 @@ class PostgresStore(Store):
         return [orjson.loads(r[0]) for r in await self._fetch(sql, *params)]
 
     async def quarantine_set(self, agent: str, row: dict[str, Any]) -> bool:
+        epoch = row.get("epoch")
         async with self._conn() as conn:
-            won = await conn.fetchval(
-                f"INSERT INTO {self._s}.quarantine (agent, since, doc) VALUES ($1, $2, $3) "
-                f"ON CONFLICT (agent) DO NOTHING RETURNING agent",
-                agent, row.get("since", time.time()), orjson.dumps(row))
+            if epoch is None:
+                won = await conn.fetchval(
+                    f"INSERT INTO {self._s}.quarantine (agent, since, doc) VALUES ($1, $2, $3) "
+                    f"ON CONFLICT (agent) DO NOTHING RETURNING agent",
+                    agent, row.get("since", time.time()), orjson.dumps(row))
+            else:  # judged on the counts of that epoch: a release since voids the judgement
+                won = await conn.fetchval(
+                    f"INSERT INTO {self._s}.quarantine (agent, since, doc) SELECT $1, $2, $3 "
+                    f"WHERE COALESCE((SELECT epoch FROM {self._s}.gov_epochs WHERE agent = $1), 0) = $4 "
+                    f"ON CONFLICT (agent) DO NOTHING RETURNING agent",
+                    agent, row.get("since", time.time()), orjson.dumps(row), int(epoch))
             return won is not None
 
     async def quarantine_release(self, agent: str, by: str, reason: str) -> bool:
-        async with self._conn() as conn:
+        async def go(conn: Any) -> bool:
+            # the epoch row is locked first, as sli_sync does: a sync in flight finishes before the reset
+            await conn.execute(
+                f"INSERT INTO {self._s}.gov_epochs AS e (agent, epoch) VALUES ($1, 1) "
+                f"ON CONFLICT (agent) DO UPDATE SET epoch = e.epoch + 1", agent)
             gone = await conn.fetchval(f"DELETE FROM {self._s}.quarantine WHERE agent = $1 RETURNING agent", agent)
+            await conn.execute(f"DELETE FROM {self._s}.gov_sli WHERE agent = $1", agent)
             return gone is not None
+
+        return bool(await self._write(go))
 
     async def quarantines(self) -> dict[str, dict[str, Any]]:
         rows = await self._fetch(f"SELECT agent, doc FROM {self._s}.quarantine")
@@ -835,6 +892,145 @@ class PostgresStore(Store):
     async def lease_release(self, name: str, holder: str) -> None:
         async with self._conn() as conn:
             await conn.execute(f"DELETE FROM {self._s}.leases WHERE name = $1 AND holder = $2", name, holder)
+
+    # -- many processes: rate-limit buckets, error-budget counts, quota, signals -----------------------
+
+    async def bucket_take(self, reqs: list[tuple[str, float, float, float, float]]) -> list[tuple[float, float]]:
+        """One UPDATE for every key (a second one, after creating full buckets, for keys seen for the first
+        time). Refill, grant and the new level are computed in the SET from the row itself, so a row
+        changed by a concurrent replica is re-evaluated on its new version (READ COMMITTED), and timed
+        by the server's clock. Keys are sorted, so concurrent callers lock rows in the same order."""
+        if not reqs:
+            return []
+        out: dict[str, tuple[float, float]] = {}
+        todo = list(reqs)
+        for attempt in (1, 2):
+            cols = [list(c) for c in zip(*todo)]
+            async with self._conn() as conn:
+                rows = await conn.fetch(self._bucket_sql, *cols)
+            for key, granted, left in rows:
+                out[key] = (float(granted), float(left))
+            todo = [r for r in todo if r[0] not in out]
+            if not todo or attempt == 2:
+                break
+            async with self._conn() as conn:
+                await conn.execute(
+                    f"INSERT INTO {self._s}.rl_buckets (key, tokens, stamp) SELECT k, c, "
+                    f"extract(epoch FROM clock_timestamp())::float8 FROM unnest($1::text[], $2::float8[]) AS r(k, c) "
+                    f"ON CONFLICT (key) DO NOTHING", [r[0] for r in todo], [r[2] for r in todo])
+        if todo:
+            raise StoreUnavailable(f"{redact(self.url)}: rate-limit buckets {[r[0] for r in todo]} could not be read")
+        return [out[r[0]] for r in reqs]
+
+    @property
+    def _bucket_sql(self) -> str:
+        avail = "least(r.cap, b.tokens + greatest(0, n.t - b.stamp) * r.rate)"
+        # the rows are locked in key order first (``locked``), whatever join order the planner picks for
+        # the UPDATE: two replicas taking overlapping keys at once queue up instead of deadlocking
+        return (f"WITH r AS (SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[], "
+                f"$5::float8[]) AS r(key, rate, cap, need, want)), "
+                f"locked AS (SELECT x.key FROM {self._s}.rl_buckets x JOIN r ON x.key = r.key "
+                f"ORDER BY x.key FOR UPDATE OF x) "
+                f"UPDATE {self._s}.rl_buckets AS b SET "
+                f"tokens = CASE WHEN {avail} >= r.need THEN {avail} - least({avail}, r.want) ELSE {avail} END, "
+                f"granted = CASE WHEN {avail} >= r.need THEN least({avail}, r.want) ELSE 0 END, "
+                f"stamp = greatest(b.stamp, n.t) "
+                f"FROM r, locked AS l, (SELECT extract(epoch FROM clock_timestamp())::float8 AS t) AS n "
+                f"WHERE b.key = r.key AND l.key = b.key RETURNING b.key, b.granted, b.tokens")
+
+    async def sli_sync(self, increments: list[tuple[str, int, float, str, int]], since: dict[str, float],
+                       prune_before: float | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        agents = sorted({i[0] for i in increments})
+
+        async def go(conn: Any) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+            if agents:
+                # one row lock per agent, in order: syncs of one agent are serialised, so the second sees
+                # the first's counts (and a release, which takes the same lock, is never half seen)
+                await conn.execute(
+                    f"INSERT INTO {self._s}.gov_epochs (agent, epoch) SELECT unnest($1::text[]), 0 "
+                    f"ON CONFLICT (agent) DO NOTHING", agents)
+                await conn.execute(f"SELECT 1 FROM {self._s}.gov_epochs WHERE agent = ANY($1::text[]) "
+                                   f"ORDER BY agent FOR UPDATE", agents)
+                cols = [list(c) for c in zip(*increments)]
+                await conn.execute(
+                    f"INSERT INTO {self._s}.gov_sli AS g (agent, start, kind, n) "
+                    f"SELECT i.agent, i.start, i.kind, SUM(i.n) FROM unnest($1::text[], $2::int[], $3::float8[], "
+                    f"$4::text[], $5::bigint[]) AS i(agent, epoch, start, kind, n) "
+                    f"JOIN {self._s}.gov_epochs e ON e.agent = i.agent AND e.epoch = i.epoch "
+                    f"GROUP BY i.agent, i.start, i.kind "
+                    f"ON CONFLICT (agent, start, kind) DO UPDATE SET n = g.n + excluded.n", *cols)
+            if prune_before is not None:
+                await conn.execute(f"DELETE FROM {self._s}.gov_sli WHERE start < $1", prune_before)
+            totals: dict[str, dict[str, int]] = {}
+            if since:
+                names = list(since)
+                for agent, kind, n in await conn.fetch(
+                        f"SELECT s.agent, s.kind, SUM(s.n) FROM {self._s}.gov_sli s "
+                        f"JOIN unnest($1::text[], $2::float8[]) AS w(agent, since) ON s.agent = w.agent "
+                        f"WHERE s.start > w.since GROUP BY s.agent, s.kind", names, [since[a] for a in names]):
+                    totals.setdefault(agent, {})[kind] = int(n)
+            epochs = {a: int(e) for a, e in await conn.fetch(f"SELECT agent, epoch FROM {self._s}.gov_epochs")}
+            return totals, epochs
+
+        return await self._write(go)  # type: ignore[no-any-return]
+
+    async def sli_epochs(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in await self._fetch(f"SELECT agent, epoch FROM {self._s}.gov_epochs")}
+
+    async def quota_update(self, upstream: str, doc: dict[str, Any], now: float) -> tuple[bool, float]:
+        async def go(conn: Any) -> tuple[bool, float]:
+            await conn.execute(
+                f"INSERT INTO {self._s}.upstream_quota (upstream, updated_at, blocked_until, doc) "
+                f"VALUES ($1, $2, 0, $3) ON CONFLICT (upstream) DO NOTHING", upstream, now, b"{}")
+            prev = await conn.fetchval(
+                f"SELECT blocked_until FROM {self._s}.upstream_quota WHERE upstream = $1 FOR UPDATE", upstream)
+            prev = float(prev or 0.0)
+            new = float(doc.get("blocked_until") or 0.0)
+            until, started = (max(prev, new), False) if prev > now else (new, new > now)
+            await conn.execute(
+                f"UPDATE {self._s}.upstream_quota SET updated_at = $2, blocked_until = $3, doc = $4 WHERE upstream = $1",
+                upstream, now, until, orjson.dumps({**doc, "blocked_until": until}))
+            return started, until
+
+        return await self._write(go)  # type: ignore[no-any-return]
+
+    async def quota_states(self) -> dict[str, dict[str, Any]]:
+        rows = await self._fetch(f"SELECT upstream, blocked_until, doc FROM {self._s}.upstream_quota")
+        return {r[0]: {**orjson.loads(bytes(r[2])), "blocked_until": float(r[1])} for r in rows}
+
+    async def signal(self, topic: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_notify($1, $2)", self.gov_channel, topic[:200])
+
+    async def watch(self, callback: Any) -> None:
+        """LISTEN on the schema's governance channel on a dedicated connection, reconnecting when it
+        drops (and then reporting ``None``: notifications may have been missed)."""
+        self._watch_cb = callback
+        if self._watch_task is None:
+            self._watch_task = asyncio.ensure_future(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        lost = asyncio.Event()
+        first = True
+        while True:
+            lost.clear()
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout,
+                                             command_timeout=self.command_timeout)
+                await conn.add_listener(self.gov_channel,
+                                        lambda _c, _p, _ch, payload: self._watch_cb(payload or None))
+                conn.add_termination_listener(lambda _c: lost.set())
+                self._watcher = conn
+                if not first:
+                    self._watch_cb(None)  # reconnected: whatever was signalled meanwhile is re-read
+                first = False
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the server is away: try again shortly
+                log.warning("governance LISTEN connection failed: %s", _describe(exc))
+            self._watcher = None
+            await asyncio.sleep(1.0)
 
     # -- introspection (tether store info) ------------------------------------------------------
 

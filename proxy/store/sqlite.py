@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import aiosqlite
 import orjson
@@ -122,6 +122,32 @@ _MIGRATIONS: list[str] = [
     UPDATE review_items SET bytes = length(doc);
     CREATE INDEX review_agent_state ON review_items(agent, state, bytes);
     """,
+    # 4: shared state for many processes: rate-limit buckets, error-budget counts and their epochs,
+    # upstream quota state
+    """
+    CREATE TABLE rl_buckets (
+        key TEXT PRIMARY KEY,
+        tokens REAL NOT NULL,
+        stamp REAL NOT NULL
+    );
+    CREATE TABLE gov_sli (
+        agent TEXT NOT NULL,
+        start REAL NOT NULL,
+        kind TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (agent, start, kind)
+    );
+    CREATE TABLE gov_epochs (
+        agent TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL
+    );
+    CREATE TABLE upstream_quota (
+        upstream TEXT PRIMARY KEY,
+        updated_at REAL NOT NULL,
+        blocked_until REAL NOT NULL,
+        doc BLOB NOT NULL
+    );
+    """,
 ]
 
 
@@ -209,6 +235,8 @@ class SQLiteStore(Store):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self.migrated_from: int | None = None
+        self.signal_path = f"{path}-signal"
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -223,12 +251,30 @@ class SQLiteStore(Store):
             # busy_timeout first: several processes opening one file at once (workers, replicas) wait
             # for each other's journal_mode switch and migration instead of failing
             await self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._wal()
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    async def _wal(self) -> None:
+        """``PRAGMA journal_mode=WAL``, waiting for other openers. On a fresh file the switch can fail with
+        "database is locked" *without* consulting the busy handler (several processes or connections
+        opening it at once: ``--workers``, replicas, the store tests), so the wait is done here, up to
+        the busy timeout."""
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000.0
+        pause = 0.002
+        while True:
+            try:
+                await self._conn().execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if (exc.sqlite_errorcode & 0xFF) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                        or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def _migrate(self) -> None:
         async with self._write():
@@ -250,6 +296,10 @@ class SQLiteStore(Store):
         return int(rows[0][0]) if rows else 0
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -559,15 +609,27 @@ class SQLiteStore(Store):
 
     async def quarantine_set(self, agent: str, row: dict[str, Any]) -> bool:
         async with self._write():
-            cur = await self._conn().execute(
+            db = self._conn()
+            if row.get("epoch") is not None:  # judged on counts of that epoch: a release since voids it
+                cur = await db.execute("SELECT epoch FROM gov_epochs WHERE agent = ?", (agent,))
+                found = await cur.fetchone()
+                if (found[0] if found else 0) != row["epoch"]:
+                    return False
+            cur = await db.execute(
                 "INSERT OR IGNORE INTO quarantine (agent, since, doc) VALUES (?,?,?)",
                 (agent, row.get("since", time.time()), orjson.dumps(row)))
             return cur.rowcount == 1
 
     async def quarantine_release(self, agent: str, by: str, reason: str) -> bool:
         async with self._write():
-            cur = await self._conn().execute("DELETE FROM quarantine WHERE agent = ?", (agent,))
-            return cur.rowcount == 1
+            db = self._conn()
+            cur = await db.execute("DELETE FROM quarantine WHERE agent = ?", (agent,))
+            released = cur.rowcount == 1
+            # the error-budget window restarts for every process: its counts go, its epoch moves on
+            await db.execute("DELETE FROM gov_sli WHERE agent = ?", (agent,))
+            await db.execute("INSERT INTO gov_epochs (agent, epoch) VALUES (?, 1) "
+                             "ON CONFLICT(agent) DO UPDATE SET epoch = epoch + 1", (agent,))
+            return released
 
     async def quarantines(self) -> dict[str, dict[str, Any]]:
         rows = await self._fetchall("SELECT agent, doc FROM quarantine")
@@ -589,3 +651,154 @@ class SQLiteStore(Store):
         async with self._write():
             await self._conn().execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
+
+    # -- many processes: rate-limit buckets, error-budget counts, quota, signals -----------------------
+
+    async def bucket_take(self, reqs: list[tuple[str, float, float, float, float]]) -> list[tuple[float, float]]:
+        if not reqs:
+            return []
+        db = self._conn()
+        try:
+            async with self._lock:
+                return await db._execute(_bucket_take, db._conn, time.time(), reqs)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    async def sli_sync(self, increments: list[tuple[str, int, float, str, int]], since: dict[str, float],
+                       prune_before: float | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        db = self._conn()
+        try:
+            async with self._lock:
+                return await db._execute(_sli_sync, db._conn, increments, since, prune_before)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    async def sli_epochs(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in await self._fetchall("SELECT agent, epoch FROM gov_epochs")}
+
+    async def quota_update(self, upstream: str, doc: dict[str, Any], now: float) -> tuple[bool, float]:
+        async with self._write():
+            db = self._conn()
+            cur = await db.execute("SELECT blocked_until FROM upstream_quota WHERE upstream = ?", (upstream,))
+            found = await cur.fetchone()
+            prev = float(found[0]) if found else 0.0
+            until, started = _merge_block(prev, float(doc.get("blocked_until") or 0.0), now)
+            doc = {**doc, "blocked_until": until}
+            await db.execute(
+                "INSERT INTO upstream_quota (upstream, updated_at, blocked_until, doc) VALUES (?,?,?,?) "
+                "ON CONFLICT(upstream) DO UPDATE SET updated_at = excluded.updated_at, "
+                "blocked_until = excluded.blocked_until, doc = excluded.doc",
+                (upstream, now, until, orjson.dumps(doc)))
+            return started, until
+
+    async def quota_states(self) -> dict[str, dict[str, Any]]:
+        rows = await self._fetchall("SELECT upstream, blocked_until, doc FROM upstream_quota")
+        return {r[0]: {**orjson.loads(r[2]), "blocked_until": float(r[1])} for r in rows}
+
+    async def signal(self, topic: str) -> None:
+        """Tell the other processes on this file that shared state changed: a byte appended to
+        ``<file>-signal``, whose size and time every watcher polls (a stat call every 20 ms)."""
+        def bump() -> None:
+            fd = os.open(self.signal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                if os.fstat(fd).st_size > 4096:
+                    os.ftruncate(fd, 0)
+                os.write(fd, topic.encode("utf-8", "replace")[:64] + b"\n")
+            finally:
+                os.close(fd)
+
+        try:
+            bump()
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.signal_path}: {exc}") from None
+
+    async def watch(self, callback: Callable[[str | None], None]) -> None:
+        if self._watch_task is None:
+            self._watch_task = asyncio.ensure_future(self._poll_signal(callback))
+
+    async def _poll_signal(self, callback: Callable[[str | None], None]) -> None:
+        def key() -> tuple[int, int, int] | None:
+            try:
+                st = os.stat(self.signal_path)
+            except OSError:
+                return None
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+        last = key()
+        while True:
+            await asyncio.sleep(_SIGNAL_POLL)
+            cur = key()
+            if cur != last:
+                last = cur
+                callback(None)
+
+
+_SIGNAL_POLL = 0.02  # seconds between two looks at the signal file
+
+
+def _merge_block(prev: float, new: float, now: float) -> tuple[float, bool]:
+    """A quota block only ends by expiring (an answer that was already on its way must not lift it):
+    (the block in force, whether this one started a new episode)."""
+    if prev > now:
+        return max(prev, new), False
+    return new, new > now
+
+
+def _bucket_take(conn: sqlite3.Connection, now: float,
+                 reqs: list[tuple[str, float, float, float, float]]) -> list[tuple[float, float]]:
+    """Token buckets shared through the file: for each (key, rate/s, capacity, need, want), refill, then
+    grant ``want`` (at most what is there) if at least ``need`` is there, else nothing. Returns
+    (granted, tokens left) per key. One write transaction: other processes wait for it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = []
+        for key, rate, cap, need, want in reqs:
+            row = conn.execute("SELECT tokens, stamp FROM rl_buckets WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                avail, stamp = cap, now
+            else:
+                avail = min(cap, row[0] + max(0.0, now - row[1]) * rate)
+                stamp = max(now, row[1])
+            granted = min(avail, want) if avail >= need else 0.0
+            conn.execute("INSERT INTO rl_buckets (key, tokens, stamp) VALUES (?,?,?) ON CONFLICT(key) DO UPDATE "
+                         "SET tokens = excluded.tokens, stamp = excluded.stamp", (key, avail - granted, stamp))
+            out.append((granted, avail - granted))
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+    return out
+
+
+def _sli_sync(conn: sqlite3.Connection, increments: list[tuple[str, int, float, str, int]],
+              since: dict[str, float], prune_before: float | None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Add a process's error-budget counts (only those observed in the agent's current epoch: a release
+    voids older ones) and read back every process's totals since each agent's cutoff, in one write
+    transaction, so that two processes syncing at once see each other's counts."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        epochs = {a: int(e) for a, e in conn.execute("SELECT agent, epoch FROM gov_epochs")}
+        conn.executemany(
+            "INSERT INTO gov_sli (agent, start, kind, n) VALUES (?,?,?,?) "
+            "ON CONFLICT(agent, start, kind) DO UPDATE SET n = n + excluded.n",
+            [(a, st, k, n) for a, ep, st, k, n in increments if epochs.get(a, 0) == ep])
+        if prune_before is not None:
+            conn.execute("DELETE FROM gov_sli WHERE start < ?", (prune_before,))
+        totals: dict[str, dict[str, int]] = {}
+        if since:  # one query for every agent, each with its own window (a JSON list of [agent, cutoff])
+            for agent, kind, n in conn.execute(
+                    "SELECT s.agent, s.kind, SUM(s.n) FROM gov_sli s JOIN json_each(?) w "
+                    "ON s.agent = json_extract(w.value, '$[0]') WHERE s.start > json_extract(w.value, '$[1]') "
+                    "GROUP BY s.agent, s.kind", (orjson.dumps(list(since.items())).decode(),)):
+                totals.setdefault(agent, {})[kind] = int(n)
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+    return totals, epochs
