@@ -213,3 +213,40 @@ class ConformanceBackend:
     def record(self, event: Mapping[str, Any]) -> str | None:
         self.events.append(dict(event))
         return None
+
+
+# --------------------------------------------------------------------------- a gateway serving MCP with a test backend
+
+
+@dataclass
+class McpEnv:
+    handle: Any  # tests.conftest.GatewayHandle
+    backend: Any
+    endpoint: Any
+
+    @property
+    def base(self) -> str:
+        return self.handle.url
+
+    @property
+    def url(self) -> str:
+        return f"{self.handle.url}{self.endpoint.path}"
+
+    def token(self, agent: str = "bot", on_behalf_of: str | None = None, **kw: Any) -> str:
+        return self.handle.token(agent, on_behalf_of, **kw)
+
+
+async def start_mcp_env(make_gateway: Any, store_url: str, *, backend: str = "jwt",
+                        limits: dict[str, Any] | None = None, **mcp_cfg: Any) -> McpEnv:
+    """A gateway (no upstream traffic needed) with ``server.mcp`` = ``mcp_cfg`` and a test backend mounted."""
+    from proxy.mcp import mount_mcp
+    from tests.conftest import base_rules
+
+    rules = base_rules("http://127.0.0.1:9", store_url)
+    rules["server"]["mcp"] = mcp_cfg
+    if limits:
+        rules["server"]["limits"] = limits
+    h = await make_gateway(rules)
+    be: Any = JwtBackend(h.gw.state.verifier) if backend == "jwt" else ConformanceBackend()
+    ep = mount_mcp(h.gw, be)
+    return McpEnv(h, be, ep)

@@ -366,7 +366,7 @@ class McpEndpoint:
             "principal": ctx.principal.key if ctx.principal is not None else None})
         data: dict[str, Any] = {"code": r.code, "request_id": rid}
         if r.data is not None:
-            data["details"] = r.data
+            data.update(r.data)
         headers = {**ctx.cors, **r.headers, "Content-Type": "application/json"}
         if rid:
             headers[REQUEST_ID_HEADER] = rid
@@ -464,6 +464,8 @@ class McpEndpoint:
 
         if type(obj) is dict and obj.get("method") == "initialize":
             return await self._initialize(ctx, obj, sid, json_ok, sse_ok)
+        if pv is not None and pv not in J.HANDSHAKE_VERSIONS:
+            raise self._unsupported_version(pv)
         if sid is None:
             raise _Refuse("mcp_session_required",
                           "send initialize first; every other message carries the Mcp-Session-Id it returned")
@@ -474,11 +476,8 @@ class McpEndpoint:
         ctx.session = session
         version = session.info.protocol_version
         if pv is not None and pv != version:
-            if pv in J.HANDSHAKE_VERSIONS:
-                raise _Refuse("mcp_protocol_version_mismatch",
-                              f"MCP-Protocol-Version {pv[:40]!r} differs from this session's {version}")
-            raise _Refuse("mcp_protocol_version_unsupported", f"MCP-Protocol-Version {pv[:40]!r} is not supported",
-                          data={"supported": list(J.HANDSHAKE_VERSIONS)})
+            raise _Refuse("mcp_protocol_version_mismatch",
+                          f"MCP-Protocol-Version {pv[:40]!r} differs from this session's {version}")
         reply = _Reply(request, json_ok, sse_ok, {**ctx.cors})
         if type(obj) is list:
             return await self._batch(ctx, session, principal, obj, reply)
@@ -700,10 +699,20 @@ class McpEndpoint:
         ctx.session = session
         pv = _one_header(ctx.request, VERSION_HEADER)
         if pv is not None and pv != session.info.protocol_version:
-            code = "mcp_protocol_version_mismatch" if pv in J.HANDSHAKE_VERSIONS else "mcp_protocol_version_unsupported"
-            raise _Refuse(code, f"MCP-Protocol-Version {pv[:40]!r} is not this session's "
-                                f"{session.info.protocol_version}")
+            if pv not in J.HANDSHAKE_VERSIONS:
+                raise self._unsupported_version(pv)
+            raise _Refuse("mcp_protocol_version_mismatch", f"MCP-Protocol-Version {pv[:40]!r} is not this "
+                                                           f"session's {session.info.protocol_version}")
         return session
+
+    @staticmethod
+    def _unsupported_version(pv: str) -> _Refuse:
+        """400 with the -32022 error and data the 2026-07-28 spec defines ({supported, requested}): a client
+        probing with a version this endpoint does not speak learns which ones it does (and falls back to
+        the initialize handshake)."""
+        return _Refuse("mcp_protocol_version_unsupported", f"MCP-Protocol-Version {pv[:40]!r} is not supported",
+                       rpc_code=J.UNSUPPORTED_PROTOCOL_VERSION,
+                       data={"supported": list(J.HANDSHAKE_VERSIONS), "requested": pv[:40]})
 
     async def _get(self, ctx: _Ctx) -> web.StreamResponse:
         session = await self._session_for(ctx)

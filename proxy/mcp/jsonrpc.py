@@ -23,11 +23,19 @@ from __future__ import annotations
 from typing import Any, Final
 
 import orjson
-from mcp_types.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from mcp_types.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    UNSUPPORTED_PROTOCOL_VERSION,
+)
 
 __all__ = [
     "HANDSHAKE_VERSIONS", "LATEST_HANDSHAKE", "BATCH_VERSIONS", "DEFAULT_HEADERLESS_VERSION",
     "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
+    "UNSUPPORTED_PROTOCOL_VERSION",
     "Message", "EnvelopeError", "classify", "response_bytes", "error_bytes", "error_obj",
 ]
 
