@@ -217,6 +217,17 @@ async def test_authentication_failures_are_401_with_rfc9728_challenge(env, clien
     assert reasons == ["token_missing", "token_malformed", "token_expired", "agent_unknown"]
 
 
+async def test_a_session_is_no_credential(env, client):
+    """Every request is authenticated on its own: a live session id with a bad or expired token is refused."""
+    await client.initialize()
+    for auth in ("", f"Bearer {env.token('bot', ttl=-60)}"):
+        r, body = await client.call("tools/call", {"name": "crm_read", "arguments": {"id": "1"}}, Authorization=auth)
+        assert r.status == 401
+    assert env.backend.calls == []
+    r, body = await client.call("ping")
+    assert r.status == 200
+
+
 async def test_protected_resource_metadata_root_and_path_suffixed(env, http):
     for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"):
         async with http.get(env.base + path) as r:
