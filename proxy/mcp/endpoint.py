@@ -11,7 +11,10 @@ endpoint (``server.mcp.path``, default ``/mcp``) or its RFC 9728 metadata docume
    the body read under the size and time limits (413, 408), parsed strictly (-32700 on bad JSON).
 4. **Session**: ``initialize`` creates one (``Mcp-Session-Id`` in the answer, the version negotiated);
    every other message needs it (400 without, 404 when unknown, expired, deleted — or opened by another
-   principal, indistinguishably). ``MCP-Protocol-Version``, when sent, must be the session's (400).
+   principal, indistinguishably). ``MCP-Protocol-Version``, when sent, must name a version this endpoint
+   speaks (400 and -32022 otherwise); the session's negotiated version governs what a message may be
+   (a client quoting another supported version in the header — the conformance suite does — is served
+   by its session's version, not refused)
 5. **Dispatch**: ``ping``, ``tools/list`` (cursor pagination), ``tools/call`` (to the backend),
    ``notifications/initialized`` and ``notifications/cancelled``; batches only on 2025-03-26 sessions.
 6. **Answer**: ``application/json``, or ``text/event-stream`` from the moment a call reports progress
@@ -68,7 +71,6 @@ MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
     "mcp_session_required": (400, "a message other than initialize without Mcp-Session-Id"),
     "mcp_session_exists": (400, "initialize sent with an Mcp-Session-Id (it opens a new session)"),
     "mcp_protocol_version_unsupported": (400, "MCP-Protocol-Version names a version this endpoint does not speak"),
-    "mcp_protocol_version_mismatch": (400, "MCP-Protocol-Version differs from the session's negotiated version"),
     "ambiguous_request": (400, "a header Tether relies on is repeated"),
     "origin_not_allowed": (403, "the Origin header names an origin not in server.mcp.allowed_origins"),
     "host_not_allowed": (403, "the Host header does not name this listener"),
@@ -475,9 +477,6 @@ class McpEndpoint:
                           "no such MCP session (unknown, expired or ended): send initialize without Mcp-Session-Id")
         ctx.session = session
         version = session.info.protocol_version
-        if pv is not None and pv != version:
-            raise _Refuse("mcp_protocol_version_mismatch",
-                          f"MCP-Protocol-Version {pv[:40]!r} differs from this session's {version}")
         reply = _Reply(request, json_ok, sse_ok, {**ctx.cors})
         if type(obj) is list:
             return await self._batch(ctx, session, principal, obj, reply)
@@ -698,11 +697,8 @@ class McpEndpoint:
             raise _Refuse("mcp_session_not_found", "no such MCP session (unknown, expired or ended)")
         ctx.session = session
         pv = _one_header(ctx.request, VERSION_HEADER)
-        if pv is not None and pv != session.info.protocol_version:
-            if pv not in J.HANDSHAKE_VERSIONS:
-                raise self._unsupported_version(pv)
-            raise _Refuse("mcp_protocol_version_mismatch", f"MCP-Protocol-Version {pv[:40]!r} is not this "
-                                                           f"session's {session.info.protocol_version}")
+        if pv is not None and pv not in J.HANDSHAKE_VERSIONS:
+            raise self._unsupported_version(pv)
         return session
 
     @staticmethod
@@ -723,19 +719,30 @@ class McpEndpoint:
             raise _Refuse("mcp_stream_conflict", "this session's GET stream is already open")
         stream = web.StreamResponse(status=200, headers={**ctx.cors, **_SSE_HEADERS, SESSION_HEADER: session.id})
         session.stream = stream
+        request = ctx.request
+        keepalive = self.settings.keepalive
+        tick = min(keepalive, 1.0)  # how soon a client that went away frees the session
+        loop = asyncio.get_running_loop()
         try:
-            await stream.prepare(ctx.request)
+            await stream.prepare(request)
             await stream.write(b": stream open\n\n")
+            quiet_since = loop.time()
             while not (session.closed or self._closing):
                 session.outbox.clear()
                 tv = self.backend.tools_version(session.principal)
                 if tv != session.listed_version and tv != session.notified_version:
                     session.notified_version = tv
                     await stream.write(_sse_event(b'{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}'))
+                    quiet_since = loop.time()
                 try:
-                    await asyncio.wait_for(session.outbox.wait(), self.settings.keepalive)
+                    await asyncio.wait_for(session.outbox.wait(), tick)
                 except TimeoutError:
-                    await stream.write(b": keep-alive\n\n")
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        break
+                    if loop.time() - quiet_since >= keepalive:
+                        await stream.write(b": keep-alive\n\n")
+                        quiet_since = loop.time()
             await stream.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client went away

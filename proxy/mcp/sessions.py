@@ -9,9 +9,9 @@ mitigation: key sessions by ``<principal>:<session id>``).
 
 Bounds: a session idle for ``idle_timeout`` (no request, no call in flight, no open GET stream) is
 dropped; a principal opening more than ``max_per_principal`` sessions has its least recently used idle
-one dropped (clients that leak sessions heal themselves; another principal's sessions are never
-touched); beyond ``max_total`` sessions, or when all of a principal's sessions are busy, a new one is
-refused. Expiry runs lazily, at most every few seconds, from the requests themselves — no timer task.
+one dropped, else one that only holds a GET stream open (clients that leak sessions heal themselves;
+another principal's sessions are never touched); beyond ``max_total`` sessions, or when every session of
+the principal has a call in flight, a new one is refused. Expiry runs lazily, at most every few seconds, from the requests themselves — no timer task.
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ class SessionStore:
         self.maybe_sweep()
         owned = self._by_owner.get(principal.key)
         if owned is not None and len(owned) >= self.max_per_principal:
-            idle = [s for s in owned.values() if not s.busy()]
-            if not idle:
-                raise TooManySessions(f"all {len(owned)} sessions of this principal are in use")
-            self.drop(min(idle, key=lambda s: s.last_seen), "evicted")
+            # the least recently used idle session; else one whose only use is a GET stream (its client may
+            # be gone without a word); never one with a call in flight
+            victims = [s for s in owned.values() if not s.busy()] or [s for s in owned.values() if not s.in_flight]
+            if not victims:
+                raise TooManySessions(f"all {len(owned)} sessions of this principal have calls in flight")
+            self.drop(min(victims, key=lambda s: s.last_seen), "evicted")
         if len(self._sessions) >= self.max_total:
             self.sweep()
             if len(self._sessions) >= self.max_total:
