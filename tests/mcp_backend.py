@@ -62,13 +62,21 @@ BOT_TOOLS = [
     _tool("boom", "Crashes inside the backend"),
 ]
 
+# a tool whose schema mirrors arguments into Mcp-Param-* headers (MCP 2026-07-28, x-mcp-header)
+REGION = _tool("region_query", "Query one region", {
+    "type": "object", "required": ["region", "query"],
+    "properties": {"region": {"type": "string", "x-mcp-header": "Region"},
+                   "limit": {"type": "integer", "x-mcp-header": "Limit"},
+                   "opts": {"type": "object", "properties": {"dry": {"type": "boolean", "x-mcp-header": "Dry"}}},
+                   "query": {"type": "string"}}})
+
 
 class JwtBackend:
     def __init__(self, verifier: Any, *, issuer: str = "https://issuer.example") -> None:
         self.verifier = verifier
         self.issuer = issuer
-        self.tools: dict[str, list[Tool]] = {"bot": list(BOT_TOOLS), "other-bot": [READ]}
-        self.versions: dict[str, int] = {"bot": 1, "other-bot": 1}
+        self.tools: dict[str, list[Tool]] = {"bot": list(BOT_TOOLS), "other-bot": [READ], "region-bot": [REGION]}
+        self.versions: dict[str, int] = {"bot": 1, "other-bot": 1, "region-bot": 1}
         self.events: list[dict[str, Any]] = []
         self.calls: list[ToolCall] = []
         self.cancelled_seen: list[Any] = []
@@ -103,6 +111,8 @@ class JwtBackend:
         if call.name == "crm_update":
             return error_result("capability_not_granted", "the route is registered but not granted to this agent",
                                 status=403, details={"capability": "contact.update"}, request_id="r-123")
+        if call.name == "region_query":
+            return json_result({"arguments": call.arguments})
         if call.name == "echo":
             return json_result({"arguments": call.arguments, "meta": call.meta, "session": call.session.id,
                                 "client": call.session.client_name, "version": call.session.protocol_version,

@@ -152,7 +152,8 @@ async def test_protocol_version_header_must_name_a_supported_version(env, client
     await client.initialize("2025-06-18")
     r, body = await client.call("ping", **{"MCP-Protocol-Version": "2031-01-01"})
     assert r.status == 400 and body["error"]["code"] == -32022
-    assert body["error"]["data"]["supported"] == ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"]
+    assert body["error"]["data"]["supported"] == ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25",
+                                                  "2026-07-28"]
     assert body["error"]["data"]["requested"] == "2031-01-01"
     r, body = await client.post({"jsonrpc": "2.0", "id": 5, "method": "ping"},
                                 **{"MCP-Protocol-Version": "2025-06-18, 2025-11-25"})

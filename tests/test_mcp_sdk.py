@@ -141,15 +141,3 @@ async def test_closing_the_client_ends_its_session(env):
     closed = [e for e in env.backend.events if e["event"] == "mcp_session_closed"]
     assert [e["reason"] for e in closed] == ["deleted"]
     assert len(env.endpoint.sessions) == 0
-
-
-async def test_the_sdks_default_client_falls_back_from_its_2026_probe(env):
-    token = env.token("bot")
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as hc:
-        async with Client(streamable_http_client(env.url, http_client=hc)) as c:
-            assert c.session.protocol_version == "2025-11-25"
-            res = await c.call_tool("crm_read", {"id": "9"})
-            assert res.structured_content == {"id": "9", "name": "Ada Lovelace"}
-    probe = [e for e in env.backend.events if e["event"] == "mcp_refused"]
-    assert [e["reason"] for e in probe] == ["mcp_protocol_version_unsupported"]
-

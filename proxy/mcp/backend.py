@@ -62,9 +62,11 @@ class ProgressSink(Protocol):
 @dataclass(frozen=True, slots=True)
 class McpSessionInfo:
     """One MCP session, fixed at ``initialize``. ``client_name``/``client_version`` are what the client
-    said about itself (unverified, for the journal); ``client_capabilities`` is its raw capabilities."""
+    said about itself (unverified, for the journal); ``client_capabilities`` is its raw capabilities.
+    Under the stateless 2026-07-28 revision there is no session: ``id`` is None and the rest comes from
+    the request's own ``_meta``."""
 
-    id: str
+    id: str | None
     protocol_version: str
     client_name: str | None
     client_version: str | None

@@ -52,6 +52,7 @@ from ..errors import TetherError
 from . import jsonrpc as J
 from .backend import McpAuthError, Principal, ProgressSink, ToolBackend, ToolCall, UnknownTool
 from .sessions import Session, SessionStore, TooManySessions
+from .stateless import Stateless, looks_modern
 
 log = logging.getLogger("tether.mcp")
 
@@ -67,6 +68,7 @@ _SERVED_REQUESTS = frozenset({"initialize", "ping", "tools/list", "tools/call"})
 # The layer's own refusal codes (HTTP status, meaning): in JSON-RPC error data and the journal.
 MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
     "jsonrpc_invalid": (400, "the body is not a valid JSON-RPC 2.0 message for MCP"),
+    "header_mismatch": (400, "an MCP routing header (2026-07-28) is missing or differs from the body"),
     "mcp_batch_not_supported": (400, "a JSON-RPC batch on a session whose MCP version has no batches"),
     "mcp_session_required": (400, "a message other than initialize without Mcp-Session-Id"),
     "mcp_session_exists": (400, "initialize sent with an Mcp-Session-Id (it opens a new session)"),
@@ -192,7 +194,7 @@ def _sse_event(payload: bytes) -> bytes:
 class _Reply:
     """The answer to one POST: JSON unless something must be streamed first, then SSE."""
 
-    __slots__ = ("request", "json_ok", "sse_ok", "headers", "stream", "broken", "_lock")
+    __slots__ = ("request", "json_ok", "sse_ok", "headers", "stream", "broken", "on_broken", "_lock")
 
     def __init__(self, request: web.BaseRequest, json_ok: bool, sse_ok: bool, headers: dict[str, str]) -> None:
         self.request = request
@@ -201,6 +203,7 @@ class _Reply:
         self.headers = headers
         self.stream: web.StreamResponse | None = None
         self.broken = False
+        self.on_broken: Callable[[], None] | None = None
         self._lock: asyncio.Lock | None = None
 
     async def _open(self) -> web.StreamResponse:
@@ -221,7 +224,14 @@ class _Reply:
             stream = self.stream or await self._open()
             await stream.write(_sse_event(payload))
         except (ConnectionError, RuntimeError):
-            self.broken = True  # the client went away: the call still runs to its end
+            self._break()
+
+    def _break(self) -> None:
+        """The client went away. The call still runs to its end (2025: a disconnect is not a cancellation;
+        2026-07-28 says it is, and ``on_broken`` tells the call so)."""
+        self.broken = True
+        if self.on_broken is not None:
+            self.on_broken()
 
     async def finish(self, payload: bytes | None, status: int = 200) -> web.StreamResponse:
         if self.stream is None:
@@ -235,9 +245,10 @@ class _Reply:
             if payload is not None and not self.broken:
                 await stream.write(_sse_event(payload))
             await stream.write_eof()
-        except ConnectionError:
-            self.broken = True
-        assert self.stream is not None
+        except (ConnectionError, RuntimeError):
+            self._break()
+        if self.stream is None:  # the client left before the stream could even open
+            return web.Response(status=status)
         return self.stream
 
 
@@ -265,6 +276,41 @@ class _Progress:
                                              "params": params}))
 
 
+class _ToolList:
+    """One principal's tools, dumped for one protocol version; ``tag`` ties pagination cursors to it."""
+
+    __slots__ = ("version", "dumped", "tag", "_by_name", "_header_params")
+
+    def __init__(self, version: object, dumped: list[dict[str, Any]]) -> None:
+        self.version = version
+        self.dumped = dumped
+        self.tag = hashlib.sha256(repr(version).encode()).hexdigest()[:12]
+        self._header_params: dict[str, list[tuple[tuple[str, ...], str]]] | None = None
+
+    def header_params(self) -> dict[str, list[tuple[tuple[str, ...], str]]]:
+        """Tool name -> the ``x-mcp-header`` annotations of its input schema (2026-07-28), as
+        (property path, header token), read only on plain ``properties`` chains from the root."""
+        if self._header_params is None:
+            out: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+            for tool in self.dumped:
+                found: list[tuple[tuple[str, ...], str]] = []
+                stack: list[tuple[tuple[str, ...], Any]] = [((), tool.get("inputSchema"))]
+                while stack:
+                    path, schema = stack.pop()
+                    if not isinstance(schema, dict):
+                        continue
+                    token = schema.get("x-mcp-header")
+                    if path and isinstance(token, str):
+                        found.append((path, token))
+                    props = schema.get("properties")
+                    if isinstance(props, dict):
+                        stack.extend(((*path, k), v) for k, v in props.items() if isinstance(k, str))
+                if found:
+                    out[tool["name"]] = found
+            self._header_params = out
+        return self._header_params
+
+
 @dataclass
 class _Ctx:
     """What one HTTP request has established so far (for answers and the journal)."""
@@ -290,7 +336,8 @@ class McpEndpoint:
                                      max_total=s.max_sessions, on_drop=self._on_drop)
         self._closing = False
         self._init_results: dict[str, bytes] = {}
-        self._tool_cache: dict[tuple[str, str], tuple[object, list[dict[str, Any]], str]] = {}
+        self._tool_cache: dict[tuple[str, str], _ToolList] = {}
+        self.stateless = Stateless(self)
         caps = ServerCapabilities(tools=ToolsCapability(list_changed=True))
         info = Implementation(name=s.server_name, version=s.server_version)
         for v in J.HANDSHAKE_VERSIONS:
@@ -313,11 +360,13 @@ class McpEndpoint:
         for s in self.sessions:
             if s.stream is not None:
                 s.outbox.set()
+        self.stateless.wake()
 
     def close(self) -> None:
         """End every session and GET stream (gateway shutdown)."""
         self._closing = True
         self.sessions.close_all("shutdown")
+        self.stateless.wake()
 
     async def handle(self, request: web.BaseRequest,
                      host_allowed: Callable[[str], bool] | None = None) -> web.StreamResponse:
@@ -374,14 +423,18 @@ class McpEndpoint:
             headers[REQUEST_ID_HEADER] = rid
         return web.Response(status=r.status, headers=headers, body=J.error_bytes(r.rid, r.rpc_code, r.message, data))
 
-    def _rpc_error(self, ctx: _Ctx, rid: Any, code: int, message: str, reason: str) -> bytes:
+    def _rpc_error(self, ctx: _Ctx, rid: Any, code: int, message: str, reason: str,
+                   extra: dict[str, Any] | None = None) -> bytes:
         """A JSON-RPC error answering a well-formed request (HTTP 200); journaled like a refusal."""
         req_id = self._record({
             "event": "mcp_refused", "status": 200, "reason": reason, "message": message, "http_method": "POST",
             "jsonrpc_method": ctx.rpc_method, "jsonrpc_id": rid, "jsonrpc_code": code,
             "session": ctx.session.id if ctx.session is not None else None,
             "principal": ctx.principal.key if ctx.principal is not None else None})
-        return J.error_bytes(rid, code, message, {"code": reason, "request_id": req_id})
+        data = {"code": reason, "request_id": req_id}
+        if extra:
+            data.update(extra)
+        return J.error_bytes(rid, code, message, data)
 
     def _resource_url(self, request: web.BaseRequest) -> str:
         if self.settings.public_url:
@@ -464,10 +517,15 @@ class McpEndpoint:
             raise _Refuse(e.code, e.message, status=400,
                           rpc_code=J.PARSE_ERROR if e.code == "malformed_json" else J.INVALID_REQUEST) from None
 
+        if pv in J.MODERN_VERSIONS:
+            return await self.stateless.post(ctx, principal, obj, pv, _Reply(request, json_ok, sse_ok, {**ctx.cors}))
         if type(obj) is dict and obj.get("method") == "initialize":
             return await self._initialize(ctx, obj, sid, json_ok, sse_ok)
         if pv is not None and pv not in J.HANDSHAKE_VERSIONS:
             raise self._unsupported_version(pv)
+        if pv is None and looks_modern(obj):
+            raise _Refuse("header_mismatch", "a request declaring its protocol version in _meta needs the "
+                                             "MCP-Protocol-Version header", rpc_code=J.HEADER_MISMATCH)
         if sid is None:
             raise _Refuse("mcp_session_required",
                           "send initialize first; every other message carries the Mcp-Session-Id it returned")
@@ -615,34 +673,45 @@ class McpEndpoint:
         return self._rpc_error(ctx, msg.id, J.INVALID_REQUEST, "this session is already initialized",
                                "mcp_session_exists")
 
-    def _list(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message) -> bytes:
-        version = session.info.protocol_version
+    def _tools(self, principal: Principal, version: str) -> _ToolList:
+        """The principal's tool list as ``version`` shapes it, rebuilt when ``tools_version`` moves."""
         tv = self.backend.tools_version(principal)
         key = (principal.key, version)
-        cached = self._tool_cache.get(key)
-        if cached is None or cached[0] != tv:
-            tools = [t.model_dump(by_alias=True, mode="json", exclude_none=True)
-                     for t in self.backend.tools_for(principal)]
-            dumped = serialize_server_result("tools/list", version, {"tools": tools})["tools"]
-            tag = hashlib.sha256(repr(tv).encode()).hexdigest()[:12]
+        entry = self._tool_cache.get(key)
+        if entry is None or entry.version != tv:
+            tools = self.backend.tools_for(principal)
+            listed = {"tools": [t.model_dump(by_alias=True, mode="json", exclude_none=True) for t in tools]}
+            if version in J.MODERN_VERSIONS:
+                listed["ttlMs"], listed["cacheScope"], listed["resultType"] = 0, "private", "complete"
+            dumped = serialize_server_result("tools/list", version, listed)["tools"]
             if len(self._tool_cache) >= 4096:
                 self._tool_cache.clear()
-            cached = self._tool_cache[key] = (tv, dumped, tag)
-        _, tools_dumped, tag = cached
+            entry = self._tool_cache[key] = _ToolList(tv, dumped)
+        return entry
+
+    def _page(self, ctx: _Ctx, principal: Principal, version: str, msg: J.Message) -> dict[str, Any] | bytes:
+        """One tools/list page (a result dict), or the JSON-RPC error for a bad cursor (bytes)."""
+        entry = self._tools(principal, version)
         offset = 0
         cursor = (msg.params or {}).get("cursor")
         if cursor is not None:
-            offset = _decode_cursor(cursor, tag)
-            if offset is None or offset > len(tools_dumped):
+            offset = _decode_cursor(cursor, entry.tag)
+            if offset is None or offset > len(entry.dumped):
                 return self._rpc_error(ctx, msg.id, J.INVALID_PARAMS,
                                        "Invalid params: the cursor is invalid or the tool list changed since; "
                                        "list again without a cursor", "invalid_cursor")
         end = offset + self.settings.page_size
-        result: dict[str, Any] = {"tools": tools_dumped[offset:end]}
-        if end < len(tools_dumped):
-            result["nextCursor"] = _encode_cursor(end, tag)
-        session.listed_version = tv
-        return J.response_bytes(msg.id, orjson.dumps(result))
+        result: dict[str, Any] = {"tools": entry.dumped[offset:end]}
+        if end < len(entry.dumped):
+            result["nextCursor"] = _encode_cursor(end, entry.tag)
+        return result
+
+    def _list(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message) -> bytes:
+        page = self._page(ctx, principal, session.info.protocol_version, msg)
+        if isinstance(page, bytes):
+            return page
+        session.listed_version = self._tool_cache[(principal.key, session.info.protocol_version)].version
+        return J.response_bytes(msg.id, orjson.dumps(page))
 
     async def _call(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message,
                     reply: _Reply) -> bytes:
@@ -668,26 +737,36 @@ class McpEndpoint:
         except UnknownTool as e:
             return self._rpc_error(ctx, rid, J.INVALID_PARAMS, f"Unknown tool: {e.name[:200]}", "unknown_tool")
         except Exception:  # noqa: BLE001 - a backend failure is the server's error, answered as such
-            log.exception("MCP tools/call %r failed inside the backend", params["name"])
-            return self._rpc_error(ctx, rid, J.INTERNAL_ERROR, "Internal error: the call failed inside Tether",
-                                   "internal_error")
+            return self._call_failed(ctx, rid, params["name"])
         finally:
             session.in_flight.pop(rid, None)
             session.last_seen = time.monotonic()
+        data = self._result_data(ctx, rid, params["name"], version, result)
+        return data if isinstance(data, bytes) else J.response_bytes(rid, orjson.dumps(data))
+
+    def _call_failed(self, ctx: _Ctx, rid: Any, name: str) -> bytes:
+        log.exception("MCP tools/call %r failed inside the backend", name)
+        return self._rpc_error(ctx, rid, J.INTERNAL_ERROR, "Internal error: the call failed inside Tether",
+                               "internal_error")
+
+    def _result_data(self, ctx: _Ctx, rid: Any, name: str, version: str, result: Any) -> dict[str, Any] | bytes:
+        """The backend's CallToolResult as ``version`` shapes it, or the -32603 answer if it cannot be sent."""
         try:
             if not isinstance(result, CallToolResult):
                 raise TypeError(f"call_tool returned {type(result).__name__}, not CallToolResult")
-            data = serialize_server_result("tools/call", version,
+            return serialize_server_result("tools/call", version,
                                            result.model_dump(by_alias=True, mode="json", exclude_none=True))
         except (TypeError, ValueError, ValidationError):
-            log.exception("MCP tools/call %r: the backend's result cannot be sent", params["name"])
+            log.exception("MCP tools/call %r: the backend's result cannot be sent", name)
             return self._rpc_error(ctx, rid, J.INTERNAL_ERROR, "Internal error: the call's result is malformed",
                                    "internal_error")
-        return J.response_bytes(rid, orjson.dumps(data))
 
     # -- GET: the server→client stream ------------------------------------------------------------
 
     async def _session_for(self, ctx: _Ctx) -> Session:
+        if _one_header(ctx.request, VERSION_HEADER) in J.MODERN_VERSIONS:
+            raise _Refuse("method_not_allowed", f"MCP {J.MODERN_VERSIONS[-1]} has no sessions and no GET stream: "
+                                                "use subscriptions/listen", headers={"Allow": "POST"})
         principal = await self._authenticate(ctx)
         sid = _one_header(ctx.request, SESSION_HEADER)
         if sid is None:
@@ -708,7 +787,7 @@ class McpEndpoint:
         the initialize handshake)."""
         return _Refuse("mcp_protocol_version_unsupported", f"MCP-Protocol-Version {pv[:40]!r} is not supported",
                        rpc_code=J.UNSUPPORTED_PROTOCOL_VERSION,
-                       data={"supported": list(J.HANDSHAKE_VERSIONS), "requested": pv[:40]})
+                       data={"supported": list(J.ALL_VERSIONS), "requested": pv[:40]})
 
     async def _get(self, ctx: _Ctx) -> web.StreamResponse:
         session = await self._session_for(ctx)

@@ -27,15 +27,17 @@ from mcp_types.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    HEADER_MISMATCH,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     UNSUPPORTED_PROTOCOL_VERSION,
 )
 
 __all__ = [
-    "HANDSHAKE_VERSIONS", "LATEST_HANDSHAKE", "BATCH_VERSIONS", "DEFAULT_HEADERLESS_VERSION",
+    "HANDSHAKE_VERSIONS", "LATEST_HANDSHAKE", "MODERN_VERSIONS", "ALL_VERSIONS", "BATCH_VERSIONS",
+    "DEFAULT_HEADERLESS_VERSION",
     "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
-    "UNSUPPORTED_PROTOCOL_VERSION",
+    "UNSUPPORTED_PROTOCOL_VERSION", "HEADER_MISMATCH",
     "Message", "EnvelopeError", "classify", "response_bytes", "error_bytes", "error_obj",
 ]
 
@@ -44,6 +46,10 @@ __all__ = [
 # 2025-03-26's and current SDKs (TypeScript 1.x, Python 2.x) still offer it, so it is accepted.
 HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 LATEST_HANDSHAKE: Final[str] = HANDSHAKE_VERSIONS[-1]
+# Stateless revisions: no initialize, no sessions; every request carries its version and the client's
+# capabilities in _meta, and the routing headers (MCP-Protocol-Version, Mcp-Method, Mcp-Name) must match.
+MODERN_VERSIONS: Final[tuple[str, ...]] = ("2026-07-28",)
+ALL_VERSIONS: Final[tuple[str, ...]] = HANDSHAKE_VERSIONS + MODERN_VERSIONS
 # JSON-RPC batches existed in 2025-03-26 only (added there, removed in 2025-06-18).
 BATCH_VERSIONS: Final[frozenset[str]] = frozenset({"2025-03-26"})
 # A request without MCP-Protocol-Version and no other clue is 2025-03-26 (transports, "Protocol Version Header").
