@@ -468,6 +468,31 @@ async def test_backend_outcomes(env, client):
     assert "crashed" not in orjson.dumps(body).decode()  # internals are logged, not sent
 
 
+async def test_a_failing_backend_fails_closed(env, client, http, monkeypatch):
+    await client.initialize()
+    get = await http.get(env.url, headers=client.headers(Accept="text/event-stream"))
+    try:
+        await get.content.readline()
+
+        def broken(principal: Any) -> object:
+            raise RuntimeError("store down")
+
+        monkeypatch.setattr(env.backend, "tools_version", broken)
+        env.endpoint.tools_changed()
+        async with asyncio.timeout(10):
+            await get.content.read()  # the GET stream ends instead of hanging
+    finally:
+        get.close()
+
+    async def no_auth(request: Any) -> Any:
+        raise RuntimeError("verifier crashed")
+
+    monkeypatch.setattr(env.backend, "authenticate", no_auth)
+    r, body = await client.call("tools/call", {"name": "echo"})
+    assert r.status == 500 and body["error"]["code"] == -32603 and body["error"]["data"]["code"] == "internal_error"
+    assert "crashed" not in orjson.dumps(body).decode() and env.backend.calls == []
+
+
 # --------------------------------------------------------------------------- tools/list pagination
 
 

@@ -9,12 +9,14 @@ endpoint (``server.mcp.path``, default ``/mcp``) or its RFC 9728 metadata docume
    ``WWW-Authenticate: Bearer resource_metadata="…"`` on failure. Sessions never authenticate.
 3. **Framing**: ``Content-Type: application/json`` (415), an ``Accept`` that allows JSON or SSE (406),
    the body read under the size and time limits (413, 408), parsed strictly (-32700 on bad JSON).
-4. **Session**: ``initialize`` creates one (``Mcp-Session-Id`` in the answer, the version negotiated);
-   every other message needs it (400 without, 404 when unknown, expired, deleted — or opened by another
-   principal, indistinguishably). ``MCP-Protocol-Version``, when sent, must name a version this endpoint
-   speaks (400 and -32022 otherwise); the session's negotiated version governs what a message may be
-   (a client quoting another supported version in the header — the conformance suite does — is served
-   by its session's version, not refused)
+4. **Version and session**: a ``MCP-Protocol-Version`` of the stateless 2026-07-28 revision hands the
+   request to :mod:`.stateless`. Otherwise ``initialize`` creates a session (``Mcp-Session-Id`` in the
+   answer, the version negotiated: 2024-11-05 to 2025-11-25); every other message needs it (400
+   without, 404 when unknown, expired, deleted — or opened by another principal, indistinguishably).
+   ``MCP-Protocol-Version``, when sent, must name a version this endpoint speaks (400 and -32022
+   otherwise); the session's negotiated version governs what a message may be (a client quoting
+   another supported version in the header — the conformance suite does — is served by its session's
+   version, not refused).
 5. **Dispatch**: ``ping``, ``tools/list`` (cursor pagination), ``tools/call`` (to the backend),
    ``notifications/initialized`` and ``notifications/cancelled``; batches only on 2025-03-26 sessions.
 6. **Answer**: ``application/json``, or ``text/event-stream`` from the moment a call reports progress
@@ -81,7 +83,8 @@ MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
     "not_acceptable": (406, "the Accept header allows neither application/json nor text/event-stream"),
     "mcp_stream_conflict": (409, "the session already has its GET stream open"),
     "unsupported_media_type": (415, "the body must be application/json"),
-    "too_many_sessions": (503, "no room for another MCP session; see Retry-After"),
+    "too_many_sessions": (503, "no room for another MCP session or listen stream; see Retry-After"),
+    "internal_error": (500, "an unexpected error inside Tether (logged)"),
 }
 
 
@@ -398,6 +401,11 @@ class McpEndpoint:
             raise _Refuse("method_not_allowed", f"{method} is not served here; use {_ALLOW}", headers={"Allow": _ALLOW})
         except _Refuse as r:
             return self._refusal(ctx, r)
+        except Exception:  # noqa: BLE001 - a backend or layer failure: fail closed, say so, log it
+            log.exception("MCP request failed inside Tether")
+            return self._refusal(ctx, _Refuse("internal_error", "an unexpected error inside Tether; nothing was run "
+                                                                "by this request unless journaled", status=500,
+                                              rpc_code=J.INTERNAL_ERROR))
 
     # -- answers ----------------------------------------------------------------------------------
 
@@ -424,10 +432,11 @@ class McpEndpoint:
         return web.Response(status=r.status, headers=headers, body=J.error_bytes(r.rid, r.rpc_code, r.message, data))
 
     def _rpc_error(self, ctx: _Ctx, rid: Any, code: int, message: str, reason: str,
-                   extra: dict[str, Any] | None = None) -> bytes:
-        """A JSON-RPC error answering a well-formed request (HTTP 200); journaled like a refusal."""
+                   extra: dict[str, Any] | None = None, status: int = 200) -> bytes:
+        """A JSON-RPC error answering a well-formed request (HTTP 200 before 2026-07-28); journaled like
+        a refusal."""
         req_id = self._record({
-            "event": "mcp_refused", "status": 200, "reason": reason, "message": message, "http_method": "POST",
+            "event": "mcp_refused", "status": status, "reason": reason, "message": message, "http_method": "POST",
             "jsonrpc_method": ctx.rpc_method, "jsonrpc_id": rid, "jsonrpc_code": code,
             "session": ctx.session.id if ctx.session is not None else None,
             "principal": ctx.principal.key if ctx.principal is not None else None})
@@ -825,6 +834,8 @@ class McpEndpoint:
             await stream.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client went away
+        except Exception:  # noqa: BLE001 - e.g. tools_version failed: end this stream, keep the session
+            log.exception("MCP GET stream ended by an error")
         finally:
             if session.stream is stream:
                 session.stream = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ from .backend import McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownT
 
 if TYPE_CHECKING:
     from .endpoint import McpEndpoint, _Ctx, _Reply
+
+log = logging.getLogger("tether.mcp")
 
 CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
 CLIENT_CAPS_KEY = "io.modelcontextprotocol/clientCapabilities"
@@ -125,8 +128,8 @@ class Stateless:
 
     def _error(self, ctx: _Ctx, reply: _Reply, rid: Any, code: int, message: str, reason: str,
                data: dict[str, Any] | None = None) -> tuple[bytes, int]:
-        body = self.ep._rpc_error(ctx, rid, code, message, reason, extra=data)
-        return body, _STATUS.get(code, 200)
+        status = _STATUS.get(code, 200)
+        return self.ep._rpc_error(ctx, rid, code, message, reason, extra=data, status=status), status
 
     def _result(self, rid: Any, data: dict[str, Any]) -> tuple[bytes, int]:
         meta = data.get("_meta")
@@ -292,6 +295,8 @@ class Stateless:
                 await stream.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client went away: that is how it cancels a subscription
+        except Exception:  # noqa: BLE001 - e.g. tools_version failed: end this stream
+            log.exception("MCP listen stream ended by an error")
         finally:
             self.listeners.discard(wake)
             n = self._listening.get(key, 1) - 1
