@@ -94,7 +94,8 @@ async def test_typescript_sdk_client(make_gateway: Any, store_url: str) -> None:
     refused = steps["refused"]["result"]
     assert refused["isError"] is True and refused["structuredContent"]["error"]["code"] == "capability_not_granted"
     prog = steps["progress"]
-    assert [p["progress"] for p in prog["progress"]] == [1, 2, 3] and prog["result"]["structuredContent"]["exported"] == 3
+    assert [p["progress"] for p in prog["progress"]] == [1, 2, 3]
+    assert prog["result"]["structuredContent"]["exported"] == 3
     assert steps["unknown"]["error"]["code"] == -32602
     assert steps["other-tools"]["names"] == ["crm_read"]
     assert steps["thief"]["error"] is not None  # the bot's session id is unknown to another agent

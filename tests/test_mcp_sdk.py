@@ -16,7 +16,6 @@ mcp = pytest.importorskip("mcp", reason="the mcp SDK (test extra) is not install
 
 import httpx2  # noqa: E402  (the SDK's HTTP client)
 import mcp_types as types  # noqa: E402
-from mcp.client.client import Client  # noqa: E402
 from mcp.client.session import ClientSession  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402

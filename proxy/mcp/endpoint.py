@@ -184,7 +184,7 @@ def _accepts(values: list[str]) -> tuple[bool, bool]:
 
 
 def _one_header(request: web.BaseRequest, name: str) -> str | None:
-    values = request.headers.getall(name, ())
+    values = request.headers.getall(name, [])
     if len(values) > 1:
         raise _Refuse("ambiguous_request", f"the {name} header is given {len(values)} times")
     return values[0] if values else None
@@ -514,7 +514,7 @@ class McpEndpoint:
         principal = await self._authenticate(ctx)
         if media_type(request.headers.get("Content-Type")) != "application/json":
             raise _Refuse("unsupported_media_type", "the body must be Content-Type: application/json")
-        json_ok, sse_ok = _accepts(request.headers.getall("Accept", ()))
+        json_ok, sse_ok = _accepts(request.headers.getall("Accept", []))
         if not (json_ok or sse_ok):
             raise _Refuse("not_acceptable", "Accept must allow application/json or text/event-stream")
         sid = _one_header(request, SESSION_HEADER)
@@ -543,7 +543,6 @@ class McpEndpoint:
             raise _Refuse("mcp_session_not_found",
                           "no such MCP session (unknown, expired or ended): send initialize without Mcp-Session-Id")
         ctx.session = session
-        version = session.info.protocol_version
         reply = _Reply(request, json_ok, sse_ok, {**ctx.cors})
         if type(obj) is list:
             return await self._batch(ctx, session, principal, obj, reply)
@@ -653,7 +652,8 @@ class McpEndpoint:
             raise _Refuse("jsonrpc_invalid", f"{method}: {_first_error(e)}") from None
         if method == "notifications/cancelled":
             assert msg.params is not None
-            ev = session.in_flight.get(msg.params.get("requestId"))
+            target = msg.params.get("requestId")
+            ev = session.in_flight.get(target) if type(target) is str or type(target) is int else None
             if ev is not None:
                 ev.set()
 
@@ -689,7 +689,8 @@ class McpEndpoint:
         entry = self._tool_cache.get(key)
         if entry is None or entry.version != tv:
             tools = self.backend.tools_for(principal)
-            listed = {"tools": [t.model_dump(by_alias=True, mode="json", exclude_none=True) for t in tools]}
+            listed: dict[str, Any] = {"tools": [t.model_dump(by_alias=True, mode="json", exclude_none=True)
+                                                for t in tools]}
             if version in J.MODERN_VERSIONS:
                 listed["ttlMs"], listed["cacheScope"], listed["resultType"] = 0, "private", "complete"
             dumped = serialize_server_result("tools/list", version, listed)["tools"]
@@ -701,7 +702,7 @@ class McpEndpoint:
     def _page(self, ctx: _Ctx, principal: Principal, version: str, msg: J.Message) -> dict[str, Any] | bytes:
         """One tools/list page (a result dict), or the JSON-RPC error for a bad cursor (bytes)."""
         entry = self._tools(principal, version)
-        offset = 0
+        offset: int | None = 0
         cursor = (msg.params or {}).get("cursor")
         if cursor is not None:
             offset = _decode_cursor(cursor, entry.tag)
@@ -709,6 +710,7 @@ class McpEndpoint:
                 return self._rpc_error(ctx, msg.id, J.INVALID_PARAMS,
                                        "Invalid params: the cursor is invalid or the tool list changed since; "
                                        "list again without a cursor", "invalid_cursor")
+        assert offset is not None
         end = offset + self.settings.page_size
         result: dict[str, Any] = {"tools": entry.dumped[offset:end]}
         if end < len(entry.dumped):
@@ -800,7 +802,7 @@ class McpEndpoint:
 
     async def _get(self, ctx: _Ctx) -> web.StreamResponse:
         session = await self._session_for(ctx)
-        _, sse_ok = _accepts(ctx.request.headers.getall("Accept", ()))
+        _, sse_ok = _accepts(ctx.request.headers.getall("Accept", []))
         if not sse_ok:
             raise _Refuse("not_acceptable", "the GET stream is text/event-stream; Accept must allow it")
         if session.stream is not None:

@@ -11,7 +11,8 @@ Bounds: a session idle for ``idle_timeout`` (no request, no call in flight, no o
 dropped; a principal opening more than ``max_per_principal`` sessions has its least recently used idle
 one dropped, else one that only holds a GET stream open (clients that leak sessions heal themselves;
 another principal's sessions are never touched); beyond ``max_total`` sessions, or when every session of
-the principal has a call in flight, a new one is refused. Expiry runs lazily, at most every few seconds, from the requests themselves — no timer task.
+the principal has a call in flight, a new one is refused. Expiry runs lazily, at most every few seconds,
+from the requests themselves — no timer task.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from .backend import JsonRpcId, McpSessionInfo, Principal
 
 
 class Session:
-    __slots__ = ("info", "owner", "principal", "created", "last_seen", "in_flight", "stream", "listed_version",
+    __slots__ = ("id", "info", "owner", "principal", "created", "last_seen", "in_flight", "stream", "listed_version",
                  "notified_version", "initialized", "closed", "outbox")
 
-    def __init__(self, info: McpSessionInfo, principal: Principal, now: float) -> None:
+    def __init__(self, sid: str, info: McpSessionInfo, principal: Principal, now: float) -> None:
+        self.id = sid
         self.info = info
         self.owner = principal.key
         self.principal = principal  # the latest authenticated principal (tokens get refreshed)
@@ -42,10 +44,6 @@ class Session:
         self.closed = False
         # wakes the GET stream: tool list changes, session closed
         self.outbox = asyncio.Event()
-
-    @property
-    def id(self) -> str:
-        return self.info.id
 
     def busy(self) -> bool:
         return bool(self.in_flight) or self.stream is not None
@@ -110,7 +108,7 @@ class SessionStore:
                 raise TooManySessions(f"{self.max_total} MCP sessions are open")
         sid = secrets.token_urlsafe(32)  # 256 random bits, visible ASCII only
         info = McpSessionInfo(sid, protocol_version, client_name, client_version, client_capabilities)
-        s = Session(info, principal, self._clock())
+        s = Session(sid, info, principal, self._clock())
         self._sessions[sid] = s
         self._by_owner.setdefault(s.owner, {})[sid] = s
         return s
