@@ -241,10 +241,23 @@ async def test_protected_resource_metadata_root_and_path_suffixed(env, http):
             doc = await r.json()
         assert doc == {"resource": env.url, "authorization_servers": ["https://issuer.example"],
                        "scopes_supported": [], "bearer_methods_supported": ["header"]}
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
     async with http.post(env.base + "/.well-known/oauth-protected-resource/mcp") as r:
         assert r.status == 405
     async with http.get(env.base + "/.well-known/oauth-protected-resource/other") as r:
         assert r.status == 401 and "jsonrpc" not in await r.json()  # not the endpoint's: the REST door's
+
+
+async def test_a_host_that_is_not_plain_never_reaches_the_challenge(make_gateway, store_url, http):
+    env = await start_mcp_env(make_gateway, store_url)
+    env.handle.gw.listeners[0]._wildcard = True  # as on a 0.0.0.0 bind, which accepts any Host name
+    env.handle.gw.listeners[0]._hosts_ok.clear()
+    for host in ('evil"x', "a b", "ex ample.com"):
+        async with http.post(env.url, data=b"{}", headers={"Host": host, "Content-Type": "application/json"}) as r:
+            assert r.status == 403 and "WWW-Authenticate" not in r.headers, host
+    async with http.post(env.url, data=b"{}", headers={"Host": "tether.internal:8100",
+                                                       "Content-Type": "application/json"}) as r:
+        assert r.status == 401 and "http://tether.internal:8100/.well-known/" in r.headers["WWW-Authenticate"]
 
 
 async def test_public_url_names_the_resource(make_gateway, store_url, http):

@@ -38,6 +38,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -65,6 +66,7 @@ REQUEST_ID_HEADER = "X-Tether-Request-Id"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                 "X-Accel-Buffering": "no"}
 _ALLOW = "GET, POST, DELETE"
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _SERVED_REQUESTS = frozenset({"initialize", "ping", "tools/list", "tools/call"})
 
 # The layer's own refusal codes (HTTP status, meaning): in JSON-RPC error data and the journal.
@@ -446,10 +448,14 @@ class McpEndpoint:
         return J.error_bytes(rid, code, message, data)
 
     def _resource_url(self, request: web.BaseRequest) -> str:
+        """The endpoint's URL: ``public_url``, else from the request's Host — which then must be a plain
+        host[:port], as it is written into the metadata document and the WWW-Authenticate challenge."""
         if self.settings.public_url:
             return self.settings.public_url
-        scheme = "https" if request.secure else "http"
-        return f"{scheme}://{request.headers.get('Host', '')}{self.path}"
+        host = request.headers.get("Host", "")
+        if not _HOST_RE.fullmatch(host):
+            raise _Refuse("host_not_allowed", "the Host header is not a plain host[:port]")
+        return f"{'https' if request.secure else 'http'}://{host}{self.path}"
 
     def _metadata_url(self, request: web.BaseRequest) -> str:
         u = urlsplit(self._resource_url(request))
@@ -464,8 +470,8 @@ class McpEndpoint:
         doc.update(self.backend.resource_metadata(resource))
         doc["resource"] = resource
         doc.setdefault("bearer_methods_supported", ["header"])
-        return web.Response(body=orjson.dumps(doc), headers={"Content-Type": "application/json",
-                                                              "Cache-Control": "max-age=300"})
+        return web.Response(body=orjson.dumps(doc), headers={  # public: browser-based clients may read it
+            "Content-Type": "application/json", "Cache-Control": "max-age=300", "Access-Control-Allow-Origin": "*"})
 
     async def _authenticate(self, ctx: _Ctx) -> Principal:
         try:
