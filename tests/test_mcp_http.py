@@ -403,6 +403,9 @@ async def test_a_2025_03_26_batch_is_answered_as_an_array(env, client):
     ([{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}},
       {"jsonrpc": "2.0", "id": 9, "result": {}}], "awaits no response"),
     ([{"jsonrpc": "2.0", "id": i, "method": "ping"} for i in range(33)], "at most 32"),
+    ([{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}},
+      {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "crm_read", "arguments": {"id": "1"}}}],
+     "not a notification"),
 ])
 async def test_a_bad_batch_runs_nothing(env, client, batch, why):
     await client.initialize("2025-03-26")

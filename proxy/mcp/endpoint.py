@@ -621,6 +621,10 @@ class McpEndpoint:
                 raise _Refuse("jsonrpc_invalid", "this server sent no request, so it awaits no response")
             if m.method == "initialize":
                 raise _Refuse("jsonrpc_invalid", "initialize must not be part of a batch")
+            name = m.method or ""
+            if m.kind == "notification" and not name.startswith("notifications/"):
+                raise _Refuse("jsonrpc_invalid", f"batch member {name[:80]!r} is not a notification: a request "
+                                                 f"needs an id; nothing was run")
             if m.kind == "request":
                 if m.id in ids or m.id in session.in_flight:
                     raise _Refuse("jsonrpc_invalid", f"the request id {m.id!r} is used twice; nothing was run")
