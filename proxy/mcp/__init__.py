@@ -14,6 +14,7 @@ validators, no transport stack); the transport itself is written for aiohttp in 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .backend import (
@@ -59,6 +60,11 @@ def mount_mcp(gateway: Any, backend: ToolBackend, config: Any = None) -> McpEndp
     cfg = config if config is not None else gateway.server_cfg.mcp
     if cfg is None:
         raise ValueError("server.mcp is not configured: add a server.mcp section to the rules")
+    if getattr(gateway.server_cfg, "workers", 1) > 1:
+        logging.getLogger("tether.mcp").warning(
+            "server.mcp with %d workers: MCP sessions (protocol 2025-11-25 and earlier) live in the worker that "
+            "opened them, so such clients may be answered 404 by another worker and start over; 2026-07-28 "
+            "clients have no sessions and are unaffected", gateway.server_cfg.workers)
     endpoint = McpEndpoint(backend, settings_from_config(cfg, gateway.limits))
     gateway.mcp = endpoint
     return endpoint
