@@ -29,7 +29,7 @@ def node_missing() -> str | None:
     for pkg in ("sdk", "conformance"):
         if not (MODULES / pkg / "package.json").exists():
             return (f"@modelcontextprotocol/{pkg} is not installed: run .ci/run, or "
-                    f"npm install --prefix tests/node")
+                    f"(cd tests/node && npm ci)")
     return None
 
 
