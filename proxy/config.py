@@ -881,6 +881,49 @@ class GovernanceConfig(Model):
     alerts: list[AlertTarget] = []
 
 
+class McpConfig(Model):
+    """The MCP front door: MCP Streamable HTTP on the main listener (docs/mcp.md). Absent: no MCP endpoint."""
+
+    path: str = Field("/mcp", description="the MCP endpoint's path on the main listener (exact match)")
+    allowed_origins: list[str] = Field(
+        [], description="browser origins allowed to call the endpoint: scheme://host[:port], or scheme://host:* "
+                        "for any port; requests without an Origin header (non-browser clients) are always allowed")
+    session_idle_timeout: Duration = Field(1800.0, description="a session unused this long is dropped")
+    max_sessions_per_agent: int = Field(
+        16, ge=1, description="beyond this, opening a session drops the agent's least recently used idle one")
+    max_sessions: int = Field(10000, ge=1, description="MCP sessions open at once, all agents together")
+    page_size: int = Field(100, ge=1, le=1000, description="tools per tools/list page")
+    keepalive: Duration = Field(15.0, gt=0, description="SSE keep-alive interval on GET streams")
+    max_batch: int = Field(32, ge=1, description="messages in one JSON-RPC batch (MCP 2025-03-26 sessions only)")
+    public_url: str | None = Field(
+        None, description="the endpoint's absolute URL as agents reach it (behind a proxy); default: from the "
+                          "request's Host; used in the RFC 9728 metadata and WWW-Authenticate")
+    instructions: str | None = Field(None, description="the instructions sent in the initialize result")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", v) or v.startswith(("/_tether/", "/.well-known/")):
+            raise ValueError("an absolute path of plain segments (letters, digits, '.', '_', '~', '-'), "
+                             "no trailing slash, not under /_tether/ or /.well-known/")
+        return v
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if not re.fullmatch(r"https?://[^/\s?#]+", o):
+                raise ValueError(f"{o!r} is not an origin: scheme://host[:port] or scheme://host:*")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/\s?#]+/[^\s?#]*", v):
+            raise ValueError("an absolute http(s) URL with a path, e.g. https://tether.example.com/mcp")
+        return v
+
+
 class ServerConfig(Model):
     """Runtime options; each can also be set by a flag or a TETHER_* environment variable."""
 
@@ -897,6 +940,7 @@ class ServerConfig(Model):
     limits: LimitsConfig = LimitsConfig()
     review: ReviewConfig = ReviewConfig()
     transactions: TransactionsConfig = TransactionsConfig()
+    mcp: McpConfig | None = None
 
     @field_validator("listen", "admin_listen")
     @classmethod
@@ -951,6 +995,10 @@ class RulesFile(Model):
         for n in self.upstreams:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n) or n.startswith("_"):
                 errs.append((f"upstreams.{n}", "upstream names are letters, digits, '_', '.', '-'"))
+        if self.server.mcp is not None:
+            first = self.server.mcp.path.split("/")[1]
+            if first in self.upstreams:
+                errs.append(("server.mcp.path", f"{self.server.mcp.path!r} is inside upstream {first!r}'s path prefix"))
         return errs
 
 

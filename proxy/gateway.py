@@ -294,6 +294,7 @@ class Gateway:
         self.transactions = TransactionManager(self)
         self.rate_limiter = make_rate_limiter(rules.server, self.store)
         self.pipeline = Pipeline(self, STAGES)
+        self.mcp: Any = None  # the MCP endpoint on the main listener, once proxy.mcp.mount_mcp() set it
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
         self._sites: list[web.BaseSite] = []
@@ -398,6 +399,8 @@ class Gateway:
         for ev in list(self.journal._listeners):  # wake event streams so they notice the drain
             ev.set()
         grace = self.server_cfg.grace_period if grace is None else grace
+        if self.mcp is not None:
+            self.mcp.close()  # ends the MCP sessions' GET streams
         for site in self._sites:
             try:
                 await site.stop()
@@ -487,6 +490,12 @@ class Gateway:
             return await handle_control(self, request, lst)
         if self._in_flight >= self.limits.max_in_flight or self.draining:
             return self._overloaded(request, lst)
+        if self.mcp is not None and lst.upstream_name is None and self.mcp.owns(raw):
+            self._in_flight += 1
+            try:
+                return await self.mcp.handle(request, lst.host_allowed)
+            finally:
+                self._in_flight -= 1
         state = self.state
         ex = Exchange(request, state.registry, lst.upstream, request.raw_path)
         ex.state = state
