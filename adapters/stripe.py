@@ -9,7 +9,7 @@ What Stripe does differently from a generic REST API, and what this adapter deci
   (``{customer}``, ``{subscription_exposed_id}``, ``{invoice}``, ...) must fully match that object's id
   format (``cus_...``, ``sub_...``, ``in_...``); plans, products and coupons may carry custom ids, so
   ``{plan}``, ``{product}``, ``{coupon}`` and ``{id}`` accept any plain Stripe id.
-* **Form bodies** (``a[b][c]=v``) arrive parsed into nested dicts (:mod:`proxy.bodies`); undo steps
+* **Form bodies** (``a[b][c]=v``) arrive parsed into nested dicts (:mod:`proxy.policy.bodies`); undo steps
   and stamped bodies are form-encoded again. Form values are strings, so comparisons with a JSON
   record read ``"100"`` as ``100`` and ``"true"`` as ``True``.
 * **Undo plans** (transactions):

@@ -38,9 +38,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.certs import make_dev_cert  # noqa: E402
+from proxy.cli.certs import make_dev_cert  # noqa: E402
 from proxy.config import parse_rules  # noqa: E402
-from proxy.identity import mint_token  # noqa: E402
+from proxy.policy.identity import mint_token  # noqa: E402
 from tests import realservers as R  # noqa: E402
 
 SECRET = "fidelity-secret-0123456789abcdef-0123456789abcdef"

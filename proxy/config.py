@@ -6,7 +6,7 @@ Validation collects *every* problem (schema errors and cross-references such as 
 unknown capability) and raises one :class:`ConfigError` whose lines each name the file, the key path
 and the reason — the way a person fixes a file is by reading all of them at once.
 
-The hot path never re-reads these objects' raw form: :mod:`proxy.registry` compiles them into
+The hot path never re-reads these objects' raw form: :mod:`proxy.policy.registry` compiles them into
 matchers and lookup tables at startup (and on hot reload).
 """
 

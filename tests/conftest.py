@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from proxy.app.gateway import Gateway  # noqa: E402
 from proxy.config import parse_rules  # noqa: E402
-from proxy.gateway import Gateway  # noqa: E402
-from proxy.identity import mint_token  # noqa: E402
+from proxy.policy.identity import mint_token  # noqa: E402
 from tests.fakes import FakeUpstream  # noqa: E402
 
 SECRET = "test-secret-0123456789abcdef-0123456789abcdef"

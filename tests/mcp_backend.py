@@ -27,8 +27,8 @@ from mcp_types import (
     ToolAnnotations,
 )
 
+from proxy.doors.mcp import McpAuthError, ToolCall, UnknownTool, error_result, json_result
 from proxy.errors import AuthError
-from proxy.mcp import McpAuthError, ToolCall, UnknownTool, error_result, json_result
 
 OBJ = {"type": "object"}
 
@@ -249,7 +249,7 @@ class McpEnv:
 async def start_mcp_env(make_gateway: Any, store_url: str, *, backend: str = "jwt",
                         limits: dict[str, Any] | None = None, **mcp_cfg: Any) -> McpEnv:
     """A gateway (no upstream traffic needed) with ``server.mcp`` = ``mcp_cfg`` and a test backend mounted."""
-    from proxy.mcp import mount_mcp
+    from proxy.doors.mcp import mount_mcp
     from tests.conftest import base_rules
 
     rules = base_rules("http://127.0.0.1:9", store_url)

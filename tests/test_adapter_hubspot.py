@@ -13,7 +13,7 @@ from adapters.hubspot import HubSpotAdapter
 from proxy.config import parse_rules
 from proxy.errors import TetherError
 from proxy.normalise import decode_segments, split_target
-from proxy.registry import Registry
+from proxy.policy.registry import Registry
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

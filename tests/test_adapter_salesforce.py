@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 
-from adapters.base import NotCompensable, Operation, PlannedRequest, UndoPlan
-from adapters.base import AdapterOptionsError
+from adapters.base import AdapterOptionsError, NotCompensable, Operation, PlannedRequest, UndoPlan
 from adapters.salesforce import SalesforceAdapter, SalesforceOperation, same_value, to_18
 from proxy.config import parse_rules
 from proxy.errors import TetherError
 from proxy.normalise import decode_segments, parse_query, split_target
-from proxy.registry import Registry
+from proxy.policy.registry import Registry
 
 V = "/services/data/v59.0"
 ACC, CON, OPP = "0015g00000XyZaBAAZ", "0035g00000AbCdEAAZ", "0065g00000AbCdEAAZ"

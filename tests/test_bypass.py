@@ -386,8 +386,8 @@ async def test_the_route_matched_is_the_route_the_upstream_receives(bypass_gw, u
 
 
 def test_param_patterns_use_fullmatch():
+    from proxy.app.gateway import build_state
     from proxy.config import parse_rules
-    from proxy.gateway import build_state
 
     rules = parse_rules(bypass_rules(type("U", (), {"url": "http://127.0.0.1:1"}), __import__("pathlib").Path("/tmp")))
     state = build_state(rules, lambda: None)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.catalogue import (
+from proxy.chain import INDEXED_FIELDS, canonical
+from proxy.cli.catalogue import (
     AGENT_READY,
     INCOMPATIBLE,
     NEEDS_WRAPPING,
@@ -21,8 +22,7 @@ from proxy.catalogue import (
     readiness,
     spec_operations,
 )
-from proxy.chain import INDEXED_FIELDS, canonical
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import CapabilityConfig, load_rules, parse_rules
 from proxy.store.sqlite import SQLiteStore
 

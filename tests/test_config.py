@@ -7,7 +7,7 @@ import argparse
 import pytest
 import yaml
 
-from proxy.cli import effective_rules
+from proxy.cli.main import effective_rules
 from proxy.config import ConfigError, load_rules, parse_duration, parse_rules
 from tests.conftest import SECRET, base_rules
 from tests.procs import GatewayProcess, run_cli
@@ -145,7 +145,7 @@ def test_token_mint_cli(tmp_path):
     r = run_cli("token", "mint", "--config", str(p), "--agent", "bot", "--on-behalf-of", "ae:jane", "--ttl", "5m")
     assert r.returncode == 0, r.stderr
     rules = parse_rules(doc)
-    from proxy.identity import TokenVerifier
+    from proxy.policy.identity import TokenVerifier
 
     ident = TokenVerifier(rules.identity).authenticate("Bearer " + r.stdout.strip())
     assert (ident.agent, ident.on_behalf_of) == ("bot", "ae:jane")
@@ -159,7 +159,7 @@ async def test_python_m_proxy_serve_starts_and_proxies(tmp_path, upstream):
     try:
         import aiohttp
 
-        from proxy.identity import mint_token
+        from proxy.policy.identity import mint_token
 
         token = mint_token(parse_rules(doc).identity, "bot")
         upstream.put_record("contacts", {"id": "1", "name": "A"})
@@ -172,10 +172,10 @@ async def test_python_m_proxy_serve_starts_and_proxies(tmp_path, upstream):
 
 def test_readme_generated_sections_are_current():
     """The error table, CLI reference, deployment section and bench figures come from the code."""
-    from proxy.readme import README, render
+    from proxy.cli.readme import README, render
 
     current = README.read_text(encoding="utf-8")
-    assert render(current) == current, "README.md is out of date: run python -m proxy.readme"
+    assert render(current) == current, "README.md is out of date: run python -m proxy.cli.readme"
 
 
 def test_serve_refuses_the_pure_python_http_parser(tmp_path):

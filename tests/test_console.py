@@ -17,8 +17,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-
-from proxy.console_routes import CONSOLE_DIR
+from proxy.doors.admin.console_routes import CONSOLE_DIR
 from tests.conftest import ROOT, base_rules
 
 SHOTS = ROOT / "test-artifacts" / "console"
@@ -650,7 +649,7 @@ async def test_agent_text_is_inert_in_the_console(console, upstream, tmp_path):
     # whatever the input rules let through, or an old record holds: the view must stay inert
     # (its stored headline dropped too, so every view composes one from the hostile text)
     await gw.gw.store.review_transition(item, ("pending",), "pending", {"intent": hostile, "headline": None})
-    from proxy.journal import base_record
+    from proxy.journal.writer import base_record
 
     await gw.gw.journal.write(base_record("request", agent="bot", intent=hostile, decision="denied",
                                           method="GET", path="/x", reason="route_not_registered"))
@@ -670,14 +669,14 @@ async def test_agent_text_is_inert_in_the_console(console, upstream, tmp_path):
 
 
 def test_the_screenshot_script_writes_every_screen(tmp_path):
-    """`python -m proxy.console_shots` (what a reviewer of the project runs to look at the console)."""
+    """`python -m proxy.cli.console_shots` (what a reviewer of the project runs to look at the console)."""
     try:
         import playwright  # noqa: F401
     except ImportError:
         pytest.skip("Playwright for Python is not installed; the screenshot script needs it")
     if chromium_path() is None:
         pytest.skip("Chromium is not installed; the screenshot script needs it")
-    from proxy.console_shots import main
+    from proxy.cli.console_shots import main
 
     assert main(["--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))

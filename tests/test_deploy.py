@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from proxy.cli import effective_rules  # noqa: E402
+from proxy.cli.main import effective_rules  # noqa: E402
 from proxy.config import RulesFile, parse_hostport, parse_rules  # noqa: E402
 
 DEPLOY = ROOT / "deploy"

@@ -42,9 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.config import ConfigError, parse_rules
-from proxy.egress import EgressError, build_egress, proxy_for
-from proxy.identity import mint_token
-from proxy.upstream_http import ConnectOptions, OriginPool, UpstreamError
+from proxy.policy.identity import mint_token
+from proxy.transport.egress import EgressError, build_egress, proxy_for
+from proxy.transport.upstream_http import ConnectOptions, OriginPool, UpstreamError
 from tests.conftest import MakeGateway, base_rules
 from tests.procs import ROOT
 
@@ -551,7 +551,7 @@ def test_unusable_tls_files_are_config_errors(pki: PKI, up: dict[str, Any], path
     with pytest.raises(EgressError) as ei:
         build_egress("crm", rules.upstreams["crm"])
     assert ei.value.path == path and reason in str(ei.value), (ei.value.path, str(ei.value))
-    from proxy.gateway import build_state
+    from proxy.app.gateway import build_state
     with pytest.raises(ConfigError) as ce:
         build_state(rules, lambda: None, "rules.yaml")
     assert f"rules.yaml: {path}: " in str(ce.value)

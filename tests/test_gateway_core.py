@@ -237,8 +237,8 @@ async def test_100mb_response_streams_with_bounded_memory(upstream, tmp_path):
     rules = base_rules(upstream.url, str(tmp_path / "t.db"))
     proc = GatewayProcess(rules, tmp_path).start()
     try:
-        from proxy.identity import mint_token
         from proxy.config import parse_rules
+        from proxy.policy.identity import mint_token
 
         token = mint_token(parse_rules(rules).identity, "bot")
         before = proc.rss_kb()

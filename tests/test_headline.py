@@ -10,11 +10,11 @@ import pytest
 
 from adapters import get_adapter
 from adapters.base import Operation
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import parse_rules
-from proxy.headline import person
 from proxy.normalise import decode_segments, split_target
-from proxy.registry import Registry
+from proxy.policy.registry import Registry
+from proxy.safety.headline import person
 from tests.conftest import base_rules
 
 # --------------------------------------------------------------------------- adapters, with plain data

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.identity import mint_token
+from proxy.policy.identity import mint_token
 from tests.conftest import UPSTREAM_TOKEN, base_rules
 from tests.fakes import serve_app
 
@@ -156,7 +156,7 @@ async def test_the_loopback_admin_listener_answers_loopback_names_only(gateway):
 
 
 def test_host_policy_is_exact():
-    from proxy.gateway import host_allowed
+    from proxy.app.gateway import host_allowed
 
     loop = {"loopback": True, "wildcard": False}
     for ok in ("127.0.0.1", "127.0.0.1:8100", "127.9.8.7:1", "localhost", "LOCALHOST:80", "[::1]:8100", "::1"):
@@ -324,8 +324,8 @@ def _stream_rules(upstream_url: str, store: str, **cap: Any) -> dict[str, Any]:
     ({}, None, "agents.bot.grants[7]"),
 ])
 def test_rules_refuse_a_streamed_body_with_body_rules_or_review(tmp_path, extra, grant_mode, where):
+    from proxy.cli.lint import lint_data
     from proxy.config import ConfigError, parse_rules
-    from proxy.lint import lint_data
     from tests.procs import run_cli
 
     rules = _stream_rules("http://127.0.0.1:1", str(tmp_path / "t.db"), **extra)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.config import IdentityConfig
 from proxy.errors import AuthError
-from proxy.identity import TokenVerifier, mint_token
+from proxy.policy.identity import TokenVerifier, mint_token
 from tests.conftest import SECRET, base_rules
 
 

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_rules
-from proxy.identity import mint_token
-from proxy.journal import archive
+from proxy.journal.writer import archive
+from proxy.policy.identity import mint_token
 from proxy.store import open_store
 from tests.conftest import ROOT, base_rules, store_sql, store_unwritable
 from tests.procs import GatewayProcess, run_cli
@@ -43,7 +43,7 @@ async def test_live_request_leaves_intent_then_outcome(gateway, upstream):
     # the authorisation event id the upstream saw is the intent record's sequence number
     assert upstream.received[-1].headers["X-Tether-Authz-Event"] == str(intent["seq"])
     # both records carry the fixed schema every record kind has (journal.base_record)
-    from proxy.journal import base_record
+    from proxy.journal.writer import base_record
 
     fixed = set(base_record("x"))
     assert fixed <= set(intent) and fixed <= set(outcome)

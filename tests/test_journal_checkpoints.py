@@ -144,8 +144,8 @@ async def test_a_cut_tail_is_caught_by_the_last_checkpoint(make_gateway, upstrea
 
 
 def test_a_checkpoint_key_that_cannot_be_read_stops_the_gateway_from_starting(tmp_path, store_url):
+    from proxy.app.gateway import Gateway
     from proxy.config import ConfigError, parse_rules
-    from proxy.gateway import Gateway
 
     (tmp_path / "bad.pem").write_text("not a key")
     for ref in ({"file": str(tmp_path / "missing.pem")}, {"file": str(tmp_path / "bad.pem")}, {"env": "NO_SUCH_VAR_X"}):

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.journal import JournalWriter, base_record, verify
+from proxy.journal.writer import JournalWriter, base_record, verify
 from proxy.store.sqlite import SQLiteStore
 
 

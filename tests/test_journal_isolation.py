@@ -17,7 +17,7 @@ import asyncio
 import orjson
 import pytest
 
-from proxy.journal import verify
+from proxy.journal.writer import verify
 from tests.conftest import base_rules
 from tests.test_bypass import raw_request
 
@@ -115,7 +115,7 @@ async def test_a_record_json_cannot_hold_is_kept_escaped_not_dropped(store_url, 
     """Records sharing one commit with a record JSON cannot hold (a claim or header with bytes that are not
     UTF-8, an integer beyond 64 bits): all are committed, the odd one with its values escaped and named
     in ``escaped``, and the mirror holds exactly what the chain hashed."""
-    from proxy.journal import JournalWriter, base_record
+    from proxy.journal.writer import JournalWriter, base_record
     from proxy.store import open_store
 
     store = open_store(store_url)

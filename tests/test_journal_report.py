@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.inert import field_value, inert, json_text
-from proxy.journal_lines import human_line
+from proxy.journal.lines import human_line
 from tests.conftest import base_rules
 
 
@@ -149,7 +149,7 @@ async def test_tail_matches_parts_of_names_counts_the_rest_and_names_system_even
     hostile = "x\r\x1b[31m | decision=live\u202e"
     # a record holding what an agent could have put there (whether or not the input is refused today: the
     # view must be safe for every record the journal holds, old ones included)
-    from proxy.journal import base_record
+    from proxy.journal.writer import base_record
 
     await gw.gw.journal.write(base_record("request", agent="renewal-bot", on_behalf_of="ae:jane@acme.example",
                                           intent=hostile, capability=None, method="GET", path="/api/nope",

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import main
-from proxy.lint import Finding, lint_file, rules_json_schema
+from proxy.cli.lint import Finding, lint_file, rules_json_schema
+from proxy.cli.main import main
 from tests.conftest import base_rules
 from tests.test_catalogue import make_journal
 
@@ -237,7 +237,7 @@ def test_check_command_output_and_exit_codes(tmp_path: Path, capsys: pytest.Capt
 
 
 def schema_validator() -> Any:
-    from jsonschema import Draft202012Validator  # a runtime dependency (proxy.validation uses it)
+    from jsonschema import Draft202012Validator  # a runtime dependency (proxy.policy.validation uses it)
 
     schema = rules_json_schema()
     Draft202012Validator.check_schema(schema)

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_rules
-from proxy.identity import mint_token
+from proxy.policy.identity import mint_token
 from proxy.store import open_store
 from tests.conftest import base_rules, drop_schema, new_pg_url, pg_unavailable
 from tests.fakes import FakeUpstream

@@ -692,7 +692,7 @@ async def test_without_a_mounted_backend_the_path_is_the_rest_doors(make_gateway
 
 
 async def test_the_endpoint_is_served_on_the_main_listener_only(make_gateway, store_url, http):
-    from proxy.mcp import mount_mcp
+    from proxy.doors.mcp import mount_mcp
     from tests.mcp_backend import JwtBackend
 
     rules = base_rules("http://127.0.0.1:9", store_url)

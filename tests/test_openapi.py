@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from adapters import get_adapter
-from proxy.cli import main
+from proxy.cli.main import main
+from proxy.cli.openapi import ImportOptions, Spec, import_operations, to_template
 from proxy.config import load_rules, parse_rules
-from proxy.openapi import ImportOptions, Spec, import_operations, to_template
-from proxy.registry import Registry
+from proxy.policy.registry import Registry
 from tests.conftest import SECRET, UPSTREAM_TOKEN
 
 SPECS = Path("/work/shared/specs")
@@ -25,7 +25,7 @@ needs_specs = pytest.mark.skipif(not SPECS.is_dir(), reason="the public OpenAPI 
 
 
 def jsonschema_validator() -> Any:
-    from jsonschema import Draft202012Validator  # a runtime dependency (proxy.validation uses it)
+    from jsonschema import Draft202012Validator  # a runtime dependency (proxy.policy.validation uses it)
 
     return Draft202012Validator
 
@@ -382,7 +382,7 @@ EXAMPLES = {
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_committed_examples_load_and_lint_clean(name: str) -> None:
-    from proxy.lint import lint_file
+    from proxy.cli.lint import lint_file
 
     registry_of(IMPORTED / name)
     assert [f.line() for f in lint_file(IMPORTED / name, use_default_store=False) if f.level == "ERROR"] == []

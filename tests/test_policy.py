@@ -10,8 +10,8 @@ import aiohttp
 import yaml
 
 from proxy.config import parse_rules
-from proxy.identity import mint_token
-from proxy.ratelimit import RateLimiter
+from proxy.policy.identity import mint_token
+from proxy.safety.ratelimit import RateLimiter
 from tests.conftest import base_rules
 from tests.procs import GatewayProcess
 

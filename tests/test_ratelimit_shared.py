@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from proxy.ratelimit import Lease, SharedRateLimiter, redis_url
+from proxy.safety.ratelimit import Lease, SharedRateLimiter, redis_url
 from tests.conftest import base_rules
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 import adapters
 import proxy
-from proxy.bodies import parse_body
 from proxy.config import ConfigError, parse_rules
 from proxy.errors import ERROR_CODES, TetherError
-from proxy.identity import mint_token
+from proxy.policy.bodies import parse_body
+from proxy.policy.identity import mint_token
 from tests.conftest import base_rules
 from tests.procs import GatewayProcess, run_cli
 
@@ -348,7 +348,7 @@ _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.float
 @given(_json_values)
 def test_fuzz_validators_never_crash(value):
     from proxy.config import BodyRules
-    from proxy.validation import BodyValidator
+    from proxy.policy.validation import BodyValidator
 
     v = BodyValidator("cap", BodyRules(allow_fields=["a", "b.c"], forbid_fields=["b.d"], require_fields=["a"],
                                        constraints={"a": {"min": 0, "max": 5}, "b.c": {"pattern": "x+",

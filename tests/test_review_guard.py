@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from proxy.identity import mint_token
+from proxy.policy.identity import mint_token
 from tests.conftest import base_rules
 
 pytestmark = pytest.mark.stores

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.casetest import run_cases
+from proxy.cli.casetest import run_cases
 
 CASES = sorted((Path(__file__).resolve().parent.parent / "rules").glob("*.cases.yaml"))
 

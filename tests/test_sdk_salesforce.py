@@ -3,7 +3,7 @@
 The SDK gets ``instance_url=https://127.0.0.1:<Tether's salesforce listener>`` and the agent's JWT as its
 ``session_id`` (it sends ``Authorization: Bearer <session_id>``); Tether verifies it, strips it and sends
 the upstream's own token. The requests session trusts the dev certificate Tether serves
-(``proxy.certs.make_dev_cert``) and carries ``X-Tether-Intent`` (and ``X-Tether-Transaction``). The SDK is
+(``proxy.cli.certs.make_dev_cert``) and carries ``X-Tether-Intent`` (and ``X-Tether-Transaction``). The SDK is
 synchronous, so it runs in a thread while Tether and the fake serve on the test's event loop.
 
 The rules are ``rules/salesforce.yaml`` itself, re-pointed at the fake and at loopback ports."""
@@ -25,7 +25,7 @@ from simple_salesforce.exceptions import SalesforceError, SalesforceExpiredSessi
 
 from adapters.base import PlannedRequest, UndoPlan
 from adapters.salesforce import SalesforceAdapter, to_18
-from proxy.certs import make_dev_cert
+from proxy.cli.certs import make_dev_cert
 from tests.conftest import SECRET, GatewayHandle
 from tests.sf_fake import SalesforceFake
 

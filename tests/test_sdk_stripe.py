@@ -34,7 +34,7 @@ from aiohttp import web
 stripe = pytest.importorskip("stripe")
 requests = pytest.importorskip("requests")
 
-from proxy.bodies import nest_form  # noqa: E402
+from proxy.policy.bodies import nest_form  # noqa: E402
 from tests.conftest import SECRET  # noqa: E402
 from tests.fakes import Received, serve_app  # noqa: E402
 

@@ -18,10 +18,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
+from proxy.app.gateway import Gateway
 from proxy.config import parse_rules
-from proxy.identity import mint_token
+from proxy.policy.identity import mint_token
 from proxy.store import open_store
-from proxy.gateway import Gateway
 from tests.conftest import ROOT, GatewayHandle, base_rules
 from tests.procs import GatewayProcess, run_cli
 from tests.test_store import TcpProxy, _pg_host_port, _via, drop_schema, new_pg_url, require_pg

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.slack_review import APPROVE, REJECT, check_signature, signature
+from proxy.doors.admin.slack_review import APPROVE, REJECT, check_signature, signature
 from tests.conftest import base_rules
 from tests.slack_fake import SlackFake
 
@@ -195,7 +195,7 @@ async def test_the_person_acted_for_cannot_approve_in_slack(make_gateway, upstre
     item = await capture(gw, upstream)
     msg = await until(lambda: posted(slack, item))
     from proxy.errors import TetherError
-    from proxy.identity import Identity
+    from proxy.policy.identity import Identity
 
     try:  # does this build's review service already refuse the on_behalf_of human?
         gw.gw.review._not_self(await gw.gw.store.review_get(item),

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy.chain import GENESIS, INDEXED_FIELDS, canonical, record_hash
-from proxy.journal import archive, base_record, verify
+from proxy.journal.writer import archive, base_record, verify
 from proxy.store import Store, StoreUnavailable, open_store
 from proxy.store.postgres import LATEST_VERSION as LATEST
 from proxy.store.rows import REVIEW_COLS, SUMMARY_FIELDS, Unstorable, prepare_review
@@ -634,7 +634,7 @@ async def test_many_replicas_racing_for_a_lease_exactly_one_gets_it(store, repli
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "proxy.cli_store", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "proxy.cli.store", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
 

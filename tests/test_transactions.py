@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_rules
-from proxy.identity import mint_token
+from proxy.policy.identity import mint_token
 from tests.conftest import base_rules
 from tests.procs import GatewayProcess, run_cli
 

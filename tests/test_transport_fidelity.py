@@ -20,8 +20,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.certs import make_dev_cert
-from proxy.upstream_http import OriginPool, UpstreamError
+from proxy.cli.certs import make_dev_cert
+from proxy.transport.upstream_http import OriginPool, UpstreamError
 from tests import realservers as R
 from tests.conftest import SECRET, GatewayHandle, MakeGateway
 

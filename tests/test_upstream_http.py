@@ -43,12 +43,19 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import upstream_http
-from proxy.certs import make_dev_cert
+from proxy.cli.certs import make_dev_cert
 from proxy.config import Timeouts
 from proxy.errors import TetherError
-from proxy.forward import json_prefix_fields, read_whole, relay, response_headers, send
-from proxy.upstream_http import HIGH_WATER, OriginPool, UpstreamClient, UpstreamError, UpstreamResponse, _Connection
+from proxy.transport import upstream_http
+from proxy.transport.forward import json_prefix_fields, read_whole, relay, response_headers, send
+from proxy.transport.upstream_http import (
+    HIGH_WATER,
+    OriginPool,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    _Connection,
+)
 from tests.fakes import serve_app
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bodies import parse_body, parse_form
 from proxy.config import BodyRules
 from proxy.errors import TetherError
-from proxy.validation import BodyValidator
+from proxy.policy.bodies import parse_body, parse_form
+from proxy.policy.validation import BodyValidator
 from tests.conftest import base_rules
 
 
@@ -134,7 +134,7 @@ import json as _json  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from proxy.bodies import _MISSING, _parse_json_fast, parse_json  # noqa: E402
+from proxy.policy.bodies import _MISSING, _parse_json_fast, parse_json  # noqa: E402
 
 _text = st.text(alphabet=st.sampled_from(list("ab:c ,{}[]\"é")), max_size=6)
 _scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | _text

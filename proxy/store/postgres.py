@@ -35,7 +35,7 @@ How each guarantee of the store interface is kept when several processes share t
   (``unnest`` of arrays), moves the head and ``pg_notify``s the last sequence number, and the commit
   releases the lock. The record payload is stored as ``bytea`` — the exact bytes the hash covers.
   Commits are durable on return (the server's ``synchronous_commit=on``; Tether never lowers it). The
-  :class:`proxy.journal.JournalWriter` batches records (group commit), so one commit carries many.
+  :class:`proxy.journal.writer.JournalWriter` batches records (group commit), so one commit carries many.
 * **Decided exactly once.** ``review_transition`` and ``tx_transition`` read the row with ``SELECT ... FOR
   UPDATE`` filtered on the expected states, then update it in the same transaction. A second caller
   blocks on the row lock; when it gets it, PostgreSQL re-checks the ``WHERE`` against the new row

@@ -1,0 +1,640 @@
+"""The gateway runtime: shared state, listeners, lifecycle.
+
+:class:`Gateway` owns everything long-lived — the store, the journal writer, the one client session,
+the compiled rules (:class:`RulesState`, swapped atomically on hot reload) — and the listeners:
+
+* the **main agent listener** (``server.listen``): Tether's own ``/_tether/*`` endpoints and path-prefix
+  routing ``/<upstream>/<path>`` to every upstream;
+* one **dedicated listener per upstream** that sets ``listen`` (the SDK's base URL is then just
+  ``http(s)://127.0.0.1:<port>``, which every SDK accepts unchanged), optionally with TLS;
+* the **admin listener** (``server.admin_listen``): reviewers, metrics; agents are refused there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from adapters import AdapterOptionsError, get_adapter, vendor_headers
+from adapters.base import Adapter
+
+from .. import headers as H
+from ..config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_hostport
+from ..core.exchange import Exchange
+from ..doors.responses import error_response, json_response
+from ..doors.rest.protocol import GuardedServer
+from ..errors import TetherError
+from ..journal.writer import JournalWriter, base_record
+from ..pipeline import stages as S
+from ..pipeline.runner import Pipeline
+from ..policy.credentials import CredentialError, Injector, build_injector
+from ..policy.identity import TokenVerifier
+from ..policy.jwks import KeySets
+from ..policy.provenance import stamp_provenance
+from ..policy.registry import Registry
+from ..safety.quota import QuotaGuard, check_upstream_quota
+from ..safety.ratelimit import make_rate_limiter, rate_limit
+from ..safety.review import ReviewService, capture_dry_run
+from ..safety.transactions import TransactionManager, prepare_compensation
+from ..store import Store, StoreUnavailable, open_store
+from ..transport.egress import Egress, EgressError, build_egress
+from ..transport.forward import NO_NEEDLES, Needles, credential_needles, make_session
+from ..transport.upstream_http import OriginPool, UpstreamClient
+
+log = logging.getLogger("tether.gateway")
+
+_VENDOR_HEADERS = vendor_headers()
+
+STAGES: list[tuple[str, Any]] = [
+    ("parse_request", S.parse_request),
+    ("authenticate", S.authenticate),
+    ("match_route", S.match_route),
+    ("read_body", S.read_body),
+    ("parse_body", S.parse_body_stage),
+    ("unpack_composite", S.unpack_composite),
+    ("check_grant", S.check_grant),
+    ("require_intent", S.require_intent),
+    ("check_transaction", S.check_transaction),
+    ("validate_body", S.validate_body),
+    ("rate_limit", rate_limit),
+    ("decide_mode", S.decide_mode),
+    ("journal_intent", S.journal_intent),
+    ("check_relative_caps", S.check_relative_caps),
+    ("capture_dry_run", capture_dry_run),
+    ("upstream_quota", check_upstream_quota),
+    ("stamp_provenance", stamp_provenance),
+    ("prepare_compensation", prepare_compensation),
+    ("forward", S.forward),
+]
+
+
+class UpstreamRuntime:
+    """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
+
+    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any,
+                 egress: Egress | None = None) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.adapter = adapter
+        self.base_url = cfg.url
+        self.injector: Injector = build_injector(cfg.credentials, f"upstreams.{name}.credentials", session_getter)
+        cred_headers = ({h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
+                        | adapter.credential_headers)
+        self.credential_headers = frozenset(cred_headers)
+        # another vendor's session or tenant-switch header (Stripe-Account to Salesforce) is never forwarded
+        foreign = _VENDOR_HEADERS - adapter.tenant_headers
+        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers | foreign)
+        self.credential_params = tuple(dict.fromkeys([p.lower() for p in cfg.credential_params]
+                                                     + list(adapter.credential_params)))
+        self.timeouts = cfg.timeouts
+        self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
+        self.egress = egress or build_egress(name, cfg)  # TLS, proxy, connection limit (proxy.transport.egress)
+        self.tls_key = self.egress.key
+        self.ssl: Any = self.egress.ssl
+        self.provenance_headers = cfg.provenance.headers
+        self.record_fields = dict(cfg.provenance.record_fields)
+        self.max_response_bytes = cfg.max_response_bytes
+        self.via = cfg.via
+        self._reflection: tuple[Any, Needles] = (None, NO_NEEDLES)
+
+    def reflection_needles(self) -> Needles:
+        """What of the injected credential to look for in the upstream's answers (so that an upstream
+        echoing it never hands it to the agent): recomputed only when the credential changes."""
+        cred = self.credential_now()
+        key, needles = self._reflection
+        if cred != key:
+            if cred is None:
+                return needles  # an OAuth token being refreshed: the last one is still the one to hide
+            prefix = getattr(self.cfg.credentials, "prefix", "") or ""
+            needles = credential_needles(cred, prefix)
+            self._reflection = (cred, needles)
+        return needles
+
+    def credential_now(self) -> tuple[tuple[str, str], ...] | None:
+        """The credential header when it can be had without waiting (static secrets, a cached OAuth
+        token); None means: await :meth:`apply_credentials`."""
+        try:
+            return self.injector.header_now()
+        except CredentialError:
+            return None  # apply_credentials reports it properly
+
+    async def apply_credentials(self, headers: Any) -> None:
+        try:
+            await self.injector.apply(headers)
+        except CredentialError as exc:
+            log.error("credentials for upstream %s unavailable: %s", self.name, exc)
+            raise TetherError("upstream_unavailable",
+                              f"Tether cannot produce the credentials for upstream {self.name!r}") from None
+
+
+@dataclass(frozen=True)
+class RulesState:
+    """Everything compiled from one rules file; replaced as a whole on reload."""
+
+    rules: RulesFile
+    registry: Registry
+    upstreams: dict[str, UpstreamRuntime]
+    verifier: TokenVerifier
+
+
+def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None) -> RulesState:
+    """Compile a validated rules file; ConfigError names anything that still cannot be built. ``keysets``
+    (proxy.policy.jwks.KeySets) keeps issuers' keys across reloads."""
+    problems: list[tuple[str, str]] = []
+    adapters: dict[str, Adapter] = {}
+    for name, up in rules.upstreams.items():
+        try:
+            adapters[name] = get_adapter(up.adapter, up.adapter_options)
+        except AdapterOptionsError as exc:
+            problems.append((f"upstreams.{name}.adapter", str(exc)))
+    try:
+        verifier = TokenVerifier(rules.identity, keysets)
+    except ValueError as exc:
+        problems.append(("identity", str(exc)))
+    if problems:
+        raise ConfigError(file, problems)
+    egress: dict[str, Egress] = {}
+    for name, up in rules.upstreams.items():
+        try:
+            egress[name] = build_egress(name, up)
+        except EgressError as exc:
+            problems.append((exc.path, str(exc)))
+    if problems:
+        raise ConfigError(file, problems)
+    for name, up_cfg in rules.upstreams.items():
+        adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
+    registry = Registry(rules, adapters)
+    from ..policy.validation import BodyValidator
+
+    for name, cap in registry.capabilities.items():
+        if cap.config.body is not None:
+            try:
+                registry.validators[name] = BodyValidator(name, cap.config.body,
+                                                          fold_case=adapters[cap.upstream].case_insensitive_fields)
+            except Exception as exc:  # jsonschema.SchemaError and friends
+                problems.append((f"capabilities.{name}.body.json_schema", f"invalid JSON Schema: "
+                                 f"{getattr(exc, 'message', exc)}"))
+    if problems:
+        raise ConfigError(file, problems)
+    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter, egress[n])
+                 for n in rules.upstreams}
+    return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
+
+
+class Listener:
+    """An agent-facing listener: which upstream it serves (None: path prefixes) and its Host policy."""
+
+    def __init__(self, name: str, address: str, upstream: str | None, credential_aliases: frozenset[str],
+                 tls: Any = None) -> None:
+        self.name = name
+        self.address = address
+        self.host, self.port = parse_hostport(address)
+        self.upstream_name = upstream
+        self.upstream: UpstreamRuntime | None = None
+        self.credential_aliases = credential_aliases
+        self.tls = tls
+        self.bound_port: int | None = None
+        try:
+            ip = ipaddress.ip_address(self.host)
+            self._loopback = ip.is_loopback
+            self._wildcard = ip.is_unspecified
+        except ValueError:
+            self._loopback = self.host == "localhost"
+            self._wildcard = False
+        self._hosts_ok: dict[str, bool] = {}
+
+    def host_allowed(self, host: str) -> bool:
+        """The Host header must name this listener: any name on a wildcard bind, a loopback name on a
+        loopback bind, the bound name otherwise (see :func:`host_allowed`)."""
+        ok = self._hosts_ok.get(host)
+        if ok is None:
+            ok = host_allowed(host, self.host, loopback=self._loopback, wildcard=self._wildcard)
+            if len(self._hosts_ok) < 1024:
+                self._hosts_ok[host] = ok
+        return ok
+
+
+def host_allowed(host: str, bound: str, *, loopback: bool, wildcard: bool) -> bool:
+    """Does a Host header (``name[:port]``, ``[v6]:port``) name a listener bound to ``bound``?
+
+    On a loopback bind only ``localhost`` and loopback IP *literals* are loopback names: a DNS name that
+    merely starts with ``127.`` (``127.attacker.example``, which an attacker can point at 127.0.0.1 to
+    rebind a browser onto Tether) is not. A port, when given, must be digits."""
+    name, port = host, ""
+    if name.startswith("["):
+        name, _, rest = name[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:]
+    elif name.count(":") == 1:
+        name, _, port = name.partition(":")
+    if port and not port.isdigit():
+        return False
+    name = name.lower()
+    if wildcard:
+        return True
+    if loopback:
+        if name == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+    return name == bound.lower()
+
+
+def admin_host_policy(address: str) -> Any:
+    """The admin listener's Host check (None: any Host): enforced on a loopback bind only (see
+    :func:`proxy.doors.admin.api.check_host`)."""
+    host = parse_hostport(address)[0]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        return None
+    return lambda h: host_allowed(h, host, loopback=True, wildcard=False)
+
+
+class Gateway:
+    def __init__(self, rules: RulesFile, *, rules_path: str | None = None, store: Store | None = None) -> None:
+        self.rules_path = rules_path
+        self.server_cfg = rules.server
+        self.limits = rules.server.limits
+        self.admin_host_policy = admin_host_policy(rules.server.admin_listen)
+        self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
+        self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
+        self.keysets = KeySets()  # identity providers' keys, kept across rules reloads
+        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>", self.keysets)
+        self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
+        from ..journal.checkpoint import signer_from_config
+
+        jc = rules.server.journal
+        self.journal = JournalWriter(self.store, max_batch=jc.max_batch,
+                                     mirror_file=jc.mirror_file,
+                                     on_commit=self._on_journal_commit,
+                                     quiet=lambda: self._in_flight <= 1,
+                                     signer=signer_from_config(jc, rules_path or "<rules>"),
+                                     checkpoint_interval=jc.checkpoint_interval, checkpoint_file=jc.checkpoint_file)
+        from ..safety.governance import Governance
+
+        self.governance = Governance(self)
+        self.quota = QuotaGuard(self)
+        self.review = ReviewService(self)
+        self.transactions = TransactionManager(self)
+        self.rate_limiter = make_rate_limiter(rules.server, self.store)
+        self.pipeline = Pipeline(self, STAGES)
+        self.mcp: Any = None  # the MCP endpoint on the main listener, once proxy.doors.mcp.mount_mcp() set it
+        self.listeners: list[Listener] = []
+        self._runners: list[web.BaseRunner] = []
+        self._sites: list[web.BaseSite] = []
+        self.ready = False
+        self.draining = False
+        self.started_at = time.time()
+        # hostname:pid alone can repeat (containers with a fixed hostname run as PID 1): add randomness
+        self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._in_flight = 0
+        self._background: list[asyncio.Future[Any]] = []
+        self.counters: dict[tuple[str, str, str], int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def origin(self, up: UpstreamRuntime) -> OriginPool:
+        """The keep-alive pool forwarding to ``up`` (shared by every rules version with its URL)."""
+        pool = up.pool
+        if pool is None:
+            pool = up.pool = self.upstream_client.pool(up.base_url, up.ssl, up.tls_key, up.egress.options)
+        return pool
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the client session is opened at start()"
+        return self.session
+
+    async def start(self) -> None:
+        """Open the store, start the journal and bind every listener. If anything fails (a port already
+        in use), what was started is stopped again before the error propagates: a half-started gateway
+        would keep the store's thread and the bound listeners alive, and the process could not exit."""
+        await self.store.open()
+        try:
+            self.journal.start()
+            self.session = make_session()
+            # fetch the issuers' keys now (briefly): a gateway that starts ready can verify its first token
+            await self.keysets.start(self.state.verifier.keysets_in_use, wait=min(5.0, self.limits.client_timeout))
+            await self.governance.start()
+            await self.journal.write(base_record("system", event="started", instance=self.instance_id,
+                                                 rules_version=self.state.registry.version, pid=os.getpid()))
+            await self._start_listeners()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._background.append(asyncio.ensure_future(self.review.sweep_loop(self.server_cfg.review.sweep_interval)))
+        self._background.append(asyncio.ensure_future(self.transactions.sweep_loop()))
+        jc = self.server_cfg.journal
+        if jc.retention_age is not None or jc.retention_records is not None:
+            self._background.append(asyncio.ensure_future(self._retention_loop()))
+        self.ready = True
+        log.info("tether ready", extra={"fields": {"listeners": [f"{l.name}={l.host}:{l.bound_port}"
+                                                                 for l in self.listeners]}})
+
+    async def _start_listeners(self) -> None:
+        srv = self.server_cfg
+        all_cred = frozenset().union(*(u.credential_headers for u in self.state.upstreams.values()))
+        main = Listener("main", srv.listen, None, all_cred, srv.tls)
+        self.listeners.append(main)
+        for name, up in self.state.upstreams.items():
+            if up.cfg.listen:
+                self.listeners.append(Listener(f"upstream:{name}", up.cfg.listen, name, up.credential_headers,
+                                               up.cfg.tls))
+        for lst in self.listeners:
+            if lst.upstream_name:
+                lst.upstream = self.state.upstreams[lst.upstream_name]
+            await self._serve(lst)
+        from ..doors.admin.api import build_admin_app
+
+        admin_app = build_admin_app(self)
+        runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        ah, ap = parse_hostport(srv.admin_listen)
+        site = web.TCPSite(runner, ah, ap, reuse_port=srv.workers > 1)
+        self._runners.append(runner)
+        await _bind(site, ah, ap, "server.admin_listen")
+        self._sites.append(site)
+        self.admin_port = _bound_port(site)
+
+    async def _serve(self, lst: Listener) -> None:
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.handle(request, lst)
+
+        server = GuardedServer(handler, header_timeout=self.limits.client_timeout, on_parse_error=self._on_parse_error,
+                               max_line_size=max(self.limits.max_url_length + 64, 8190),
+                               max_field_size=self.limits.max_header_bytes, max_headers=self.limits.max_headers + 32,
+                               access_log=None, auto_decompress=False, keepalive_timeout=75.0)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        ctx = None
+        if lst.tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(lst.tls.cert), str(lst.tls.key))
+        site = web.TCPSite(runner, lst.host, lst.port, ssl_context=ctx, reuse_port=self.server_cfg.workers > 1)
+        self._runners.append(runner)
+        await _bind(site, lst.host, lst.port,
+                    f"upstreams.{lst.upstream_name}.listen" if lst.upstream_name else "server.listen")
+        lst.bound_port = _bound_port(site)
+        self._sites.append(site)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``grace``), flush the journal."""
+        self.ready = False
+        self.draining = True
+        for ev in list(self.journal._listeners):  # wake event streams so they notice the drain
+            ev.set()
+        grace = self.server_cfg.grace_period if grace is None else grace
+        if self.mcp is not None:
+            self.mcp.close()  # ends the MCP sessions' GET streams
+        for site in self._sites:
+            try:
+                await site.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        deadline = time.monotonic() + grace
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for runner in self._runners:
+            try:
+                await runner.cleanup()
+            except Exception:  # noqa: BLE001
+                pass
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.governance.stop()
+        try:
+            await self.journal.write(base_record("system", event="stopped", instance=self.instance_id))
+        except Exception:  # noqa: BLE001
+            pass
+        await self.journal.close()
+        await self.keysets.close()
+        if self.session is not None:
+            await self.session.close()
+        await self.upstream_client.close()
+        await self.quota.close()
+        await self.rate_limiter.close()
+        await self.store.close()
+
+    async def _retention_loop(self) -> None:
+        """Archive old journal records periodically (one replica at a time, by lease)."""
+        from ..journal.writer import archive
+
+        jc = self.server_cfg.journal
+        while True:
+            try:
+                if await self.store.try_lease("journal-retention", self.instance_id, jc.retention_interval * 2):
+                    path = await archive(self.store, str(jc.archive_dir), older_than=jc.retention_age,
+                                         keep_records=jc.retention_records)
+                    if path is not None:
+                        await self._journal_system("journal_archived", file=str(path))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retry next round
+                log.error("journal retention failed: %s", exc)
+            await asyncio.sleep(jc.retention_interval)
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    async def reload(self, source: str | None = None) -> tuple[bool, str]:
+        """Atomically swap in the rules from ``rules_path``; a bad file leaves the old rules in force."""
+        path = self.rules_path
+        if path is None:
+            return False, "no rules file to reload"
+        try:
+            rules = load_rules(path)
+            new_state = build_state(rules, self._get_session, path, self.keysets)
+        except ConfigError as exc:
+            log.error("rules reload rejected; the previous rules stay in force: %s", exc)
+            await self._journal_system("rules_reload_failed", error=str(exc), source=source)
+            await self.governance.alert("rules_reload_failed", {"file": path, "error": str(exc)})
+            return False, str(exc)
+        self.state = new_state
+        for lst in self.listeners:
+            if lst.upstream_name:
+                lst.upstream = new_state.upstreams.get(lst.upstream_name)
+        # keep-alive connections to an origin the new rules no longer name are closed, not left to idle
+        self.upstream_client.retire_except({(u.base_url, u.tls_key) for u in new_state.upstreams.values()})
+        await self._journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
+        log.info("rules reloaded (version %s)", new_state.registry.version)
+        return True, new_state.registry.version
+
+    async def _journal_system(self, event: str, **fields: Any) -> None:
+        try:
+            await self.journal.write(base_record("system", event=event, instance=self.instance_id, **fields))
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not journal %s: %s", event, exc)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest, lst: Listener) -> web.StreamResponse:
+        raw = request.raw_path
+        if raw.startswith("/_tether/"):
+            from ..doors.rest.control import handle_control
+
+            return await handle_control(self, request, lst)
+        if self._in_flight >= self.limits.max_in_flight or self.draining:
+            return self._overloaded(request, lst)
+        if self.mcp is not None and lst.upstream_name is None and self.mcp.owns(raw):
+            self._in_flight += 1
+            try:
+                return await self.mcp.handle(request, lst.host_allowed)
+            finally:
+                self._in_flight -= 1
+        state = self.state
+        ex = Exchange(request, state.registry, lst.upstream, request.raw_path)
+        ex.state = state
+        ex.listener = lst
+        self._in_flight += 1
+        try:
+            return await self.pipeline.run(ex)
+        finally:
+            self._in_flight -= 1
+
+    def _overloaded(self, request: web.BaseRequest, lst: Listener) -> web.StreamResponse:
+        """Fast refusal beyond max_in_flight (bounded work, bounded memory); recorded without waiting."""
+        from ..core.exchange import new_request_id
+
+        rid = new_request_id()
+        code = "not_ready" if self.draining else "overloaded"
+        err = TetherError(code, "the gateway is draining" if self.draining else
+                          f"more than {self.limits.max_in_flight} requests in flight", headers={"Retry-After": "1"})
+        self.journal.submit(base_record("request", request_id=rid, method=request.method,
+                                        path=request.raw_path.partition("?")[0][:2048], decision="denied",
+                                        reason=code, upstream=lst.upstream_name) | {"status": err.status})
+        self.governance.on_overload()
+        return error_response(err, rid)
+
+    async def _on_parse_error(self, request: web.BaseRequest, err: TetherError) -> web.StreamResponse:
+        """A request llhttp refused: answer Tether's JSON error and journal the denial."""
+        from ..core.exchange import new_request_id
+
+        rid = new_request_id()
+        try:
+            await self.journal.write(base_record(
+                "request", request_id=rid, method=request.method if request.method else None,
+                path=None, decision="denied", reason=err.code) | {"status": err.status, "stage": "http_parser",
+                                                                    "message": err.message})
+        except Exception:  # noqa: BLE001 - the refusal stands either way
+            log.error("could not journal a parser refusal")
+        return error_response(err, rid)
+
+    def observe(self, ex: Exchange) -> None:
+        """Count a finished request (metrics and the governance SLIs read these)."""
+        self.governance.observe(ex)
+
+    def _on_journal_commit(self, seconds: float, records: int) -> None:
+        self.governance.on_journal_commit(seconds, records)
+
+    # -- readiness ------------------------------------------------------------------------------
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        ok = self.ready and not self.draining
+        checks["listening"] = self.ready
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except StoreUnavailable as exc:
+            checks["store"] = f"unavailable: {exc}"
+            ok = False
+        checks["journal"] = "ok" if self.journal.healthy else f"failing: {self.journal.last_error}"
+        ok = ok and self.journal.healthy
+        creds: dict[str, str] = {}
+        for name, up in self.state.upstreams.items():
+            try:
+                up.injector.check()
+                creds[name] = "ok"
+            except CredentialError as exc:
+                creds[name] = f"unavailable: {exc}"
+                ok = False
+        checks["credentials"] = creds
+        id_ok, checks["identity"] = self.state.verifier.readiness()
+        return ok and id_ok, checks
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the address, the setting and the reason."""
+
+
+async def _bind(site: web.TCPSite, host: str, port: int, setting: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's message repeats the address
+        err = ListenError(f"cannot listen on {host}:{port} ({setting}): {reason}")
+        err.errno = exc.errno
+        raise err from None
+
+
+def _bound_port(site: web.BaseSite) -> int:
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        return int(server.sockets[0].getsockname()[1])
+    return 0
+
+
+async def run_forever(gw: Gateway) -> None:
+    """Start, serve until SIGTERM/SIGINT (graceful drain), reload on SIGHUP."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload("SIGHUP")))
+    await gw.start()
+    watcher = asyncio.ensure_future(_watch_rules(gw, stop))
+    print(_ready_banner(gw), flush=True)
+    await stop.wait()
+    log.info("draining (grace %ss)", gw.server_cfg.grace_period)
+    watcher.cancel()
+    await gw.stop()
+
+
+async def _watch_rules(gw: Gateway, stop: asyncio.Event) -> None:
+    """Reload when the rules file changes (a ConfigMap update), polling its mtime each second."""
+    if not gw.rules_path:
+        return
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = os.stat(gw.rules_path)  # type: ignore[arg-type]
+            return (st.st_mtime, st.st_size)
+        except OSError:
+            return None
+    last = stamp()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        cur = stamp()
+        if cur is not None and cur != last:
+            last = cur
+            await gw.reload("file changed")
+
+
+def _ready_banner(gw: Gateway) -> str:
+    import orjson
+
+    return orjson.dumps({
+        "event": "ready",
+        "listeners": {l.name: f"{'https' if l.tls else 'http'}://{l.host}:{l.bound_port}" for l in gw.listeners},
+        "admin": f"http://{parse_hostport(gw.server_cfg.admin_listen)[0]}:{gw.admin_port}",
+        "store": gw.store.description,
+        "rules_version": gw.state.registry.version,
+    }).decode()
+
+
+__all__ = ["Gateway", "ListenError", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
+           "json_response"]

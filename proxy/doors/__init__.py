@@ -1,0 +1,1 @@
+"""Front doors: how agents and people reach Tether (REST, MCP, the admin API and console)."""

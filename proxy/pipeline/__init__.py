@@ -1,0 +1,1 @@
+"""One pipeline of named stages, shared by every front door."""
