@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from .errors import TetherError

@@ -386,7 +386,7 @@ async def test_the_route_matched_is_the_route_the_upstream_receives(bypass_gw, u
 
 
 def test_param_patterns_use_fullmatch():
-    from proxy.app.gateway import build_state
+    from proxy.core.rules import build_state
     from proxy.config import parse_rules
 
     rules = parse_rules(bypass_rules(type("U", (), {"url": "http://127.0.0.1:1"}), __import__("pathlib").Path("/tmp")))

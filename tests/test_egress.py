@@ -551,7 +551,7 @@ def test_unusable_tls_files_are_config_errors(pki: PKI, up: dict[str, Any], path
     with pytest.raises(EgressError) as ei:
         build_egress("crm", rules.upstreams["crm"])
     assert ei.value.path == path and reason in str(ei.value), (ei.value.path, str(ei.value))
-    from proxy.app.gateway import build_state
+    from proxy.core.rules import build_state
     with pytest.raises(ConfigError) as ce:
         build_state(rules, lambda: None, "rules.yaml")
     assert f"rules.yaml: {path}: " in str(ce.value)

@@ -156,7 +156,7 @@ async def test_the_loopback_admin_listener_answers_loopback_names_only(gateway):
 
 
 def test_host_policy_is_exact():
-    from proxy.app.gateway import host_allowed
+    from proxy.core.listeners import host_allowed
 
     loop = {"loopback": True, "wildcard": False}
     for ok in ("127.0.0.1", "127.0.0.1:8100", "127.9.8.7:1", "localhost", "LOCALHOST:80", "[::1]:8100", "::1"):

@@ -13,23 +13,20 @@ the compiled rules (:class:`RulesState`, swapped atomically on hot reload) — a
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from adapters import AdapterOptionsError, get_adapter, vendor_headers
-from adapters.base import Adapter
 
-from .. import headers as H
-from ..config import ConfigError, RulesFile, UpstreamConfig, load_rules, parse_hostport
+from ..config import ConfigError, RulesFile, load_rules, parse_hostport
+from ..core.listeners import Listener, admin_host_policy
+from ..core.rules import RulesState, UpstreamRuntime, build_state
 from ..core.exchange import Exchange
 from ..doors.responses import error_response, json_response
 from ..doors.rest.protocol import GuardedServer
@@ -37,23 +34,18 @@ from ..errors import TetherError
 from ..journal.writer import JournalWriter, base_record
 from ..pipeline import stages as S
 from ..pipeline.runner import Pipeline
-from ..policy.credentials import CredentialError, Injector, build_injector
-from ..policy.identity import TokenVerifier
+from ..policy.credentials import CredentialError
 from ..policy.jwks import KeySets
 from ..policy.provenance import stamp_provenance
-from ..policy.registry import Registry
 from ..safety.quota import QuotaGuard, check_upstream_quota
 from ..safety.ratelimit import make_rate_limiter, rate_limit
 from ..safety.review import ReviewService, capture_dry_run
 from ..safety.transactions import TransactionManager, prepare_compensation
 from ..store import Store, StoreUnavailable, open_store
-from ..transport.egress import Egress, EgressError, build_egress
-from ..transport.forward import NO_NEEDLES, Needles, credential_needles, make_session
+from ..transport.forward import make_session
 from ..transport.upstream_http import OriginPool, UpstreamClient
 
 log = logging.getLogger("tether.gateway")
-
-_VENDOR_HEADERS = vendor_headers()
 
 STAGES: list[tuple[str, Any]] = [
     ("parse_request", S.parse_request),
@@ -76,194 +68,6 @@ STAGES: list[tuple[str, Any]] = [
     ("prepare_compensation", prepare_compensation),
     ("forward", S.forward),
 ]
-
-
-class UpstreamRuntime:
-    """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
-
-    def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any,
-                 egress: Egress | None = None) -> None:
-        self.name = name
-        self.cfg = cfg
-        self.adapter = adapter
-        self.base_url = cfg.url
-        self.injector: Injector = build_injector(cfg.credentials, f"upstreams.{name}.credentials", session_getter)
-        cred_headers = ({h.lower() for h in cfg.credential_headers} | set(self.injector.header_names)
-                        | adapter.credential_headers)
-        self.credential_headers = frozenset(cred_headers)
-        # another vendor's session or tenant-switch header (Stripe-Account to Salesforce) is never forwarded
-        foreign = _VENDOR_HEADERS - adapter.tenant_headers
-        self.strip_headers = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | cred_headers | foreign)
-        self.credential_params = tuple(dict.fromkeys([p.lower() for p in cfg.credential_params]
-                                                     + list(adapter.credential_params)))
-        self.timeouts = cfg.timeouts
-        self.pool: OriginPool | None = None  # bound on first use (Gateway.origin)
-        self.egress = egress or build_egress(name, cfg)  # TLS, proxy, connection limit (proxy.transport.egress)
-        self.tls_key = self.egress.key
-        self.ssl: Any = self.egress.ssl
-        self.provenance_headers = cfg.provenance.headers
-        self.record_fields = dict(cfg.provenance.record_fields)
-        self.max_response_bytes = cfg.max_response_bytes
-        self.via = cfg.via
-        self._reflection: tuple[Any, Needles] = (None, NO_NEEDLES)
-
-    def reflection_needles(self) -> Needles:
-        """What of the injected credential to look for in the upstream's answers (so that an upstream
-        echoing it never hands it to the agent): recomputed only when the credential changes."""
-        cred = self.credential_now()
-        key, needles = self._reflection
-        if cred != key:
-            if cred is None:
-                return needles  # an OAuth token being refreshed: the last one is still the one to hide
-            prefix = getattr(self.cfg.credentials, "prefix", "") or ""
-            needles = credential_needles(cred, prefix)
-            self._reflection = (cred, needles)
-        return needles
-
-    def credential_now(self) -> tuple[tuple[str, str], ...] | None:
-        """The credential header when it can be had without waiting (static secrets, a cached OAuth
-        token); None means: await :meth:`apply_credentials`."""
-        try:
-            return self.injector.header_now()
-        except CredentialError:
-            return None  # apply_credentials reports it properly
-
-    async def apply_credentials(self, headers: Any) -> None:
-        try:
-            await self.injector.apply(headers)
-        except CredentialError as exc:
-            log.error("credentials for upstream %s unavailable: %s", self.name, exc)
-            raise TetherError("upstream_unavailable",
-                              f"Tether cannot produce the credentials for upstream {self.name!r}") from None
-
-
-@dataclass(frozen=True)
-class RulesState:
-    """Everything compiled from one rules file; replaced as a whole on reload."""
-
-    rules: RulesFile
-    registry: Registry
-    upstreams: dict[str, UpstreamRuntime]
-    verifier: TokenVerifier
-
-
-def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None) -> RulesState:
-    """Compile a validated rules file; ConfigError names anything that still cannot be built. ``keysets``
-    (proxy.policy.jwks.KeySets) keeps issuers' keys across reloads."""
-    problems: list[tuple[str, str]] = []
-    adapters: dict[str, Adapter] = {}
-    for name, up in rules.upstreams.items():
-        try:
-            adapters[name] = get_adapter(up.adapter, up.adapter_options)
-        except AdapterOptionsError as exc:
-            problems.append((f"upstreams.{name}.adapter", str(exc)))
-    try:
-        verifier = TokenVerifier(rules.identity, keysets)
-    except ValueError as exc:
-        problems.append(("identity", str(exc)))
-    if problems:
-        raise ConfigError(file, problems)
-    egress: dict[str, Egress] = {}
-    for name, up in rules.upstreams.items():
-        try:
-            egress[name] = build_egress(name, up)
-        except EgressError as exc:
-            problems.append((exc.path, str(exc)))
-    if problems:
-        raise ConfigError(file, problems)
-    for name, up_cfg in rules.upstreams.items():
-        adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
-    registry = Registry(rules, adapters)
-    from ..policy.validation import BodyValidator
-
-    for name, cap in registry.capabilities.items():
-        if cap.config.body is not None:
-            try:
-                registry.validators[name] = BodyValidator(name, cap.config.body,
-                                                          fold_case=adapters[cap.upstream].case_insensitive_fields)
-            except Exception as exc:  # jsonschema.SchemaError and friends
-                problems.append((f"capabilities.{name}.body.json_schema", f"invalid JSON Schema: "
-                                 f"{getattr(exc, 'message', exc)}"))
-    if problems:
-        raise ConfigError(file, problems)
-    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter, egress[n])
-                 for n in rules.upstreams}
-    return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
-
-
-class Listener:
-    """An agent-facing listener: which upstream it serves (None: path prefixes) and its Host policy."""
-
-    def __init__(self, name: str, address: str, upstream: str | None, credential_aliases: frozenset[str],
-                 tls: Any = None) -> None:
-        self.name = name
-        self.address = address
-        self.host, self.port = parse_hostport(address)
-        self.upstream_name = upstream
-        self.upstream: UpstreamRuntime | None = None
-        self.credential_aliases = credential_aliases
-        self.tls = tls
-        self.bound_port: int | None = None
-        try:
-            ip = ipaddress.ip_address(self.host)
-            self._loopback = ip.is_loopback
-            self._wildcard = ip.is_unspecified
-        except ValueError:
-            self._loopback = self.host == "localhost"
-            self._wildcard = False
-        self._hosts_ok: dict[str, bool] = {}
-
-    def host_allowed(self, host: str) -> bool:
-        """The Host header must name this listener: any name on a wildcard bind, a loopback name on a
-        loopback bind, the bound name otherwise (see :func:`host_allowed`)."""
-        ok = self._hosts_ok.get(host)
-        if ok is None:
-            ok = host_allowed(host, self.host, loopback=self._loopback, wildcard=self._wildcard)
-            if len(self._hosts_ok) < 1024:
-                self._hosts_ok[host] = ok
-        return ok
-
-
-def host_allowed(host: str, bound: str, *, loopback: bool, wildcard: bool) -> bool:
-    """Does a Host header (``name[:port]``, ``[v6]:port``) name a listener bound to ``bound``?
-
-    On a loopback bind only ``localhost`` and loopback IP *literals* are loopback names: a DNS name that
-    merely starts with ``127.`` (``127.attacker.example``, which an attacker can point at 127.0.0.1 to
-    rebind a browser onto Tether) is not. A port, when given, must be digits."""
-    name, port = host, ""
-    if name.startswith("["):
-        name, _, rest = name[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            return False
-        port = rest[1:]
-    elif name.count(":") == 1:
-        name, _, port = name.partition(":")
-    if port and not port.isdigit():
-        return False
-    name = name.lower()
-    if wildcard:
-        return True
-    if loopback:
-        if name == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(name).is_loopback
-        except ValueError:
-            return False
-    return name == bound.lower()
-
-
-def admin_host_policy(address: str) -> Any:
-    """The admin listener's Host check (None: any Host): enforced on a loopback bind only (see
-    :func:`proxy.doors.admin.api.check_host`)."""
-    host = parse_hostport(address)[0]
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        return None
-    return lambda h: host_allowed(h, host, loopback=True, wildcard=False)
 
 
 class Gateway:
@@ -442,7 +246,7 @@ class Gateway:
                     path = await archive(self.store, str(jc.archive_dir), older_than=jc.retention_age,
                                          keep_records=jc.retention_records)
                     if path is not None:
-                        await self._journal_system("journal_archived", file=str(path))
+                        await self.journal_system("journal_archived", file=str(path))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retry next round
@@ -461,7 +265,7 @@ class Gateway:
             new_state = build_state(rules, self._get_session, path, self.keysets)
         except ConfigError as exc:
             log.error("rules reload rejected; the previous rules stay in force: %s", exc)
-            await self._journal_system("rules_reload_failed", error=str(exc), source=source)
+            await self.journal_system("rules_reload_failed", error=str(exc), source=source)
             await self.governance.alert("rules_reload_failed", {"file": path, "error": str(exc)})
             return False, str(exc)
         self.state = new_state
@@ -470,11 +274,11 @@ class Gateway:
                 lst.upstream = new_state.upstreams.get(lst.upstream_name)
         # keep-alive connections to an origin the new rules no longer name are closed, not left to idle
         self.upstream_client.retire_except({(u.base_url, u.tls_key) for u in new_state.upstreams.values()})
-        await self._journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
+        await self.journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
         log.info("rules reloaded (version %s)", new_state.registry.version)
         return True, new_state.registry.version
 
-    async def _journal_system(self, event: str, **fields: Any) -> None:
+    async def journal_system(self, event: str, **fields: Any) -> None:
         try:
             await self.journal.write(base_record("system", event=event, instance=self.instance_id, **fields))
         except Exception as exc:  # noqa: BLE001
@@ -636,5 +440,5 @@ def _ready_banner(gw: Gateway) -> str:
     }).decode()
 
 
-__all__ = ["Gateway", "ListenError", "Listener", "RulesState", "UpstreamRuntime", "build_state", "run_forever", "error_response",
+__all__ = ["Gateway", "ListenError", "run_forever", "error_response",
            "json_response"]

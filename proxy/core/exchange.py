@@ -19,7 +19,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from adapters.base import Operation
 
-    from ..app.gateway import UpstreamRuntime
+    from .rules import UpstreamRuntime
     from ..errors import TetherError
     from ..policy.identity import Identity
     from ..policy.registry import Capability, Grant, Registry

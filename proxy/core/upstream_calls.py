@@ -29,7 +29,8 @@ from ..transport.forward import (
 )
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway, UpstreamRuntime
+    from .runtime import Runtime
+    from .rules import UpstreamRuntime
 
 
 def encode_body(body: Any, content_type: str | None) -> bytes | None:
@@ -68,7 +69,7 @@ def encode_form(value: Any, prefix: str = "") -> str:
 
 
 async def call_upstream(
-    gw: "Gateway",
+    gw: "Runtime",
     up: "UpstreamRuntime",
     req: PlannedRequest,
     *,

@@ -27,15 +27,15 @@ from ..journal.writer import REDACTED, JournalUnavailable, now_iso
 from ..policy.validation import _lookup, _path_matches
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.pipeline")
 
-Stage = Callable[["Gateway", Exchange], "Awaitable[None] | None"]
+Stage = Callable[["Runtime", Exchange], "Awaitable[None] | None"]
 
 
 class Pipeline:
-    def __init__(self, gw: "Gateway", stages: list[tuple[str, Stage]]) -> None:
+    def __init__(self, gw: "Runtime", stages: list[tuple[str, Stage]]) -> None:
         self.gw = gw
         self.stages = [(name, fn, inspect.iscoroutinefunction(fn)) for name, fn in stages]
         self.names = [name for name, _ in stages]

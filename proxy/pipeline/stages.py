@@ -77,7 +77,7 @@ from ..transport.upstream_http import UpstreamError, UpstreamResponse
 from .runner import request_record
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.stages")
 
@@ -89,7 +89,7 @@ _PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "con
 # --------------------------------------------------------------------------- parse_request
 
 
-def parse_request(gw: "Gateway", ex: Exchange) -> None:
+def parse_request(gw: "Runtime", ex: Exchange) -> None:
     req = ex.request
     method = req.method
     if method not in HTTP_METHODS:
@@ -142,7 +142,7 @@ def parse_request(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- authenticate
 
 
-async def authenticate(gw: "Gateway", ex: Exchange) -> None:
+async def authenticate(gw: "Runtime", ex: Exchange) -> None:
     hdrs = ex.request.headers
     auth = hdrs.getall("Authorization", ())
     if len(auth) > 1:
@@ -175,7 +175,7 @@ async def authenticate(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- match_route
 
 
-def match_route(gw: "Gateway", ex: Exchange) -> None:
+def match_route(gw: "Runtime", ex: Exchange) -> None:
     up = ex.upstream
     if up is None:
         first = ex.segments[0] if ex.segments else ""
@@ -227,7 +227,7 @@ def match_route(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- body
 
 
-async def read_body(gw: "Gateway", ex: Exchange) -> None:
+async def read_body(gw: "Runtime", ex: Exchange) -> None:
     req = ex.request
     if not req.body_exists:
         return
@@ -256,7 +256,7 @@ async def read_body(gw: "Gateway", ex: Exchange) -> None:
         op.raw_body = body
 
 
-async def _before_continue(gw: "Gateway", ex: Exchange) -> None:
+async def _before_continue(gw: "Runtime", ex: Exchange) -> None:
     """The agent waits for ``100 Continue`` before sending its body (``Expect: 100-continue``). First the
     checks that do not need the body — the grant, the intent a write must declare, the rate limits (only
     looked at here; their tokens are taken by the rate_limit stage, as for any request) — so that a
@@ -269,7 +269,7 @@ async def _before_continue(gw: "Gateway", ex: Exchange) -> None:
     await send_continue(ex.request)
 
 
-async def _read_body_slowly(gw: "Gateway", content: Any, limit: int) -> bytes:
+async def _read_body_slowly(gw: "Runtime", content: Any, limit: int) -> bytes:
     """A body still arriving: read it under the client timeout, refusing it past ``limit``."""
     chunks: list[bytes] = []
     size = 0
@@ -289,7 +289,7 @@ async def _read_body_slowly(gw: "Gateway", content: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_body_stage(gw: "Gateway", ex: Exchange) -> None:
+def parse_body_stage(gw: "Runtime", ex: Exchange) -> None:
     body = ex.body
     if not body:
         return
@@ -337,7 +337,7 @@ def _form_names(body: bytes) -> list[str]:
                                     errors="replace")]
 
 
-def _refuse_smuggled_in_unparsed(gw: "Gateway", ex: Exchange, body: bytes, ctype: str | None) -> None:
+def _refuse_smuggled_in_unparsed(gw: "Runtime", ex: Exchange, body: bytes, ctype: str | None) -> None:
     """A body Tether does not otherwise parse (a read's): form and multipart field names are read all
     the same; a JSON body only when it could spell an override name (``method`` or a ``\\u`` escape)."""
     mt = media_type(ctype)
@@ -356,7 +356,7 @@ def _refuse_smuggled_in_unparsed(gw: "Gateway", ex: Exchange, body: bytes, ctype
         # a body that does not parse is not read by the upstream as these fields either
 
 
-def unpack_composite(gw: "Gateway", ex: Exchange) -> None:
+def unpack_composite(gw: "Runtime", ex: Exchange) -> None:
     if not ex.composite:
         return
     up = ex.upstream
@@ -380,7 +380,7 @@ def unpack_composite(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- grants & intent
 
 
-def check_grant(gw: "Gateway", ex: Exchange) -> None:
+def check_grant(gw: "Runtime", ex: Exchange) -> None:
     assert ex.identity is not None
     agent = ex.identity.agent
     registry = ex.registry
@@ -399,13 +399,13 @@ def check_grant(gw: "Gateway", ex: Exchange) -> None:
     ex.extra["grants"] = [registry.grant(agent, op.capability.name) for op in ex.operations]
 
 
-async def check_transaction(gw: "Gateway", ex: Exchange) -> None:
+async def check_transaction(gw: "Runtime", ex: Exchange) -> None:
     """A write naming a transaction joins it (opened on first use); it must be this agent's and open."""
     if ex.transaction_id is not None and ex.is_write:
         await gw.transactions.for_write(ex)
 
 
-def require_intent(gw: "Gateway", ex: Exchange) -> None:
+def require_intent(gw: "Runtime", ex: Exchange) -> None:
     if ex.intent is None and ex.is_write:
         raise TetherError("intent_required", "writes must declare their business intent in X-Tether-Intent")
 
@@ -413,7 +413,7 @@ def require_intent(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def validate_body(gw: "Gateway", ex: Exchange) -> None:
+def validate_body(gw: "Runtime", ex: Exchange) -> None:
     """Each operation's body against its capability's rules (proxy.policy.validation) — all but the caps
     relative to the record as it is now: those need a read upstream, which waits until the request is
     rate-counted and its intent record is durable (check_relative_caps)."""
@@ -433,7 +433,7 @@ def validate_body(gw: "Gateway", ex: Exchange) -> None:
             pending.append((op, v, kind))
 
 
-async def check_relative_caps(gw: "Gateway", ex: Exchange) -> None:
+async def check_relative_caps(gw: "Runtime", ex: Exchange) -> None:
     """Caps relative to the pre-image (``max_increase``, ``max_increase_pct``): read the record — after
     the rate limit and after the intent record is committed, so no read leaves for a request that is
     rate-limited or unjournaled — and check. A violation names the record's current value only to an
@@ -476,7 +476,7 @@ def _may_read_pre_image(ex: Exchange, op: Operation) -> bool:
         ex.registry.grant(ex.identity.agent, found[0].name) is not None
 
 
-async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
+async def read_pre_image(gw: "Runtime", ex: Exchange, op: Operation) -> Any:
     """The record as it is now (for relative caps and undo plans); read once per operation."""
     cache = ex.extra.setdefault("pre_images", {})
     key = op.index if op.index is not None else -1
@@ -502,7 +502,7 @@ async def read_pre_image(gw: "Gateway", ex: Exchange, op: Operation) -> Any:
 # --------------------------------------------------------------------------- mode
 
 
-async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
+async def decide_mode(gw: "Runtime", ex: Exchange) -> None:
     """live or dry_run, from the grants, stored promotions, canary and quarantine (proxy.safety.governance)."""
     ex.mode = await gw.governance.decide(ex)
     ex.decision = ex.mode
@@ -518,7 +518,7 @@ async def decide_mode(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- journal
 
 
-async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
+async def journal_intent(gw: "Runtime", ex: Exchange) -> None:
     if ex.mode == "dry_run" and "relative_caps" not in ex.extra:
         from ..safety.review import journal_capture
 
@@ -539,7 +539,7 @@ async def journal_intent(gw: "Gateway", ex: Exchange) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = False) -> list[tuple[str, str]]:
+async def upstream_headers(gw: "Runtime", ex: Exchange, body_override: bool = False) -> list[tuple[str, str]]:
     """The agent's headers minus everything that must not cross, plus provenance and credentials.
 
     A plain list of pairs: the upstream client writes them out as they are (what must not cross is
@@ -581,7 +581,7 @@ async def upstream_headers(gw: "Gateway", ex: Exchange, body_override: bool = Fa
 _BODY_HEADERS = frozenset({"content-type", "content-encoding"})
 
 
-async def forward(gw: "Gateway", ex: Exchange) -> None:
+async def forward(gw: "Runtime", ex: Exchange) -> None:
     up = ex.upstream
     assert up is not None
     body: Any = ex.body
@@ -649,7 +649,7 @@ async def forward(gw: "Gateway", ex: Exchange) -> None:
         _relay_failed(ex, err, sent)
 
 
-async def _forward_write(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, out_headers: CIMultiDict[str],
+async def _forward_write(gw: "Runtime", ex: Exchange, resp: UpstreamResponse, out_headers: CIMultiDict[str],
                          limit: int | None) -> None:
     """Relay a write's answer — never refused for its size. A small one of known length is read whole
     (the transaction state can then ride on it as a header); any other (a 100 MB export, an event
@@ -692,7 +692,7 @@ async def _forward_write(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, ou
     await _write_outcome(gw, ex, resp, parsed)
 
 
-async def _write_outcome(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, parsed: Any) -> None:
+async def _write_outcome(gw: "Runtime", ex: Exchange, resp: UpstreamResponse, parsed: Any) -> None:
     """What a write's answer tells: failure or created ids (journaled with the outcome); inside a
     transaction, the undo steps armed from it."""
     up = ex.upstream
@@ -712,7 +712,7 @@ async def _write_outcome(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, pa
                                             failed=failed, applied=not failed)
 
 
-async def _answer_lost(gw: "Gateway", ex: Exchange, resp: UpstreamResponse, why: str,
+async def _answer_lost(gw: "Runtime", ex: Exchange, resp: UpstreamResponse, why: str,
                        code: str = "upstream_response_too_large") -> NoReturn:
     """The upstream answered but its answer cannot reach the agent. For a write the upstream applied
     (its status is no failure), a distinct error saying so — the agent must not retry it — and the
@@ -764,7 +764,7 @@ class StreamedBody:
     complete request, and the agent gets 413), each chunk awaited under the client timeout, and hashed,
     so the outcome record carries its sha256 and size (the intent record cannot: it is written first)."""
 
-    def __init__(self, gw: "Gateway", ex: Exchange) -> None:
+    def __init__(self, gw: "Runtime", ex: Exchange) -> None:
         self.content = ex.request.content
         self.limit = gw.limits.max_body_bytes
         self.timeout = gw.limits.client_timeout

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path

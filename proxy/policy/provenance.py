@@ -23,7 +23,8 @@ from adapters.base import Operation
 from .bodies import media_type
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway, UpstreamRuntime
+    from ..core.runtime import Runtime
+    from ..core.rules import UpstreamRuntime
     from ..core.exchange import Exchange
 
 
@@ -63,7 +64,7 @@ def stamped_body(up: "UpstreamRuntime", outer: Operation, ops: list[Operation], 
     return orjson.dumps(new), ctype, new
 
 
-def stamp_provenance(gw: "Gateway", ex: "Exchange") -> None:
+def stamp_provenance(gw: "Runtime", ex: "Exchange") -> None:
     """Pipeline stage: stamp live writes (dry-run writes are stamped when their approval replays them)."""
     up = ex.upstream
     if up is None or not up.record_fields or not ex.is_write or ex.mode != "live":

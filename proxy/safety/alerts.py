@@ -21,7 +21,7 @@ from ..config import AlertTarget
 from ..inert import slack_text
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.alerts")
 
@@ -57,7 +57,7 @@ def slack_payload(event: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class Alerter:
-    def __init__(self, gw: "Gateway", targets: list[AlertTarget], *, attempts: int = 5, backoff: float = 0.5,
+    def __init__(self, gw: "Runtime", targets: list[AlertTarget], *, attempts: int = 5, backoff: float = 0.5,
                  max_queue: int = 1000) -> None:
         self.gw = gw
         self.targets = targets

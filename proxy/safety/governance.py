@@ -47,7 +47,7 @@ from ..errors import TetherError
 from ..journal.writer import base_record
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
     from ..core.exchange import Exchange
     from ..policy.registry import Grant
 
@@ -135,7 +135,7 @@ class SharedCounts:
 
 
 class Governance:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         from .alerts import Alerter
         from .metrics import Metrics
@@ -601,6 +601,6 @@ class Governance:
         """Journal the alert and queue it for the webhooks (never blocks on delivery)."""
         log.warning("alert %s: %s", event, payload)
         self.metrics.alerts.labels(event=event).inc()
-        await self.gw._journal_system("alert", alert=event, **{k: v for k, v in payload.items() if k != "event"})
+        await self.gw.journal_system("alert", alert=event, **{k: v for k, v in payload.items() if k != "event"})
         self.alerter.targets = list(self.gw.state.rules.governance.alerts)
         self.alerter.send(event, payload)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.base import Adapter, Description, Operation
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
 
 MAX_FIELDS = 3
 MAX_VALUE = 60
@@ -143,11 +143,11 @@ def compose(agent: str, on_behalf_of: str | None, intent: str | None, parts: lis
     return text
 
 
-def operations_of(gw: "Gateway", item: dict[str, Any]) -> tuple[Adapter, list[Operation]] | None:
+def operations_of(gw: "Runtime", item: dict[str, Any]) -> tuple[Adapter, list[Operation]] | None:
     """The captured call as matched operations under the rules in force (None: it no longer matches)."""
     from ..normalise import decode_segments
     from ..policy.bodies import parse_body
-    from .review import request_body
+    from .captured import request_body
 
     up = gw.state.upstreams.get(item.get("upstream", ""))
     req = item.get("request") or {}
@@ -193,7 +193,7 @@ def _not_sensitive(d: Description, op: Operation, record: Any) -> Description:
     return d
 
 
-def headline_for(gw: "Gateway", item: dict[str, Any], record: Any = None, *, read: bool = False) -> dict[str, Any]:
+def headline_for(gw: "Runtime", item: dict[str, Any], record: Any = None, *, read: bool = False) -> dict[str, Any]:
     """The headline of a review item: ``{text, action, object, name, fields, complete}``.
 
     ``record``: the record as it is now (read by the caller), for a single operation; ``read`` says the
@@ -245,7 +245,7 @@ def _bounded(f: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def headline_of(gw: "Gateway", item: dict[str, Any]) -> dict[str, Any]:
+def headline_of(gw: "Runtime", item: dict[str, Any]) -> dict[str, Any]:
     """The stored headline when the notifier made one (it read the record), else one computed now."""
     stored = item.get("headline")
     if isinstance(stored, dict) and isinstance(stored.get("text"), str):

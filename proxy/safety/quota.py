@@ -35,7 +35,8 @@ from ..errors import TetherError
 if TYPE_CHECKING:
     from adapters.quota import QuotaReading
 
-    from ..app.gateway import Gateway, UpstreamRuntime
+    from ..core.runtime import Runtime
+    from ..core.rules import UpstreamRuntime
     from ..core.exchange import Exchange
 
 log = logging.getLogger("tether.quota")
@@ -44,7 +45,7 @@ _FIGURES_EVERY = 5.0  # seconds between two stores of an upstream's figures when
 
 
 class QuotaGuard:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         self.blocks: dict[str, float] = {}  # upstream -> blocked until (Unix time); read per request
         self.view: dict[str, dict[str, Any]] = {}  # upstream -> last figures, reason, block (for status)
@@ -215,7 +216,7 @@ class QuotaGuard:
                 for u, v in self.view.items() for w, d in v.get("windows", {}).items()]
 
 
-def check_upstream_quota(gw: "Gateway", ex: "Exchange") -> None:
+def check_upstream_quota(gw: "Runtime", ex: "Exchange") -> None:
     """Pipeline stage (after dry-run capture, before anything reaches the upstream): refuse while the
     upstream's shared quota is blocked for agents."""
     gw.quota.check(ex)

@@ -50,7 +50,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import TetherError
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
     from ..config import ServerConfig
     from ..core.exchange import Exchange
     from ..store import Store
@@ -171,7 +171,7 @@ def demands_for(ex: "Exchange") -> list[tuple[str, float, int | None, float, str
     return out
 
 
-async def rate_limit(gw: "Gateway", ex: "Exchange") -> None:
+async def rate_limit(gw: "Runtime", ex: "Exchange") -> None:
     """Pipeline stage. (A coroutine that suspends only when a shared bucket must be asked for a lease.)"""
     demands = demands_for(ex)
     if demands:

@@ -47,7 +47,9 @@ from ..policy.validation import validator_for
 from ..store.rows import Unstorable, prepare_review
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
+
+from .captured import request_body
 
 log = logging.getLogger("tether.review")
 
@@ -111,12 +113,6 @@ def body_json(req: dict[str, Any]) -> Any:
         return None
 
 
-def request_body(req: dict[str, Any]) -> bytes:
-    if "body_b64" in req:
-        return base64.b64decode(req["body_b64"])
-    return (req.get("body_text") or "").encode("utf-8")
-
-
 def digest_of(item: dict[str, Any]) -> str:
     """sha256 over everything that defines the captured call (what an approval is bound to)."""
     req = item["request"]
@@ -157,7 +153,7 @@ def synthetic_for(ex: Exchange, item_id: str) -> SyntheticResponse:
     return up.adapter.synthetic_response(ex.operations[0], item_id)
 
 
-def prepare_capture(gw: "Gateway", ex: Exchange) -> dict[str, Any]:
+def prepare_capture(gw: "Runtime", ex: Exchange) -> dict[str, Any]:
     """Build the review item of a dry-run write (before its intent record: both go in one commit)."""
     ident = ex.identity
     up = ex.upstream
@@ -216,7 +212,7 @@ def stored_synthetic(synthetic: SyntheticResponse) -> dict[str, Any]:
     return out
 
 
-async def journal_capture(gw: "Gateway", ex: Exchange, record: dict[str, Any] | None = None) -> None:
+async def journal_capture(gw: "Runtime", ex: Exchange, record: dict[str, Any] | None = None) -> None:
     """The ``journal_intent`` stage of a dry-run write: its review item and intent record in one commit.
     With ``record`` (a write whose relative caps had to be checked after its intent record), the item is
     committed with that record instead, and the intent record's sequence number stays the request's.
@@ -279,7 +275,7 @@ def _friendly_field(item: dict[str, Any], path: str) -> str:
     return f"field {path!r}"
 
 
-async def capture_dry_run(gw: "Gateway", ex: Exchange) -> None:
+async def capture_dry_run(gw: "Runtime", ex: Exchange) -> None:
     """Pipeline stage: answer a dry-run write synthetically. Its review item was committed together with
     its intent record (journal_intent); nothing is forwarded."""
     if ex.mode != "dry_run":
@@ -314,7 +310,7 @@ class _Usage:
 class ReviewService:
     """Deciding review items (admin API and CLI both come here)."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         # per agent: pending items and bytes as last read from the store, plus this process's captures
         # committed since, and those still on their way (see admit)

@@ -49,7 +49,7 @@ from ..normalise import decode_segments, split_target, unsafe_char
 from ..policy.identity import Identity
 
 if TYPE_CHECKING:
-    from ..app.gateway import Gateway
+    from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.transactions")
 
@@ -66,7 +66,7 @@ def new_tx_id() -> str:
 
 
 class TransactionManager:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -525,7 +525,7 @@ def tx_name(value: Any) -> str | None:
 
 
 
-async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Identity, path: str,
+async def handle_tx_endpoint(gw: "Runtime", request: web.BaseRequest, ident: Identity, path: str,
                              rid: str) -> web.StreamResponse | None:
     """``/_tether/transactions[/{id}[/commit|/rollback]]`` on the agent listeners."""
     if not path.startswith("/_tether/transactions"):
@@ -573,7 +573,7 @@ async def handle_tx_endpoint(gw: "Gateway", request: web.BaseRequest, ident: Ide
     raise TetherError("not_found", f"no Tether endpoint {request.method} {path}")
 
 
-async def prepare_compensation(gw: "Gateway", ex: Exchange) -> None:
+async def prepare_compensation(gw: "Runtime", ex: Exchange) -> None:
     """Pipeline stage (see TransactionManager.prepare)."""
     if ex.transaction_id is not None:
         await gw.transactions.prepare(ex)

@@ -23,7 +23,7 @@ from ..responses import error_response, json_response
 from .stats import StatsCache
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
+    from ...core.runtime import Runtime
 
 GATEWAY = web.AppKey("gateway", object)
 SLACK = web.AppKey("slack", object)
@@ -37,7 +37,7 @@ IDENTITY_KEY = web.RequestKey("identity", object)
 def reviewer(request: web.Request) -> Identity:
     """Authenticate the caller as a reviewer, or raise. (The token or session was verified by
     :func:`identity_middleware`, which may have had to fetch an identity provider's keys.)"""
-    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    gw: "Runtime" = request.app[GATEWAY]  # type: ignore[assignment]
     verifier = gw.state.verifier
     got = request.get(IDENTITY_KEY)
     if got is None:
@@ -78,7 +78,7 @@ async def identity_middleware(request: web.Request, handler):  # type: ignore[no
 
 
 async def _caller(request: web.Request) -> "Identity | TetherError":
-    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    gw: "Runtime" = request.app[GATEWAY]  # type: ignore[assignment]
     try:
         auth = request.headers.getall("Authorization", ())
         if len(auth) > 1:
@@ -103,7 +103,7 @@ def check_host(request: web.Request) -> None:
     an attacker re-points at 127.0.0.1 (DNS rebinding) cannot script the reviewer API or the console.
     Bound to a pod IP or a wildcard it is reached through a Service under any name; who may connect is
     then the NetworkPolicy's and the egress lock's decision."""
-    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    gw: "Runtime" = request.app[GATEWAY]  # type: ignore[assignment]
     policy = gw.admin_host_policy
     if policy is None:
         return
@@ -117,12 +117,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    gw: "Gateway" = request.app[GATEWAY]  # type: ignore[assignment]
+    gw: "Runtime" = request.app[GATEWAY]  # type: ignore[assignment]
     ok, checks = await gw.readiness()
     return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
 
 
-def _gw(request: web.Request) -> "Gateway":
+def _gw(request: web.Request) -> "Runtime":
     return request.app[GATEWAY]  # type: ignore[return-value]
 
 
@@ -172,7 +172,7 @@ async def review_list(request: web.Request) -> web.Response:
     return json_response({"items": items, "count": len(items), "pending": await gw.store.review_count("pending")})
 
 
-def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
+def _add_upstream_url(gw: "Runtime", item: dict) -> dict:
     """The URL the call would go to (the configured base, never credentials)."""
     up = gw.state.upstreams.get(item.get("upstream", ""))
     req = item.get("request") or {}
@@ -181,7 +181,7 @@ def _add_upstream_url(gw: "Gateway", item: dict) -> dict:
     return item
 
 
-async def _decorated(gw: "Gateway", item: dict[str, Any], *, read: bool = False) -> dict[str, Any]:
+async def _decorated(gw: "Runtime", item: dict[str, Any], *, read: bool = False) -> dict[str, Any]:
     """An item as every view shows it: the upstream URL, its journal record's number, its headline
     (completed with a read of the record when ``read`` and the notifier has not got to it yet)."""
     from ...safety.headline import headline_of
@@ -394,7 +394,7 @@ async def journal_record(request: web.Request) -> web.Response:
                           "integrity": integrity})
 
 
-async def _record_integrity(gw: "Gateway", row: Any) -> dict[str, Any]:
+async def _record_integrity(gw: "Runtime", row: Any) -> dict[str, Any]:
     """Is this record as written? Its hash over its content, its link to the record before and the next
     record's link to it, its indexed columns (what `journal verify` checks, for this one record)."""
     from ...chain import INDEXED_FIELDS, record_hash
@@ -478,7 +478,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def build_admin_app(gw: "Gateway") -> web.Application:
+def build_admin_app(gw: "Runtime") -> web.Application:
     app = web.Application(middlewares=[errors_middleware, identity_middleware], client_max_size=gw.limits.max_body_bytes)
     app[GATEWAY] = gw
     app.router.add_get("/_tether/healthz", healthz)
@@ -522,7 +522,7 @@ async def _notifier(app: web.Application) -> Any:
     """The review notifier (headlines, Slack messages, review_pending alerts) runs beside the admin API."""
     from .review_notify import ReviewNotifier
 
-    gw: "Gateway" = app[GATEWAY]  # type: ignore[assignment]
+    gw: "Runtime" = app[GATEWAY]  # type: ignore[assignment]
     task = asyncio.ensure_future(ReviewNotifier(gw, app[SLACK]).run())
     yield
     task.cancel()

@@ -27,11 +27,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ...safety.headline import headline_for, headline_of
+from ...safety.headline import headline_for
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
-    from .slack_review import SlackReviews
+    from ...core.runtime import Runtime
+
+from .slack_review import SlackReviews, refresh_message
 
 log = logging.getLogger("tether.review_notify")
 
@@ -41,7 +42,7 @@ POLL = 2.0  # other processes' commits do not wake this one
 DECIDED = ("approved", "rejected", "expired")
 
 
-async def annotate(gw: "Gateway", item_id: str, updates: dict[str, Any]) -> dict[str, Any] | None:
+async def annotate(gw: "Runtime", item_id: str, updates: dict[str, Any]) -> dict[str, Any] | None:
     """Store fields on an item without changing its state (a compare-and-set on its current state)."""
     for _ in range(5):
         item = await gw.store.review_get(item_id)
@@ -53,7 +54,7 @@ async def annotate(gw: "Gateway", item_id: str, updates: dict[str, Any]) -> dict
     return None
 
 
-async def complete_headline(gw: "Gateway", item: dict[str, Any], *, read: bool | None = None) -> dict[str, Any]:
+async def complete_headline(gw: "Runtime", item: dict[str, Any], *, read: bool | None = None) -> dict[str, Any]:
     """The headline, with the record read now when ``read`` (default: ``server.review.read_current``) and
     the item is pending; stored on the item."""
     current = None
@@ -72,7 +73,7 @@ async def complete_headline(gw: "Gateway", item: dict[str, Any], *, read: bool |
 
 
 class ReviewNotifier:
-    def __init__(self, gw: "Gateway", slack: "SlackReviews") -> None:
+    def __init__(self, gw: "Runtime", slack: "SlackReviews") -> None:
         self.gw = gw
         self.slack = slack
         self.cursor = 0
@@ -218,16 +219,3 @@ class ReviewNotifier:
                 await refresh_message(self.slack, item["id"])
 
 
-async def refresh_message(slack: "SlackReviews", item_id: str) -> None:
-    """Show an item's outcome in its Slack message (buttons removed); nothing when it has none."""
-    gw = slack.gw
-    item = await gw.store.review_get(item_id)
-    where = (item or {}).get("slack") or {}
-    if item is None or not where.get("ts") or slack.cfg is None:
-        return
-    try:
-        msg = slack.outcome_message(item, headline_of(gw, item)) if item.get("state") != "pending" \
-            else slack.pending_message(item, headline_of(gw, item))
-        await slack.call("chat.update", channel=where["channel"], ts=where["ts"], **msg)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not update the Slack message of %s: %s", item_id, exc)

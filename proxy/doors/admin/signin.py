@@ -62,7 +62,7 @@ from ...policy.identity import Identity, check_name, parse_unverified
 from ...secret import Secret, SecretUnavailable
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
+    from ...core.runtime import Runtime
 
 log = logging.getLogger("tether.signin")
 
@@ -78,7 +78,7 @@ _PROCESS_KEY = os.urandom(32)  # default session key of a single process (see se
 class SignIn:
     """The console's OIDC client for one ``identity.console`` configuration (rebuilt on reload)."""
 
-    def __init__(self, gw: "Gateway", cfg: ConsoleSignInConfig) -> None:
+    def __init__(self, gw: "Runtime", cfg: ConsoleSignInConfig) -> None:
         self.gw = gw
         self.cfg = cfg
         self._client_secret = Secret(cfg.client_secret, "identity.console.client_secret") if cfg.client_secret else None
@@ -380,7 +380,7 @@ class SignInHolder:
     """The SignIn of the gateway's current rules: rebuilt when a reload changes ``identity.console``;
     signed-out sessions are remembered across rebuilds."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         self._cfg: ConsoleSignInConfig | None = None
         self._signin: SignIn | None = None
@@ -399,7 +399,7 @@ class SignInHolder:
 SIGNIN = web.AppKey("signin", SignInHolder)
 
 
-def add_signin_routes(app: web.Application, gw: "Gateway") -> None:
+def add_signin_routes(app: web.Application, gw: "Runtime") -> None:
     """Mount /auth/* (routes look the configuration up per request, so a rules reload applies)."""
     holder = app[SIGNIN] = SignInHolder(gw)
 

@@ -42,10 +42,11 @@ from ...errors import TetherError
 from ...inert import slack_text
 from ...journal.writer import base_record
 from ...policy.identity import Identity
+from ...safety.headline import headline_of
 from ...secret import Secret, SecretUnavailable
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
+    from ...core.runtime import Runtime
 
 log = logging.getLogger("tether.slack")
 
@@ -105,7 +106,7 @@ class SlackReviews:
     Built once per gateway; reads ``server.review.slack`` from the rules in force at each use, so a
     rules reload that changes the channel, the reviewers or the secrets takes effect at once."""
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: "Runtime") -> None:
         self.gw = gw
         self._secrets: dict[tuple[str, int], Secret] = {}
         self._seen = _Seen()
@@ -302,8 +303,6 @@ class SlackReviews:
         await self._journal("slack_refused", item=item_id, slack_user=uid, reviewer=who, reason=err.code)
         await self._tell(channel, uid, f"Tether refused: {slack_text(err.message)} ({err.code}).")
         if err.code == "already_decided":
-            from .review_notify import refresh_message
-
             await refresh_message(self, item_id)
 
     async def _open_reject_dialog(self, trigger: str, item_id: str, channel: str, uid: str) -> None:
@@ -344,9 +343,7 @@ class SlackReviews:
         except TetherError as err:
             await self._journal("slack_refused", item=item_id, slack_user=uid, reviewer=who, reason=err.code)
             if err.code == "already_decided":
-                from .review_notify import refresh_message
-
-                self._spawn(refresh_message(self, item_id))
+                    self._spawn(refresh_message(self, item_id))
             return _view_error(f"{err.message} ({err.code})")
         return web.json_response({"response_action": "clear"})
 
@@ -416,3 +413,18 @@ def outcome_text(item: dict[str, Any]) -> str:
     if state == "expired":
         return "⌛ Expired without a decision"
     return f"State: {state}"
+
+
+async def refresh_message(slack: "SlackReviews", item_id: str) -> None:
+    """Show an item's outcome in its Slack message (buttons removed); nothing when it has none."""
+    gw = slack.gw
+    item = await gw.store.review_get(item_id)
+    where = (item or {}).get("slack") or {}
+    if item is None or not where.get("ts") or slack.cfg is None:
+        return
+    try:
+        msg = slack.outcome_message(item, headline_of(gw, item)) if item.get("state") != "pending" \
+            else slack.pending_message(item, headline_of(gw, item))
+        await slack.call("chat.update", channel=where["channel"], ts=where["ts"], **msg)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not update the Slack message of %s: %s", item_id, exc)

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 from ...journal.writer import now_iso
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
+    from ...core.runtime import Runtime
 
 MAX_RECORDS = 200_000
 CACHE_SECONDS = 5.0
 _UPSTREAM_FAILURES = frozenset({"upstream_unavailable", "upstream_timeout", "upstream_response_too_large"})
 
 
-def quota_of(gw: "Gateway") -> dict[str, dict[str, Any]]:
+def quota_of(gw: "Runtime") -> dict[str, dict[str, Any]]:
     """The hook for upstream quota (see the module docstring): {upstream: {remaining, limit, at}}."""
     tracker = getattr(gw, "quota", None)
     snap = getattr(tracker, "snapshot", None)
@@ -83,7 +83,7 @@ def _upstream_row(n: int) -> dict[str, Any]:
     return {"requests": [0] * n, "errors": [0] * n, "quota_remaining": [None] * n, "quota_limit": None}
 
 
-async def compute(gw: "Gateway", since_s: float, buckets: int) -> dict[str, Any]:
+async def compute(gw: "Runtime", since_s: float, buckets: int) -> dict[str, Any]:
     now = time.time()
     start = now - since_s
     width = since_s / buckets
@@ -175,7 +175,7 @@ class StatsCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[float, int], tuple[float, dict[str, Any]]] = {}
 
-    async def get(self, gw: "Gateway", since_s: float, buckets: int) -> dict[str, Any]:
+    async def get(self, gw: "Runtime", since_s: float, buckets: int) -> dict[str, Any]:
         key = (since_s, buckets)
         hit = self._cache.get(key)
         now = time.monotonic()
@@ -189,7 +189,7 @@ class StatsCache:
         return with_quota(gw, doc)
 
 
-def with_quota(gw: "Gateway", doc: dict[str, Any]) -> dict[str, Any]:
+def with_quota(gw: "Runtime", doc: dict[str, Any]) -> dict[str, Any]:
     """The (cached) series with the quota as it is now (cheap, so never cached)."""
     quotas = quota_of(gw)
     ups = {}

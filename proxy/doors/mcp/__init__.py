@@ -27,7 +27,8 @@ from .backend import (
     ToolCall,
     UnknownTool,
 )
-from .endpoint import MCP_ERROR_CODES, McpEndpoint, McpSettings
+from .endpoint import McpEndpoint, McpSettings
+from .wire import MCP_ERROR_CODES
 from .results import error_result, error_result_from, json_result
 
 __all__ = [

@@ -40,8 +40,8 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import orjson
@@ -56,6 +56,7 @@ from . import jsonrpc as J
 from .backend import McpAuthError, Principal, ProgressSink, ToolBackend, ToolCall, UnknownTool
 from .sessions import Session, SessionStore, TooManySessions
 from .stateless import Stateless, looks_modern
+from .wire import _SSE_HEADERS, _Ctx, _first_error, _Progress, _Refuse, _Reply, _sse_event
 
 log = logging.getLogger("tether.mcp")
 
@@ -63,31 +64,13 @@ WELL_KNOWN = "/.well-known/oauth-protected-resource"
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 REQUEST_ID_HEADER = "X-Tether-Request-Id"
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
-                "X-Accel-Buffering": "no"}
+
 _ALLOW = "GET, POST, DELETE"
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _SERVED_REQUESTS = frozenset({"initialize", "ping", "tools/list", "tools/call"})
 
 # The layer's own refusal codes (HTTP status, meaning): in JSON-RPC error data and the journal.
-MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
-    "jsonrpc_invalid": (400, "the body is not a valid JSON-RPC 2.0 message for MCP"),
-    "header_mismatch": (400, "an MCP routing header (2026-07-28) is missing or differs from the body"),
-    "mcp_batch_not_supported": (400, "a JSON-RPC batch on a session whose MCP version has no batches"),
-    "mcp_session_required": (400, "a message other than initialize without Mcp-Session-Id"),
-    "mcp_session_exists": (400, "initialize sent with an Mcp-Session-Id (it opens a new session)"),
-    "mcp_protocol_version_unsupported": (400, "MCP-Protocol-Version names a version this endpoint does not speak"),
-    "ambiguous_request": (400, "a header Tether relies on is repeated"),
-    "origin_not_allowed": (403, "the Origin header names an origin not in server.mcp.allowed_origins"),
-    "host_not_allowed": (403, "the Host header does not name this listener"),
-    "mcp_session_not_found": (404, "no such session: unknown, expired, ended, or opened by another principal"),
-    "method_not_allowed": (405, "the MCP endpoint takes GET, POST and DELETE"),
-    "not_acceptable": (406, "the Accept header allows neither application/json nor text/event-stream"),
-    "mcp_stream_conflict": (409, "the session already has its GET stream open"),
-    "unsupported_media_type": (415, "the body must be application/json"),
-    "too_many_sessions": (503, "no room for another MCP session or listen stream; see Retry-After"),
-    "internal_error": (500, "an unexpected error inside Tether (logged)"),
-}
+
 
 
 @dataclass(frozen=True)
@@ -109,21 +92,6 @@ class McpSettings:
     max_batch: int = 32
     server_name: str = "tether"
     server_version: str = "0"
-
-
-class _Refuse(Exception):
-    """An HTTP-level refusal; turned into a response (and a journal event) by McpEndpoint.handle."""
-
-    def __init__(self, code: str, message: str, *, rpc_code: int = J.INVALID_REQUEST, rid: Any = None,
-                 headers: Mapping[str, str] | None = None, status: int | None = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status if status is not None else MCP_ERROR_CODES[code][0]
-        self.rpc_code = rpc_code
-        self.rid = rid
-        self.headers = dict(headers or {})
-        self.data = data
 
 
 def _origin_key(origin: str) -> tuple[str, str, int | None] | None:
@@ -192,95 +160,6 @@ def _one_header(request: web.BaseRequest, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _sse_event(payload: bytes) -> bytes:
-    return b"event: message\ndata: " + payload + b"\n\n"
-
-
-class _Reply:
-    """The answer to one POST: JSON unless something must be streamed first, then SSE."""
-
-    __slots__ = ("request", "json_ok", "sse_ok", "headers", "stream", "broken", "on_broken", "_lock")
-
-    def __init__(self, request: web.BaseRequest, json_ok: bool, sse_ok: bool, headers: dict[str, str]) -> None:
-        self.request = request
-        self.json_ok = json_ok
-        self.sse_ok = sse_ok
-        self.headers = headers
-        self.stream: web.StreamResponse | None = None
-        self.broken = False
-        self.on_broken: Callable[[], None] | None = None
-        self._lock: asyncio.Lock | None = None
-
-    async def _open(self) -> web.StreamResponse:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self.stream is None:
-                stream = web.StreamResponse(status=200, headers={**self.headers, **_SSE_HEADERS})
-                await stream.prepare(self.request)
-                self.stream = stream
-        return self.stream
-
-    async def event(self, payload: bytes) -> None:
-        """A server message before the response (progress): upgrades the answer to SSE."""
-        if self.broken:
-            return
-        try:
-            stream = self.stream or await self._open()
-            await stream.write(_sse_event(payload))
-        except (ConnectionError, RuntimeError):
-            self._break()
-
-    def _break(self) -> None:
-        """The client went away. The call still runs to its end (2025: a disconnect is not a cancellation;
-        2026-07-28 says it is, and ``on_broken`` tells the call so)."""
-        self.broken = True
-        if self.on_broken is not None:
-            self.on_broken()
-
-    async def finish(self, payload: bytes | None, status: int = 200) -> web.StreamResponse:
-        if self.stream is None:
-            if payload is None:
-                return web.Response(status=202, headers=self.headers)
-            if self.json_ok:
-                return web.Response(body=payload, status=status,
-                                    headers={**self.headers, "Content-Type": "application/json"})
-        try:
-            stream = self.stream or await self._open()
-            if payload is not None and not self.broken:
-                await stream.write(_sse_event(payload))
-            await stream.write_eof()
-        except (ConnectionError, RuntimeError):
-            self._break()
-        if self.stream is None:  # the client left before the stream could even open
-            return web.Response(status=status)
-        return self.stream
-
-
-class _Progress:
-    """ProgressSink for one call: notifications/progress on the call's own response stream."""
-
-    __slots__ = ("reply", "token", "with_message", "last")
-
-    def __init__(self, reply: _Reply, token: str | int, with_message: bool) -> None:
-        self.reply = reply
-        self.token = token
-        self.with_message = with_message
-        self.last: float | None = None
-
-    async def __call__(self, progress: float, total: float | None = None, message: str | None = None) -> None:
-        if self.last is not None and not progress > self.last:
-            return  # the spec: progress MUST increase
-        self.last = progress
-        params: dict[str, Any] = {"progressToken": self.token, "progress": progress}
-        if total is not None:
-            params["total"] = total
-        if message is not None and self.with_message:
-            params["message"] = message
-        await self.reply.event(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
-                                             "params": params}))
-
-
 class _ToolList:
     """One principal's tools, dumped for one protocol version; ``tag`` ties pagination cursors to it."""
 
@@ -314,18 +193,6 @@ class _ToolList:
                     out[tool["name"]] = found
             self._header_params = out
         return self._header_params
-
-
-@dataclass
-class _Ctx:
-    """What one HTTP request has established so far (for answers and the journal)."""
-
-    request: web.BaseRequest
-    cors: dict[str, str] = field(default_factory=dict)
-    principal: Principal | None = None
-    session: Session | None = None
-    rpc_method: str | None = None
-    rpc_id: Any = None
 
 
 class McpEndpoint:
@@ -864,15 +731,6 @@ class McpEndpoint:
     def _on_drop(self, s: Session, reason: str) -> None:
         self._record({"event": "mcp_session_closed", "session": s.id, "principal": s.owner, "reason": reason,
                       "age_s": round(time.monotonic() - s.created, 3)})
-
-
-def _first_error(e: ValidationError) -> str:
-    errs = e.errors()
-    if not errs:
-        return "invalid"
-    first = errs[0]
-    loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("params",))
-    return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
 
 
 def _encode_cursor(offset: int, tag: str) -> str:

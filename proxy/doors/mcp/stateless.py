@@ -32,9 +32,10 @@ from pydantic import ValidationError
 
 from . import jsonrpc as J
 from .backend import McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownTool
+from .wire import _first_error, _Progress, _Refuse, _sse_event
 
 if TYPE_CHECKING:
-    from .endpoint import McpEndpoint, _Ctx, _Reply
+    from .wire import _Ctx, _Reply
 
 log = logging.getLogger("tether.mcp")
 
@@ -104,7 +105,7 @@ def _value_at(arguments: dict[str, Any], path: tuple[str, ...]) -> Any:
 class Stateless:
     """The 2026-07-28 half of an :class:`McpEndpoint` (shares its backend, settings, caches, answers)."""
 
-    def __init__(self, ep: McpEndpoint) -> None:
+    def __init__(self, ep: Any) -> None:  # the McpEndpoint whose half this is (.endpoint imports this module)
         self.ep = ep
         s = ep.settings
         self.server_info = {"name": s.server_name, "version": s.server_version}
@@ -139,7 +140,6 @@ class Stateless:
     # -- POST -------------------------------------------------------------------------------------
 
     async def post(self, ctx: _Ctx, principal: Principal, obj: Any, pv: str, reply: _Reply) -> web.StreamResponse:
-        from .endpoint import _Refuse
 
         if type(obj) is list:
             raise _Refuse("jsonrpc_invalid", f"JSON-RPC batches are not part of MCP {pv}")
@@ -191,8 +191,7 @@ class Stateless:
         except KeyError:
             return self._error(ctx, reply, rid, J.METHOD_NOT_FOUND, f"Method not found: {method}", "method_not_found")
         except ValidationError as e:
-            from .endpoint import _first_error
-
+    
             return self._error(ctx, reply, rid, J.INVALID_PARAMS, f"Invalid params: {_first_error(e)}",
                                "invalid_params")
         if method == "tools/call":
@@ -209,7 +208,6 @@ class Stateless:
 
     async def _call(self, ctx: _Ctx, principal: Principal, msg: J.Message, pv: str, params: dict[str, Any],
                     reply: _Reply) -> tuple[bytes | None, int]:
-        from .endpoint import _Progress
 
         rid = msg.id
         name = params["name"]
@@ -243,7 +241,6 @@ class Stateless:
 
     async def _listen(self, ctx: _Ctx, principal: Principal, msg: J.Message, params: dict[str, Any],
                       reply: _Reply) -> tuple[bytes | None, int]:
-        from .endpoint import _Refuse, _sse_event
 
         if not reply.sse_ok:
             raise _Refuse("not_acceptable", "subscriptions/listen answers text/event-stream; Accept must allow it")

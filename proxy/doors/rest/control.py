@@ -22,10 +22,11 @@ from ...policy.registry import describe
 from ..responses import error_response, json_response
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway, Listener
+    from ...core.runtime import Runtime
+    from ...core.listeners import Listener
 
 
-async def handle_control(gw: "Gateway", request: web.BaseRequest, lst: "Listener") -> web.StreamResponse:
+async def handle_control(gw: "Runtime", request: web.BaseRequest, lst: "Listener") -> web.StreamResponse:
     path = request.raw_path.partition("?")[0]
     rid = new_request_id()
     try:

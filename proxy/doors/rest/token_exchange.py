@@ -34,7 +34,7 @@ from ...policy.identity import Identity, TokenVerifier
 from ...secret import SecretUnavailable
 
 if TYPE_CHECKING:
-    from ...app.gateway import Gateway
+    from ...core.runtime import Runtime
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -51,7 +51,7 @@ class ExchangeError(Exception):
         self.oauth, self.code, self.message, self.status = oauth, code, message, status
 
 
-async def handle_token(gw: "Gateway", request: web.BaseRequest, rid: str) -> web.StreamResponse:
+async def handle_token(gw: "Runtime", request: web.BaseRequest, rid: str) -> web.StreamResponse:
     verifier: TokenVerifier = gw.state.verifier
     agent: Identity | None = None
     user: Identity | None = None
@@ -171,7 +171,7 @@ def _mint(verifier: TokenVerifier, agent: Identity, user: Identity) -> tuple[str
     return jwt.encode(claims, key, algorithm="HS256"), float(exp), jti
 
 
-async def _journal(gw: "Gateway", rid: str, request: web.BaseRequest, agent: Identity | None, user: Identity | None,
+async def _journal(gw: "Runtime", rid: str, request: web.BaseRequest, agent: Identity | None, user: Identity | None,
                    *, decision: str, reason: str, extra: dict[str, Any]) -> bool:
     rec = base_record("request", request_id=rid, agent=agent.agent if agent else None,
                       on_behalf_of=user.on_behalf_of if user else None, method=request.method, path="/_tether/token",

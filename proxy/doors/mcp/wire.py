@@ -1,0 +1,164 @@
+"""The MCP endpoint's wire pieces, shared by both halves of the endpoint: the 2025 session-based
+transport (:mod:`.endpoint`) and the stateless 2026-07-28 revision (:mod:`.stateless`) — the error
+vocabulary, refusals, answering a POST as JSON or SSE, progress events, a request's context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from . import jsonrpc as J
+from .backend import Principal
+from .sessions import Session
+
+MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
+    "jsonrpc_invalid": (400, "the body is not a valid JSON-RPC 2.0 message for MCP"),
+    "header_mismatch": (400, "an MCP routing header (2026-07-28) is missing or differs from the body"),
+    "mcp_batch_not_supported": (400, "a JSON-RPC batch on a session whose MCP version has no batches"),
+    "mcp_session_required": (400, "a message other than initialize without Mcp-Session-Id"),
+    "mcp_session_exists": (400, "initialize sent with an Mcp-Session-Id (it opens a new session)"),
+    "mcp_protocol_version_unsupported": (400, "MCP-Protocol-Version names a version this endpoint does not speak"),
+    "ambiguous_request": (400, "a header Tether relies on is repeated"),
+    "origin_not_allowed": (403, "the Origin header names an origin not in server.mcp.allowed_origins"),
+    "host_not_allowed": (403, "the Host header does not name this listener"),
+    "mcp_session_not_found": (404, "no such session: unknown, expired, ended, or opened by another principal"),
+    "method_not_allowed": (405, "the MCP endpoint takes GET, POST and DELETE"),
+    "not_acceptable": (406, "the Accept header allows neither application/json nor text/event-stream"),
+    "mcp_stream_conflict": (409, "the session already has its GET stream open"),
+    "unsupported_media_type": (415, "the body must be application/json"),
+    "too_many_sessions": (503, "no room for another MCP session or listen stream; see Retry-After"),
+    "internal_error": (500, "an unexpected error inside Tether (logged)"),
+}
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
+                "X-Accel-Buffering": "no"}
+
+
+class _Refuse(Exception):
+    """An HTTP-level refusal; turned into a response (and a journal event) by McpEndpoint.handle."""
+
+    def __init__(self, code: str, message: str, *, rpc_code: int = J.INVALID_REQUEST, rid: Any = None,
+                 headers: Mapping[str, str] | None = None, status: int | None = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else MCP_ERROR_CODES[code][0]
+        self.rpc_code = rpc_code
+        self.rid = rid
+        self.headers = dict(headers or {})
+        self.data = data
+
+
+def _sse_event(payload: bytes) -> bytes:
+    return b"event: message\ndata: " + payload + b"\n\n"
+
+
+class _Reply:
+    """The answer to one POST: JSON unless something must be streamed first, then SSE."""
+
+    __slots__ = ("request", "json_ok", "sse_ok", "headers", "stream", "broken", "on_broken", "_lock")
+
+    def __init__(self, request: web.BaseRequest, json_ok: bool, sse_ok: bool, headers: dict[str, str]) -> None:
+        self.request = request
+        self.json_ok = json_ok
+        self.sse_ok = sse_ok
+        self.headers = headers
+        self.stream: web.StreamResponse | None = None
+        self.broken = False
+        self.on_broken: Callable[[], None] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _open(self) -> web.StreamResponse:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.stream is None:
+                stream = web.StreamResponse(status=200, headers={**self.headers, **_SSE_HEADERS})
+                await stream.prepare(self.request)
+                self.stream = stream
+        return self.stream
+
+    async def event(self, payload: bytes) -> None:
+        """A server message before the response (progress): upgrades the answer to SSE."""
+        if self.broken:
+            return
+        try:
+            stream = self.stream or await self._open()
+            await stream.write(_sse_event(payload))
+        except (ConnectionError, RuntimeError):
+            self._break()
+
+    def _break(self) -> None:
+        """The client went away. The call still runs to its end (2025: a disconnect is not a cancellation;
+        2026-07-28 says it is, and ``on_broken`` tells the call so)."""
+        self.broken = True
+        if self.on_broken is not None:
+            self.on_broken()
+
+    async def finish(self, payload: bytes | None, status: int = 200) -> web.StreamResponse:
+        if self.stream is None:
+            if payload is None:
+                return web.Response(status=202, headers=self.headers)
+            if self.json_ok:
+                return web.Response(body=payload, status=status,
+                                    headers={**self.headers, "Content-Type": "application/json"})
+        try:
+            stream = self.stream or await self._open()
+            if payload is not None and not self.broken:
+                await stream.write(_sse_event(payload))
+            await stream.write_eof()
+        except (ConnectionError, RuntimeError):
+            self._break()
+        if self.stream is None:  # the client left before the stream could even open
+            return web.Response(status=status)
+        return self.stream
+
+
+class _Progress:
+    """ProgressSink for one call: notifications/progress on the call's own response stream."""
+
+    __slots__ = ("reply", "token", "with_message", "last")
+
+    def __init__(self, reply: _Reply, token: str | int, with_message: bool) -> None:
+        self.reply = reply
+        self.token = token
+        self.with_message = with_message
+        self.last: float | None = None
+
+    async def __call__(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        if self.last is not None and not progress > self.last:
+            return  # the spec: progress MUST increase
+        self.last = progress
+        params: dict[str, Any] = {"progressToken": self.token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None and self.with_message:
+            params["message"] = message
+        await self.reply.event(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                                             "params": params}))
+
+
+@dataclass
+class _Ctx:
+    """What one HTTP request has established so far (for answers and the journal)."""
+
+    request: web.BaseRequest
+    cors: dict[str, str] = field(default_factory=dict)
+    principal: Principal | None = None
+    session: Session | None = None
+    rpc_method: str | None = None
+    rpc_id: Any = None
+
+
+def _first_error(e: ValidationError) -> str:
+    errs = e.errors()
+    if not errs:
+        return "invalid"
+    first = errs[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("params",))
+    return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
