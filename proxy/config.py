@@ -305,7 +305,7 @@ class QuotaReserve(Model):
 
 
 class QuotaConfig(Model):
-    """The upstream's own quota, shared with the company's people and other integrations (proxy/quota.py).
+    """The upstream's own quota, shared with the company's people and other integrations (proxy/safety/quota.py).
     ``reserve``: keep this much for them — ``20%`` of each quota window the upstream reports, or a number
     of calls; under it Tether answers agents ``429 upstream_quota`` itself. ``recheck``: how long such a
     block lasts when the upstream does not say when its window resets. ``honor_retry_after``: a 429/503
@@ -935,7 +935,7 @@ class ServerConfig(Model):
     grace_period: Duration = 20.0
     workers: int = Field(1, ge=1)
     ratelimit: str = Field("auto", description="where rate-limit buckets live: auto, local, store, or a "
-                                               "redis:// / rediss:// / unix:// URL (see proxy/ratelimit.py)")
+                                               "redis:// / rediss:// / unix:// URL (see proxy/safety/ratelimit.py)")
     journal: JournalConfig = JournalConfig()
     limits: LimitsConfig = LimitsConfig()
     review: ReviewConfig = ReviewConfig()

@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 from adapters import get_adapter
 from adapters.base import FORM_CT, NotCompensable, Operation, UndoPlan
 from adapters.stripe import PARAM_PATTERNS, StripeAdapter, target_of
-from proxy.core.upstream_calls import encode_form
+from proxy.policy.bodies import encode_form
 from proxy.errors import TetherError
 
 A = StripeAdapter()

@@ -1,4 +1,4 @@
-"""How Tether reaches upstreams (proxy/egress.py, the connect side of proxy/upstream_http.py).
+"""How Tether reaches upstreams (proxy/transport/egress.py, the connect side of proxy/transport/upstream_http.py).
 
 - the per-origin connection limit: requests past ``max_connections`` wait first come first served for a
   connection given back, at most ``timeouts.pool``, then 503 ``upstream_busy`` with nothing sent; a waiter

@@ -1,4 +1,4 @@
-"""The agent listeners' HTTP handling (proxy/protocol.py): ``Expect: 100-continue``.
+"""The agent listeners' HTTP handling (proxy/doors/rest/protocol.py): ``Expect: 100-continue``.
 
 An agent that announces its upload with ``Expect: 100-continue`` (curl does, and SDKs built on it) holds the
 body back until Tether says ``100 Continue``. Tether says it once the request passed every check that does

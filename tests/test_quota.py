@@ -1,4 +1,4 @@
-"""The SaaS quota the company shares (proxy/quota.py, adapters/quota.py): each vendor's headers read as
+"""The SaaS quota the company shares (proxy/safety/quota.py, adapters/quota.py): each vendor's headers read as
 the vendor means them, a reserve kept for people, Tether answering agents itself while it lasts.
 
 The multi-process side (the block shared by workers and replicas) is in tests/test_many_processes.py.

@@ -1,4 +1,4 @@
-"""Shared rate-limit buckets (proxy/ratelimit.py) seen from inside: leases, Redis, failing closed.
+"""Shared rate-limit buckets (proxy/safety/ratelimit.py) seen from inside: leases, Redis, failing closed.
 
 The processes' view (workers, replicas) is tests/test_many_processes.py; here two gateways in one test
 process share a bucket through Redis (``server.ratelimit: redis://…``), each test under a key prefix of

@@ -1,4 +1,4 @@
-"""The forwarding transport (proxy/upstream_http.py, wrapped by proxy/forward.py) against real sockets.
+"""The forwarding transport (proxy/transport/upstream_http.py, wrapped by proxy/transport/forward.py) against real sockets.
 
 Every upstream here is a raw ``asyncio.start_server`` on 127.0.0.1 whose bytes the test scripts exactly
 (plus one aiohttp server in front, for ``forward.relay``). Covered:

@@ -23,51 +23,30 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-
 from ..config import ConfigError, RulesFile, load_rules, parse_hostport
+from ..core.exchange import Exchange
 from ..core.listeners import Listener, admin_host_policy
 from ..core.rules import RulesState, UpstreamRuntime, build_state
-from ..core.exchange import Exchange
 from ..doors.responses import error_response, json_response
+from ..doors.rest.door import REST_DOOR
+from ..doors.rest.intake import REST_INTAKE
 from ..doors.rest.protocol import GuardedServer
 from ..errors import TetherError
 from ..journal.writer import JournalWriter, base_record
-from ..pipeline import stages as S
 from ..pipeline.runner import Pipeline
+from ..pipeline.stages import SHARED_STAGES
 from ..policy.credentials import CredentialError
 from ..policy.jwks import KeySets
-from ..policy.provenance import stamp_provenance
-from ..safety.quota import QuotaGuard, check_upstream_quota
-from ..safety.ratelimit import make_rate_limiter, rate_limit
-from ..safety.review import ReviewService, capture_dry_run
-from ..safety.transactions import TransactionManager, prepare_compensation
+from ..safety.quota import QuotaGuard
+from ..safety.ratelimit import make_rate_limiter
+from ..safety.review import ReviewService
+from ..safety.transactions import TransactionManager
 from ..store import Store, StoreUnavailable, open_store
 from ..transport.forward import make_session
 from ..transport.upstream_http import OriginPool, UpstreamClient
 
 log = logging.getLogger("tether.gateway")
 
-STAGES: list[tuple[str, Any]] = [
-    ("parse_request", S.parse_request),
-    ("authenticate", S.authenticate),
-    ("match_route", S.match_route),
-    ("read_body", S.read_body),
-    ("parse_body", S.parse_body_stage),
-    ("unpack_composite", S.unpack_composite),
-    ("check_grant", S.check_grant),
-    ("require_intent", S.require_intent),
-    ("check_transaction", S.check_transaction),
-    ("validate_body", S.validate_body),
-    ("rate_limit", rate_limit),
-    ("decide_mode", S.decide_mode),
-    ("journal_intent", S.journal_intent),
-    ("check_relative_caps", S.check_relative_caps),
-    ("capture_dry_run", capture_dry_run),
-    ("upstream_quota", check_upstream_quota),
-    ("stamp_provenance", stamp_provenance),
-    ("prepare_compensation", prepare_compensation),
-    ("forward", S.forward),
-]
 
 
 class Gateway:
@@ -97,7 +76,7 @@ class Gateway:
         self.review = ReviewService(self)
         self.transactions = TransactionManager(self)
         self.rate_limiter = make_rate_limiter(rules.server, self.store)
-        self.pipeline = Pipeline(self, STAGES)
+        self.pipeline = Pipeline(self, REST_INTAKE + SHARED_STAGES)  # the REST door's operations
         self.mcp: Any = None  # the MCP endpoint on the main listener, once proxy.doors.mcp.mount_mcp() set it
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
@@ -301,14 +280,16 @@ class Gateway:
             finally:
                 self._in_flight -= 1
         state = self.state
-        ex = Exchange(request, state.registry, lst.upstream, request.raw_path)
+        ex = Exchange(REST_DOOR, state.registry, lst.upstream, request.method, request.raw_path, request.headers,
+                      request)
         ex.state = state
         ex.listener = lst
         self._in_flight += 1
         try:
-            return await self.pipeline.run(ex)
+            await self.pipeline.run(ex)
         finally:
             self._in_flight -= 1
+        return ex.response
 
     def _overloaded(self, request: web.BaseRequest, lst: Listener) -> web.StreamResponse:
         """Fast refusal beyond max_in_flight (bounded work, bounded memory); recorded without waiting."""

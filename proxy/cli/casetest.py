@@ -192,7 +192,7 @@ async def _run_one(gw: Any, s: aiohttp.ClientSession, base: str, case: Case, rul
     if req.json_body is not None:
         kw["json"] = req.json_body
     elif req.form is not None:
-        from ..core.upstream_calls import encode_form
+        from ..policy.bodies import encode_form
 
         kw["data"] = encode_form(req.form)
         headers.setdefault("Content-Type", "application/x-www-form-urlencoded")

@@ -274,7 +274,14 @@ class SpecOp:
 
 def spec_operations(spec_path: str, rules: RulesFile, upstream: str, path_prefix: str | None) -> tuple[str, list[SpecOp]]:
     """(upstream, operations of the spec) with the path prefix put in front (given, or guessed)."""
-    from .openapi import READ_METHODS, Spec, is_post_read, iter_operations, shape, validate_prefix
+    from .openapi import (
+        READ_METHODS,
+        Spec,
+        is_post_read,
+        iter_operations,
+        shape,
+        validate_prefix,
+    )
 
     spec = Spec.load(spec_path)
     raw = list(iter_operations(spec, ""))

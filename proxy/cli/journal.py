@@ -7,10 +7,8 @@ while the gateway runs (``kubectl exec ... tether journal tail -f``) and after i
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import orjson
 
 from ..config import parse_duration
 from ..journal.lines import human_line
+from ..journal.search import journal_time
 from ..journal.writer import archive, now_iso, verify, verify_archives
 from .common import add_store_args, fail, open_cli_store, rules_from, run
 
@@ -26,18 +25,12 @@ _FILTERS = (("agent", "agent"), ("user", "on_behalf_of"), ("capability", "capabi
 
 
 def parse_time(value: str | None) -> str | None:
-    """RFC 3339 / ISO date, or a relative age like 10m, 2h, 7d -> the journal's timestamp format."""
-    if value is None:
-        return None
-    if re.fullmatch(r"\d+(\.\d+)?\s*(ms|s|m|h|d|w)", value.strip()):
-        return now_iso(time.time() - parse_duration(value))
+    """RFC 3339 / ISO date, or a relative age like 10m, 2h, 7d -> the journal's timestamp format; a value
+    that is neither ends the command with one clear line."""
     try:
-        d = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise SystemExit(f"tether: {value!r} is neither a time (2026-11-25T10:00:00Z) nor an age (10m, 2h, 7d)")
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=_dt.timezone.utc)
-    return now_iso(d.timestamp())
+        return journal_time(value)
+    except ValueError as exc:
+        raise SystemExit(f"tether: {exc}") from None
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +52,7 @@ def _emit(seq: int, rec: dict[str, Any], as_json: bool, hash_: str | None = None
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """The last N matching records (then, with -f, each new one). ``--agent``/``--user``/``--capability``
-    take an exact value or a part of one (see proxy/journal_search.py); when more records match than
+    take an exact value or a part of one (see proxy/journal/search.py); when more records match than
     were printed, it says how many."""
     from ..journal.search import accepts, resolve, scan_back, sql_filters
 
@@ -160,7 +153,7 @@ COUNT_MORE_UPTO = 10_001  # records counted past -n before saying "more than 10,
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """What an agent did for a person over a period (see proxy/journal_report.py)."""
+    """What an agent did for a person over a period (see proxy/cli/journal_report.py)."""
     from ..journal.search import resolve, scan_forward, sql_filters
     from .journal_report import RENDERERS, Report, grouped_by
 

@@ -233,7 +233,7 @@ def add_catalogue(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="List every capability with its upstream, effect, holders and modes, rate limits,\n"
                     "compensation, traffic from the journal and readiness class; then a summary per upstream\n"
-                    "with the share of each class and the maturity stage (see proxy/catalogue.py).\n"
+                    "with the share of each class and the maturity stage (see proxy/cli/catalogue.py).\n"
                     "With --openapi SPEC --upstream NAME, the spec's operations that are not registered are\n"
                     "listed too.")
     add_config_and_store(p, "journal to count traffic from; default: the rules file's server.store when that "

@@ -8,16 +8,16 @@ forwarding client — and they are read whole (they are small and their content 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 import orjson
 from multidict import CIMultiDict
 
-from adapters.base import FORM_CT, PlannedRequest
+from adapters.base import Operation, PlannedRequest
 
 from .. import headers as H
 from ..errors import TetherError
 from ..normalise import decode_segments, split_target
+from ..policy.bodies import encode_body
 from ..transport.forward import (
     WHOLE_BODY_LIMIT,
     build_target,
@@ -29,43 +29,9 @@ from ..transport.forward import (
 )
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .exchange import Exchange
     from .rules import UpstreamRuntime
-
-
-def encode_body(body: Any, content_type: str | None) -> bytes | None:
-    """Serialise a planned body the way its content type says (JSON, or a nested form)."""
-    if body is None:
-        return None
-    if isinstance(body, bytes):
-        return body
-    if content_type and content_type.split(";")[0].strip().lower() == FORM_CT:
-        return encode_form(body).encode("ascii")
-    return orjson.dumps(body)
-
-
-def encode_form(value: Any, prefix: str = "") -> str:
-    """Nested dicts/lists -> ``a[b][0]=v`` form encoding (Stripe's)."""
-    pairs: list[tuple[str, str]] = []
-
-    def walk(v: Any, key: str) -> None:
-        if isinstance(v, dict):
-            if not v and key:
-                pairs.append((key, ""))
-            for k, x in v.items():
-                walk(x, f"{key}[{k}]" if key else str(k))
-        elif isinstance(v, list):
-            for i, x in enumerate(v):
-                walk(x, f"{key}[{i}]")
-        elif v is None:
-            pairs.append((key, ""))
-        elif isinstance(v, bool):
-            pairs.append((key, "true" if v else "false"))
-        else:
-            pairs.append((key, str(v)))
-
-    walk(value, prefix)
-    return urlencode(pairs)
+    from .runtime import Runtime
 
 
 async def call_upstream(
@@ -147,3 +113,26 @@ async def call_upstream(
         except orjson.JSONDecodeError:
             parsed = None
     return resp.status, rheaders, data, parsed
+
+
+async def read_pre_image(gw: "Runtime", ex: "Exchange", op: Operation) -> Any:
+    """The record as it is now (for relative caps and undo plans); read once per operation."""
+    cache = ex.extra.setdefault("pre_images", {})
+    key = op.index if op.index is not None else -1
+    if key in cache:
+        return cache[key]
+    up = ex.upstream
+    assert up is not None and ex.identity is not None
+    plan = up.adapter.pre_image_request(op)
+    if plan is None:
+        cache[key] = None
+        return None
+    status, _, _, parsed = await call_upstream(gw, up, plan, agent=ex.identity.agent,
+                                               on_behalf_of=ex.identity.on_behalf_of, intent=ex.intent,
+                                               request_id=ex.request_id)
+    if not up.adapter.pre_image_ok(plan, status, parsed):
+        raise TetherError("upstream_unavailable",
+                          f"reading the current record ({plan.method} {plan.path}) answered {status}; "
+                          "Tether cannot check or undo this write without it")
+    cache[key] = parsed
+    return parsed

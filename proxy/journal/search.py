@@ -11,11 +11,16 @@ commands can say so (``--user 'jane' matched ae:jane@acme.example``).
 
 from __future__ import annotations
 
+import datetime as _dt
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..chain import StoredRecord
+from ..config import parse_duration
 from ..inert import inert
+from .writer import now_iso
 
 PAGE = 2000
 
@@ -109,3 +114,19 @@ async def scan_forward(store: Any, filters: dict[str, Any], matches: list[Match 
         if len(rows) < PAGE:
             return
         cursor = rows[-1].seq
+
+
+def journal_time(value: str | None) -> str | None:
+    """RFC 3339 / ISO date, or a relative age like 10m, 2h, 7d -> the journal's timestamp format (None
+    stays None); ValueError naming the value when it is neither."""
+    if value is None:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?\s*(ms|s|m|h|d|w)", value.strip()):
+        return now_iso(time.time() - parse_duration(value))
+    try:
+        d = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a time (2026-11-25T10:00:00Z) nor an age (10m, 2h, 7d)") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return now_iso(d.timestamp())

@@ -38,7 +38,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from ..chain import INDEXED_FIELDS, StoredRecord, VerifyResult, encode_record, verify_chain
+from ..chain import (
+    INDEXED_FIELDS,
+    StoredRecord,
+    VerifyResult,
+    encode_record,
+    verify_chain,
+)
 from ..store.base import Store, StoreUnavailable
 from ..store.rows import PreparedRow
 

@@ -1,25 +1,24 @@
-"""The pipeline's stages, in order. Each is a small function ``(gateway, exchange)`` with one job.
+"""The pipeline's shared stages, in order: every front door's operations pass them. Each is a small function
+``(runtime, exchange)`` with one job. A door's own intake stages come first (the REST door's in
+:mod:`proxy.doors.rest.intake`, the MCP door's in :mod:`proxy.doors.mcp.tools`): they build the exchange —
+identity, intent, capability, parameters, body — from what the door received.
 
 =====================  ======================================================================
 stage                  job
 =====================  ======================================================================
-parse_request          one canonical method/path; refuse ambiguous targets, overrides, aliases
-authenticate           verify the agent JWT; two-dimensional identity; intent, transaction, trace
-match_route            upstream + method + path -> capability (default deny)
-read_body              bounded read of the request body; sha256 digest
-parse_body             JSON/form parsed strictly (duplicates, depth, lying content types)
-unpack_composite       composite/batch requests -> sub-operations, each matched
 check_grant            is every operation's capability granted to this agent?
-require_intent         writes must declare X-Tether-Intent
+require_intent         writes must declare their business intent
+check_transaction      a write naming a transaction joins it (it must be this agent's, open)
 validate_body          field rules, constraints, JSON Schema           (proxy.policy.validation)
 rate_limit             token buckets per agent, grant and upstream     (proxy.safety.ratelimit)
-decide_mode            live / dry-run / canary / quarantine
+decide_mode            live / dry-run / canary / quarantine            (proxy.safety.governance)
 journal_intent         commit the intent record durably — before anything leaves
 check_relative_caps    read the pre-image, check caps relative to it (max_increase_pct)
-capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.dryrun)
+capture_dry_run        dry-run writes: store the request, answer synthetically (proxy.safety.review)
 upstream_quota         the upstream's shared quota at its reserve or "wait": 429 (proxy.safety.quota)
+stamp_provenance       agent, person, intent, event id into the written record (proxy.policy.provenance)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.safety.transactions)
-forward                credentials, provenance, stream to the upstream and back
+forward                credentials, provenance, to the upstream and the answer back through the door
 =====================  ======================================================================
 """
 
@@ -33,349 +32,45 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import orjson
 from multidict import CIMultiDict
 
-from adapters import vendor_headers
 from adapters.base import Operation
 
 from .. import headers as H
-from ..config import HTTP_METHODS
 from ..core.exchange import Exchange
-from ..core.upstream_calls import call_upstream
-from ..doors.rest.protocol import awaits_continue, send_continue
+from ..core.records import request_record
+from ..core.upstream_calls import read_pre_image
 from ..errors import TetherError
 from ..journal.writer import JournalUnavailable
 from ..normalise import (
-    ambiguous,
-    canonical_path,
     decode_segments,
-    parse_query,
-    policy_params,
-    redact_query,
-    split_target,
-    unsafe_char,
 )
-from ..policy.bodies import OVERRIDE_FIELDS, media_type, multipart_names, parse_body, smuggled_field
-from ..policy.identity import USER_TOKEN, require_verified_user_message
+from ..policy.bodies import media_type
+from ..policy.identity import require_verified_user_message
+from ..policy.provenance import provenance_values, stamped_body
 from ..policy.validation import validator_for
-from ..safety.ratelimit import demands_for
+from ..safety.quota import check_upstream_quota
+from ..safety.ratelimit import rate_limit
+from ..safety.review import capture_dry_run
+from ..safety.transactions import prepare_compensation
 from ..transport.forward import (
     SMALL_BODY,
     WHOLE_BODY_LIMIT,
     AnswerPrefix,
     Timer,
-    answer,
     as_tether_error,
     build_target,
     json_prefix_fields,
     read_whole,
     redact_bytes,
     redact_headers,
-    relay,
     response_headers,
     send,
 )
 from ..transport.upstream_http import UpstreamError, UpstreamResponse
-from .runner import request_record
 
 if TYPE_CHECKING:
     from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.stages")
-
-_MAX_INTENT = 1000
-# Headers whose *aliases* (same name with '_' or '.') a lenient upstream might read as the real thing.
-_PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"} | vendor_headers())
-
-
-# --------------------------------------------------------------------------- parse_request
-
-
-def parse_request(gw: "Runtime", ex: Exchange) -> None:
-    req = ex.request
-    method = req.method
-    if method not in HTTP_METHODS:
-        raise TetherError("method_not_allowed", f"method {method} is not accepted by Tether")
-    limits = gw.limits
-    path, query = split_target(req.raw_path, limits.max_url_length)
-    segments = decode_segments(path)
-    hdrs = req.headers
-    if len(hdrs) > limits.max_headers:
-        raise TetherError("headers_too_large", f"more than {limits.max_headers} request headers")
-    for name in hdrs:
-        lname = name.lower()
-        if lname in H.METHOD_OVERRIDE_HEADERS:
-            raise ambiguous(f"method override header {name} refused: send the real method")
-        if ("_" in name or "." in name):
-            canon = H.canonical_name(name)
-            if canon != lname and (canon.startswith("x-tether-") or canon in _PROTECTED
-                                   or canon in ex.listener.credential_aliases):
-                raise ambiguous(f"header {name!r} is an alias of {canon!r}; refused")
-    conn_tokens = H.connection_tokens(hdrs) if "Connection" in hdrs else ()
-    for tok in conn_tokens:
-        if tok.startswith("x-tether-") or tok in ("authorization", "cookie", "host", "content-length",
-                                                   "content-type") or tok in ex.listener.credential_aliases:
-            raise ambiguous(f"the Connection header names {tok!r}, which Tether relies on")
-    host = hdrs.get("Host", "")
-    if not ex.listener.host_allowed(host):
-        raise ambiguous(f"Host {host!r} does not belong to this listener")
-    if "Content-Length" in hdrs and "Transfer-Encoding" in hdrs:  # llhttp refuses this already
-        raise ambiguous("both Content-Length and Transfer-Encoding")
-    ex.query = query
-    listener_up = ex.listener.upstream
-    if listener_up is not None:
-        ex.upstream = listener_up
-        ex.raw_path = path
-        ex.segments = segments
-    else:
-        # path-prefix routing on the main listener: /<upstream>/<path as the upstream sees it>
-        ups = gw.state.upstreams
-        if segments and segments[0] in ups and path.startswith("/" + segments[0]):
-            ex.upstream = ups[segments[0]]
-            rest = path[len(segments[0]) + 1:]
-            ex.raw_path = rest or "/"
-            ex.segments = segments[1:]
-        else:
-            ex.upstream = None
-            ex.raw_path = path
-            ex.segments = segments
-
-
-# --------------------------------------------------------------------------- authenticate
-
-
-async def authenticate(gw: "Runtime", ex: Exchange) -> None:
-    hdrs = ex.request.headers
-    auth = hdrs.getall("Authorization", ())
-    if len(auth) > 1:
-        raise ambiguous("more than one Authorization header")
-    # the agent's token, and the person's own (X-Tether-User-Token) when sent: proxy.policy.identity
-    ident = await gw.state.verifier.identify(auth[0] if auth else None, hdrs.getall(USER_TOKEN, ()))
-    ex.identity = ident
-    if ident.agent not in ex.registry.rules.agents:
-        raise TetherError("agent_unknown", f"agent {ident.agent!r} is not declared in the rules")
-    intent = hdrs.getall(H.INTENT, ())
-    if len(intent) > 1:
-        raise ambiguous("more than one X-Tether-Intent header")
-    if intent:
-        value = intent[0].strip()
-        if len(value) > _MAX_INTENT:
-            raise TetherError("bad_request", f"X-Tether-Intent is longer than {_MAX_INTENT} characters")
-        bad = unsafe_char(value)
-        if bad is not None:
-            raise TetherError("bad_request", f"X-Tether-Intent holds {bad}: control, line-separator and bidi "
-                                             "characters are refused in text an operator reads")
-        ex.intent = value or None
-    tx = hdrs.get(H.TRANSACTION)
-    if tx is not None:
-        ex.transaction_id = tx.strip() or None
-    tp = hdrs.get("traceparent")
-    if tp is not None:
-        ex.traceparent = tp
-
-
-# --------------------------------------------------------------------------- match_route
-
-
-def match_route(gw: "Runtime", ex: Exchange) -> None:
-    up = ex.upstream
-    if up is None:
-        first = ex.segments[0] if ex.segments else ""
-        raise TetherError("route_not_registered",
-                          f"no upstream is reachable at /{first} on this listener (default deny)")
-    adapter = up.adapter
-    method = ex.method
-    if ex.query:
-        query = ex.query
-        pairs = parse_query(query)
-        # read as the most generous server would: ';' separates parameters too
-        policy = policy_params(query) if ";" in query else pairs
-        creds = up.credential_params
-        if creds:
-            for k, _ in policy:
-                if k.lower() in creds:
-                    ex.query = redact_query(query, creds)  # the journal keeps the name, never the value
-                    raise TetherError("credential_in_request",
-                                      f"query parameter {k!r} carries a credential; Tether injects the upstream's own")
-        override = adapter.method_override(method, pairs)
-        if policy is not pairs and sum(k.lower() in OVERRIDE_FIELDS for k, _ in policy) != \
-                sum(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
-            raise ambiguous("a method-override parameter hides behind a ';' in the query")
-        if override is not None:
-            if override not in HTTP_METHODS:
-                raise TetherError("method_not_allowed", f"override to {override!r} refused")
-            ex.extra["wire_method"] = method
-            ex.method = method = override
-        elif any(k.lower() in OVERRIDE_FIELDS for k, _ in pairs):
-            raise ambiguous("a method-override query parameter was sent to an upstream that does not define one")
-    op = Operation(method=method, path=ex.raw_path, query=ex.query, segments=ex.segments,
-                   content_type=ex.request.headers.get("Content-Type"))
-    ex.operations = [op]
-    if adapter.is_composite(op):
-        ex.composite = True
-        ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, False)
-        return
-    found = ex.registry.match(up.name, method, ex.segments, ex.query)
-    if found is None:
-        raise TetherError("route_not_registered",
-                          f"{method} {ex.raw_path} is not a registered capability of upstream {up.name!r}")
-    op.capability, op.params = found
-    ex.capability, ex.params = found
-    # forward the path that was matched: one escaping, and a trailing '/' only where the template has one
-    template = found[0].template
-    ex.raw_path = op.path = canonical_path(ex.raw_path, ex.segments, len(template) > 1 and template[-1] == "/")
-
-
-# --------------------------------------------------------------------------- body
-
-
-async def read_body(gw: "Runtime", ex: Exchange) -> None:
-    req = ex.request
-    if not req.body_exists:
-        return
-    cap = ex.capability
-    limit = gw.limits.max_body_bytes
-    if cap is not None and cap.config.body is not None and cap.config.body.max_bytes is not None:
-        limit = min(limit, cap.config.body.max_bytes)
-    cl = req.content_length
-    if cl is not None and cl > limit:
-        raise TetherError("body_too_large", f"the body is {cl} bytes; this capability accepts at most {limit}")
-    if cap is not None and cap.config.stream_request:
-        return  # forwarded as it arrives, counted and hashed on the way (StreamedBody)
-    content = req.content
-    if content.is_eof():
-        # the whole body came with the head (most API calls): no waiting, so no timer to arm
-        body = content.read_nowait(-1)
-        if len(body) > limit:
-            raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
-    else:
-        if awaits_continue(req):
-            await _before_continue(gw, ex)
-        body = await _read_body_slowly(gw, content, limit)
-    ex.body = body
-    ex.body_digest = hashlib.sha256(body).hexdigest() if body else None
-    for op in ex.operations:
-        op.raw_body = body
-
-
-async def _before_continue(gw: "Runtime", ex: Exchange) -> None:
-    """The agent waits for ``100 Continue`` before sending its body (``Expect: 100-continue``). First the
-    checks that do not need the body — the grant, the intent a write must declare, the rate limits (only
-    looked at here; their tokens are taken by the rate_limit stage, as for any request) — so that a
-    refusal comes instead of the 100 and the body is never sent. A composite request's sub-operations are
-    in its body: those are checked after it arrives."""
-    if not ex.composite:
-        check_grant(gw, ex)
-        require_intent(gw, ex)
-        gw.rate_limiter.peek(demands_for(ex))
-    await send_continue(ex.request)
-
-
-async def _read_body_slowly(gw: "Runtime", content: Any, limit: int) -> bytes:
-    """A body still arriving: read it under the client timeout, refusing it past ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(gw.limits.client_timeout):
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise TetherError("body_too_large", f"the body exceeds {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise TetherError("client_timeout", f"the request body did not arrive within "
-                                            f"{gw.limits.client_timeout:g}s") from None
-    return b"".join(chunks)
-
-
-def parse_body_stage(gw: "Runtime", ex: Exchange) -> None:
-    body = ex.body
-    if not body:
-        return
-    hdrs = ex.request.headers
-    ctype = hdrs.get("Content-Type")
-    needs = ex.composite or ex.is_write or (ex.capability is not None and ex.capability.config.body is not None)
-    if not needs:
-        _refuse_smuggled_in_unparsed(gw, ex, body, ctype)
-        return
-    enc = hdrs.get("Content-Encoding", "identity").strip().lower()
-    if enc not in ("", "identity"):
-        raise TetherError("bad_request", f"Content-Encoding {enc!r}: a body Tether must inspect cannot be compressed")
-    kind, value = parse_body(body, ctype, gw.limits.max_json_depth)
-    ex.extra["body_kind"] = kind
-    for op in ex.operations:
-        op.body = value
-    if kind == "other" and media_type(ctype).startswith("multipart/"):
-        _refuse_smuggled(ex, multipart_names(body))
-    elif kind == "form" and b";" in body:
-        _refuse_smuggled(ex, _form_names(body))  # as a server splitting on ';' too reads it
-    elif isinstance(value, dict):
-        _refuse_smuggled(ex, value, json=kind == "json")
-
-
-def _refuse_smuggled(ex: Exchange, names: Any, json: bool = False) -> None:
-    """A body field a server would read as the request's method (``_method``: Rails, Laravel) or as a
-    credential (``credential_params``, read from forms by servers that merge parameters) is refused as it
-    is in the query. JSON bodies are checked for overrides only (servers take credentials from forms)."""
-    found = smuggled_field(names, OVERRIDE_FIELDS)
-    if found is not None:
-        raise ambiguous(f"the body field {found!r} is a method override: send the real method")
-    if not json:
-        creds = ex.upstream.credential_params  # type: ignore[union-attr]
-        found = smuggled_field(names, frozenset(creds)) if creds else None
-        if found is not None:
-            raise TetherError("credential_in_request",
-                              f"the body field {found!r} carries a credential; Tether injects the upstream's own")
-
-
-def _form_names(body: bytes) -> list[str]:
-    """A form body's field names, split on '&' and ';' (for checks only; the body is forwarded as sent)."""
-    from urllib.parse import parse_qsl
-
-    return [k for k, _ in parse_qsl(body.decode("latin-1").replace(";", "&"), keep_blank_values=True,
-                                    errors="replace")]
-
-
-def _refuse_smuggled_in_unparsed(gw: "Runtime", ex: Exchange, body: bytes, ctype: str | None) -> None:
-    """A body Tether does not otherwise parse (a read's): form and multipart field names are read all
-    the same; a JSON body only when it could spell an override name (``method`` or a ``\\u`` escape)."""
-    mt = media_type(ctype)
-    try:
-        if mt.startswith("multipart/"):
-            _refuse_smuggled(ex, multipart_names(body))
-        elif mt == "application/x-www-form-urlencoded":
-            _refuse_smuggled(ex, _form_names(body))
-        elif (b"method" in body.lower() or b"\\u" in body) and (mt == "" or "json" in mt):
-            _, value = parse_body(body, "application/json", gw.limits.max_json_depth)
-            if isinstance(value, dict):
-                _refuse_smuggled(ex, value, json=True)
-    except TetherError as err:
-        if err.code in ("ambiguous_request", "credential_in_request"):
-            raise
-        # a body that does not parse is not read by the upstream as these fields either
-
-
-def unpack_composite(gw: "Runtime", ex: Exchange) -> None:
-    if not ex.composite:
-        return
-    up = ex.upstream
-    assert up is not None
-    outer = ex.operations[0]
-    ex.extra["composite_outer"] = outer
-    subs = up.adapter.unpack(outer)
-    if not subs:
-        raise TetherError("unsupported_composite", "the composite request holds no sub-request")
-    for op in subs:
-        found = ex.registry.match(up.name, op.method, op.segments, op.query)
-        if found is None:
-            raise TetherError("route_not_registered",
-                              f"sub-request {op.index} ({op.method} {op.path}) is not a registered capability; "
-                              "the whole composite request is refused")
-        op.capability, op.params = found
-    ex.operations = subs
-    ex.capability = subs[0].capability if len({op.capability.name for op in subs}) == 1 else None
-
 
 # --------------------------------------------------------------------------- grants & intent
 
@@ -395,7 +90,7 @@ def check_grant(gw: "Runtime", ex: Exchange) -> None:
             raise TetherError("verified_user_required", require_verified_user_message(ex.identity, op.capability.name))
         if ex.grant is None:
             ex.grant = grant
-        ex.upstream.adapter.check_request_headers(op, ex.request.headers)  # type: ignore[union-attr]
+        ex.upstream.adapter.check_request_headers(op, ex.headers)  # type: ignore[union-attr]
     ex.extra["grants"] = [registry.grant(agent, op.capability.name) for op in ex.operations]
 
 
@@ -476,29 +171,6 @@ def _may_read_pre_image(ex: Exchange, op: Operation) -> bool:
         ex.registry.grant(ex.identity.agent, found[0].name) is not None
 
 
-async def read_pre_image(gw: "Runtime", ex: Exchange, op: Operation) -> Any:
-    """The record as it is now (for relative caps and undo plans); read once per operation."""
-    cache = ex.extra.setdefault("pre_images", {})
-    key = op.index if op.index is not None else -1
-    if key in cache:
-        return cache[key]
-    up = ex.upstream
-    assert up is not None and ex.identity is not None
-    plan = up.adapter.pre_image_request(op)
-    if plan is None:
-        cache[key] = None
-        return None
-    status, _, _, parsed = await call_upstream(gw, up, plan, agent=ex.identity.agent,
-                                               on_behalf_of=ex.identity.on_behalf_of, intent=ex.intent,
-                                               request_id=ex.request_id)
-    if not up.adapter.pre_image_ok(plan, status, parsed):
-        raise TetherError("upstream_unavailable",
-                          f"reading the current record ({plan.method} {plan.path}) answered {status}; "
-                          "Tether cannot check or undo this write without it")
-    cache[key] = parsed
-    return parsed
-
-
 # --------------------------------------------------------------------------- mode
 
 
@@ -546,7 +218,7 @@ async def upstream_headers(gw: "Runtime", ex: Exchange, body_override: bool = Fa
     already gone; the client refuses CR/LF/NUL in any of them)."""
     up = ex.upstream
     assert up is not None
-    src = ex.request.headers
+    src = ex.headers
     drop = up.strip_headers
     if "Connection" in src:
         drop = drop | frozenset(H.connection_tokens(src))
@@ -566,7 +238,7 @@ async def upstream_headers(gw: "Runtime", ex: Exchange, body_override: bool = Fa
             out.append((H.AUTHZ_EVENT, ex.authz_event))
         out.append((H.REQUEST_ID, ex.request_id))
     if up.via:  # RFC 9110 §7.6.3: a proxy says so, with the protocol version it received
-        v = ex.request.version
+        v = ex.http_version
         out.append(("Via", "1.1 tether" if v == (1, 1) else f"{v[0]}.{v[1]} tether"))
     cred = up.credential_now()
     if cred is not None:
@@ -593,10 +265,11 @@ async def forward(gw: "Runtime", ex: Exchange) -> None:
         hdrs.append(("Content-Type", content_type))
     else:
         hdrs = await upstream_headers(gw, ex)
-        if body is None and ex.request.body_exists:
-            body = StreamedBody(gw, ex)  # stream_request capabilities
-            length = ex.request.content_length  # passed on as is: object stores answer 411 to chunked
-            await send_continue(ex.request)  # every check passed: an agent waiting on Expect may send it now
+        if body is None and ex.body_stream is not None:  # stream_request capabilities (REST door)
+            src = ex.body_stream
+            length = src.length  # passed on as is: object stores answer 411 to chunked
+            await src.begin()  # every check passed: an agent waiting on Expect may send its body now
+            body = StreamedBody(gw, ex, src.content)
     target = build_target(ex.raw_path, ex.query)
     wire_method = ex.extra.get("wire_method", ex.method)
     steps = ex.extra.get("tx_steps")
@@ -628,7 +301,7 @@ async def forward(gw: "Runtime", ex: Exchange) -> None:
     cl = resp.content_length
     if wire_method == "HEAD":  # no body; the answer keeps its Content-Length
         resp.release()
-        ex.response = answer(resp, out_headers, None)
+        ex.door.answer(ex, resp.status, resp.reason, out_headers, None, upstream=resp)
         return
     if cl is not None and cl <= SMALL_BODY and (limit is None or cl <= limit):
         # small answers (most API reads): one read, one write, instead of a streamed prepare/write/eof
@@ -638,13 +311,12 @@ async def forward(gw: "Runtime", ex: Exchange) -> None:
             data, hit = redact_bytes(data, needles)
             if hit:
                 _reflected(ex)
-        ex.response = answer(resp, out_headers, data)
+        ex.door.answer(ex, resp.status, resp.reason, out_headers, data, upstream=resp)
         return
     found = [False]
-    streamed, sent, err = await relay(ex.request, resp, out_headers, limit, needles, found)
+    sent, err = await ex.door.relay(ex, resp, out_headers, limit, needles, found)
     if found[0]:
         _reflected(ex)
-    ex.response = streamed
     if err is not None:
         _relay_failed(ex, err, sent)
 
@@ -675,14 +347,13 @@ async def _forward_write(gw: "Runtime", ex: Exchange, resp: UpstreamResponse, ou
         await _write_outcome(gw, ex, resp, decode_json_body(data, resp.headers.get("Content-Type")))
         if ex.extra.get("tx_state"):
             out_headers["X-Tether-Transaction-State"] = ex.extra["tx_state"]
-        ex.response = answer(resp, out_headers, data)
+        ex.door.answer(ex, resp.status, resp.reason, out_headers, data, upstream=resp)
         return
     prefix = AnswerPrefix(WHOLE_BODY_LIMIT)
     found = [False]
-    streamed, sent, err = await relay(ex.request, resp, out_headers, limit, up.reflection_needles(), found, tap=prefix)
+    sent, err = await ex.door.relay(ex, resp, out_headers, limit, up.reflection_needles(), found, tap=prefix)
     if found[0]:
         _reflected(ex)
-    ex.response = streamed
     if err is not None:
         _relay_failed(ex, err, sent)
         ex.extra["outcome"].update(applied=not up.adapter.is_failure(resp.status, None), upstream_status=resp.status)
@@ -764,8 +435,8 @@ class StreamedBody:
     complete request, and the agent gets 413), each chunk awaited under the client timeout, and hashed,
     so the outcome record carries its sha256 and size (the intent record cannot: it is written first)."""
 
-    def __init__(self, gw: "Runtime", ex: Exchange) -> None:
-        self.content = ex.request.content
+    def __init__(self, gw: "Runtime", ex: Exchange, content: Any) -> None:
+        self.content = content  # a reader with readany() (aiohttp's StreamReader)
         self.limit = gw.limits.max_body_bytes
         self.timeout = gw.limits.client_timeout
         self.ex = ex
@@ -814,3 +485,40 @@ def decode_json_body(data: bytes, content_type: str | None) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+def stamp_provenance(gw: "Runtime", ex: Exchange) -> None:
+    """Pipeline stage: stamp live writes (dry-run writes are stamped when their approval replays them)."""
+    up = ex.upstream
+    if up is None or not up.record_fields or not ex.is_write or ex.mode != "live":
+        return
+    ident = ex.identity
+    assert ident is not None
+    outer = ex.extra.get("composite_outer") or ex.operations[0]
+    res = stamped_body(up, outer, ex.operations, composite=ex.composite, kind=ex.extra.get("body_kind"),
+                       content_type=ex.headers.get("Content-Type"),
+                       values=provenance_values(ident.agent, ident.on_behalf_of, ex.intent, ex.authz_event))
+    if res is None:
+        return
+    body, ctype, new = res
+    ex.extra["forward_body"] = (body, ctype)
+    if not ex.composite:
+        ex.operations[0].body = new  # the undo plan then restores the provenance fields too
+
+
+# The shared stages, in order (see the module doc); a door's intake stages come first.
+SHARED_STAGES: list[tuple[str, Any]] = [
+    ("check_grant", check_grant),
+    ("require_intent", require_intent),
+    ("check_transaction", check_transaction),
+    ("validate_body", validate_body),
+    ("rate_limit", rate_limit),
+    ("decide_mode", decide_mode),
+    ("journal_intent", journal_intent),
+    ("check_relative_caps", check_relative_caps),
+    ("capture_dry_run", capture_dry_run),
+    ("upstream_quota", check_upstream_quota),
+    ("stamp_provenance", stamp_provenance),
+    ("prepare_compensation", prepare_compensation),
+    ("forward", forward),
+]

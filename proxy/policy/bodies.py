@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
+
+from adapters.base import FORM_CT
 
 from ..chain import unrepresentable
 from ..errors import TetherError
@@ -278,3 +280,38 @@ def smuggled_field(names: Any, refused: frozenset[str]) -> str | None:
         if isinstance(name, str) and name.lower() in refused:
             return name
     return None
+
+
+def encode_body(body: Any, content_type: str | None) -> bytes | None:
+    """Serialise a planned body the way its content type says (JSON, or a nested form)."""
+    if body is None:
+        return None
+    if isinstance(body, bytes):
+        return body
+    if content_type and content_type.split(";")[0].strip().lower() == FORM_CT:
+        return encode_form(body).encode("ascii")
+    return orjson.dumps(body)
+
+
+def encode_form(value: Any, prefix: str = "") -> str:
+    """Nested dicts/lists -> ``a[b][0]=v`` form encoding (Stripe's)."""
+    pairs: list[tuple[str, str]] = []
+
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, dict):
+            if not v and key:
+                pairs.append((key, ""))
+            for k, x in v.items():
+                walk(x, f"{key}[{k}]" if key else str(k))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{key}[{i}]")
+        elif v is None:
+            pairs.append((key, ""))
+        elif isinstance(v, bool):
+            pairs.append((key, "true" if v else "false"))
+        else:
+            pairs.append((key, str(v)))
+
+    walk(value, prefix)
+    return urlencode(pairs)

@@ -17,7 +17,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import ApiKeyCredentials, BasicCredentials, BearerCredentials, NoCredentials, OAuth2ClientCredentials
+from ..config import (
+    ApiKeyCredentials,
+    BasicCredentials,
+    BearerCredentials,
+    NoCredentials,
+    OAuth2ClientCredentials,
+)
 from ..secret import Secret
 
 

@@ -14,18 +14,13 @@ the body the agent sent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from adapters.base import Operation
 
-from .bodies import media_type
-
-if TYPE_CHECKING:
-    from ..core.runtime import Runtime
-    from ..core.rules import UpstreamRuntime
-    from ..core.exchange import Exchange
+from .bodies import encode_form, media_type
 
 
 def provenance_values(agent: str, on_behalf_of: str | None, intent: str | None, authz_event: str | None) -> dict[str, str]:
@@ -37,9 +32,10 @@ def provenance_values(agent: str, on_behalf_of: str | None, intent: str | None, 
     }
 
 
-def stamped_body(up: "UpstreamRuntime", outer: Operation, ops: list[Operation], *, composite: bool, kind: str | None,
+def stamped_body(up: Any, outer: Operation, ops: list[Operation], *, composite: bool, kind: str | None,
                  content_type: str | None, values: dict[str, str]) -> tuple[bytes, str, Any] | None:
-    """(new body bytes, content type, new parsed body), or None to send the body unchanged."""
+    """(new body bytes, content type, new parsed body), or None to send the body unchanged. ``up`` is the
+    upstream's runtime (:class:`proxy.core.rules.UpstreamRuntime`: its adapter and ``record_fields``)."""
     if not up.record_fields:
         return None
     fields = {field: values[key] for key, field in up.record_fields.items()}
@@ -58,26 +54,5 @@ def stamped_body(up: "UpstreamRuntime", outer: Operation, ops: list[Operation], 
     if new is None:
         return None
     if kind == "form" or media_type(ctype) == "application/x-www-form-urlencoded":
-        from ..core.upstream_calls import encode_form
-
         return encode_form(new).encode("ascii"), ctype, new
     return orjson.dumps(new), ctype, new
-
-
-def stamp_provenance(gw: "Runtime", ex: "Exchange") -> None:
-    """Pipeline stage: stamp live writes (dry-run writes are stamped when their approval replays them)."""
-    up = ex.upstream
-    if up is None or not up.record_fields or not ex.is_write or ex.mode != "live":
-        return
-    ident = ex.identity
-    assert ident is not None
-    outer = ex.extra.get("composite_outer") or ex.operations[0]
-    res = stamped_body(up, outer, ex.operations, composite=ex.composite, kind=ex.extra.get("body_kind"),
-                       content_type=ex.request.headers.get("Content-Type"),
-                       values=provenance_values(ident.agent, ident.on_behalf_of, ex.intent, ex.authz_event))
-    if res is None:
-        return
-    body, ctype, new = res
-    ex.extra["forward_body"] = (body, ctype)
-    if not ex.composite:
-        ex.operations[0].body = new  # the undo plan then restores the provenance fields too

@@ -47,8 +47,8 @@ from ..errors import TetherError
 from ..journal.writer import base_record
 
 if TYPE_CHECKING:
-    from ..core.runtime import Runtime
     from ..core.exchange import Exchange
+    from ..core.runtime import Runtime
     from ..policy.registry import Grant
 
 log = logging.getLogger("tether.governance")

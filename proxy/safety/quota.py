@@ -35,9 +35,9 @@ from ..errors import TetherError
 if TYPE_CHECKING:
     from adapters.quota import QuotaReading
 
-    from ..core.runtime import Runtime
-    from ..core.rules import UpstreamRuntime
     from ..core.exchange import Exchange
+    from ..core.rules import UpstreamRuntime
+    from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.quota")
 

@@ -50,9 +50,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import TetherError
 
 if TYPE_CHECKING:
-    from ..core.runtime import Runtime
     from ..config import ServerConfig
     from ..core.exchange import Exchange
+    from ..core.runtime import Runtime
     from ..store import Store
 
 log = logging.getLogger("tether.ratelimit")

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict
 
 from adapters.base import NotCompensable, Operation, PlannedRequest, SyntheticResponse
@@ -67,7 +66,7 @@ def captured_request(ex: Exchange) -> dict[str, Any]:
     up = ex.upstream
     assert up is not None
     drop = _NOT_CAPTURED | up.credential_headers
-    headers = [[k, v] for k, v in ex.request.headers.items()
+    headers = [[k, v] for k, v in ex.headers.items()
                if k.lower() not in drop and not H.is_tether_header(k)]
     body = ex.body or b""
     req: dict[str, Any] = {
@@ -76,7 +75,7 @@ def captured_request(ex: Exchange) -> dict[str, Any]:
         "path": ex.raw_path,
         "query": ex.query,
         "headers": headers,
-        "content_type": ex.request.headers.get("Content-Type"),
+        "content_type": ex.headers.get("Content-Type"),
         "body_bytes": len(body),
     }
     req.update(stored_body(body))
@@ -223,7 +222,7 @@ async def journal_capture(gw: "Runtime", ex: Exchange, record: dict[str, Any] | 
     way to the store, so a burst cannot slip past. The item is serialised strictly before it joins the
     journal's batch: a value JSON cannot hold exactly fails this request (400 ``unrepresentable_value``,
     the field named), never the batch it would have shared with other agents' records."""
-    from ..pipeline.runner import request_record
+    from ..core.records import request_record
 
     ident = ex.identity
     assert ident is not None
@@ -284,10 +283,12 @@ async def capture_dry_run(gw: "Runtime", ex: Exchange) -> None:
     headers = {H.DRY_RUN: item["id"], H.REQUEST_ID: ex.request_id, **synthetic.headers}
     if ex.quarantined:
         headers[H.QUARANTINED] = "true"
-    resp = web.Response(status=synthetic.status, body=synthetic.body_bytes() if synthetic.status != 204 else None,
-                        headers=headers, content_type=synthetic.content_type if synthetic.status != 204 else None)
+    body = None
+    if synthetic.status != 204:
+        body = synthetic.body_bytes()
+        headers["Content-Type"] = synthetic.content_type
     ex.status = synthetic.status
-    ex.response = resp
+    ex.door.answer(ex, synthetic.status, None, headers, body)
     gw.governance.on_captured(ex)
 
 
@@ -540,7 +541,7 @@ class ReviewService:
         body = request_body(req)
         if edit is not None:
             if isinstance(edit, (dict, list)):
-                from ..core.upstream_calls import encode_body
+                from ..policy.bodies import encode_body
 
                 edited_body = encode_body(edit, req.get("content_type"))
             elif isinstance(edit, str):

@@ -33,17 +33,11 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from aiohttp import web
-
 from adapters.base import NotCompensable, Operation, UndoPlan
 
 from ..core.exchange import Exchange
 from ..core.upstream_calls import call_upstream
-from ..doors.responses import json_response
-from ..doors.rest.protocol import send_continue
 from ..errors import TetherError
-from ..headers import REQUEST_ID
 from ..journal.writer import base_record
 from ..normalise import decode_segments, split_target, unsafe_char
 from ..policy.identity import Identity
@@ -152,7 +146,7 @@ class TransactionManager:
         tx = await self.for_write(ex)
         up = ex.upstream
         assert up is not None
-        from ..pipeline.stages import read_pre_image
+        from ..core.upstream_calls import read_pre_image
 
         steps = []
         existing = len(await self.gw.store.steps_for(tx["id"]))
@@ -525,58 +519,10 @@ def tx_name(value: Any) -> str | None:
 
 
 
-async def handle_tx_endpoint(gw: "Runtime", request: web.BaseRequest, ident: Identity, path: str,
-                             rid: str) -> web.StreamResponse | None:
-    """``/_tether/transactions[/{id}[/commit|/rollback]]`` on the agent listeners."""
-    if not path.startswith("/_tether/transactions"):
-        return None
-    tm: TransactionManager = gw.transactions
-    parts = path.split("/")[3:]
-    h = {REQUEST_ID: rid}
-    if parts in ([], [""]):
-        if request.method != "POST":
-            raise TetherError("method_not_allowed", "POST /_tether/transactions opens a transaction")
-        doc: dict[str, Any] = {}
-        await send_continue(request)  # (an agent waiting on Expect: 100-continue)
-        raw = await request.read()
-        if raw:
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise TetherError("malformed_json") from None
-            if not isinstance(doc, dict):
-                raise TetherError("bad_request", "the body must be a JSON object")
-        deadline = None
-        if doc.get("deadline") is not None:
-            from ..config import parse_duration
-
-            try:
-                deadline = parse_duration(doc["deadline"])
-            except ValueError as exc:
-                raise TetherError("bad_request", f"deadline: {exc}") from None
-        tx_id = doc.get("id")
-        if tx_id is not None and (not isinstance(tx_id, str) or not TX_ID_RE.fullmatch(tx_id)):
-            raise TetherError("bad_request", "id must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        if tx_id is not None and await gw.store.tx_get(tx_id) is not None:
-            raise TetherError("conflict", f"transaction {tx_id} already exists")
-        tx = await tm.open(ident, tx_id=tx_id, name=tx_name(doc.get("name")), deadline=deadline)
-        return json_response(tx, 201, headers=h)
-    tx_id = parts[0]
-    if len(parts) == 1 and request.method == "GET":
-        await tm.owned(tx_id, ident)
-        return json_response(await tm.describe(tx_id), headers=h)
-    if len(parts) == 2 and request.method == "POST" and parts[1] == "commit":
-        return json_response(await tm.commit(tx_id, ident), headers=h)
-    if len(parts) == 2 and request.method == "POST" and parts[1] == "rollback":
-        await tm.owned(tx_id, ident)
-        return json_response(await tm.rollback(tx_id, reason="requested by the agent", by=ident.agent), headers=h)
-    raise TetherError("not_found", f"no Tether endpoint {request.method} {path}")
-
-
 async def prepare_compensation(gw: "Runtime", ex: Exchange) -> None:
     """Pipeline stage (see TransactionManager.prepare)."""
     if ex.transaction_id is not None:
         await gw.transactions.prepare(ex)
 
 
-__all__ = ["Operation", "TransactionManager", "handle_tx_endpoint", "prepare_compensation"]
+__all__ = ["Operation", "TransactionManager", "prepare_compensation"]

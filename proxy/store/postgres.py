@@ -84,7 +84,15 @@ from .base import Store, StoreUnavailable
 from .rows import REVIEW_COLS as _REVIEW_COLS
 from .rows import STEP_COLS as _STEP_COLS
 from .rows import TX_COLS as _TX_COLS
-from .rows import PreparedRow, advance, from_row, prepare_review, summary_bytes, summary_changed, summary_from_row
+from .rows import (
+    PreparedRow,
+    advance,
+    from_row,
+    prepare_review,
+    summary_bytes,
+    summary_changed,
+    summary_from_row,
+)
 from .rows import review_stats as _review_stats
 from .rows import split as _split
 

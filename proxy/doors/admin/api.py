@@ -322,7 +322,7 @@ _JOURNAL_PARTIAL = (("agent", "agent"), ("user", "on_behalf_of"), ("capability",
 async def journal_list(request: web.Request) -> web.Response:
     """Newest first; ``before_seq`` pages back; ``q`` searches intent, path, reason and ids."""
     reviewer(request)
-    from ...cli.journal import parse_time
+    from ...journal.search import journal_time
 
     q = request.query
     filters = {col: q[name] for name, col in _JOURNAL_FILTERS if q.get(name)}
@@ -341,9 +341,9 @@ async def journal_list(request: web.Request) -> web.Response:
     scan = bool(text or partial)
     scanned = 0
     try:
-        since, until = parse_time(q.get("since") or None), parse_time(q.get("until") or None)
-    except SystemExit as exc:
-        raise TetherError("bad_request", str(exc)) from None
+        since, until = journal_time(q.get("since") or None), journal_time(q.get("until") or None)
+    except ValueError as exc:
+        raise TetherError("bad_request", f"since/until: {exc}") from None
     store = _gw(request).store
     out: list[dict] = []
     cursor = before
@@ -536,7 +536,7 @@ async def slack_interactions(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """Per agent and per upstream time series for the console's charts (see proxy/stats.py)."""
+    """Per agent and per upstream time series for the console's charts (see proxy/doors/admin/stats.py)."""
     reviewer(request)
     from ...config import parse_duration
 

@@ -28,8 +28,8 @@ from .backend import (
     UnknownTool,
 )
 from .endpoint import McpEndpoint, McpSettings
-from .wire import MCP_ERROR_CODES
 from .results import error_result, error_result_from, json_result
+from .wire import MCP_ERROR_CODES
 
 __all__ = [
     "JsonRpcId", "McpAuthError", "McpSessionInfo", "Principal", "ProgressSink", "ToolBackend", "ToolCall",

@@ -46,17 +46,42 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from mcp_types import CallToolResult, Implementation, InitializeResult, ServerCapabilities, ToolsCapability
-from mcp_types.methods import serialize_server_result, validate_client_notification, validate_client_request
+from mcp_types import (
+    CallToolResult,
+    Implementation,
+    InitializeResult,
+    ServerCapabilities,
+    ToolsCapability,
+)
+from mcp_types.methods import (
+    serialize_server_result,
+    validate_client_notification,
+    validate_client_request,
+)
 from pydantic import ValidationError
 
 from ...errors import TetherError
 from ...policy.bodies import media_type, parse_json
 from . import jsonrpc as J
-from .backend import McpAuthError, Principal, ProgressSink, ToolBackend, ToolCall, UnknownTool
+from .backend import (
+    McpAuthError,
+    Principal,
+    ProgressSink,
+    ToolBackend,
+    ToolCall,
+    UnknownTool,
+)
 from .sessions import Session, SessionStore, TooManySessions
 from .stateless import Stateless, looks_modern
-from .wire import _SSE_HEADERS, _Ctx, _first_error, _Progress, _Refuse, _Reply, _sse_event
+from .wire import (
+    _SSE_HEADERS,
+    _Ctx,
+    _first_error,
+    _Progress,
+    _Refuse,
+    _Reply,
+    _sse_event,
+)
 
 log = logging.getLogger("tether.mcp")
 
