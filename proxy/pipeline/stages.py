@@ -40,10 +40,8 @@ from ..core.records import request_record
 from ..core.upstream_calls import read_pre_image
 from ..errors import TetherError
 from ..journal.writer import JournalUnavailable
-from ..normalise import (
-    decode_segments,
-)
-from ..policy.bodies import media_type
+from ..normalise import ambiguous, decode_segments, unsafe_char
+from ..policy.bodies import OVERRIDE_FIELDS, media_type, smuggled_field
 from ..policy.identity import require_verified_user_message
 from ..policy.provenance import provenance_values, stamped_body
 from ..policy.validation import validator_for
@@ -71,6 +69,39 @@ if TYPE_CHECKING:
     from ..core.runtime import Runtime
 
 log = logging.getLogger("tether.stages")
+
+MAX_INTENT = 1000  # characters
+
+
+def admit_intent(value: str, where: str) -> str | None:
+    """An agent's declared intent as Tether keeps it (stripped; None when empty), or 400 when it is too
+    long or holds characters that could forge or hide what an operator reads (control, line-separator,
+    bidi). ``where`` names it for the agent: ``X-Tether-Intent``, or a tool's ``intent`` argument."""
+    value = value.strip()
+    if len(value) > MAX_INTENT:
+        raise TetherError("bad_request", f"{where} is longer than {MAX_INTENT} characters")
+    bad = unsafe_char(value)
+    if bad is not None:
+        raise TetherError("bad_request", f"{where} holds {bad}: control, line-separator and bidi "
+                                         "characters are refused in text an operator reads")
+    return value or None
+
+
+def refuse_smuggled(ex: Exchange, names: Any, json: bool = False) -> None:
+    """A body field a server would read as the request's method (``_method``: Rails, Laravel) or as a
+    credential (``credential_params``, read from forms by servers that merge parameters) is refused as it
+    is in the query. JSON bodies are checked for overrides only (servers take credentials from forms)."""
+    found = smuggled_field(names, OVERRIDE_FIELDS)
+    if found is not None:
+        raise ambiguous(f"the body field {found!r} is a method override: send the real method")
+    if not json:
+        creds = ex.upstream.credential_params  # type: ignore[union-attr]
+        found = smuggled_field(names, frozenset(creds)) if creds else None
+        if found is not None:
+            raise TetherError("credential_in_request",
+                              f"the body field {found!r} carries a credential; Tether injects the upstream's own")
+
+
 
 # --------------------------------------------------------------------------- grants & intent
 

@@ -36,15 +36,18 @@ from ...normalise import (
     policy_params,
     redact_query,
     split_target,
-    unsafe_char,
 )
-from ...pipeline.stages import check_grant, require_intent
+from ...pipeline.stages import (
+    admit_intent,
+    check_grant,
+    refuse_smuggled,
+    require_intent,
+)
 from ...policy.bodies import (
     OVERRIDE_FIELDS,
     media_type,
     multipart_names,
     parse_body,
-    smuggled_field,
 )
 from ...policy.identity import USER_TOKEN
 from ...safety.ratelimit import demands_for
@@ -55,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tether.rest")
 
-_MAX_INTENT = 1000
 # Headers whose *aliases* (same name with '_' or '.') a lenient upstream might read as the real thing.
 _PROTECTED = frozenset(H.STRIPPED_REQUEST | H.HOP_BY_HOP | {"content-type", "content-encoding"} | vendor_headers())
 
@@ -130,14 +132,7 @@ async def authenticate(gw: "Runtime", ex: Exchange) -> None:
     if len(intent) > 1:
         raise ambiguous("more than one X-Tether-Intent header")
     if intent:
-        value = intent[0].strip()
-        if len(value) > _MAX_INTENT:
-            raise TetherError("bad_request", f"X-Tether-Intent is longer than {_MAX_INTENT} characters")
-        bad = unsafe_char(value)
-        if bad is not None:
-            raise TetherError("bad_request", f"X-Tether-Intent holds {bad}: control, line-separator and bidi "
-                                             "characters are refused in text an operator reads")
-        ex.intent = value or None
+        ex.intent = admit_intent(intent[0], "X-Tether-Intent")
     tx = hdrs.get(H.TRANSACTION)
     if tx is not None:
         ex.transaction_id = tx.strip() or None
@@ -300,26 +295,11 @@ def parse_body_stage(gw: "Runtime", ex: Exchange) -> None:
     for op in ex.operations:
         op.body = value
     if kind == "other" and media_type(ctype).startswith("multipart/"):
-        _refuse_smuggled(ex, multipart_names(body))
+        refuse_smuggled(ex, multipart_names(body))
     elif kind == "form" and b";" in body:
-        _refuse_smuggled(ex, _form_names(body))  # as a server splitting on ';' too reads it
+        refuse_smuggled(ex, _form_names(body))  # as a server splitting on ';' too reads it
     elif isinstance(value, dict):
-        _refuse_smuggled(ex, value, json=kind == "json")
-
-
-def _refuse_smuggled(ex: Exchange, names: Any, json: bool = False) -> None:
-    """A body field a server would read as the request's method (``_method``: Rails, Laravel) or as a
-    credential (``credential_params``, read from forms by servers that merge parameters) is refused as it
-    is in the query. JSON bodies are checked for overrides only (servers take credentials from forms)."""
-    found = smuggled_field(names, OVERRIDE_FIELDS)
-    if found is not None:
-        raise ambiguous(f"the body field {found!r} is a method override: send the real method")
-    if not json:
-        creds = ex.upstream.credential_params  # type: ignore[union-attr]
-        found = smuggled_field(names, frozenset(creds)) if creds else None
-        if found is not None:
-            raise TetherError("credential_in_request",
-                              f"the body field {found!r} carries a credential; Tether injects the upstream's own")
+        refuse_smuggled(ex, value, json=kind == "json")
 
 
 def _form_names(body: bytes) -> list[str]:
@@ -336,13 +316,13 @@ def _refuse_smuggled_in_unparsed(gw: "Runtime", ex: Exchange, body: bytes, ctype
     mt = media_type(ctype)
     try:
         if mt.startswith("multipart/"):
-            _refuse_smuggled(ex, multipart_names(body))
+            refuse_smuggled(ex, multipart_names(body))
         elif mt == "application/x-www-form-urlencoded":
-            _refuse_smuggled(ex, _form_names(body))
+            refuse_smuggled(ex, _form_names(body))
         elif (b"method" in body.lower() or b"\\u" in body) and (mt == "" or "json" in mt):
             _, value = parse_body(body, "application/json", gw.limits.max_json_depth)
             if isinstance(value, dict):
-                _refuse_smuggled(ex, value, json=True)
+                refuse_smuggled(ex, value, json=True)
     except TetherError as err:
         if err.code in ("ambiguous_request", "credential_in_request"):
             raise
