@@ -196,6 +196,9 @@ class Adapter:
     # Query (and form) parameters the vendor reads as a credential (lower case): a request carrying one is
     # refused, as with the upstream's ``credential_params``.
     credential_params: ClassVar[tuple[str, ...]] = ()
+    # How the vendor wants a request body Tether itself encodes (a tool call's arguments through the MCP
+    # door, a replay's edit): JSON unless the API takes forms (Stripe).
+    request_content_type: ClassVar[str] = JSON_CT
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})

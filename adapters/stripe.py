@@ -357,6 +357,7 @@ class StripeAdapter(Adapter):
 
     name = "stripe"
     tenant_headers = frozenset(ACCOUNT_HEADERS)
+    request_content_type = FORM_CT  # Stripe's API takes form-encoded bodies (a[b]=c)
     default_param_pattern = ANY_ID
     idempotency_header = "Idempotency-Key"
     version_header = None

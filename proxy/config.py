@@ -474,7 +474,9 @@ class CapabilityConfig(Model):
     path: str
     effect: Effect | None = None
     operation: Operation | None = None
-    description: str = ""
+    title: str = Field("", description="a short human title (the MCP tool's title; default: the capability id)")
+    description: str = Field("", description="what the capability does, for people and models (the MCP tool's "
+                                             "description; the OpenAPI importer fills it from the summary)")
     params: dict[str, str] = Field({}, description="regular expression each path parameter must fully match")
     body: BodyRules | None = None
     audit_fields: list[str] = []
@@ -899,6 +901,8 @@ class McpConfig(Model):
         None, description="the endpoint's absolute URL as agents reach it (behind a proxy); default: from the "
                           "request's Host; used in the RFC 9728 metadata and WWW-Authenticate")
     instructions: str | None = Field(None, description="the instructions sent in the initialize result")
+    max_result_bytes: Size = Field(4 * 1024 * 1024, ge=1024, description="an upstream answer larger than this is "
+                                   "refused as a tool result (upstream_response_too_large; a write says it was applied)")
 
     @field_validator("path")
     @classmethod

@@ -683,10 +683,10 @@ async def test_global_session_bound(make_gateway, store_url, http):
 # --------------------------------------------------------------------------- wiring and config
 
 
-async def test_without_a_mounted_backend_the_path_is_the_rest_doors(make_gateway, store_url, http):
-    rules = base_rules("http://127.0.0.1:9", store_url)
-    rules["server"]["mcp"] = {}
+async def test_without_server_mcp_the_path_is_the_rest_doors(make_gateway, store_url, http):
+    rules = base_rules("http://127.0.0.1:9", store_url)  # no server.mcp: no MCP endpoint
     h = await make_gateway(rules)
+    assert h.gw.mcp is None
     async with http.post(f"{h.url}/mcp", data=b"{}", headers=h.headers()) as r:
         assert r.status == 403 and (await r.json())["error"]["code"] == "route_not_registered"
 

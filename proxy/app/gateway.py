@@ -77,7 +77,9 @@ class Gateway:
         self.transactions = TransactionManager(self)
         self.rate_limiter = make_rate_limiter(rules.server, self.store)
         self.pipeline = Pipeline(self, REST_INTAKE + SHARED_STAGES)  # the REST door's operations
-        self.mcp: Any = None  # the MCP endpoint on the main listener, once proxy.doors.mcp.mount_mcp() set it
+        self.mcp: Any = None  # the MCP endpoint on the main listener (server.mcp), see _mount_mcp
+        if rules.server.mcp is not None:
+            self._mount_mcp()
         self.listeners: list[Listener] = []
         self._runners: list[web.BaseRunner] = []
         self._sites: list[web.BaseSite] = []
@@ -89,6 +91,17 @@ class Gateway:
         self._in_flight = 0
         self._background: list[asyncio.Future[Any]] = []
         self.counters: dict[tuple[str, str, str], int] = {}
+
+    def _mount_mcp(self) -> None:
+        """The MCP door: the registry served as tools, every call through the same shared stages as the
+        REST door (its own intake first), announcing new tool lists on reloads, promotions, quarantines."""
+        from ..doors.mcp import mount_mcp
+        from ..doors.mcp.tools import MCP_INTAKE, PipelineBackend, tool_changes_hook
+
+        backend = PipelineBackend(self, Pipeline(self, MCP_INTAKE + SHARED_STAGES),
+                                  self.server_cfg.mcp.max_result_bytes)  # type: ignore[union-attr]
+        endpoint = mount_mcp(self, backend)
+        self.governance.on_change.append(tool_changes_hook(endpoint))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -253,6 +266,8 @@ class Gateway:
                 lst.upstream = new_state.upstreams.get(lst.upstream_name)
         # keep-alive connections to an origin the new rules no longer name are closed, not left to idle
         self.upstream_client.retire_except({(u.base_url, u.tls_key) for u in new_state.upstreams.values()})
+        if self.mcp is not None:
+            self.mcp.tools_changed()  # open MCP sessions are told their tool lists may have changed
         await self.journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
         log.info("rules reloaded (version %s)", new_state.registry.version)
         return True, new_state.registry.version

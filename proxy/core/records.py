@@ -60,6 +60,9 @@ def request_record(ex: Exchange) -> dict[str, Any]:
         rec["review_item"] = ex.review_item_id
     if ex.quarantined:
         rec["quarantined"] = True
+    if ex.mcp is not None:  # the door it came by, when not REST: channel, tool, JSON-RPC id, session, client
+        rec["channel"] = ex.channel
+        rec["mcp"] = ex.mcp
     return rec
 
 
@@ -114,6 +117,9 @@ def outcome_record(ex: Exchange) -> dict[str, Any]:
         rec["message"] = ex.error.message
     if ex.extra.get("outcome"):
         rec.update(ex.extra["outcome"])
+    if ex.mcp is not None:
+        rec["channel"] = ex.channel
+        rec["mcp"] = ex.mcp
     return rec
 
 

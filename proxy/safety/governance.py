@@ -143,6 +143,7 @@ class Governance:
         self.alerter = Alerter(gw, list(gw.state.rules.governance.alerts))
         self.metrics = Metrics()
         self.promoted: dict[tuple[str, str], str] = {}
+        self.on_change: list[Any] = []  # callables: promotions or quarantines changed
         self.quarantined: dict[str, dict[str, Any]] = {}
         self.windows: dict[str, Window] = {}
         self._pending: set[asyncio.Task[Any]] = set()
@@ -195,10 +196,13 @@ class Governance:
         """Reload stored promotions, quarantines, error-budget epochs and quota blocks (every process
         shares them through the store)."""
         store = self.gw.store
+        before = (dict(self.promoted), set(self.quarantined))
         self.promoted = {(p["agent"], p["capability"]): p["mode"] for p in await store.promotions()}
         stored = await store.quarantines()
         # a quarantine judged here but not yet in the store stays in force meanwhile
         self.quarantined = {**{a: r for a, r in self._judged.items() if a not in stored}, **stored}
+        if before != (self.promoted, set(self.quarantined)):
+            self._changed()
         if self.shared:
             self.counts.set_epochs(await store.sli_epochs())
         await self.gw.quota.refresh()
@@ -218,8 +222,18 @@ class Governance:
             except Exception as exc:  # noqa: BLE001 - the 2 s loop tries again
                 log.error("governance refresh on signal failed: %s", exc)
 
+    def _changed(self) -> None:
+        """Promotions or quarantines changed (here or in another process): tell who listens (the MCP door
+        announces new tool lists)."""
+        for hook in list(self.on_change):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a listener never breaks governance
+                log.exception("governance change listener failed")
+
     async def signal(self, topic: str) -> None:
         """Tell the other processes that shared state changed (they re-read it at once)."""
+        self._changed()
         if self.shared:
             try:
                 await self.gw.store.signal(topic)
