@@ -216,3 +216,28 @@ async def test_a_promotion_changes_the_tool_and_is_announced(gw, upstream):
         res = await s.call_tool("contact_create", {"body": {"name": "Live now"}, "intent": "promoted"})
         assert res.is_error is False and "dry_run" not in (res.structured_content or {})
     assert len(upstream.seen("POST")) == 1
+
+
+async def test_journal_tail_filters_by_channel(gw, upstream, tmp_path):
+    import subprocess
+    import sys
+
+    upstream.put_record("contacts", {"id": "3", "name": "C", "stage": "open"})
+    async with tools(gw) as s:
+        assert (await s.call_tool("contact_read", {"id": "3"})).is_error is False
+    assert (await gw.request("GET", "/api/contacts/3")).status == 200
+    await gw.gw.journal.flush(5)
+
+    def tail(*extra: str) -> list[dict]:
+        import json
+
+        r = subprocess.run([sys.executable, "-m", "proxy", "journal", "tail", "--store", gw.gw.server_cfg.store,
+                            "--json", "-n", "50", *extra], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    mcp_recs = tail("--channel", "mcp")
+    assert mcp_recs and all(x.get("channel") == "mcp" for x in mcp_recs)
+    assert {x["kind"] for x in mcp_recs} >= {"request", "outcome"}
+    rest_recs = tail("--channel", "rest")
+    assert rest_recs and all("channel" not in x or x["channel"] == "rest" for x in rest_recs)

@@ -54,7 +54,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """The last N matching records (then, with -f, each new one). ``--agent``/``--user``/``--capability``
     take an exact value or a part of one (see proxy/journal/search.py); when more records match than
     were printed, it says how many."""
-    from ..journal.search import accepts, resolve, scan_back, sql_filters
+    from ..journal.search import ChannelMatch, accepts, resolve, scan_back, sql_filters
 
     async def go() -> int:
         store = open_cli_store(args)
@@ -65,6 +65,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             matches = [await resolve(store, "agent", "--agent", args.agent),
                        await resolve(store, "on_behalf_of", "--user", args.user),
                        await resolve(store, "capability", "--capability", args.capability)]
+            if getattr(args, "channel", None):
+                matches.append(ChannelMatch(args.channel))  # type: ignore[arg-type]
             filters = sql_filters(base, matches)
             since = parse_time(args.since)
             head = (await store.journal_head())[0]
@@ -411,6 +413,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                   "escaped, and a value holding ' | ' or a quote is quoted.")
     add_store_args(t)
     filters(t)
+    t.add_argument("--channel", choices=["rest", "mcp"], help="only requests that came by this door (REST or MCP)")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new records as they are committed")
     t.add_argument("-n", "--lines", type=int, default=20, help="how many past records to print first (default 20)")
     t.add_argument("--since", help="only records at or after this time (RFC 3339) or age (10m, 2h, 7d)")

@@ -58,6 +58,28 @@ class Match:
         return f"{self.flag} {inert(self.needle)!r} matched {shown}"
 
 
+@dataclass
+class ChannelMatch:
+    """``--channel mcp``: the door a request came by (records carry ``channel`` when it is not REST)."""
+
+    channel: str
+
+    def test(self, row: StoredRecord) -> bool:
+        rec = row.record()
+        if rec.get("kind") not in ("request", "outcome", "mcp"):
+            return False
+        return (rec.get("channel") or "rest") == self.channel
+
+    def count(self, row: StoredRecord) -> None:
+        return None
+
+    def sql(self) -> dict[str, Any]:
+        return {}
+
+    def said(self) -> str | None:
+        return None
+
+
 async def resolve(store: Any, column: str, flag: str, needle: str | None) -> Match | None:
     """A Match for one typed value: exact when the journal has that value, else a substring test."""
     if needle is None or needle == "":
