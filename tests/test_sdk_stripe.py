@@ -412,3 +412,52 @@ async def test_an_allowed_account_travels_with_the_pre_image_and_the_undo(stripe
     tether_own = [r for r in relay.received if r.method == "GET" or r.headers.get("Idempotency-Key", "")
                   .startswith("tether-undo-")]
     assert tether_own and all(r.headers.get("Stripe-Account") == ALLOWED_ACCOUNT for r in tether_own)
+
+
+async def test_stripe_capabilities_as_mcp_tools_against_localstripe(make_gateway: Any, relay: Relay,
+                                                                    tmp_path: Path) -> None:
+    """The same Stripe capabilities through the MCP door: arguments become a form body (as Stripe takes
+    it), provenance is stamped into the customer's metadata, the dry-run grant captures."""
+    mcp = pytest.importorskip("mcp", reason="the mcp SDK (test extra) is not installed")
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    rules = stripe_rules(relay.url, str(tmp_path / "stripe.db"))
+    rules["server"]["mcp"] = {}
+    gw = await make_gateway(rules)
+    assert mcp is not None
+
+    async def session_for(agent: str) -> Any:
+        hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token(agent, 'ae:jane')}"},
+                                timeout=httpx2.Timeout(30, read=60))
+        return hc
+
+    hc = await session_for("billing-bot")
+    async with hc, streamable_http_client(f"{gw.url}/mcp", http_client=hc) as (read, write):
+        async with ClientSession(read, write) as s:
+            await s.initialize()
+            res = await s.call_tool("customer_create", {"body": {"email": "ada@example.com", "name": "Ada",
+                                                                 "metadata": {"tier": "gold"}},
+                                                        "intent": "onboard Ada"})
+            assert res.is_error is False, res
+            cus = res.structured_content
+            assert cus["id"].startswith("cus_") and cus["email"] == "ada@example.com"
+            assert cus["metadata"]["tier"] == "gold" and cus["metadata"]["tether_agent"] == "billing-bot"
+            got = await s.call_tool("customer_read", {"customer": cus["id"]})
+            assert got.structured_content["id"] == cus["id"]
+            bad = await s.call_tool("customer_read", {"customer": "not-a-customer-id"})
+            assert bad.is_error and bad.structured_content["error"]["code"] == "bad_request"
+            assert "customer" in bad.structured_content["error"]["message"]
+    sent = relay.seen("POST", "/v1/customers")
+    assert len(sent) == 1 and sent[0].headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert form_of(sent[0])["metadata"]["tier"] == "gold" and form_of(sent[0])["email"] == "ada@example.com"
+
+    hc = await session_for("drafter")
+    async with hc, streamable_http_client(f"{gw.url}/mcp", http_client=hc) as (read, write):
+        async with ClientSession(read, write) as s:
+            await s.initialize()
+            res = await s.call_tool("customer_create", {"body": {"email": "bob@example.com"}, "intent": "draft Bob"})
+            assert res.structured_content["dry_run"] is True
+            assert res.structured_content["synthetic"]["id"].startswith("cus_")  # the adapter's synthetic record
+    assert len(relay.seen("POST", "/v1/customers")) == 1  # the capture reached nothing

@@ -367,6 +367,9 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
             value = str(value)
             if value in ("", ".", "..") or "/" in value or "\\" in value:
                 raise ambiguous(f"path parameter {name!r} must be one plain path segment")
+            pattern = cap.param_patterns[cap.param_names.index(name)]
+            if pattern is not None and not pattern.fullmatch(value):
+                raise TetherError("bad_request", f"path parameter {name!r} must match {pattern.pattern!r}")
             segs.append(quote(value, safe=""))
         else:
             segs.append(seg)
