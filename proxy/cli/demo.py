@@ -10,9 +10,11 @@ on loopback), Tether in front of it with ``rules/demo.yaml``, and then plays a s
 4. a reviewer approves it — replayed to the CRM, provenance stamped into the record;
 5. a live three-step renewal in a transaction whose last step fails — rolled back newest first, the CRM
    exactly as before;
-6. a second agent that keeps sending bad writes — its error budget spent, quarantined on the next
+6. the same renewal told through MCP tools (``/mcp``): the agent lists its tools, opens a transaction
+   with a tool, and the failed quote rolls it back again;
+7. a second agent that keeps sending bad writes — its error budget spent, quarantined on the next
    request (its writes forced to dry-run), an alert raised;
-7. the audit trail of the run (``journal tail``) and ``journal verify``.
+8. the audit trail of the run (``journal tail``) and ``journal verify``.
 
 ``--keep-running`` leaves everything up afterwards and prints how to try the CLI and the console.
 """
@@ -308,6 +310,10 @@ async def run_demo(args: argparse.Namespace) -> int:
             n.say(f"Transaction {txd['state']}: undone newest first; the CRM is as it was before.")
             outcome["transaction"] = txd["state"]
 
+            n.title("The same renewal through MCP: the capabilities are the agent's tools")
+            outcome["mcp"] = await _mcp_renewal(n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp",
+                                                agent_token, crm)
+
             n.title("An agent that keeps misbehaving is quarantined")
             n.say("eager-bot sends opportunity updates with stages the rules do not allow…")
             for i in range(5):
@@ -359,8 +365,63 @@ async def run_demo(args: argparse.Namespace) -> int:
     finally:
         await gw.stop(grace=1)
         await crm.stop()
-    ok = outcome.get("verified") and outcome.get("transaction") == "rolled_back" and outcome.get("quarantined")
+    ok = (outcome.get("verified") and outcome.get("transaction") == "rolled_back" and outcome.get("quarantined")
+          and outcome.get("mcp") == "rolled_back")
     return 0 if ok else 1
+
+
+async def _mcp_renewal(n: "Narrator", s: aiohttp.ClientSession, url: str, token: str, crm: "MockCRM") -> str:
+    """The renewal again, as an MCP client (Claude, the OpenAI Agents SDK, LangGraph) would run it: plain
+    JSON-RPC over Streamable HTTP here, so the demo needs nothing beyond Tether itself."""
+    h = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    ids = iter(range(1, 100))
+
+    async def rpc(method: str, params: dict[str, Any] | None = None) -> Any:
+        body = {"jsonrpc": "2.0", "id": next(ids), "method": method, "params": params or {}}
+        async with s.post(url, json=body, headers=h) as r:
+            if "Mcp-Session-Id" in r.headers:
+                h["Mcp-Session-Id"] = r.headers["Mcp-Session-Id"]
+            doc = orjson.loads(await r.read())
+        return doc.get("result", doc.get("error"))
+
+    init = await rpc("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                    "clientInfo": {"name": "tether-demo", "version": "1"}})
+    async with s.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h):
+        pass
+    n.say(f"MCP session open (protocol {init['protocolVersion']}); renewal-bot's tools are its grants:")
+    tools = (await rpc("tools/list"))["tools"]
+    for t in tools:
+        if not t["name"].startswith("tether_"):
+            n.say(f"  {t['name']:<20} {t['description'][:90]}")
+
+    async def call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        n.request("tools/call", name, orjson.dumps(args).decode()[:100])
+        res = await rpc("tools/call", {"name": name, "arguments": args})
+        shown = res.get("structuredContent") or {"text": res["content"][0]["text"][:200]}
+        sc = res.get("structuredContent") or {}
+        status = (res.get("_meta") or {}).get("tether/status") or (sc.get("upstream_error") or {}).get("status") \
+            or (sc.get("error") or {}).get("status") or 200
+        n.answer(int(status), shown)
+        return res
+
+    tx = (await call("tether_transaction_begin", {"name": "renew Acme Corp (MCP)", "deadline": "10m"}))
+    tx_id = tx["structuredContent"]["id"]
+    await call("opportunity_update", {"id": "opp-1", "body": {"stage": "closed_won"}, "intent": "close the renewal",
+                                      "transaction": tx_id})
+    await call("account_update", {"id": "acme", "body": {"tier": "gold"}, "intent": "upgrade Acme to gold",
+                                  "transaction": tx_id})
+    crm.quote_engine_down = True
+    n.say("(the CRM's quote engine goes down again)")
+    res = await call("quote_create", {"body": {"account": "acme", "opportunity": "opp-1", "amount": 126000,
+                                               "term_months": 12}, "intent": "issue the renewal quote",
+                                      "transaction": tx_id})
+    crm.quote_engine_down = False
+    n.say("The failed step is a tool error the model can read" + (" (isError)." if res.get("isError") else "."))
+    status = (await rpc("tools/call", {"name": "tether_transaction_status", "arguments": {"transaction": tx_id}}))
+    state = status["structuredContent"]["state"]
+    n.say(f"Transaction {state}; the opportunity is {crm.tables['opportunities']['opp-1']['stage']!r} and Acme "
+          f"is {crm.tables['accounts']['acme']['tier']!r} again. Same rules, same journal, another door.")
+    return str(state)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
