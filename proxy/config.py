@@ -488,6 +488,10 @@ class CapabilityConfig(Model):
     promotion: PromotionGate | None = None
     allow_accounts: list[str] = Field([], description="Stripe-Account / tenant values the agent may select")
     stream_request: bool = Field(False, description="stream the request body (digest journaled with the outcome)")
+    journal: Literal["while_forwarding", "before_forward"] = Field(
+        "while_forwarding", description="reads: forward while the intent record commits (the answer is released "
+                                        "only once it is durable), or before_forward to commit first (a read whose "
+                                        "upstream is not free of side effects); writes always commit first")
     display: DisplayConfig | None = None
 
     @field_validator("method")

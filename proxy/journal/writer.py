@@ -151,6 +151,19 @@ class JournalWriter:
         self._wakeup.set()
         return await fut
 
+    def enqueue(self, record: dict[str, Any]) -> "asyncio.Future[int]":
+        """Queue a record to be committed durably (as :meth:`write`) and return the future of its sequence
+        number at once: the caller does other work while the commit runs (a read is forwarded meanwhile)
+        and awaits the future before anything of its answer is released."""
+        if self._closing and self._task is None:
+            raise JournalUnavailable("the journal is closed")
+        payload, columns = encode_record(record)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((payload, columns, fut, None))
+        self._idle.clear()
+        self._wakeup.set()
+        return fut
+
     def submit(self, record: dict[str, Any]) -> None:
         """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome)."""
         payload, columns = encode_record(record)

@@ -76,6 +76,19 @@ class Pipeline:
         gw = self.gw
         for cleanup in ex.extra.pop("cleanup", ()):
             cleanup()
+        pending = ex.extra.pop("intent_commit", None)
+        if pending is not None:  # a read forwarded while its record committed, answered without a body
+            try:
+                ex.intent_seq = await pending
+            except (JournalUnavailable, asyncio.CancelledError):
+                err = TetherError("journal_unavailable", "the record of this read could not be made durable, "
+                                                         "so its answer is withheld")
+                ex.error, ex.reason, ex.decision, ex.status = err, err.code, "refused", err.status
+                ex.door.refuse(ex, err)
+                log.error("the intent record of request %s could not be committed; its answer withheld",
+                          ex.request_id)
+                gw.observe(ex)
+                return  # (no outcome: it would point at a record that does not exist)
         try:
             if ex.intent_seq is None:
                 rec = request_record(ex)

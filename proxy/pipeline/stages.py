@@ -222,6 +222,38 @@ async def decide_mode(gw: "Runtime", ex: Exchange) -> None:
 
 
 async def journal_intent(gw: "Runtime", ex: Exchange) -> None:
+    """Commit the intent record. A write waits for it before anything leaves. A read (unless its
+    capability says ``journal: before_forward``) is forwarded while the record commits, and its answer —
+    or any answer — is released only once the record is durable (:func:`intent_durable`): no data reaches
+    an agent before the record of its access is on disk, and the fsync overlaps the upstream's latency."""
+    if (not ex.is_write and ex.mode == "live" and ex.capability is not None
+            and ex.capability.config.journal == "while_forwarding"):
+        try:
+            ex.extra["intent_commit"] = gw.journal.enqueue(request_record(ex))
+        except JournalUnavailable:
+            ex.decision = "refused"
+            raise TetherError("journal_unavailable") from None
+        return
+    await _journal_intent_now(gw, ex)
+
+
+async def intent_durable(ex: Exchange) -> None:
+    """Wait until a read's intent record is durable (see :func:`journal_intent`): before any of its answer
+    is released. A commit that failed withholds the answer: 503 ``journal_unavailable``."""
+    fut = ex.extra.pop("intent_commit", None)
+    if fut is None:
+        return
+    try:
+        seq = await fut
+    except JournalUnavailable:
+        ex.decision = "refused"
+        raise TetherError("journal_unavailable", "the record of this read could not be made durable, so its "
+                                                 "answer is withheld") from None
+    ex.intent_seq = seq
+    ex.authz_event = str(seq)
+
+
+async def _journal_intent_now(gw: "Runtime", ex: Exchange) -> None:
     if ex.mode == "dry_run" and "relative_caps" not in ex.extra:
         from ..safety.review import journal_capture
 
@@ -330,6 +362,12 @@ async def forward(gw: "Runtime", ex: Exchange) -> None:
         await _forward_write(gw, ex, resp, out_headers, limit)
         return
     cl = resp.content_length
+    if "intent_commit" in ex.extra:
+        try:
+            await intent_durable(ex)  # the read went out while its record committed: nothing before it is durable
+        except TetherError:
+            resp.close()
+            raise
     if wire_method == "HEAD":  # no body; the answer keeps its Content-Length
         resp.release()
         ex.door.answer(ex, resp.status, resp.reason, out_headers, None, upstream=resp)
