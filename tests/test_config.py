@@ -116,7 +116,7 @@ def test_flags_override_env_override_file(tmp_path):
     r = effective_rules(args, env)
     assert r.server.listen == "127.0.0.1:7003" and r.server.store == "env.db"
     r = effective_rules(args, {})
-    assert r.server.store == "file.db"
+    assert r.server.store == str(tmp_path / "file.db")  # the file's path is relative to the file
     with pytest.raises(ConfigError) as e:
         effective_rules(args, {"TETHER_WORKERS": "many"})
     assert "TETHER_WORKERS" in str(e.value)
