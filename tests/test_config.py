@@ -170,14 +170,6 @@ async def test_python_m_proxy_serve_starts_and_proxies(tmp_path, upstream):
         assert proc.stop() == 0
 
 
-def test_readme_generated_sections_are_current():
-    """The error table, CLI reference, deployment section and bench figures come from the code."""
-    from proxy.readme import README, render
-
-    current = README.read_text(encoding="utf-8")
-    assert render(current) == current, "README.md is out of date: run python -m proxy.readme"
-
-
 def test_serve_refuses_the_pure_python_http_parser(tmp_path):
     """aiohttp's Python parser accepts far more than llhttp: Tether will not run on it."""
     p = _write(tmp_path, base_rules("http://127.0.0.1:1", str(tmp_path / "x.db")))
