@@ -20,8 +20,6 @@ from pathlib import Path
 from .errors import error_table_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-DOCS = ROOT / "docs"
 
 
 def _help_of(parser: argparse.ArgumentParser) -> str:
@@ -85,9 +83,9 @@ def bench_section() -> str:
 
 # file -> {section name -> what writes it}
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
-    "docs/cli.md": {"cli": lambda: cli_reference()},
+    "docs/cli.md": {"cli": cli_reference},
     "docs/errors.md": {"errors": error_table_markdown},
-    "docs/benchmarks.md": {"bench": lambda: bench_section()},
+    "docs/benchmarks.md": {"bench": bench_section},
 }
 
 
@@ -102,11 +100,11 @@ def render(text: str, sections: dict[str, Callable[[], str]], name: str = "the f
     return text
 
 
-def stale(root: Path = ROOT) -> dict[Path, str]:
-    """Each generated file under ``root`` whose committed text differs from a fresh rendering -> that rendering."""
+def stale() -> dict[Path, str]:
+    """Each generated file whose committed text differs from a fresh rendering -> that rendering."""
     out: dict[Path, str] = {}
     for rel, sections in GENERATED.items():
-        path = root / rel
+        path = ROOT / rel
         current = path.read_text(encoding="utf-8")
         new = render(current, sections, rel)
         if new != current:
