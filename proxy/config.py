@@ -1139,9 +1139,32 @@ def _resolve_relative_paths(data: Any, base: Path) -> Any:
     return data
 
 
+def _resolve_store_path(data: Any, base: Path) -> Any:
+    """``server.store`` as a SQLite path is relative to the rules file, like every other path in it, and
+    so is the default (``tether.db`` beside the rules file): ``tether serve --config F`` and ``tether
+    journal verify --config F`` then find one store whatever folder each is run from. URLs (PostgreSQL),
+    absolute paths and ``:memory:`` are left alone; ``--store`` and ``$TETHER_STORE`` stay relative to
+    the working directory, as command-line paths are."""
+    if not isinstance(data, dict):
+        return data
+    server = data.get("server")
+    if server is None:
+        server = {}
+    if not isinstance(server, dict):
+        return data  # validation names the problem
+    store = server.get("store", ServerConfig.model_fields["store"].default)
+    if not isinstance(store, str) or not store or store.startswith(":") or (
+            "://" in store and not store.startswith("sqlite:///")):
+        return data
+    scheme, path = ("sqlite:///", store[len("sqlite:///"):]) if store.startswith("sqlite:///") else ("", store)
+    if not path or os.path.isabs(path):
+        return data
+    return {**data, "server": {**server, "store": scheme + str(base / path)}}
+
+
 def load_rules(path: str | os.PathLike[str]) -> RulesFile:
     """Read and validate a rules file. Relative file paths inside it (keys, certificates, secret files,
-    the journal mirror) are resolved against the rules file's folder; the store path is not."""
+    the journal mirror, the SQLite store) are resolved against the rules file's folder."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -1156,4 +1179,5 @@ def load_rules(path: str | os.PathLike[str]) -> RulesFile:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(p), [(where, f"YAML error: {reason}")]) from None
-    return parse_rules(_resolve_relative_paths(data, p.resolve().parent), str(p))
+    base = p.resolve().parent
+    return parse_rules(_resolve_store_path(_resolve_relative_paths(data, base), base), str(p))

@@ -90,9 +90,11 @@ def test_json_and_csv_carry_the_same_facts(tmp_path: Path, capsys: pytest.Captur
 
 def test_without_a_journal_traffic_is_unknown_and_stage_4_unprovable(capsys: pytest.CaptureFixture[str],
                                                                       tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.chdir(tmp_path)  # server.store (tether.db) does not exist here: nothing is read, nothing created
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TETHER_STORE", raising=False)
-    out = catalogue(capsys, "--config", str(RULES))
+    rules = tmp_path / "rules.yaml"  # server.store (tether.db, beside the rules file) does not exist: nothing is
+    rules.write_text(RULES.read_text())  # read, nothing created
+    out = catalogue(capsys, "--config", str(rules))
     assert "Traffic: no journal read" in out
     assert "stage 4 cannot be evidenced" in out
     assert not (tmp_path / "tether.db").exists()

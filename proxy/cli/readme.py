@@ -1,8 +1,10 @@
-"""Keep the README's generated sections in step with the code: ``python -m proxy.cli.readme``.
+"""Keep the documentation's generated sections in step with the code: ``python -m proxy.cli.readme``.
 
-Sections between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers are rewritten:
-``errors`` (the error-code table from :data:`proxy.errors.ERROR_CODES`) and ``cli`` (every command's
-``--help``). A test fails when the committed README differs from what this produces, so they cannot drift.
+Sections between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers are rewritten, each in the one
+file that holds it (:data:`GENERATED`): ``cli`` in docs/cli.md (every command's ``--help``), ``errors``
+in docs/errors.md (the error-code table from :data:`proxy.errors.ERROR_CODES`) and ``bench`` in
+docs/benchmarks.md (the latest figures, bench/results/latest.json). ``--check`` changes nothing and
+exits 1 naming the files that are out of date; a test does the same, so they cannot drift.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import argparse
 import io
 import re
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 
 from ..errors import error_table_markdown
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _help_of(parser: argparse.ArgumentParser) -> str:
@@ -46,14 +49,6 @@ def cli_reference() -> str:
     walk(parser, "tether")
     text = "\n".join(out)
     return re.sub(r"usage: [^\n]*\n", lambda m: m.group(0).replace("__main__.py", "tether"), text)
-
-
-ROOT = README.parent
-
-
-def deploy_section() -> str:
-    """deploy/README.md, as the README's deployment section."""
-    return (ROOT / "deploy" / "README.md").read_text(encoding="utf-8").strip()
 
 
 def bench_section() -> str:
@@ -86,26 +81,46 @@ def bench_section() -> str:
     return "\n".join(lines)
 
 
-def render(text: str) -> str:
-    sections = {"errors": error_table_markdown(), "cli": cli_reference(), "deploy": deploy_section(),
-                "bench": bench_section()}
-    for name, body in sections.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
+# file -> {section name -> what writes it}
+GENERATED: dict[str, dict[str, Callable[[], str]]] = {
+    "docs/cli.md": {"cli": cli_reference},
+    "docs/errors.md": {"errors": error_table_markdown},
+    "docs/benchmarks.md": {"bench": bench_section},
+}
+
+
+def render(text: str, sections: dict[str, Callable[[], str]], name: str = "the file") -> str:
+    """``text`` with each named section's body replaced by what its writer produces now."""
+    for section, write in sections.items():
+        pattern = re.compile(rf"(<!-- BEGIN {section} -->\n)(?:.*?\n)?(<!-- END {section} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- BEGIN {name} --> ... <!-- END {name} --> markers")
+            raise SystemExit(f"{name} has no <!-- BEGIN {section} --> ... <!-- END {section} --> markers")
+        body = write()
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 
-def main() -> int:
-    current = README.read_text(encoding="utf-8")
-    new = render(current)
-    if "--check" in sys.argv:
+def stale() -> dict[Path, str]:
+    """Each generated file whose committed text differs from a fresh rendering -> that rendering."""
+    out: dict[Path, str] = {}
+    for rel, sections in GENERATED.items():
+        path = ROOT / rel
+        current = path.read_text(encoding="utf-8")
+        new = render(current, sections, rel)
         if new != current:
-            print("README.md is out of date: run python -m proxy.cli.readme", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new, encoding="utf-8")
+            out[path] = new
+    return out
+
+
+def main() -> int:
+    changed = stale()
+    if "--check" in sys.argv:
+        for path in changed:
+            print(f"{path.relative_to(ROOT)} is out of date: run python -m proxy.cli.readme", file=sys.stderr)
+        return 1 if changed else 0
+    for path, text in changed.items():
+        path.write_text(text, encoding="utf-8")
+        print(f"rewrote {path.relative_to(ROOT)}")
     return 0
 
 
