@@ -74,7 +74,8 @@ class Two:
                       agent: str = "bot", **kw: Any) -> tuple[int, dict[str, str], Any]:
         """A new connection per request (workers: the kernel picks one for each)."""
         h = {"Authorization": f"Bearer {self.token(agent)}", "X-Tether-Intent": "many processes"}
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s:
             async with s.request(method, f"{base or self.base(upstream)}{path}", headers=h, **kw) as r:
                 body = await r.read()
                 try:
@@ -85,7 +86,8 @@ class Two:
 
     async def admin(self, method: str, path: str, *, proc: int = 0, **kw: Any) -> tuple[int, Any]:
         h = {"Authorization": f"Bearer {self.token(reviewer='rita')}"}
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s:
             async with s.request(method, f"{self.procs[proc].admin_url}{path}", headers=h, **kw) as r:
                 return r.status, await r.json()
 
@@ -101,9 +103,15 @@ class Two:
 def wait_for_banners(proc: GatewayProcess, n: int, timeout: float = 30.0) -> None:
     """The first worker's banner was read by start(); wait for the other workers' (they print one each)."""
     assert proc.proc is not None and proc.proc.stdout is not None
+    import select
+
     seen = 1
     deadline = time.monotonic() + timeout
     while seen < n and time.monotonic() < deadline:
+        # never block past the deadline: a worker that never prints would otherwise hang the suite
+        ready, _, _ = select.select([proc.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
         line = proc.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"gateway exited: {proc.log()}")

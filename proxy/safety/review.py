@@ -302,6 +302,8 @@ class _Usage:
     fetched: float = -1e9
     inflight_n: int = 0
     inflight_b: int = 0
+    settled_n: int = 0  # captures this process committed, ever (to tell which a store read may have missed)
+    settled_b: int = 0
 
     def over(self, cfg: Any, size: int) -> bool:
         return (self.count + self.inflight_n >= cfg.max_pending_per_agent
@@ -322,14 +324,22 @@ class ReviewService:
         when it is full (nothing reserved). O(1) in the common case: the store is asked again only when the figures are
         older than ``_USAGE_TTL`` (other replicas capture and decide too) or this capture would reach a
         limit (so a refusal is always decided on fresh figures). Check and reservation happen with no
-        await between them, so concurrent captures in this process cannot overshoot."""
+        await between them, and a read that raced a commit of this process counts it, so concurrent
+        captures in this process cannot overshoot."""
         cfg = self.gw.server_cfg.review
         u = self._usage.get(agent)
         if u is None:
             u = self._usage[agent] = _Usage()
         if time.monotonic() - u.fetched > _USAGE_TTL or u.over(cfg, size):
-            count, used = await self.gw.store.review_usage(agent)
-            u.count, u.bytes, u.fetched = count, used, time.monotonic()
+            for _ in range(3):
+                n0, b0 = u.settled_n, u.settled_b
+                count, used = await self.gw.store.review_usage(agent)
+                # a capture committed here while the store was being read may be missing from the read (and
+                # is no longer in flight): count it, so the figures never fall short; read again to be exact
+                u.count, u.bytes = count + u.settled_n - n0, used + u.settled_b - b0
+                if u.settled_n == n0:
+                    break
+            u.fetched = time.monotonic()
         if u.over(cfg, size):
             return False
         u.inflight_n += 1
@@ -355,6 +365,8 @@ class ReviewService:
         if stored:
             u.count += 1
             u.bytes += stored
+            u.settled_n += 1
+            u.settled_b += stored
 
     def decided(self, agent: str) -> None:
         """An item left ``pending``: read the agent's figures afresh on its next capture."""
