@@ -637,7 +637,7 @@ RULES_SUBCOMMANDS: list[Callable[[Any], None]] = [add_import_openapi, add_check,
 
 
 def register(subparsers: Any) -> None:
-    rules = subparsers.add_parser("rules", help="rules files: import from OpenAPI, lint, JSON Schema",
+    rules = subparsers.add_parser("rules", help="rules files: import from OpenAPI or MCP, pins, lint, JSON Schema",
                                   description="Work with rules files.")
     rsub = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
 

@@ -388,7 +388,7 @@ class McpUpstream:
         try:
             async with asyncio.timeout_at(deadline):
                 for attempt in (0, 1):
-                    await self._ensure_session(max(0.001, deadline - loop.time()))
+                    await self._ensure_session(max(0.001, min(self.connect_timeout, deadline - loop.time())))
                     call = PendingCall(next(self._ids), method, tool, progress=progress, on_log=on_log,
                                        on_server_request=on_server_request, session_gen=self.session_gen)
                     try:
@@ -471,14 +471,19 @@ class McpUpstream:
     async def _ensure_session(self, timeout: float) -> None:
         if self._ready:
             return
-        async with asyncio.timeout(timeout):
-            async with self._init_lock:
-                if self._ready:
-                    return
-                if self._closed:
-                    raise UpstreamUnavailable("the MCP upstream client is closed", upstream=self.name, applied=False)
-                await self.transport.open(timeout)
-                await self._initialize()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._init_lock:
+                    if self._ready:
+                        return
+                    if self._closed:
+                        raise UpstreamUnavailable("the MCP upstream client is closed", upstream=self.name,
+                                                  applied=False)
+                    await self.transport.open(timeout)
+                    await self._initialize()
+        except TimeoutError:
+            raise UpstreamUnavailable(f"no MCP session within {timeout:g}s (connecting and initialize)",
+                                      upstream=self.name, applied=False) from None
 
     async def _initialize(self) -> None:
         caps: dict[str, Any] = {}

@@ -154,21 +154,28 @@ class StreamableHttpTransport:
         call.transport_task = asyncio.get_running_loop().create_task(self._post(message, headers, call))
 
     async def _post(self, message: bytes, headers: dict[str, str], call: "PendingCall") -> None:
-        client = self.client
         sent_session = headers.get("Mcp-Session-Id")
         parser: SseParser | None = None
         try:
-            async with self.http_session().post(self.url, data=message, headers=headers,
-                                                **self._request_kwargs()) as resp:
-                if call.method == "initialize" and resp.status == 200:
-                    sid = resp.headers.get("Mcp-Session-Id")
-                    if sid is not None:
-                        if not _SESSION_ID_RE.fullmatch(sid):
-                            raise UpstreamProtocolError("the server's Mcp-Session-Id is not visible ASCII of at most "
-                                                        "512 characters", upstream=self.name, applied=None)
-                        self.session_id = sid
-                await self._check_status(resp, sent_session, call)
-                parser = await self._read_answer(resp, call)
+            for attempt in (0, 1):
+                try:
+                    async with self.http_session().post(self.url, data=message, headers=headers,
+                                                        **self._request_kwargs()) as resp:
+                        if call.method == "initialize" and resp.status == 200:
+                            sid = resp.headers.get("Mcp-Session-Id")
+                            if sid is not None:
+                                if not _SESSION_ID_RE.fullmatch(sid):
+                                    raise UpstreamProtocolError("the server's Mcp-Session-Id is not visible ASCII of "
+                                                                "at most 512 characters", upstream=self.name)
+                                self.session_id = sid
+                        await self._check_status(resp, sent_session, call)
+                        parser = await self._read_answer(resp, call)
+                    break
+                except aiohttp.ClientOSError as exc:
+                    # aiohttp could not even write the request (a pooled connection the server had closed):
+                    # the server never read a whole message, so sending it again on a new connection is safe
+                    if attempt or "write request" not in str(exc):
+                        raise
             if not call.done:
                 await self._resume(call, parser)
             if not call.done:

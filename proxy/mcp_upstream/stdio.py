@@ -93,6 +93,11 @@ class StdioTransport:
         await self.start()
         if self._up.is_set():
             return
+        if self.last_error is not None and self.last_error.startswith("cannot "):
+            # the command cannot be started now (missing, not executable, its secret unreadable): say so at
+            # once rather than after the timeout; the supervisor keeps trying with its backoff
+            raise UpstreamUnavailable(f"the MCP server process is not running: {self.last_error}", upstream=self.name,
+                                      applied=False)
         try:
             await asyncio.wait_for(self._up.wait(), timeout)
         except asyncio.TimeoutError:
