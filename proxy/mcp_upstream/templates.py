@@ -159,7 +159,10 @@ def _fill(node: Any, roots: dict[str, Any], where: str) -> Any:
     if whole is not None:
         path = tuple(p for p in whole.group(2).split(".") if p)
         return _value(whole.group(1), path, roots, where)
-    template_placeholders(node)  # raises on a malformed placeholder
+    try:
+        template_placeholders(node)
+    except ValueError as exc:  # a malformed placeholder (config validation refuses these first)
+        raise TemplateError(str(exc), where) from None
 
     def one(m: re.Match[str]) -> str:
         v = _value(m.group(1), tuple(p for p in m.group(2).split(".") if p), roots, where)
