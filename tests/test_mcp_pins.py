@@ -267,3 +267,25 @@ def test_sse_parser() -> None:
     big.feed(b"data: " + b"x" * 60 + b"\n")
     with pytest.raises(EventTooLarge):
         big.feed(b"data: " + b"x" * 60 + b"\n")
+
+
+@pytest.mark.parametrize("uri,ok", [
+    ("crm://customers/cus_1", {"id": "cus_1"}),
+    ("crm://customers/cus_1/notes", None),
+    ("crm://customers/", None),
+    ("crm://customers/..", None),
+    ("crm://customers/%2e%2e", None),
+    ("crm://customers/a%2Fb", None),
+    ("crm://customers/a?b", None),
+    ("crm://customers/a#b", None),
+    ("crm://customers/a b", None),
+    ("crm://customers/a\\b", None),
+    ("CRM://customers/cus_1", None),
+    ("crm://customers/..a", {"id": "..a"}),
+])
+def test_resource_templates_match_strictly(uri: str, ok: dict[str, str] | None) -> None:
+    from proxy.mcp_upstream.resources import match_resource
+
+    assert match_resource("crm://customers/{id}", uri) == ok
+    assert match_resource("file:///docs/{a}/{b}.md", "file:///docs/x/y.md") == {"a": "x", "b": "y"}
+    assert match_resource("demo://{x}/{x}", "demo://a/b") is None

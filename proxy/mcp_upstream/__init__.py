@@ -10,6 +10,7 @@ Public surface::
     McpUpstreamError and subclasses                        what requests raise (:mod:`.errors`)
     definition_digest, check_pins, PinStatus               pinned tool definitions (:mod:`.pins`)
     resolve_arguments, check_arguments, TemplateError      undo / pre-image templates (:mod:`.templates`)
+    match_resource                                         what a ``resource:`` template grants (:mod:`.resources`)
 
 See docs/mcp-upstreams.md for the configuration and what the core wires.
 """
@@ -40,6 +41,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .pins import PinStatus, check_pins, definition_diff, definition_digest, tool_definition
+from .resources import match_resource
 from .templates import TemplateError, check_arguments, resolve_arguments
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
     "McpUpstreamError", "UpstreamUnavailable", "UpstreamTimeout", "CallCancelled", "ResultTooLarge",
     "UpstreamAuthFailed", "UpstreamProtocolError", "UpstreamRpcError",
     "PinStatus", "check_pins", "definition_digest", "definition_diff", "tool_definition",
-    "TemplateError", "resolve_arguments", "check_arguments",
+    "TemplateError", "resolve_arguments", "check_arguments", "match_resource",
 ]
 
 
