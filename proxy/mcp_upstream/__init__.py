@@ -83,7 +83,8 @@ def build_mcp_upstream(name: str, cfg: Any, *, on_server_request: ServerRequestH
         injector = build_injector(cfg.credentials, f"{where}.credentials", lambda: holder["t"].http_session())
         transport: Any = StreamableHttpTransport(name, cfg.url, injector, connect_timeout=cfg.timeouts.connect,
                                                  ssl_context=ssl_ctx, proxy=proxy_url, proxy_headers=proxy_headers,
-                                                 max_connections=cfg.max_connections, listen=cfg.listen)
+                                                 max_connections=cfg.max_connections, listen=cfg.listen,
+                                                 server_name=cfg.server_name)
         holder["t"] = transport
     else:
         from .stdio import StdioTransport, env_from_config

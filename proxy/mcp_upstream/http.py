@@ -67,7 +67,8 @@ class StreamableHttpTransport:
 
     def __init__(self, name: str, url: str, injector: Injector, *, connect_timeout: float = 10.0,
                  ssl_context: ssl.SSLContext | None = None, proxy: str | None = None,
-                 proxy_headers: Any = None, max_connections: int | None = 100, listen: bool = True) -> None:
+                 proxy_headers: Any = None, max_connections: int | None = 100, listen: bool = True,
+                 server_name: str | None = None) -> None:
         self.name = name
         self.url = url
         self.injector = injector
@@ -77,6 +78,7 @@ class StreamableHttpTransport:
         self.proxy_headers = proxy_headers  # a callable returning headers (a rotated password applies) or None
         self.max_connections = max_connections
         self.listen = listen
+        self.server_name = server_name  # TLS SNI and the name the certificate must carry
         self.session_id: str | None = None
         self.protocol_version: str | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -140,6 +142,8 @@ class StreamableHttpTransport:
 
     def _request_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"allow_redirects": False}
+        if self.server_name is not None:
+            kw["server_hostname"] = self.server_name
         if self.proxy is not None:
             kw["proxy"] = self.proxy
             if self.proxy_headers is not None:
