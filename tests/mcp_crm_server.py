@@ -1,6 +1,7 @@
 """A fake CRM as an MCP server, written with the official Python SDK's MCPServer (FastMCP in SDK 1.x).
 
-Run as ``python tests/mcp_crm_server.py stdio`` or ``python tests/mcp_crm_server.py http PORT`` (Streamable
+Run as ``python tests/mcp_crm_server.py stdio`` or ``python tests/mcp_crm_server.py http PORT`` (PORT 0: any; it
+prints ``READY <port>`` once it listens) (Streamable
 HTTP on 127.0.0.1:PORT/mcp, with an event store so streams can be resumed). Tests put it behind Tether's
 MCP upstream client, and the transaction/rollback tests use its write tools.
 
@@ -270,10 +271,25 @@ def main() -> None:
     if mode == "stdio":
         server.run("stdio")
         return
+    import socket
+
     import uvicorn
 
-    port = int(sys.argv[2])
-    uvicorn.run(_http_app(port), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    # bind here (port 0: any free one) and say which, so the test knows the server it talks to is this one
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", int(sys.argv[2])))
+    port = sock.getsockname()[1]
+    server_ = uvicorn.Server(uvicorn.Config(_http_app(port), log_level="warning", lifespan="on"))
+
+    async def serve() -> None:
+        task = asyncio.create_task(server_.serve(sockets=[sock]))
+        while not server_.started:
+            await asyncio.sleep(0.01)
+        print(f"READY {port}", flush=True)
+        await task
+
+    asyncio.run(serve())
 
 
 if __name__ == "__main__":

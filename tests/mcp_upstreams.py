@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,28 +51,52 @@ def crm_stdio(tmp_path: Path, *, env: dict[str, Any] | None = None, **kw: Any) -
 
 
 class ServerProcess:
-    """A server started as a subprocess on a loopback port (restartable on the same port)."""
+    """A server started as a subprocess on a loopback port, ready when it says so on stdout/stderr (so a
+    port another process took in the meantime is never mistaken for ours), restartable on the same port.
+    ``argv(port)`` builds the command line (port 0: the server picks one and says which)."""
 
-    def __init__(self, argv: list[str], port: int, env: dict[str, str], path: str = "/mcp") -> None:
+    def __init__(self, argv: Callable[[int], list[str]], env: Callable[[int], dict[str, str]], ready: str,
+                 stream: str = "stdout", port: int = 0, path: str = "/mcp") -> None:
         self.argv = argv
-        self.port = port
         self.env = env
-        self.url = f"http://127.0.0.1:{port}{path}"
+        self.ready = re.compile(ready)
+        self.stream = stream
+        self.port = port
+        self.path = path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
     def start(self, timeout: float = 30.0) -> "ServerProcess":
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        out = subprocess.PIPE
+        self.proc = subprocess.Popen(self.argv(self.port), env={**os.environ, **self.env(self.port)},
+                                     stdout=out if self.stream == "stdout" else subprocess.DEVNULL,
+                                     stderr=out if self.stream == "stderr" else subprocess.DEVNULL,
+                                     start_new_session=True)
+        pipe = self.proc.stdout if self.stream == "stdout" else self.proc.stderr
+        assert pipe is not None
+        found: list[int] = []
+
+        def watch() -> None:
+            for raw in pipe:
+                m = self.ready.search(raw.decode(errors="replace"))
+                if m is not None and not found:
+                    found.append(int(m.group(1)) if m.groups() else self.port)
+            # keep draining until the process ends (a full pipe would block it)
+
+        threading.Thread(target=watch, daemon=True).start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while not found:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv} exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.argv} did not listen on {self.port} within {timeout}s")
+                raise RuntimeError(f"{self.argv(self.port)} exited with {self.proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.argv(self.port)} was not ready within {timeout}s")
+            time.sleep(0.05)
+        self.port = found[0]
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -88,9 +114,10 @@ class ServerProcess:
 
 
 def crm_http(tmp_path: Path, **env: str) -> ServerProcess:
-    port = free_port()
-    return ServerProcess([sys.executable, str(CRM), "http", str(port)], port,
-                         {"CRM_STATE": str(tmp_path / "crm.json"), "CRM_SEEN": str(tmp_path / "seen.jsonl"), **env})
+    return ServerProcess(lambda port: [sys.executable, str(CRM), "http", str(port)],
+                         lambda port: {"CRM_STATE": str(tmp_path / "crm.json"),
+                                       "CRM_SEEN": str(tmp_path / "seen.jsonl"), **env},
+                         ready=r"^READY (\d+)")
 
 
 def seen_requests(tmp_path: Path) -> list[dict[str, Any]]:
@@ -99,8 +126,10 @@ def seen_requests(tmp_path: Path) -> list[dict[str, Any]]:
 
 
 def everything_http() -> ServerProcess:
-    port = free_port()
-    return ServerProcess(["node", str(EVERYTHING), "streamableHttp"], port, {"PORT": str(port)})
+    # it cannot listen on port 0 and say which: a free port, and readiness only from its own words (a
+    # process that lost the port to another exits with EADDRINUSE instead)
+    return ServerProcess(lambda port: ["node", str(EVERYTHING), "streamableHttp"], lambda port: {"PORT": str(port)},
+                         ready=r"listening on port", stream="stderr", port=free_port())
 
 
 class HostileServer:
