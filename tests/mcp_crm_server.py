@@ -11,11 +11,11 @@ Tools: ``create_customer``, ``update_customer``, ``delete_customer`` (writes), `
 ``ask_elicitation`` / ``ask_roots`` (server→client requests), ``log_line``, ``stream_pause`` (closes the
 SSE stream mid-call; the client must resume), ``stats`` (what the server observed).
 
-Environment: ``CRM_STATE`` — a JSON file holding the customers (shared by restarts and readable by tests;
-default: memory); ``CRM_VARIANT=changed`` — ``delete_customer`` has another description and an extra tool
+Environment: ``MCP_CRM_STATE`` — a JSON file holding the customers (shared by restarts and readable by tests;
+default: memory); ``MCP_CRM_VARIANT=changed`` — ``delete_customer`` has another description and an extra tool
 ``export_everything`` appears (a server changing its definitions after they were pinned);
-``CRM_TOKEN`` — with HTTP, every request must carry ``Authorization: Bearer <CRM_TOKEN>``;
-``CRM_SEEN`` — a file where the HTTP server appends each request's Authorization header (tests check
+``MCP_CRM_TOKEN`` — with HTTP, every request must carry ``Authorization: Bearer <MCP_CRM_TOKEN>``;
+``MCP_CRM_SEEN`` — a file where the HTTP server appends each request's Authorization header (tests check
 which credential reached the server).
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import SamplingMessage, TextContent, ToolAnnotations
 
-VARIANT = os.environ.get("CRM_VARIANT", "")
-STATE = os.environ.get("CRM_STATE")
+VARIANT = os.environ.get("MCP_CRM_VARIANT", "")
+STATE = os.environ.get("MCP_CRM_STATE")
 server = MCPServer("fake-crm", instructions="A fake CRM for Tether's tests.")
 _memory: dict[str, dict[str, Any]] = {}
 _stats: dict[str, Any] = {"cancelled": [], "calls": 0, "ids": []}
@@ -245,8 +245,8 @@ def _http_app(port: int) -> Any:
     store = MemoryEventStore()
     EventStore.register(MemoryEventStore)
     app = server.streamable_http_app(event_store=store, retry_interval=100, host="127.0.0.1")
-    token = os.environ.get("CRM_TOKEN")
-    seen = os.environ.get("CRM_SEEN")
+    token = os.environ.get("MCP_CRM_TOKEN")
+    seen = os.environ.get("MCP_CRM_SEEN")
 
     async def guard(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":

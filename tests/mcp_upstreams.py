@@ -46,7 +46,7 @@ def mcp_config(**kw: Any) -> McpUpstreamConfig:
 
 
 def crm_stdio(tmp_path: Path, *, env: dict[str, Any] | None = None, **kw: Any) -> McpUpstreamConfig:
-    return mcp_config(command=[sys.executable, str(CRM), "stdio"], env={"CRM_STATE": str(tmp_path / "crm.json"),
+    return mcp_config(command=[sys.executable, str(CRM), "stdio"], env={"MCP_CRM_STATE": str(tmp_path / "crm.json"),
                                                                       **(env or {})}, **kw)
 
 
@@ -115,8 +115,8 @@ class ServerProcess:
 
 def crm_http(tmp_path: Path, **env: str) -> ServerProcess:
     return ServerProcess(lambda port: [sys.executable, str(CRM), "http", str(port)],
-                         lambda port: {"CRM_STATE": str(tmp_path / "crm.json"),
-                                       "CRM_SEEN": str(tmp_path / "seen.jsonl"), **env},
+                         lambda port: {"MCP_CRM_STATE": str(tmp_path / "crm.json"), "MCP_CRM_TOKEN": "",
+                                       "MCP_CRM_VARIANT": "", "MCP_CRM_SEEN": str(tmp_path / "seen.jsonl"), **env},
                          ready=r"^READY (\d+)")
 
 

@@ -25,7 +25,7 @@ def _import(out: Path, *extra: str) -> int:
 def test_import_merge_and_pins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "crm.yaml"
     state_file = tmp_path / "crm.yaml.import-state.json"
-    assert _import(out, "--agent", "bot", "--exclude", "stream_pause", "--env", f"CRM_STATE={tmp_path / 'db.json'}",
+    assert _import(out, "--agent", "bot", "--exclude", "stream_pause", "--env", f"MCP_CRM_STATE={tmp_path / 'db.json'}",
                    "--command", sys.executable, str(CRM), "stdio") == 0
     rules = load_rules(out)  # what was written is a valid rules file
     caps: dict[str, Any] = rules.mcp_capabilities
@@ -55,7 +55,7 @@ def test_import_merge_and_pins(tmp_path: Path, capsys: pytest.CaptureFixture[str
     doc["agents"]["bot"]["grants"] = [g for g in doc["agents"]["bot"]["grants"]
                                       if (g if isinstance(g, str) else g["capability"]) not in ("crm.big", "crm.stats")]
     # ... and the server changes delete_customer's description and grows a tool
-    doc["upstreams"]["crm"]["env"]["CRM_VARIANT"] = "changed"
+    doc["upstreams"]["crm"]["env"]["MCP_CRM_VARIANT"] = "changed"
     out.write_text("# my notes about this file\n" + yaml.safe_dump(doc, sort_keys=False))
     assert main(["rules", "pin", "-c", str(out)]) == 1
     checked = capsys.readouterr().out

@@ -73,7 +73,7 @@ async def crm(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     srv: ServerProcess | None = None
     if request.param == "http":
         monkeypatch.setenv("CRM_UPSTREAM_TOKEN", "crm-secret-token")
-        srv = crm_http(tmp_path, CRM_TOKEN="crm-secret-token").start()
+        srv = crm_http(tmp_path, MCP_CRM_TOKEN="crm-secret-token").start()
         cfg = mcp_config(url=srv.url, credentials={"type": "bearer", "token_env": "CRM_UPSTREAM_TOKEN"}, **limits)
     else:
         cfg = crm_stdio(tmp_path, **limits)
@@ -293,7 +293,7 @@ async def test_credentials_are_tethers_own(tmp_path: Path, monkeypatch: pytest.M
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    srv = crm_http(tmp_path, CRM_TOKEN="oauth-issued-token").start()
+    srv = crm_http(tmp_path, MCP_CRM_TOKEN="oauth-issued-token").start()
     monkeypatch.setenv("CRM_CLIENT_SECRET", "s3cret")
     try:
         up = _client(mcp_config(url=srv.url, credentials={
