@@ -198,6 +198,13 @@ async def stream_pause(ctx: Context) -> str:
 
 
 @server.tool()
+async def touch_tools(ctx: Context) -> str:
+    """Send notifications/tools/list_changed (as a server does when its tools change)."""
+    await ctx.session.send_tool_list_changed()  # a 2025-era session (notify_tools_changed is for 2026 listeners)
+    return "touched"
+
+
+@server.tool()
 def stats() -> dict[str, Any]:
     """What the server saw: calls, the JSON-RPC ids, cancelled calls."""
     return dict(_stats)

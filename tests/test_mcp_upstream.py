@@ -131,6 +131,14 @@ async def test_calls_ids_progress_logs_requests_caps(crm: Any) -> None:
     where = logs if kind == "http" else [p for m, p in rec.notes if m == "notifications/message"]
     assert [p["data"] for p in where] == ["hello from the server"]
 
+    # the server says its tools changed: the upstream's on_notification hears it (the core re-lists, re-pins)
+    await up.call_tool("touch_tools", {})
+    for _ in range(100):
+        if any(m == "notifications/tools/list_changed" for m, _ in rec.notes):
+            break
+        await asyncio.sleep(0.02)
+    assert any(m == "notifications/tools/list_changed" for m, _ in rec.notes)
+
     # sampling: refused by default, journaled; a handler may answer
     refused = await up.call_tool("ask_sampling", {"prompt": "approve the refund?"})
     assert refused.content[0].text.startswith("refused:")
