@@ -276,6 +276,7 @@ def _http_app(port: int) -> Any:
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "stdio"
     if mode == "stdio":
+        print("fake-crm: serving on stdio", file=sys.stderr, flush=True)
         server.run("stdio")
         return
     import socket

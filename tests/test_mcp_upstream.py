@@ -237,9 +237,11 @@ async def test_http_stream_closed_by_the_server_is_resumed(tmp_path: Path) -> No
         srv.stop()
 
 
-async def test_stdio_server_supervised(tmp_path: Path) -> None:
+async def test_stdio_server_supervised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A stdio server that dies mid-call: the call fails (may or may not have been applied), the server is
-    started again after the backoff, the next call opens a new session; close() stops it."""
+    started again after the backoff, the next call opens a new session; its stderr is in Tether's log;
+    close() stops it."""
+    caplog.set_level("INFO", logger="tether.mcp_upstream.stderr")
     rec = Recorder()
     up = _client(crm_stdio(tmp_path, restart={"initial_backoff": 0.2}), rec)
     await up.start()
@@ -258,12 +260,33 @@ async def test_stdio_server_supervised(tmp_path: Path) -> None:
         assert transport.pid != pid and transport.restarts == 1
         assert [e["state"] for e in rec.of("mcp_upstream_session")] == ["opened", "lost", "reinitialized"]
         assert [e["state"] for e in rec.of("mcp_upstream_process")] == ["started", "exited", "started"]
+        said = [r.getMessage() for r in caplog.records if r.name == "tether.mcp_upstream.stderr"]
+        assert said.count("[crm] fake-crm: serving on stdio") == 2
     finally:
         await up.close()
     assert transport.proc is None
     last = [e["pid"] for e in rec.of("mcp_upstream_process") if e["state"] == "started"][-1]
     with pytest.raises(ProcessLookupError):
         os.kill(last, 0)  # stopped (stdin closed), and reaped
+
+
+async def test_stdio_server_that_ignores_stop_is_killed(tmp_path: Path) -> None:
+    """A server that ignores its closed stdin and SIGTERM is killed after timeouts.stop, twice over."""
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    up = _client(mcp_config(command=[sys.executable, "-c", script], timeouts={"stop": 0.3}), Recorder())
+    await up.start()
+    transport: Any = up.transport
+    for _ in range(200):
+        if transport.pid is not None:
+            break
+        await asyncio.sleep(0.02)
+    pid = transport.pid
+    assert pid is not None
+    t0 = time.monotonic()
+    await up.close()
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 async def test_unreachable_servers_fail_fast(tmp_path: Path) -> None:
