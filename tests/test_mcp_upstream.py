@@ -133,7 +133,7 @@ async def test_calls_ids_progress_logs_requests_caps(crm: Any) -> None:
 
     # the server says its tools changed: the upstream's on_notification hears it (the core re-lists, re-pins)
     await up.call_tool("touch_tools", {})
-    for _ in range(100):
+    for _ in range(500):
         if any(m == "notifications/tools/list_changed" for m, _ in rec.notes):
             break
         await asyncio.sleep(0.02)
@@ -191,7 +191,7 @@ async def test_timeout_and_cancellation_reach_the_server(crm: Any) -> None:
     asyncio.get_running_loop().call_later(0.5, cancel.set)
     with pytest.raises(CallCancelled):
         await up.call_tool("slow", {"seconds": 60}, cancelled=cancel)
-    for _ in range(100):
+    for _ in range(200):
         stats = (await up.call_tool("stats", {})).structured_content
         if len(stats["cancelled"]) == 2:
             break
@@ -250,7 +250,11 @@ async def test_stdio_server_supervised(tmp_path: Path, caplog: pytest.LogCapture
         transport: Any = up.transport
         pid = transport.pid
         call = asyncio.ensure_future(up.call_tool("slow", {"seconds": 60}))
-        await asyncio.sleep(0.5)
+        for _ in range(500):  # written to the server's stdin
+            if up._pending:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
         os.kill(pid, 9)
         with pytest.raises(UpstreamUnavailable) as ei:
             await asyncio.wait_for(call, 20)
