@@ -533,6 +533,363 @@ class CapabilityConfig(Model):
         return "read" if self.method in READ_METHODS else "write"
 
 
+# --------------------------------------------------------------------------- MCP upstreams and tool capabilities
+#
+# An upstream of ``kind: mcp`` is an MCP server Tether is the only client of (docs/mcp-upstreams.md):
+# a Streamable HTTP ``url`` or a stdio ``command`` Tether starts and supervises. A capability names one
+# of its tools (``tool:``), resources (``resource:`` URI template) or prompts (``prompt:``) instead of a
+# method and path; grants, modes, rate limits and ``body`` (applied to the tool's ``arguments``) work
+# as for REST capabilities. The client lives in :mod:`proxy.mcp_upstream`.
+
+MCP_CLIENT_CAPABILITIES = ("sampling", "elicitation", "roots")
+PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# MCP tool names (2025-11-25 "Tool names"): 1-128 characters, ASCII letters, digits, '_', '-', '.'. Some
+# servers use others ('/', ':'); any printable non-space ASCII is accepted, never whitespace or controls.
+_TOOL_NAME_RE = re.compile(r"[!-~]{1,128}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# {root.path.to.value}: root is result, arguments or pre_image; segments are names or list indexes
+TEMPLATE_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_$@-]+)*)\}")
+TEMPLATE_ROOTS = ("result", "arguments", "pre_image")
+
+
+def template_placeholders(value: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """Every ``{root.a.b}`` placeholder in a compensation template's ``arguments`` (strings at any depth),
+    as (root, path). A '{' that does not open a well-formed placeholder is an error: a typo must not
+    become a literal value sent to an upstream."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    if isinstance(value, dict):
+        for v in value.values():
+            out += template_placeholders(v)
+    elif isinstance(value, list):
+        for v in value:
+            out += template_placeholders(v)
+    elif isinstance(value, str):
+        rest = TEMPLATE_PLACEHOLDER_RE.sub("", value)
+        if "{" in rest or "}" in rest:
+            raise ValueError(f"{value!r}: a placeholder is written {{result.structuredContent.id}}, "
+                             "{arguments.name} or {pre_image.structuredContent.field}")
+        for m in TEMPLATE_PLACEHOLDER_RE.finditer(value):
+            out.append((m.group(1), tuple(p for p in m.group(2).split(".") if p)))
+    return out
+
+
+class McpTimeouts(Model):
+    """``connect``: to open a connection or start the command's process and finish ``initialize``.
+    ``call``: the longest a ``tools/call`` may take (past it Tether cancels it upstream and answers
+    ``upstream_timeout``; a call may ask for less). ``request``: other requests (``tools/list``,
+    ``resources/read``, ...). ``stop``: how long a stdio server gets to exit after its stdin is closed,
+    then SIGTERM, then (as long again) SIGKILL."""
+
+    connect: Duration = 10.0
+    call: Duration = 60.0
+    request: Duration = 30.0
+    stop: Duration = 5.0
+
+
+class McpRestart(Model):
+    """How a stdio server that exited is started again: after ``initial_backoff``, doubling up to
+    ``max_backoff``; a process that ran ``reset_after`` without exiting starts the backoff over."""
+
+    initial_backoff: Duration = 0.5
+    max_backoff: Duration = 30.0
+    reset_after: Duration = 60.0
+
+
+class McpUpstreamConfig(Model):
+    """An MCP server behind Tether (``kind: mcp``): ``url`` (Streamable HTTP) or ``command`` (stdio)."""
+
+    kind: Literal["mcp"]
+    description: str = ""
+    url: str | None = Field(None, description="the server's Streamable HTTP endpoint, e.g. https://mcp.stripe.com")
+    command: list[str] | None = Field(
+        None, description="stdio: the server's command and arguments, started and supervised by Tether")
+    env: dict[str, Union[str, SecretRef]] = Field(
+        {}, description="stdio: environment variables of the server (a value or a secret {env|file|value}); "
+                        "only PATH, HOME, LANG, TERM, USER, LOGNAME, SHELL, TMPDIR and inherit_env are inherited")
+    inherit_env: list[str] = Field([], description="stdio: more variable names passed through from Tether's environment")
+    cwd: Path | None = Field(None, description="stdio: working directory (relative to the rules file)")
+    credentials: Credentials = Field(
+        NoCredentials(type="none"), description="url: Tether's credential for the server (the agent's token "
+                                                "is never forwarded); api_key is a static header")
+    timeouts: McpTimeouts = McpTimeouts()
+    max_result_bytes: Size = Field(4 * 1024 * 1024, ge=1024, description="the largest answer accepted from the "
+                                                                         "server (one JSON-RPC message)")
+    client_capabilities: list[Literal["sampling", "elicitation", "roots"]] = Field(
+        [], description="what Tether declares it supports to the server; a server→client request for anything "
+                        "not declared is refused without asking anyone")
+    listen: bool = Field(True, description="url: open the server's GET stream for notifications "
+                                           "(tools/list_changed)")
+    restart: McpRestart = McpRestart()
+    rate_limit: RateLimit | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    client_cert: ClientCertificate | None = None
+    server_name: str | None = Field(None, description="TLS: the name the server's certificate must carry")
+    proxy: ProxySetting = Field("env", description="url: env, direct, or a proxy URL (as for REST upstreams)")
+    max_connections: int | None = Field(100, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s?#]+(/[^\s#]*)?$", v):
+            raise ValueError("must be an http:// or https:// URL without a fragment")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0].strip() or any("\x00" in a for a in v)):
+            raise ValueError("a non-empty list: the program, then its arguments (no shell is involved)")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return v
+
+    @field_validator("inherit_env")
+    @classmethod
+    def _inherit(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _transport(self) -> "McpUpstreamConfig":
+        if (self.url is None) == (self.command is None):
+            raise ValueError("give exactly one of url (Streamable HTTP) or command (stdio)")
+        if self.command is not None:
+            http_only = [k for k in ("ca_file", "client_cert", "server_name") if getattr(self, k) is not None]
+            if not isinstance(self.credentials, NoCredentials):
+                http_only.append("credentials")
+            if http_only:
+                raise ValueError(f"{', '.join(http_only)} apply to url upstreams; a stdio server gets its "
+                                 "credential through env")
+        else:
+            stdio_only = [k for k in ("env", "inherit_env") if getattr(self, k)] + (["cwd"] if self.cwd else [])
+            if stdio_only:
+                raise ValueError(f"{', '.join(stdio_only)} apply to command (stdio) upstreams")
+            if not str(self.url).startswith("https://"):
+                given = [k for k in ("client_cert", "server_name", "ca_file") if getattr(self, k) is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} apply to https:// upstreams only")
+        return self
+
+    @property
+    def transport(self) -> Literal["http", "stdio"]:
+        return "http" if self.url is not None else "stdio"
+
+
+class ToolCallTemplate(Model):
+    """A tool call Tether makes itself (an undo, a pre-image read): the tool and its arguments, whose
+    strings may hold placeholders — ``{result.structuredContent.id}`` (the original call's result),
+    ``{arguments.x}`` (its arguments), ``{pre_image.structuredContent.field}`` (the pre-image's result).
+    A string that is one placeholder takes the value's JSON type; inside text a value is written in."""
+
+    tool: str
+    arguments: dict[str, Any] = {}
+
+    @field_validator("tool")
+    @classmethod
+    def _tool(cls, v: str) -> str:
+        if not _TOOL_NAME_RE.fullmatch(v):
+            raise ValueError("a tool name: 1-128 printable ASCII characters, no spaces")
+        return v
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for root, _ in template_placeholders(v):
+            if root not in TEMPLATE_ROOTS:
+                raise ValueError(f"unknown placeholder root {root!r}: use result, arguments or pre_image")
+        return v
+
+
+def _resource_template(v: str) -> str:
+    """An RFC 6570 level-1 template: literal text and ``{name}`` expressions (each matches one value
+    without '/', '?' or '#'). Operators (``{+x}``, ``{/x}``, ...) are refused: what they match is too broad."""
+    if not v or len(v) > 2048 or any(c.isspace() or ord(c) < 0x20 for c in v):
+        raise ValueError("a resource URI template without whitespace, at most 2048 characters")
+    rest = re.sub(r"\{[A-Za-z0-9_]+\}", "", v)
+    if "{" in rest or "}" in rest:
+        raise ValueError("expressions are {name} only (RFC 6570 level 1); operators such as {+x} are refused")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", v):
+        raise ValueError("must start with a URI scheme, e.g. file:///docs/{name} or demo://resource/{id}")
+    return v
+
+
+class McpCapabilityConfig(Model):
+    """A capability on an MCP upstream: exactly one of ``tool``, ``resource`` (a URI template) or
+    ``prompt``. Tool calls are writes unless ``effect: read`` says otherwise (a server's annotations are
+    hints and are never trusted); resources and prompts are reads. ``pin`` is the tool's definition
+    digest (:func:`proxy.mcp_upstream.pins.definition_digest`): a tool whose listed definition no longer
+    has it is hidden and refused until re-approved (``tether rules pin --accept``)."""
+
+    upstream: str
+    tool: str | None = None
+    resource: str | None = None
+    prompt: str | None = None
+    effect: Effect | None = None
+    description: str = ""
+    pin: str | None = Field(None, description="sha256:<hex> of the tool's definition, as imported or accepted")
+    needs_review: str | None = Field(
+        None, description="written by `tether rules import-mcp`: why a person must confirm this capability "
+                          "(e.g. its effect was guessed); delete the key once confirmed")
+    body: BodyRules | None = Field(None, description="field rules on the tool's (or prompt's) arguments")
+    audit_fields: list[str] = []
+    sensitive_fields: list[str] = []
+    rate_limit: RateLimit | None = None
+    undo: ToolCallTemplate | None = Field(None, description="the tool call that undoes a call of this tool")
+    pre_image: ToolCallTemplate | None = Field(
+        None, description="the tool call that reads the state the undo needs, made before the call")
+    allow_live_without_compensation: bool = False
+    on_failure: Literal["rollback", "keep"] = "rollback"
+    promotion: PromotionGate | None = None
+    display: DisplayConfig | None = None
+
+    @field_validator("tool", "prompt")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _TOOL_NAME_RE.fullmatch(v):
+            raise ValueError("1-128 printable ASCII characters, no spaces")
+        return v
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, v: str | None) -> str | None:
+        return None if v is None else _resource_template(v)
+
+    @field_validator("pin")
+    @classmethod
+    def _pin(cls, v: str | None) -> str | None:
+        if v is not None and not PIN_RE.fullmatch(v):
+            raise ValueError("sha256: followed by 64 lower-case hex digits")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "McpCapabilityConfig":
+        kinds = [k for k in ("tool", "resource", "prompt") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of tool, resource or prompt")
+        if self.tool is None:
+            extra = [k for k in ("undo", "pre_image", "pin") if getattr(self, k) is not None]
+            if self.effect == "write":
+                extra.append("effect: write")
+            if self.resource is not None and self.body is not None:
+                extra.append("body")
+            if extra:
+                raise ValueError(f"{', '.join(extra)} apply to tools only ({kinds[0]}s are reads)")
+            return self
+        if self.pin is None:
+            raise ValueError("a tool capability carries its pin (the tool's definition digest): `tether rules "
+                             "import-mcp` writes it, `tether rules pin --accept TOOL` records it")
+        if self.resolved_effect == "read" and (self.undo is not None or self.pre_image is not None):
+            raise ValueError("undo and pre_image apply to write tools")
+        if self.pre_image is not None:
+            if self.undo is None:
+                raise ValueError("pre_image is read for an undo: give undo too")
+            for root, _ in template_placeholders(self.pre_image.arguments):
+                if root != "arguments":
+                    raise ValueError(f"pre_image.arguments: {{{root}...}} is not known before the call; only "
+                                     "{arguments.x} is")
+        if self.undo is not None and self.pre_image is None:
+            for root, _ in template_placeholders(self.undo.arguments):
+                if root == "pre_image":
+                    raise ValueError("undo.arguments uses {pre_image...}: declare pre_image")
+        return self
+
+    @property
+    def kind(self) -> Literal["tool", "resource", "prompt"]:
+        return "tool" if self.tool is not None else "resource" if self.resource is not None else "prompt"
+
+    @property
+    def target(self) -> str:
+        """The tool name, resource template or prompt name."""
+        return self.tool or self.resource or self.prompt or ""
+
+    @property
+    def resolved_effect(self) -> Effect:
+        """A tool without ``effect`` is a write (fail closed: reviewed in dry-run); resources and prompts read."""
+        if self.tool is None:
+            return "read"
+        return self.effect or "write"
+
+    @property
+    def compensation(self) -> Literal["auto", "none"]:
+        """``auto`` when an ``undo`` template plans the compensation, else ``none`` (the REST word
+        the linter, the catalogue and transactions read)."""
+        return "auto" if self.undo is not None else "none"
+
+    @property
+    def stream_request(self) -> bool:
+        return False
+
+
+def _capability_kind(v: Any) -> str:
+    """A capability naming a tool, resource or prompt is an MCP capability; anything else is REST."""
+    if isinstance(v, McpCapabilityConfig) or (isinstance(v, dict) and any(k in v for k in ("tool", "resource",
+                                                                                          "prompt"))):
+        return "mcp_capability"
+    return "rest_capability"
+
+
+def _upstream_kind(v: Any) -> str:
+    if isinstance(v, McpUpstreamConfig) or (isinstance(v, dict) and v.get("kind") == "mcp"):
+        return "mcp_upstream"
+    return "rest_upstream"
+
+
+AnyUpstreamConfig = Annotated[
+    Union[Annotated[UpstreamConfig, Tag("rest_upstream")], Annotated[McpUpstreamConfig, Tag("mcp_upstream")]],
+    Discriminator(_upstream_kind),
+]
+AnyCapabilityConfig = Annotated[
+    Union[Annotated[CapabilityConfig, Tag("rest_capability")], Annotated[McpCapabilityConfig, Tag("mcp_capability")]],
+    Discriminator(_capability_kind),
+]
+
+
+def mcp_cross_reference_errors(upstreams: dict[str, Any], capabilities: dict[str, Any]) -> list[tuple[str, str]]:
+    """A REST capability must name a REST upstream and an MCP one an MCP upstream; one tool is one
+    capability per upstream; an undo or pre-image tool is itself a capability of the same upstream (so
+    its definition is pinned too)."""
+    errs: list[tuple[str, str]] = []
+    tools: dict[tuple[str, str], str] = {}
+    for name, cap in capabilities.items():
+        up = upstreams.get(cap.upstream)
+        if up is None:
+            continue
+        is_mcp_up = isinstance(up, McpUpstreamConfig)
+        if isinstance(cap, McpCapabilityConfig):
+            if not is_mcp_up:
+                errs.append((f"capabilities.{name}.upstream", f"{cap.kind} capabilities name an MCP upstream (kind: "
+                                                              f"mcp); {cap.upstream!r} is a REST upstream"))
+                continue
+            if cap.tool is not None:
+                key = (cap.upstream, cap.tool)
+                if key in tools:
+                    errs.append((f"capabilities.{name}.tool", f"tool {cap.tool!r} of {cap.upstream!r} is already "
+                                                              f"capability {tools[key]!r}"))
+                tools.setdefault(key, name)
+        elif is_mcp_up:
+            errs.append((f"capabilities.{name}.upstream", f"{cap.upstream!r} is an MCP upstream: name a tool, "
+                                                          "resource or prompt instead of method and path"))
+    for name, cap in capabilities.items():
+        if not isinstance(cap, McpCapabilityConfig) or cap.upstream not in upstreams:
+            continue
+        for key in ("undo", "pre_image"):
+            t = getattr(cap, key)
+            if t is not None and (cap.upstream, t.tool) not in tools:
+                errs.append((f"capabilities.{name}.{key}.tool",
+                             f"tool {t.tool!r} is not a capability of {cap.upstream!r}: Tether calls only pinned "
+                             "tools (declare it, unheld if no agent should call it)"))
+    return errs
+
+
 # --------------------------------------------------------------------------- agents
 
 
@@ -969,9 +1326,26 @@ class RulesFile(Model):
     server: ServerConfig = ServerConfig()
     identity: IdentityConfig
     governance: GovernanceConfig = GovernanceConfig()
-    upstreams: dict[str, UpstreamConfig]
+    upstreams: dict[str, AnyUpstreamConfig]
     agents: dict[str, AgentConfig] = {}
-    capabilities: dict[str, CapabilityConfig] = {}
+    capabilities: dict[str, AnyCapabilityConfig] = {}
+
+    @property
+    def rest_upstreams(self) -> dict[str, UpstreamConfig]:
+        """The REST upstreams (what adapters, listeners and the forward path serve)."""
+        return {n: u for n, u in self.upstreams.items() if not isinstance(u, McpUpstreamConfig)}
+
+    @property
+    def mcp_upstreams(self) -> dict[str, McpUpstreamConfig]:
+        return {n: u for n, u in self.upstreams.items() if isinstance(u, McpUpstreamConfig)}
+
+    @property
+    def rest_capabilities(self) -> dict[str, CapabilityConfig]:
+        return {n: c for n, c in self.capabilities.items() if not isinstance(c, McpCapabilityConfig)}
+
+    @property
+    def mcp_capabilities(self) -> dict[str, McpCapabilityConfig]:
+        return {n: c for n, c in self.capabilities.items() if isinstance(c, McpCapabilityConfig)}
 
     def cross_reference_errors(self) -> list[tuple[str, str]]:
         """Problems no single model can see: names that must refer to each other."""
@@ -979,10 +1353,13 @@ class RulesFile(Model):
         for name, cap in self.capabilities.items():
             if cap.upstream not in self.upstreams:
                 errs.append((f"capabilities.{name}.upstream", f"unknown upstream {cap.upstream!r}"))
+            if isinstance(cap, McpCapabilityConfig):
+                continue
             template_params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", cap.path))
             for p in cap.params:
                 if p not in template_params:
                     errs.append((f"capabilities.{name}.params.{p}", f"the path {cap.path!r} has no {{{p}}}"))
+        errs += mcp_cross_reference_errors(self.upstreams, self.capabilities)
         errs += stream_request_errors(self.capabilities, self.agents)
         for agent, a in self.agents.items():
             seen: set[str] = set()
@@ -994,7 +1371,7 @@ class RulesFile(Model):
                 seen.add(g.capability)
         listens: dict[str, str] = {}
         for where, hp in [("server.listen", self.server.listen), ("server.admin_listen", self.server.admin_listen)] + [
-            (f"upstreams.{n}.listen", u.listen) for n, u in self.upstreams.items() if u.listen
+            (f"upstreams.{n}.listen", u.listen) for n, u in self.rest_upstreams.items() if u.listen
         ]:
             key = "%s:%d" % parse_hostport(hp)
             if key in listens and not key.endswith(":0"):
@@ -1061,6 +1438,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
             "NoCredentials", "BearerCredentials", "BasicCredentials", "ApiKeyCredentials",
             "OAuth2ClientCredentials", "none", "bearer", "basic", "api_key", "oauth2_client_credentials",
             "function-before[_grant_from_short(), GrantConfig]", "proxy_word", "proxy_url",
+            "rest_upstream", "mcp_upstream", "rest_capability", "mcp_capability",
         }:
             continue
         elif isinstance(part, str) and part.startswith("function-"):
@@ -1114,11 +1492,11 @@ def parse_rules(data: Any, file: str = "<rules>") -> RulesFile:
 
 
 _PATH_KEYS = frozenset({"file", "cert", "key", "public_key_file", "jwks_file", "private_key_file",
-                        "mirror_file", "archive_dir", "ca_file", "checkpoint_file", "checkpoint_key_file"})
+                        "mirror_file", "archive_dir", "ca_file", "checkpoint_file", "checkpoint_key_file", "cwd"})
 
 
 _OPAQUE_KEYS = frozenset({"params", "adapter_options", "body", "constraints", "json_schema", "audit_fields",
-                          "sensitive_fields", "record_fields"})
+                          "sensitive_fields", "record_fields", "arguments", "command"})
 
 
 def _resolve_relative_paths(data: Any, base: Path) -> Any:

@@ -68,8 +68,12 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "TRACE, CONNECT and unknown methods are refused"),
     "client_timeout": (408, "the client did not send its request in time"),
     "client_closed": (499, "the client closed the connection before the response was complete (journaled only)"),
+    "call_cancelled": (499, "the agent cancelled the tool call; the MCP server was told to stop (it may have "
+                            "applied it)"),
     "already_decided": (409, "the review item was already decided"),
     "conflict": (409, "the object changed; the operation was not applied"),
+    "tool_definition_changed": (409, "the MCP server changed this tool's definition since it was pinned; hidden and "
+                                     "refused until a person re-approves it (tether rules pin --accept)"),
     "transaction_closed": (409, "the transaction is no longer open"),
     "transaction_expired": (410, "the transaction passed its deadline"),
     "review_expired": (410, "the review item passed its TTL (server.review.ttl); it can no longer be decided"),
@@ -89,6 +93,9 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "an unexpected error inside Tether; nothing was forwarded unless journaled"),
     "upstream_unavailable": (502, "the upstream could not be reached or broke the connection"),
     "upstream_response_too_large": (502, "the upstream's response exceeded the configured limit"),
+    "upstream_auth_failed": (502, "the MCP server refused Tether's own credential for it (401/403)"),
+    "upstream_protocol_error": (502, "the MCP server answered something that is not valid MCP (JSON, shapes, version)"),
+    "upstream_rpc_error": (502, "the MCP server answered the request with a JSON-RPC error"),
     "identity_unavailable": (503, "Tether cannot verify tokens now: an issuer's keys or its own token key are unavailable"),
     "upstream_applied_response_lost": (502, "the upstream APPLIED the write, but its answer could not be relayed "
                                             "(X-Tether-Upstream-Status has its status); do not send it again"),

@@ -21,6 +21,11 @@ Readiness classes
     ``stream_request: true`` — a streamed body cannot be held for review); or, with ``--openapi``, a
     spec operation whose path Tether cannot route (a parameter that is not a whole segment, a query in
     the path: the importer skips these).
+MCP capabilities (a tool, resource or prompt of an MCP upstream; route ``tool NAME`` and so on) are
+classified the same way: a write tool is compensable when it declares an ``undo`` template, validated
+when it has field rules on its arguments, and one that ``tether rules import-mcp`` marked
+``needs_review`` needs wrapping until a person confirms it.
+
 ``not registered``
     with ``--openapi SPEC --upstream NAME`` only: an operation of the spec that no capability covers.
     It is a class of its own rather than "incompatible": nothing prevents registering it (``tether rules
@@ -58,7 +63,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..config import CapabilityConfig, RulesFile
+from ..config import CapabilityConfig, McpCapabilityConfig, RulesFile
 
 AGENT_READY = "agent-ready"
 NEEDS_WRAPPING = "needs wrapping"
@@ -156,6 +161,8 @@ def has_field_rules(cap: CapabilityConfig) -> bool:
 
 def is_validated(cap: CapabilityConfig) -> bool:
     """Schema-validated: a read, a bodyless DELETE, or a write with field rules."""
+    if isinstance(cap, McpCapabilityConfig):
+        return cap.resolved_effect == "read" or has_field_rules(cap)
     return cap.resolved_effect == "read" or cap.method == "DELETE" or has_field_rules(cap)
 
 
@@ -165,9 +172,10 @@ def is_compensable(cap: CapabilityConfig) -> bool:
 
 def readiness(cap: CapabilityConfig) -> tuple[str, list[str]]:
     """(class, reasons) of a registered capability."""
+    review = [f"needs review: {cap.needs_review}"] if isinstance(cap, McpCapabilityConfig) and cap.needs_review else []
     if cap.resolved_effect == "read":
-        return AGENT_READY, []
-    reasons = []
+        return (NEEDS_WRAPPING, review) if review else (AGENT_READY, [])
+    reasons = review
     if not is_validated(cap):
         reasons.append("no field rules")
     if not is_compensable(cap):
@@ -303,7 +311,7 @@ def guess_prefix(rules: RulesFile, upstream: str, shapes: list[tuple[str, ...]])
     wanted = {s for s in shapes if s}
     votes: Counter[tuple[str, ...]] = Counter()
     for cap in rules.capabilities.values():
-        if cap.upstream != upstream:
+        if cap.upstream != upstream or isinstance(cap, McpCapabilityConfig):
             continue
         segs = cap.path.strip("/").split("/") if cap.path != "/" else []
         sh = shape(cap.path)
@@ -336,8 +344,10 @@ def build(rules: RulesFile, traffic: Traffic | None = None,
         comp = "" if cap.resolved_effect == "read" else (
             "auto" if cap.compensation == "auto" else "non-compensable" if cap.compensation == "non_compensable"
             else "none")
+        method, path = ("MCP", f"{cap.kind} {cap.target}") if isinstance(cap, McpCapabilityConfig) else (
+            cap.method, cap.path)
         rows.append(Row(
-            name=name, upstream=cap.upstream, method=cap.method, path=cap.path, effect=cap.resolved_effect,
+            name=name, upstream=cap.upstream, method=method, path=path, effect=cap.resolved_effect,
             holders=[(a, m) for a, m, _ in hs], rate_limit=rate, compensation=comp,
             requests=None if traffic is None else traffic.requests.get(name, 0),
             decisions={} if traffic is None else dict(sorted(traffic.decisions.get(name, Counter()).items())),

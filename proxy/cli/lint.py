@@ -29,6 +29,8 @@ code                       level    what
 ``write-without-fields``   WARNING  a write (other than DELETE) with neither ``allow_fields`` nor ``json_schema``
 ``unheld-capability``      WARNING  no agent holds the capability
 ``unused-capability``      WARNING  held, but no request record for it in the whole journal (with a store)
+``needs-review``           WARNING  an MCP capability written by ``tether rules import-mcp`` whose guessed effect a
+                                    person has not confirmed yet (its ``needs_review`` key is still there)
 ``journal-unavailable``    WARNING  a store was to be read and could not be
 =========================  =======  ==========================================================================
 
@@ -43,15 +45,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..config import (
     HTTP_METHODS,
     AgentConfig,
+    AnyCapabilityConfig,
+    AnyUpstreamConfig,
     CapabilityConfig,
     ConfigError,
     GovernanceConfig,
     GrantConfig,
+    McpCapabilityConfig,
+    McpUpstreamConfig,
     RulesFile,
     ServerConfig,
     UpstreamConfig,
@@ -208,11 +214,16 @@ def _partial(data: dict[str, Any]) -> tuple[RulesFile, dict[str, AgentConfig]]:
     ``cross_reference_errors`` still finds unknown upstreams and clashing listeners, and the lints run
     on it. Grants that do not validate are left out (their agents' grants are checked raw)."""
 
-    def ok(model: type[BaseModel], value: Any) -> Any:
+    def ok(model: Any, value: Any) -> Any:
         try:
+            if isinstance(model, TypeAdapter):
+                return model.validate_python(value)
             return model.model_validate(value)
         except (ValidationError, ValueError, TypeError):
             return None
+
+    any_upstream: TypeAdapter[Any] = TypeAdapter(AnyUpstreamConfig)
+    any_capability: TypeAdapter[Any] = TypeAdapter(AnyCapabilityConfig)
 
     def section(key: str) -> dict[str, Any]:
         v = data.get(key)
@@ -222,13 +233,15 @@ def _partial(data: dict[str, Any]) -> tuple[RulesFile, dict[str, AgentConfig]]:
     governance = ok(GovernanceConfig, data.get("governance") or {}) or GovernanceConfig()
     upstreams: dict[str, Any] = {}
     for name, raw in section("upstreams").items():
-        up = ok(UpstreamConfig, raw)
-        if up is None:  # reported already; keep the name so capabilities naming it are not "unknown"
+        up = ok(any_upstream, raw)
+        if up is None and isinstance(raw, dict) and raw.get("kind") == "mcp":
+            up = McpUpstreamConfig.model_construct(kind="mcp", url=None, command=None)
+        elif up is None:  # reported already; keep the name so capabilities naming it are not "unknown"
             up = UpstreamConfig.model_construct(url="", adapter="generic", adapter_options={}, listen=None)
         upstreams[str(name)] = up
-    caps: dict[str, CapabilityConfig] = {}
+    caps: dict[str, Any] = {}
     for name, raw in section("capabilities").items():
-        cap = ok(CapabilityConfig, raw)
+        cap = ok(any_capability, raw)
         if cap is not None:
             caps[str(name)] = cap
     agents: dict[str, AgentConfig] = {}
@@ -252,8 +265,11 @@ def _partial(data: dict[str, Any]) -> tuple[RulesFile, dict[str, AgentConfig]]:
 def _lints(rules: RulesFile, traffic: Any, held_raw: set[str] | None = None) -> Iterable[tuple[str, str, str, str]]:
     caps = rules.capabilities
     adapters = yield from _adapter_lints(rules)
-    yield from _route_lints(caps, adapters)
+    yield from _route_lints({n: c for n, c in caps.items() if not isinstance(c, McpCapabilityConfig)}, adapters)
     held: set[str] = set(held_raw or ())
+    # an MCP tool Tether calls itself (an undo, a pre-image read) is declared to be pinned, not to be held
+    called_by_tether = {(c.upstream, t.tool) for c in caps.values() if isinstance(c, McpCapabilityConfig)
+                        for t in (c.undo, c.pre_image) if t is not None}
     for agent, ac in rules.agents.items():
         for i, g in enumerate(ac.grants):
             held.add(g.capability)
@@ -277,13 +293,24 @@ def _lints(rules: RulesFile, traffic: Any, held_raw: set[str] | None = None) -> 
             yield ("WARNING", f"capabilities.{name}.compensation",
                    f"capability {name!r} streams its request body, so Tether cannot plan its undo from it: inside "
                    "a transaction it is refused live (say compensation: none to make that explicit)", "streamed-body")
+        if isinstance(cap, McpCapabilityConfig):
+            if cap.needs_review:
+                yield ("WARNING", f"capabilities.{name}.needs_review", f"not confirmed yet: {cap.needs_review} "
+                       "(delete needs_review once a person has checked it)", "needs-review")
+            b = cap.body
+            if cap.resolved_effect == "write" and (b is None or (b.allow_fields is None and b.json_schema is None)):
+                yield ("WARNING", f"capabilities.{name}", f"write tool {cap.tool} has no field rules on its "
+                       "arguments: add body.allow_fields or body.json_schema", "write-without-fields")
+            continue
         if cap.resolved_effect == "write" and cap.method != "DELETE" and not cap.stream_request:
             b = cap.body
             if b is None or (b.allow_fields is None and b.json_schema is None):
                 extra = " (only forbid_fields: a denylist)" if b is not None and b.forbid_fields else ""
                 yield ("WARNING", f"capabilities.{name}", f"write {cap.method} {cap.path} has no field rules{extra}: "
                        "add body.allow_fields or body.json_schema", "write-without-fields")
-    for name in caps:
+    for name, cap in caps.items():
+        if isinstance(cap, McpCapabilityConfig) and (cap.upstream, cap.tool) in called_by_tether:
+            continue
         if name not in held:
             yield ("WARNING", f"capabilities.{name}", "no agent holds this capability", "unheld-capability")
     if traffic is not None:
@@ -301,6 +328,8 @@ def _adapter_lints(rules: RulesFile) -> Any:
 
     out: dict[str, Any] = {}
     for name, up in rules.upstreams.items():
+        if isinstance(up, McpUpstreamConfig):
+            continue
         if not up.url:
             out[name] = None  # invalid upstream (already reported)
             continue

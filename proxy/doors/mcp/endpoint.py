@@ -62,7 +62,7 @@ from pydantic import ValidationError
 
 from ...errors import TetherError
 from ...policy.bodies import media_type, parse_json
-from . import jsonrpc as J
+from ...transport import jsonrpc as J
 from .backend import (
     McpAuthError,
     Principal,

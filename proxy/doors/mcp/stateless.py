@@ -30,7 +30,7 @@ from mcp_types import PROTOCOL_VERSION_META_KEY
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-from . import jsonrpc as J
+from ...transport import jsonrpc as J
 from .backend import McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownTool
 from .wire import _first_error, _Progress, _Refuse, _sse_event
 

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from . import jsonrpc as J
+from ...transport import jsonrpc as J
 from .backend import Principal
 from .sessions import Session
 
