@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ class GatewayProcess:
         self.args = args or []
         self.proc: subprocess.Popen[str] | None = None
         self.banner: dict[str, Any] = {}
+        self._buf = b""
         self.stderr_path = workdir / f"gateway-{time.monotonic_ns()}.log"
 
     def start(self, timeout: float = 20.0) -> "GatewayProcess":
@@ -38,8 +40,8 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
+            line = self.read_line(deadline)
+            if line is None:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.stderr_path.read_text()}")
                 continue
@@ -51,6 +53,26 @@ class GatewayProcess:
                 self.banner = doc
                 return self
         raise RuntimeError(f"gateway not ready in {timeout}s: {self.stderr_path.read_text()}")
+
+    def read_line(self, deadline: float) -> str | None:
+        """The next line the gateway printed, or None at the deadline or at its end. Reads the pipe itself
+        (no hidden buffer for select to miss), so it never blocks past the deadline: a gateway that prints
+        nothing fails its test instead of hanging the run."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode("utf-8", "replace") + "\n"
 
     @property
     def pid(self) -> int:

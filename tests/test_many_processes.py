@@ -103,18 +103,14 @@ class Two:
 def wait_for_banners(proc: GatewayProcess, n: int, timeout: float = 30.0) -> None:
     """The first worker's banner was read by start(); wait for the other workers' (they print one each)."""
     assert proc.proc is not None and proc.proc.stdout is not None
-    import select
-
     seen = 1
     deadline = time.monotonic() + timeout
     while seen < n and time.monotonic() < deadline:
-        # never block past the deadline: a worker that never prints would otherwise hang the suite
-        ready, _, _ = select.select([proc.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        line = proc.read_line(deadline)  # never blocks past the deadline
+        if line is None:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {proc.log()}")
             break
-        line = proc.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"gateway exited: {proc.log()}")
         if '"event": "ready"' in line or '"event":"ready"' in line:
             seen += 1
     if seen < n:
