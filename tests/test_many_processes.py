@@ -118,11 +118,21 @@ def wait_for_banners(proc: GatewayProcess, n: int, timeout: float = 30.0) -> Non
 
 
 def worker_pids(parent: int) -> list[int]:
+    """The parent's workers (named tether-worker; its short-lived store helpers are tether-helper)."""
     try:
         with open(f"/proc/{parent}/task/{parent}/children") as f:
-            return [int(x) for x in f.read().split()]
+            pids = [int(x) for x in f.read().split()]
     except OSError:
         return []
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "tether-worker":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 StartTwo = Callable[..., Awaitable[Two]]

@@ -136,14 +136,56 @@ def _serve_workers(rules: RulesFile, config_path: str | None, workers: int) -> i
     """Fork ``workers`` processes that share the listeners (SO_REUSEPORT) and the store, and supervise
     them (:class:`_Supervisor`). The store is prepared first — created, switched to WAL, migrated — so
     that workers opening it at once never race over a fresh file."""
-    from ..store import StoreUnavailable
-
-    try:
-        run_async(_prepare_store(rules))
-    except StoreUnavailable as exc:
-        print(f"tether: store unavailable: {exc}", file=sys.stderr)
+    code, why = _in_child(lambda: _prepare_store(rules))
+    if code != 0:
+        print(f"tether: store unavailable: {why or f'exit code {code}'}", file=sys.stderr)
         return 1
     return _Supervisor(rules, config_path, workers).run()
+
+
+def set_process_name(name: str) -> None:
+    """Name this process as ``ps``/``top`` show it (Linux: /proc/<pid>/comm; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - a name is a nicety
+        pass
+
+
+def _in_child(make_coro: Any, *, wait: bool = True) -> tuple[int, str]:
+    """Run a coroutine in a short-lived child process: (exit code, its error message).
+
+    The supervising parent forks workers for as long as it lives, so it never runs an event loop or a
+    store itself: uvloop's and aiosqlite's threads (and SQLite's own mutexes) could be held at the moment
+    of a fork, and a worker would then wait forever on a lock nobody will release — a gateway that never
+    becomes ready. Store work (preparing it, journaling a worker's death) runs in a child that exits."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        set_process_name("tether-helper")
+        code = 0
+        try:
+            run_async(make_coro())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            code = 1
+            try:
+                os.write(w, f"{exc}".encode("utf-8", "replace")[:2000])
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(w)
+    if not wait:
+        os.close(r)
+        return 0, ""
+    _, status = os.waitpid(pid, 0)
+    try:
+        why = os.read(r, 4096).decode("utf-8", "replace").strip()
+    finally:
+        os.close(r)
+    return os.waitstatus_to_exitcode(status), why
 
 
 async def _prepare_store(rules: RulesFile) -> None:
@@ -198,6 +240,7 @@ class _Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(r)
+            set_process_name("tether-worker")
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(s, signal.SIG_DFL)
             errors: list[str] = []
@@ -225,10 +268,10 @@ class _Supervisor:
                     pass
 
     def journal(self, event: str, **fields: Any) -> None:
-        try:
-            run_async(_journal_event(self.rules, event, **fields))
-        except Exception as exc:  # noqa: BLE001 - the workers journal their own start either way
-            print(f"tether: could not journal {event}: {exc}", file=sys.stderr)
+        """Journal a supervisor event from a child process (see :func:`_in_child`)."""
+        code, why = _in_child(lambda: _journal_event(self.rules, event, **fields))
+        if code != 0:  # the workers journal their own start either way
+            print(f"tether: could not journal {event}: {why or f'exit code {code}'}", file=sys.stderr)
 
     def run(self) -> int:
         import signal
