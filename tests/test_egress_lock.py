@@ -245,8 +245,8 @@ class Lab:
     def choose_privileges(self) -> None:
         """Other user ids must be able to read Python and the checkout; if they cannot (a checkout under
         /root, say), lend them CAP_DAC_READ_SEARCH — file reading only, nothing the lock looks at."""
-        check = [sys.executable, "-c", "import sys, aiohttp, yaml, proxy.cli.main; "
-                 f"sys.exit(0 if proxy.cli.main.__file__.startswith({str(ROOT / 'proxy')!r}) else 'not this checkout')"]
+        check = [sys.executable, "-c", "import sys, aiohttp, yaml, proxy.cli; "
+                 f"sys.exit(0 if proxy.cli.__file__.startswith({str(ROOT / 'proxy')!r}) else 'not this checkout')"]
         for caps in ([], ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]):
             self.setpriv_caps = caps
             res = _run(*self.as_uid(AGENT_UID), *check, check=False, cwd=self.dir, env=_clean_env())
