@@ -105,6 +105,8 @@ class McpUpstreamRuntime:
                 await asyncio.wait_for(asyncio.shield(self.refresh("start")), wait)
             except (asyncio.TimeoutError, TimeoutError):
                 log.warning("MCP upstream %s: tools not listed within %gs; hidden until they are", self.name, wait)
+            except Exception:  # noqa: BLE001 - the listing failed (logged, reported): hidden, the loop retries
+                pass
 
     async def close(self) -> None:
         self.closed = True
