@@ -58,7 +58,7 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
     rules["upstreams"]["crmtool"] = {
         "kind": "mcp", "command": [sys.executable, str(CRM), "stdio"],
         "env": {"MCP_CRM_STATE": str(tmp / "crm.json"), "MCP_CRM_CALLS": str(tmp / "calls.jsonl")},
-        "client_capabilities": ["sampling"], "timeouts": {"call": 3}, **upstream}
+        "client_capabilities": ["sampling"], "timeouts": {"call": 3}, "max_result_bytes": "64KB", **upstream}
 
     def tool(name: str, **kw: Any) -> dict[str, Any]:
         return {"upstream": "crmtool", "tool": name, "pin": pins[name], **kw}
@@ -81,6 +81,8 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         "crm.progress_steps": tool("progress_steps", effect="read"),
         "crm.ask_sampling": tool("ask_sampling", effect="read"),
         "crm.rug_pull": tool("rug_pull"),
+        "crm.stats": tool("stats", effect="read"),
+        "crm.big": tool("big", effect="read"),
         "crm.follow_up": {"upstream": "crmtool", "prompt": "follow_up"},
         "crm.customer_doc": {"upstream": "crmtool", "resource": "crm://customers/{id}"},
     })
@@ -91,6 +93,7 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         {"capability": "crm.delete_customer", **live}, {"capability": "crm.annotate", **live},
         {"capability": "crm.rug_pull", **live}, "crm.follow_up", "crm.customer_doc"]
     rules["agents"]["drafter"] = {"grants": ["crm.get_customer", "crm.create_customer"]}  # writes: dry-run
+    rules["agents"]["auditor"] = {"grants": ["crm.stats", "crm.big", "crm.slow"]}
     return rules
 
 
@@ -229,6 +232,7 @@ async def test_refused_calls_never_reach_the_server(gw: GatewayHandle, crm: Crm)
     assert {"capability_not_granted", "intent_required", "field_not_allowed", "bad_request"} <= denied
 
 
+@pytest.mark.stores  # review items and transaction steps: both stores
 async def test_dry_run_is_captured_approved_and_replayed_exactly_once(gw: GatewayHandle, crm: Crm) -> None:
     async with tools(gw, "drafter", on_behalf_of="ae:jane@acme.example") as s:
         res = await s.call_tool("crm_create_customer", {"name": "Grace", "email": "grace@example.com",
@@ -273,6 +277,7 @@ async def test_dry_run_is_captured_approved_and_replayed_exactly_once(gw: Gatewa
     assert all(r["method"] == "tools/call" and r["path"] == "create_customer" for r in replayed)
 
 
+@pytest.mark.stores  # review items and transaction steps: both stores
 async def test_a_transaction_of_tool_calls_is_rolled_back_newest_first(gw: GatewayHandle, crm: Crm) -> None:
     crm.put("cus_acme", name="Acme", email="old@acme.example")
     async with tools(gw) as s:
@@ -332,6 +337,7 @@ async def test_a_record_changed_behind_the_agent_is_a_conflict_not_overwritten(g
     assert [c["tool"] for c in crm.calls()] == ["get_customer", "update_customer", "get_customer"]
 
 
+@pytest.mark.stores  # review items and transaction steps: both stores
 async def test_a_deadline_rollback_by_the_sweep_undoes_tool_steps(gw: GatewayHandle, crm: Crm) -> None:
     """Crash recovery: an open transaction past its deadline is rolled back by the sweep (which also runs at
     start), its tool steps undone from the store alone."""
@@ -466,3 +472,23 @@ async def test_a_reload_keeps_an_unchanged_upstream_and_rechecks_pins(gw: Gatewa
             break
         await asyncio.sleep(0.05)
     assert rt.closed
+
+
+async def test_cancellation_reaches_the_server_and_huge_results_are_refused(gw: GatewayHandle) -> None:
+    import anyio
+
+    async with tools(gw, "auditor") as s:
+        with anyio.move_on_after(1.0):  # the client gives up: the SDK sends notifications/cancelled
+            await s.call_tool("crm_slow", {"seconds": 2.5})
+        for _ in range(100):
+            stats = (await s.call_tool("crm_stats", {})).structured_content
+            if stats["cancelled"]:
+                break
+            await asyncio.sleep(0.05)
+        assert len(stats["cancelled"]) == 1  # the server stopped the call: Tether passed the cancellation on
+        res = await s.call_tool("crm_big", {"size": 200_000})  # over the upstream's max_result_bytes
+        assert err(res) == "upstream_response_too_large"
+        assert (await s.call_tool("crm_big", {"size": 10})).content[0].text == "x" * 10
+    recs = await gw.journal()
+    slow = [r for r in recs if r["kind"] == "outcome" and r.get("capability") == "crm.slow"]
+    assert slow and slow[0]["error"] == "call_cancelled"
