@@ -492,3 +492,32 @@ async def test_cancellation_reaches_the_server_and_huge_results_are_refused(gw: 
     recs = await gw.journal()
     slow = [r for r in recs if r["kind"] == "outcome" and r.get("capability") == "crm.slow"]
     assert slow and slow[0]["error"] == "call_cancelled"
+
+
+async def test_rules_cases_run_beside_an_mcp_upstream_without_starting_it(tmp_path: Path, upstream: Any) -> None:
+    """`tether rules test` judges REST cases; a rules file with an MCP upstream is served without it (its
+    server is never started) and its capabilities and grants are left out of the case run."""
+    import yaml
+
+    from proxy.cli.casetest import run_cases
+
+    rules = crm_rules(upstream.url, str(tmp_path / "unused.db"), tmp_path)
+    marker = tmp_path / "started"
+    rules["upstreams"]["crmtool"]["command"] = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    (tmp_path / "r.cases.yaml").write_text(yaml.safe_dump({"rules": "r.yaml", "cases": [
+        {"name": "a REST read", "agent": "bot", "request": {"method": "GET", "path": "/api/contacts/1", "upstream": "crm"},
+         "expect": {"decision": "live", "capability": "contact.read"}},
+        {"name": "a REST write not granted", "agent": "other-bot",
+         "request": {"method": "DELETE", "path": "/api/contacts/1", "upstream": "crm"},
+         "expect": {"decision": "denied", "code": "capability_not_granted"}}]}))
+    results = await run_cases(tmp_path / "r.cases.yaml")
+    assert [r.ok for r in results] == [True, True], [r.describe() for r in results]
+    assert not marker.exists()
+
+
+async def test_the_rest_door_does_not_reach_an_mcp_upstream(gw: GatewayHandle, crm: Crm) -> None:
+    r = await gw.request("POST", "/mcp", upstream="crmtool", json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                                                  "params": {"name": "delete_customer"}})
+    assert r.status in (403, 404)
+    assert crm.calls() == []
