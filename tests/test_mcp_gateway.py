@@ -251,6 +251,12 @@ async def test_dry_run_is_captured_approved_and_replayed_exactly_once(gw: Gatewa
         text = item["headline"]["text"]
         assert "wants to call tool create_customer on upstream crmtool" in text and "add Grace" in text
         assert "grace@example.com" not in text  # a sensitive argument is redacted in headlines
+        from proxy.cli.review import render_item
+
+        shown = render_item(item)  # `tether review show`
+        assert "Tool create_customer on MCP upstream crmtool, called with:" in shown and '"name": "Grace"' in shown
+        r = await gw.admin("GET", f"/api/review/items/{item_id}/diff")
+        assert r.status == 200 and {f["field"] for f in (await r.json())["fields"]} == {"name", "email"}
         r = await gw.admin("GET", "/api/review/items?state=pending")
         assert r.status == 200 and [i["id"] for i in (await r.json())["items"]] == [item_id]
         # an edit is checked against the capability's rules again: refused, nothing called
