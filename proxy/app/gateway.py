@@ -94,6 +94,7 @@ class Gateway:
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._in_flight = 0
         self._background: list[asyncio.Future[Any]] = []
+        self._retiring: set[McpUpstreamRuntime] = set()  # MCP clients a reload replaced, closing once idle
         self.counters: dict[tuple[str, str, str], int] = {}
 
     def _mount_mcp(self) -> None:
@@ -218,7 +219,8 @@ class Gateway:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(rt.close() for rt in self.state.mcp_upstreams.values()), return_exceptions=True)
+        await asyncio.gather(*(rt.close() for rt in [*self.state.mcp_upstreams.values(), *self._retiring]),
+                             return_exceptions=True)
         await self.governance.stop()
         try:
             await self.journal.write(base_record("system", event="stopped", instance=self.instance_id))
@@ -295,7 +297,10 @@ class Gateway:
         await self._start_mcp_upstreams([rt for rt in new.values() if not rt.started])
         for rt in old.values():
             if id(rt) not in kept:
-                self._background.append(asyncio.ensure_future(rt.close_when_idle(rt.cfg.timeouts.call)))
+                self._retiring.add(rt)
+                task = asyncio.ensure_future(rt.close_when_idle(rt.cfg.timeouts.call))
+                task.add_done_callback(lambda _t, rt=rt: self._retiring.discard(rt) if rt.closed else None)
+                self._background.append(task)
 
     def _mcp_event(self, event: dict[str, Any]) -> None:
         """An MCP upstream client's event (sessions, server→client requests, stray messages): journaled."""

@@ -109,6 +109,8 @@ class McpUpstreamRuntime:
                 pass
 
     async def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         for t in (self._loop, self._pending):
             if t is not None:
