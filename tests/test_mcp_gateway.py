@@ -205,6 +205,10 @@ async def test_reads_and_live_writes_reach_the_server_and_the_journal_keeps_dige
     # the result itself is never journaled (only its digest): the server-minted id appears nowhere
     assert cid not in json.dumps(recs)
     assert "ada@example.com" not in json.dumps(recs)
+    r = await gw.admin("GET", "/api/stats?since=1h&buckets=4")  # the console's charts count the MCP upstream
+    assert r.status == 200
+    stats = await r.json()
+    assert sum(stats["upstreams"]["crmtool"]["requests"]) == 4 and sum(stats["agents"]["bot"]["requests"]) >= 4
 
 
 async def test_refused_calls_never_reach_the_server(gw: GatewayHandle, crm: Crm) -> None:

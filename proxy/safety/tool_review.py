@@ -125,8 +125,7 @@ async def replay_tool(svc: Any, item: dict[str, Any], reviewer: Identity, edited
     intent_rec.update({"reviewer": reviewer.agent, "review_item": item["id"],
                        "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
                        "edited": edited_body is not None, "rules_version": gw.state.registry.version,
-                       "tx": item.get("tx"), "on_behalf_of_proof": item.get("on_behalf_of_proof"),
-                       "mcp": {"tool": tool, "upstream_tool": True}})
+                       "tx": item.get("tx"), "on_behalf_of_proof": item.get("on_behalf_of_proof")})
     t0 = time.perf_counter()
     try:
         seq = await gw.journal.write(intent_rec)
