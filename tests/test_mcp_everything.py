@@ -131,15 +131,24 @@ async def test_server_everything_behind_tether(make_gateway: Any, upstream: Any,
         # the server says it is not read-only; the rules say write, and dry-run (no mode: never live by default)
         "ev.toggle-simulated-logging": {"upstream": "ev", "tool": "toggle-simulated-logging",
                                         "pin": pins["toggle-simulated-logging"]},
+        # a tool with a strict outputSchema, granted as a write (dry-run): its "captured" answer must not be
+        # held to that schema by the client
+        "ev.get-structured-content": {"upstream": "ev", "tool": "get-structured-content",
+                                      "pin": pins["get-structured-content"]},
         # pinned to another definition than the one the server lists (a rug pull, seen at start)
         "ev.get-tiny-image": {"upstream": "ev", "tool": "get-tiny-image", "effect": "read",
                               "pin": "sha256:" + "ab" * 32},
     })
-    rules["agents"]["bot"]["grants"] = ["ev.echo", "ev.get-sum", "ev.toggle-simulated-logging", "ev.get-tiny-image"]
+    rules["agents"]["bot"]["grants"] = ["ev.echo", "ev.get-sum", "ev.toggle-simulated-logging", "ev.get-tiny-image",
+                                        "ev.get-structured-content"]
     gw = await make_gateway(rules)
     async with tools(gw) as s:
         listed = {t.name: t for t in (await s.list_tools()).tools}
-        assert {n for n in listed if n.startswith("ev_")} == {"ev_echo", "ev_get-sum", "ev_toggle-simulated-logging"}
+        assert {n for n in listed if n.startswith("ev_")} == {"ev_echo", "ev_get-sum", "ev_toggle-simulated-logging",
+                                                              "ev_get-structured-content"}
+        assert listed["ev_get-structured-content"].output_schema is None
+        res = await s.call_tool("ev_get-structured-content", {"location": "New York", "intent": "weather, reviewed"})
+        assert res.is_error is False and res.structured_content["dry_run"] is True
         assert "review" in listed["ev_toggle-simulated-logging"].description
         assert "intent" in listed["ev_toggle-simulated-logging"].input_schema["required"]
         # granted read-only tools, live

@@ -328,8 +328,10 @@ class ToolCatalog:
                 parts.append(QUARANTINE_WORDS)
             parts.append(f"Say why in '{tether_arg_names(listed.input_schema)[0]}'.")
         title = (listed.title or "").strip() or cap.name
+        # a write may be answered "captured for review" instead of its output: no outputSchema to hold it to
         return Tool(name=name, title=title, description=" ".join(parts),
-                    input_schema=upstream_tool_schema(cap, listed), output_schema=listed.output_schema,
+                    input_schema=upstream_tool_schema(cap, listed),
+                    output_schema=None if cap.is_write else listed.output_schema,
                     annotations=ToolAnnotations(title=title, read_only_hint=not cap.is_write,
                                                 destructive_hint=True if cap.is_write else None,
                                                 idempotent_hint=not cap.is_write, open_world_hint=True))
