@@ -620,6 +620,13 @@ class McpUpstreamConfig(Model):
     listen: bool = Field(True, description="url: open the server's GET stream for notifications "
                                            "(tools/list_changed)")
     restart: McpRestart = McpRestart()
+    refresh_interval: Duration = Field(300.0, gt=0, description="list the server's tools again this often (also on "
+                                                                "tools/list_changed and after a reconnection) and check "
+                                                                "them against their pins")
+    tool_names: Literal["capability", "bare"] = Field(
+        "capability", description="the name an agent sees for a tool: from the capability id (`crm.create_customer` "
+                                  "-> crm_create_customer, the default), or `bare`: the server's own tool name "
+                                  "(a transparent proxy, e.g. for conformance runs; a collision gets a hash suffix)")
     rate_limit: RateLimit | None = None
     verify_tls: bool = True
     ca_file: Path | None = None
@@ -827,6 +834,16 @@ class McpCapabilityConfig(Model):
     @property
     def stream_request(self) -> bool:
         return False
+
+    @property
+    def journal(self) -> Literal["before_forward"]:
+        """Every tool call's intent record is committed before the call goes: a server's "read" tool is
+        its word, not Tether's (the REST reads' ``while_forwarding`` does not apply)."""
+        return "before_forward"
+
+    @property
+    def title(self) -> str:
+        return ""
 
 
 def _capability_kind(v: Any) -> str:
@@ -1234,7 +1251,8 @@ class AlertTarget(Model):
     url: str
     format: Literal["json", "slack"] = "json"
     events: list[Literal["quarantine", "needs_attention", "review_queue_depth", "rules_reload_failed",
-                         "journal_unavailable", "review_pending", "quota_low"]] | None = Field(
+                         "journal_unavailable", "review_pending", "quota_low",
+                         "tool_definition_changed"]] | None = Field(
         None, description="events to send (default: all but review_pending, which is sent only when listed)")
 
 

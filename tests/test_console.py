@@ -685,3 +685,42 @@ def test_the_screenshot_script_writes_every_screen(tmp_path):
     for p in tmp_path.glob("*.png"):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p.name
+
+
+async def test_a_tool_items_and_tool_steps_read_in_the_console(console, upstream, tmp_path):
+    """A captured call of an MCP upstream's tool (kind: tool) and a transaction of tool calls, in the page:
+    the headline names the tool, the detail shows its arguments, approval calls it once; the steps show the
+    undo tool."""
+    from tests.test_mcp_gateway import Crm, crm_rules, tools  # the fake CRM behind Tether (needs the mcp SDK)
+
+    crm = Crm(tmp_path)
+    gw = await console.gateway(crm_rules(upstream.url, str(tmp_path / "t.db"), tmp_path))
+    async with tools(gw, "drafter", on_behalf_of="ae:jane@acme") as s:
+        res = await s.call_tool("crm_create_customer", {"name": "Dee", "email": "dee@example.com",
+                                                        "intent": "add Dee from the fair"})
+        item = res.structured_content["review_item"]
+    async with tools(gw) as s:
+        tx = (await s.call_tool("tether_transaction_begin", {"name": "tool tx"})).structured_content["id"]
+        await s.call_tool("crm_create_customer", {"name": "Eve", "email": "eve@example.com", "intent": "x",
+                                                  "transaction": tx})
+    page = await console.page(f"{gw.admin_url}/console/")
+    await sign_in(page, gw.reviewer_token("rita"))
+    await page.click(f'a.item-link[data-id="{item}"]')
+    await page.wait_for_selector("#item-headline")
+    headline = await page.inner_text("#item-headline")
+    assert "wants to call tool create_customer on upstream crmtool: name Dee" in headline
+    assert "dee@example.com" not in headline  # a sensitive argument
+    detail = await page.inner_text(".detail-pane")
+    assert "tools/call" in detail and "create_customer" in detail and '"name": "Dee"' in detail
+    await page.focus(f'a.item-link[data-id="{item}"]')
+    await page.keyboard.press("a")
+    await page.wait_for_selector("#action-dialog[open]")
+    await page.click("#action-submit")
+    await page.wait_for_selector("#flash:has-text('replayed')")
+    assert [c["arguments"]["name"] for c in crm.calls("create_customer")] == ["Eve", "Dee"]
+    await page.click("#nav a[data-screen=transactions]")
+    await page.click(f'a.item-link[data-id="{tx}"]')
+    await page.wait_for_selector(".tx-detail ol.steps li.step")
+    steps = await page.inner_text(".tx-detail ol.steps")
+    assert "crm.create_customer" in steps and "tools/call" in steps and "delete_customer" in steps
+    assert page.js_errors == []

@@ -26,6 +26,7 @@ from aiohttp import web
 from ..config import ConfigError, RulesFile, load_rules, parse_hostport
 from ..core.exchange import Exchange
 from ..core.listeners import Listener, admin_host_policy
+from ..core.mcp_upstreams import McpHooks, McpUpstreamRuntime
 from ..core.rules import RulesState, UpstreamRuntime, build_state
 from ..doors.responses import error_response, json_response
 from ..doors.rest.door import REST_DOOR
@@ -58,7 +59,10 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None  # auxiliary calls (OAuth, alert webhooks)
         self.upstream_client = UpstreamClient()  # agent traffic, replays, undo steps
         self.keysets = KeySets()  # identity providers' keys, kept across rules reloads
-        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>", self.keysets)
+        self.mcp_hooks = McpHooks(on_event=self._mcp_event, on_pin_problem=self._mcp_pin_problem,
+                                  on_listing_failed=self._mcp_listing_failed, on_tools_changed=self._tools_changed)
+        self.state: RulesState = build_state(rules, self._get_session, rules_path or "<rules>", self.keysets,
+                                             mcp_hooks=self.mcp_hooks)
         self.store: Store = store or open_store(rules.server.store, synchronous=rules.server.journal.synchronous)
         from ..journal.checkpoint import signer_from_config
 
@@ -90,6 +94,7 @@ class Gateway:
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._in_flight = 0
         self._background: list[asyncio.Future[Any]] = []
+        self._retiring: set[McpUpstreamRuntime] = set()  # MCP clients a reload replaced, closing once idle
         self.counters: dict[tuple[str, str, str], int] = {}
 
     def _mount_mcp(self) -> None:
@@ -129,6 +134,7 @@ class Gateway:
             await self.governance.start()
             await self.journal.write(base_record("system", event="started", instance=self.instance_id,
                                                  rules_version=self.state.registry.version, pid=os.getpid()))
+            await self._start_mcp_upstreams(self.state.mcp_upstreams.values())
             await self._start_listeners()
         except BaseException:
             await self.stop(grace=0)
@@ -213,6 +219,8 @@ class Gateway:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(rt.close() for rt in [*self.state.mcp_upstreams.values(), *self._retiring]),
+                             return_exceptions=True)
         await self.governance.stop()
         try:
             await self.journal.write(base_record("system", event="stopped", instance=self.instance_id))
@@ -254,13 +262,16 @@ class Gateway:
             return False, "no rules file to reload"
         try:
             rules = load_rules(path)
-            new_state = build_state(rules, self._get_session, path, self.keysets)
+            new_state = build_state(rules, self._get_session, path, self.keysets, previous=self.state,
+                                    mcp_hooks=self.mcp_hooks)
         except ConfigError as exc:
             log.error("rules reload rejected; the previous rules stay in force: %s", exc)
             await self.journal_system("rules_reload_failed", error=str(exc), source=source)
             await self.governance.alert("rules_reload_failed", {"file": path, "error": str(exc)})
             return False, str(exc)
+        old_mcp = self.state.mcp_upstreams
         self.state = new_state
+        await self._swap_mcp_upstreams(old_mcp, new_state.mcp_upstreams)
         for lst in self.listeners:
             if lst.upstream_name:
                 lst.upstream = new_state.upstreams.get(lst.upstream_name)
@@ -271,6 +282,48 @@ class Gateway:
         await self.journal_system("rules_reloaded", rules_version=new_state.registry.version, source=source)
         log.info("rules reloaded (version %s)", new_state.registry.version)
         return True, new_state.registry.version
+
+    # -- MCP upstreams ------------------------------------------------------------------------------
+
+    async def _start_mcp_upstreams(self, runtimes: Any) -> None:
+        """Start MCP upstreams' clients and list their tools, waiting briefly (a server that is down
+        leaves its tools hidden until it answers: Tether starts anyway)."""
+        await asyncio.gather(*(rt.start(wait=min(rt.cfg.timeouts.connect, 10.0)) for rt in runtimes))
+
+    async def _swap_mcp_upstreams(self, old: dict[str, McpUpstreamRuntime], new: dict[str, McpUpstreamRuntime]) -> None:
+        """After a reload: new clients started, replaced ones closed once their calls end (kept ones,
+        whose configuration did not change, keep their session and their stdio process)."""
+        kept = {id(rt) for rt in new.values()}
+        await self._start_mcp_upstreams([rt for rt in new.values() if not rt.started])
+        for rt in old.values():
+            if id(rt) not in kept:
+                self._retiring.add(rt)
+                task = asyncio.ensure_future(rt.close_when_idle(rt.cfg.timeouts.call))
+                task.add_done_callback(lambda _t, rt=rt: self._retiring.discard(rt) if rt.closed else None)
+                self._background.append(task)
+
+    def _mcp_event(self, event: dict[str, Any]) -> None:
+        """An MCP upstream client's event (sessions, server→client requests, stray messages): journaled."""
+        ev = dict(event)
+        name = str(ev.pop("event", "mcp_upstream"))
+        try:
+            self.journal.submit(base_record("mcp", event=name, **ev))
+        except Exception:  # noqa: BLE001 - the journal reports its own failures
+            log.debug("could not journal %s", name)
+
+    async def _mcp_pin_problem(self, upstream: str, st: Any) -> None:
+        """A pinned tool the server lists differently (or not at all): hidden and refused; journaled and
+        alerted once per new definition."""
+        await self.governance.alert("tool_definition_changed", {
+            "upstream": upstream, "tool": st.tool_name, "state": st.state, "expected": st.expected,
+            "actual": st.actual, "capabilities": list(st.capabilities), "reason": st.reason})
+
+    async def _mcp_listing_failed(self, upstream: str, why: str) -> None:
+        await self.journal_system("mcp_tools_unlisted", upstream=upstream, error=why)
+
+    def _tools_changed(self) -> None:
+        if self.mcp is not None:
+            self.mcp.tools_changed()
 
     async def journal_system(self, event: str, **fields: Any) -> None:
         try:
@@ -364,6 +417,11 @@ class Gateway:
                 creds[name] = f"unavailable: {exc}"
                 ok = False
         checks["credentials"] = creds
+        if self.state.mcp_upstreams:  # reported, not a readiness condition (as a REST upstream that is down)
+            checks["mcp_upstreams"] = {
+                n: f"ok ({sum(1 for s in rt.pins.values() if s.state == 'ok')} of {len(rt.pins)} pinned tools)"
+                if rt.tools is not None else f"tools hidden: {rt.listing_error}"
+                for n, rt in self.state.mcp_upstreams.items()}
         id_ok, checks["identity"] = self.state.verifier.readiness()
         return ok and id_ok, checks
 

@@ -144,6 +144,16 @@ def _test_rules(rules: RulesFile, sink_url: str, store: str) -> tuple[RulesFile,
     doc["governance"]["error_budget"] = {"min_requests": 10**9}
     for a in doc["agents"].values():
         a["error_budget"] = None
+    # MCP upstreams are left out (a case is a REST request; Tether would start their servers), with their
+    # capabilities and the grants of them
+    mcp_ups = {n for n, up in doc["upstreams"].items() if up.get("kind") == "mcp"}
+    mcp_caps = {n for n, c in doc["capabilities"].items() if c.get("upstream") in mcp_ups}
+    for n in mcp_ups:
+        del doc["upstreams"][n]
+    for n in mcp_caps:
+        del doc["capabilities"][n]
+    for a in doc["agents"].values():
+        a["grants"] = [g for g in a["grants"] if (g if isinstance(g, str) else g["capability"]) not in mcp_caps]
     for up in doc["upstreams"].values():
         up.update({"url": sink_url, "listen": None, "tls": None, "credentials": {"type": "none"},
                    # the sink is plain http on loopback: no proxy, no upstream TLS settings
@@ -178,7 +188,8 @@ async def run_cases(cases_path: Path, rules_path: Path | None = None) -> list[Ca
 
 async def _run_one(gw: Any, s: aiohttp.ClientSession, base: str, case: Case, rules: RulesFile, mint: Any) -> CaseResult:
     req = case.request
-    upstream = req.upstream or (next(iter(rules.upstreams)) if len(rules.upstreams) == 1 else None)
+    rest = rules.rest_upstreams
+    upstream = req.upstream or (next(iter(rest)) if len(rest) == 1 else None)
     want = case.expect.model_dump(exclude_none=True)
     if upstream is None:
         return CaseResult(case.name, False, {"error": "request.upstream is required (several upstreams)"}, want)

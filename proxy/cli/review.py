@@ -71,7 +71,10 @@ def render_item(it: dict[str, Any]) -> str:
         for f in fields:
             old = f"{inert(show_value(f['from']))} → " if f.get("known") else ""
             lines.append(f"  {inert(f['label']):<{width}}  {old}{inert(show_value(f['to']))}")
-    lines += ["", inert(f"{req['method']} {req['path']}{'?' + req['query'] if req.get('query') else ''}")]
+    if req.get("kind") == "tool":  # a call of an MCP upstream's tool: the tool and its arguments
+        lines += ["", inert(f"Tool {req.get('tool')} on MCP upstream {it['upstream']}, called with:")]
+    else:
+        lines += ["", inert(f"{req['method']} {req['path']}{'?' + req['query'] if req.get('query') else ''}")]
     for k, v in req.get("headers") or []:
         lines.append(inert(f"{k}: {v}"))
     if req.get("content_type"):
@@ -82,7 +85,10 @@ def render_item(it: dict[str, Any]) -> str:
     elif req.get("body_text"):
         lines += ["", inert(req["body_text"])]
     syn = it.get("synthetic") or {}
-    lines += ["", f"Synthetic response given to the agent: {syn.get('status')}"]
+    if req.get("kind") == "tool":
+        lines += ["", "The agent was told the call is pending review (nothing was called)."]
+    else:
+        lines += ["", f"Synthetic response given to the agent: {syn.get('status')}"]
     if syn.get("body") is not None:
         lines.append(_json(syn["body"]))
     dec = it.get("decision")
@@ -93,7 +99,11 @@ def render_item(it: dict[str, Any]) -> str:
     rep = it.get("replay")
     if rep:
         how = "replayed with the reviewer's edits" if (dec or {}).get("edited") else "replayed as sent"
-        lines.append(inert(f"Replay      {how}: upstream answered {rep.get('status') or rep.get('error')}"))
+        if req.get("kind") == "tool" and rep.get("status"):
+            lines.append(inert(f"Replay      {how}: the tool answered" + (" an error" if rep.get("is_error") else "")
+                               + (f" (result sha256 {rep['result_sha256']})" if rep.get("result_sha256") else "")))
+        else:
+            lines.append(inert(f"Replay      {how}: upstream answered {rep.get('status') or rep.get('error')}"))
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ it is in force (an exchange keeps the snapshot it started with, so a reload neve
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters import AdapterOptionsError, get_adapter, vendor_headers
@@ -24,6 +24,7 @@ from ..policy.registry import Registry
 from ..transport.egress import Egress, EgressError, build_egress
 from ..transport.forward import NO_NEEDLES, Needles, credential_needles
 from ..transport.upstream_http import OriginPool
+from .mcp_upstreams import McpHooks, McpUpstreamRuntime, build_mcp_runtimes
 
 log = logging.getLogger("tether.rules")
 
@@ -32,6 +33,8 @@ _VENDOR_HEADERS = vendor_headers()
 
 class UpstreamRuntime:
     """One upstream, ready to use: adapter, credential injector, header policy, timeouts, TLS."""
+
+    is_mcp = False  # an MCP upstream's runtime is proxy.core.mcp_upstreams.McpUpstreamRuntime
 
     def __init__(self, name: str, cfg: UpstreamConfig, adapter: Adapter, session_getter: Any,
                  egress: Egress | None = None) -> None:
@@ -95,16 +98,24 @@ class RulesState:
 
     rules: RulesFile
     registry: Registry
-    upstreams: dict[str, UpstreamRuntime]
+    upstreams: dict[str, UpstreamRuntime]  # REST upstreams (what the REST door routes to)
     verifier: TokenVerifier
+    mcp_upstreams: dict[str, McpUpstreamRuntime] = field(default_factory=dict)  # kind: mcp (the MCP door's tools)
+
+    def mcp_version(self) -> tuple[int, ...]:
+        """Moves whenever an MCP upstream's listing or pin states do (part of the MCP door's tools_version)."""
+        return tuple(rt.version for rt in self.mcp_upstreams.values())
 
 
-def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None) -> RulesState:
+def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None, *,
+                previous: RulesState | None = None, mcp_hooks: McpHooks | None = None) -> RulesState:
     """Compile a validated rules file; ConfigError names anything that still cannot be built. ``keysets``
-    (proxy.policy.jwks.KeySets) keeps issuers' keys across reloads."""
+    (proxy.policy.jwks.KeySets) keeps issuers' keys across reloads. MCP upstreams get one client each
+    (unstarted: the gateway starts them), the ``previous`` state's kept when the upstream's configuration
+    is unchanged; ``mcp_hooks`` is how their runtimes report (journal, alerts, new tool lists)."""
     problems: list[tuple[str, str]] = []
     adapters: dict[str, Adapter] = {}
-    for name, up in rules.upstreams.items():
+    for name, up in rules.rest_upstreams.items():
         try:
             adapters[name] = get_adapter(up.adapter, up.adapter_options)
         except AdapterOptionsError as exc:
@@ -116,14 +127,14 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", ke
     if problems:
         raise ConfigError(file, problems)
     egress: dict[str, Egress] = {}
-    for name, up in rules.upstreams.items():
+    for name, up in rules.rest_upstreams.items():
         try:
             egress[name] = build_egress(name, up)
         except EgressError as exc:
             problems.append((exc.path, str(exc)))
     if problems:
         raise ConfigError(file, problems)
-    for name, up_cfg in rules.upstreams.items():
+    for name, up_cfg in rules.rest_upstreams.items():
         adapters[name].record_fields = tuple(up_cfg.provenance.record_fields.values())
     registry = Registry(rules, adapters)
     from ..policy.validation import BodyValidator
@@ -131,13 +142,20 @@ def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", ke
     for name, cap in registry.capabilities.items():
         if cap.config.body is not None:
             try:
+                ad = adapters.get(cap.upstream)  # none for an MCP upstream: arguments are plain JSON
                 registry.validators[name] = BodyValidator(name, cap.config.body,
-                                                          fold_case=adapters[cap.upstream].case_insensitive_fields)
+                                                          fold_case=ad is not None and ad.case_insensitive_fields)
             except Exception as exc:  # jsonschema.SchemaError and friends
                 problems.append((f"capabilities.{name}.body.json_schema", f"invalid JSON Schema: "
                                  f"{getattr(exc, 'message', exc)}"))
     if problems:
         raise ConfigError(file, problems)
-    upstreams = {n: UpstreamRuntime(n, rules.upstreams[n], adapters[n], session_getter, egress[n])
-                 for n in rules.upstreams}
-    return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier)
+    mcp = build_mcp_runtimes(rules, mcp_hooks, previous.mcp_upstreams if previous is not None else None, problems)
+    if problems:
+        raise ConfigError(file, problems)
+    rest = rules.rest_upstreams
+    upstreams = {n: UpstreamRuntime(n, rest[n], adapters[n], session_getter, egress[n]) for n in rest}
+    mcp_caps = rules.mcp_capabilities
+    for rt in mcp.values():  # last: a kept runtime is bound to these rules only once they compiled
+        rt.bind(mcp_caps)
+    return RulesState(rules=rules, registry=registry, upstreams=upstreams, verifier=verifier, mcp_upstreams=mcp)

@@ -19,6 +19,7 @@ upstream_quota         the upstream's shared quota at its reserve or "wait": 429
 stamp_provenance       agent, person, intent, event id into the written record (proxy.policy.provenance)
 prepare_compensation   inside a transaction: pre-image and undo plan (proxy.safety.transactions)
 forward                credentials, provenance, to the upstream and the answer back through the door
+                       (a tool of an MCP upstream: called over MCP instead, proxy.pipeline.tool_call)
 =====================  ======================================================================
 """
 
@@ -49,6 +50,7 @@ from ..safety.quota import check_upstream_quota
 from ..safety.ratelimit import rate_limit
 from ..safety.review import capture_dry_run
 from ..safety.transactions import prepare_compensation
+from .tool_call import call_tool
 from ..transport.forward import (
     SMALL_BODY,
     WHOLE_BODY_LIMIT,
@@ -319,6 +321,9 @@ _BODY_HEADERS = frozenset({"content-type", "content-encoding"})
 async def forward(gw: "Runtime", ex: Exchange) -> None:
     up = ex.upstream
     assert up is not None
+    if up.is_mcp:  # a tool of an MCP upstream: called over MCP, not sent over HTTP
+        await call_tool(gw, ex)
+        return
     body: Any = ex.body
     length: int | None = None
     stamped = ex.extra.get("forward_body")  # set by the stamp_provenance stage

@@ -35,7 +35,9 @@ class Capability:
     operation: str  # read/create/update/delete/upsert/action
     param_names: tuple[str, ...]
     param_patterns: tuple[re.Pattern[str] | None, ...]
-    config: CapabilityConfig
+    config: CapabilityConfig  # or McpCapabilityConfig (kind tool / resource / prompt)
+    kind: str = "rest"  # rest, or on an MCP upstream: tool / resource / prompt
+    target: str = ""  # MCP: the tool name, resource URI template or prompt name (the upstream's own words)
 
     @property
     def is_write(self) -> bool:
@@ -141,6 +143,8 @@ def _template_segments(template: str) -> list[str]:
 
 
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# what an MCP capability's operation is called in records (its "method"; its "path" is the tool name)
+_MCP_METHODS = {"tool": "tools/call", "resource": "resources/read", "prompt": "prompts/get"}
 
 
 class Registry:
@@ -152,11 +156,19 @@ class Registry:
         self.adapters = adapters
         self.validators: dict[str, Any] = {}  # capability -> BodyValidator (compiled at build time)
         self.capabilities: dict[str, Capability] = {}
-        self.routers: dict[str, Router] = {}
-        for up_name in rules.upstreams:
+        self.routers: dict[str, Router] = {}  # REST upstreams only: MCP capabilities are found by name
+        for up_name in rules.rest_upstreams:
             ad = adapters[up_name]
             self.routers[up_name] = Router(ad.case_insensitive_paths, ad.default_param_pattern)
+        mcp_caps = rules.mcp_capabilities
         for name, cc in rules.capabilities.items():
+            mc = mcp_caps.get(name)
+            if mc is not None:
+                self.capabilities[name] = Capability(
+                    name=name, upstream=mc.upstream, method=_MCP_METHODS[mc.kind], template=mc.target,
+                    effect=mc.resolved_effect, operation="action" if mc.resolved_effect == "write" else "read",
+                    param_names=(), param_patterns=(), config=mc, kind=mc.kind, target=mc.target)  # type: ignore[arg-type]
+                continue
             ad = adapters[cc.upstream]
             names = tuple(_PARAM_RE.findall(cc.path))
             patterns = tuple(

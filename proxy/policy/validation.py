@@ -352,6 +352,7 @@ def validator_for(registry: Any, cap: Any) -> BodyValidator | None:
     cache = registry.validators
     v = cache.get(cap.name)
     if v is None:
-        fold = registry.adapters[cap.upstream].case_insensitive_fields
+        ad = registry.adapters.get(cap.upstream)  # none for an MCP upstream's tool: plain JSON arguments
+        fold = ad is not None and ad.case_insensitive_fields
         v = cache[cap.name] = BodyValidator(cap.name, rules, fold_case=fold)
     return v

@@ -33,6 +33,7 @@ _TITLES = {
     "journal_unavailable": "Journal unavailable",
     "review_pending": "Review needed",
     "quota_low": "Upstream quota at its reserve: agents are held back",
+    "tool_definition_changed": "An MCP server changed a pinned tool: hidden and refused until re-approved",
 }
 # sent only to targets that list them (one alert per captured write is too many for a default)
 OPT_IN_EVENTS = frozenset({"review_pending"})

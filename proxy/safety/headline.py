@@ -20,7 +20,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import Adapter, Description, Operation
+import orjson
+
+from adapters.base import Adapter, Description, Operation, humanise
 
 if TYPE_CHECKING:
     from ..core.runtime import Runtime
@@ -199,6 +201,8 @@ def headline_for(gw: "Runtime", item: dict[str, Any], record: Any = None, *, rea
     ``record``: the record as it is now (read by the caller), for a single operation; ``read`` says the
     caller tried to read it (so ``complete`` is true even when there was nothing to read)."""
     agent = item.get("agent") or "an agent"
+    if (item.get("request") or {}).get("kind") == "tool":
+        return tool_headline(gw, item)
     found = operations_of(gw, item)
     if found is None:
         req = item.get("request") or {}
@@ -218,6 +222,38 @@ def headline_for(gw: "Runtime", item: dict[str, Any], record: Any = None, *, rea
     return {"text": text, "action": d0.action, "object": d0.kind, "name": d0.name, "record_id": d0.record_id,
             "fields": [_bounded(f) for f in fields0[:MAX_LISTED]] if len(parts) == 1 else [],
             "operations": len(parts), "complete": bool(read and len(parts) == 1)}
+
+
+def tool_headline(gw: "Runtime", item: dict[str, Any]) -> dict[str, Any]:
+    """A captured call of an MCP upstream's tool: "bot, for Jane, wants to call tool create_customer on
+    upstream crm: name Ada, email … — because: …" (sensitive arguments redacted)."""
+    from ..policy.validation import _path_matches
+    from .captured import request_body
+
+    req = item.get("request") or {}
+    try:
+        args = orjson.loads(request_body(req) or b"{}")
+    except (orjson.JSONDecodeError, ValueError):
+        args = None
+    cap = gw.state.registry.capabilities.get(item.get("capability") or "")
+    sensitive = list(getattr(getattr(cap, "config", None), "sensitive_fields", None) or [])
+    fields = []
+    for path, value in _flatten(args if isinstance(args, dict) else {}).items():
+        hidden = any(_path_matches(path, rule) for rule in sensitive)
+        fields.append({"field": path, "label": humanise(path), "from": None, "to": REDACTED if hidden else value,
+                       "known": False})
+    tool, upstream = str(req.get("tool") or ""), str(item.get("upstream") or "")
+    who = (item.get("agent") or "an agent") + (f", for {person(item['on_behalf_of'])},"
+                                               if item.get("on_behalf_of") and item["on_behalf_of"] != item.get("agent")
+                                               else "")
+    text = f"{who} wants to call tool {tool} on upstream {upstream}"
+    detail = _fields_words("action", fields)
+    if detail:
+        text += ": " + detail
+    if item.get("intent"):
+        text += f" — because: {item['intent']}"
+    return {"text": text, "action": "call", "object": "tool", "name": tool, "record_id": None,
+            "fields": [_bounded(f) for f in fields[:MAX_LISTED]], "operations": 1, "complete": True}
 
 
 MAX_LISTED = 50  # fields a headline lists (it is stored with the item's summary: bounded whatever the body)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..core.runtime import Runtime
 
 from .captured import request_body
+from .tool_review import is_tool_item, plan_replay_undo, recheck_tool, replay_tool
 
 log = logging.getLogger("tether.review")
 
@@ -65,6 +66,8 @@ def captured_request(ex: Exchange) -> dict[str, Any]:
     """The request as it would be sent, minus anything secret."""
     up = ex.upstream
     assert up is not None
+    if up.is_mcp:
+        return captured_tool_request(ex)
     drop = _NOT_CAPTURED | up.credential_headers
     headers = [[k, v] for k, v in ex.headers.items()
                if k.lower() not in drop and not H.is_tether_header(k)]
@@ -78,6 +81,20 @@ def captured_request(ex: Exchange) -> dict[str, Any]:
         "content_type": ex.headers.get("Content-Type"),
         "body_bytes": len(body),
     }
+    req.update(stored_body(body))
+    return req
+
+
+def captured_tool_request(ex: Exchange) -> dict[str, Any]:
+    """A captured call of an MCP upstream's tool (``kind: tool``, see :mod:`.tool_review`): the tool, and
+    its arguments as the body — exactly what it would have been called with. ``method``/``path``
+    (``tools/call`` and the tool) let every view of an item read it as it reads a REST one."""
+    cap = ex.capability
+    assert cap is not None
+    body = ex.body or b"{}"
+    req: dict[str, Any] = {"kind": "tool", "tool": cap.target, "method": "tools/call", "wire_method": "tools/call",
+                           "path": cap.target, "query": "", "headers": [], "content_type": "application/json",
+                           "body_bytes": len(body)}
     req.update(stored_body(body))
     return req
 
@@ -122,6 +139,8 @@ def digest_of(item: dict[str, Any]) -> str:
         "headers": req["headers"], "content_type": req.get("content_type"),
         "body_sha256": hashlib.sha256(request_body(req)).hexdigest(),
     }
+    if req.get("kind") == "tool":  # a tool call (REST items' digests are unchanged)
+        doc["kind"], doc["tool"] = "tool", req.get("tool")
     try:
         data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # a header JSON cannot hold: the item will be refused (prepare_review says which)
@@ -147,6 +166,8 @@ def _principals(*names: str | None) -> set[str]:
 def synthetic_for(ex: Exchange, item_id: str) -> SyntheticResponse:
     up = ex.upstream
     assert up is not None
+    if up.is_mcp:  # a tool call: no synthetic result (the agent is told it is pending review)
+        return SyntheticResponse(202, None)
     if ex.composite:
         return up.adapter.synthetic_composite(ex.extra["composite_outer"], ex.operations, item_id)
     return up.adapter.synthetic_response(ex.operations[0], item_id)
@@ -446,6 +467,11 @@ class ReviewService:
         req = item["request"]
         proposed = body_json(req)
         out: dict[str, Any] = {"item": item["id"], "operation": None, "current": None, "fields": [], "error": None}
+        if is_tool_item(item):  # a tool call: its arguments (Tether has no generic read of what a tool changes)
+            out["operation"] = "call"
+            out["fields"] = [{"field": k, "current": None, "proposed": v, "changed": True}
+                             for k, v in (proposed.items() if isinstance(proposed, dict) else ())]
+            return out
         if up is None:
             return out
         if not isinstance(proposed, dict):
@@ -539,6 +565,8 @@ class ReviewService:
         ``allow_fields``, ``forbid_fields``, ``require_fields``, ``constraints`` and the JSON Schema,
         with caps relative to the record (``max_increase_pct``, ...) compared with the record as it is
         *now*, read through the gateway. A failure refuses the approval with the rule's own error."""
+        if is_tool_item(item):
+            return await recheck_tool(self, item, edit)
         gw = self.gw
         state = gw.state
         registry = state.registry
@@ -610,6 +638,8 @@ class ReviewService:
         the record as it is now), exactly as a live write's would be; a write that cannot be undone is
         refused unless its capability allows it live without compensation (403
         ``non_compensable_in_transaction``)."""
+        if is_tool_item(item):
+            return await plan_replay_undo(self, item, ops)
         up = self.gw.state.upstreams[item["upstream"]]
         out: list[tuple[Operation, Any, str | None]] = []
         for op in ops:
@@ -658,6 +688,9 @@ class ReviewService:
         leaves (under the transaction's lock, which a rollback also takes), the transaction is checked
         to be still open, and the steps are armed with the answer — the replay is then a step of the
         transaction like any live write of the agent's, undone by its rollback."""
+        if is_tool_item(item):
+            await replay_tool(self, item, reviewer, edited_body, undo)
+            return
         gw = self.gw
         up = gw.state.upstreams[item["upstream"]]
         req = item["request"]

@@ -41,6 +41,7 @@ from ..errors import TetherError
 from ..journal.writer import base_record
 from ..normalise import decode_segments, split_target, unsafe_char
 from ..policy.identity import Identity
+from .tool_undo import arm_tool_undo, compensate_tool_step, is_tool_plan, plan_steps
 
 if TYPE_CHECKING:
     from ..core.runtime import Runtime
@@ -150,13 +151,16 @@ class TransactionManager:
 
         steps = []
         existing = len(await self.gw.store.steps_for(tx["id"]))
+        tool_plans = {id(op): (p, r) for op, p, r in await plan_steps(self, ex)} if up.is_mcp else None
         for n, op in enumerate(ex.operations):
             cap = op.capability
             if not cap.is_write:
                 continue
-            plan: UndoPlan | None = None
+            plan: Any = None
             reason = None
-            if cap.config.compensation == "auto" and cap.config.stream_request:
+            if tool_plans is not None:  # a tool of an MCP upstream: its undo template (proxy.safety.tool_undo)
+                plan, reason = tool_plans[id(op)]
+            elif cap.config.compensation == "auto" and cap.config.stream_request:
                 reason = f"capability {cap.name} streams its request body, so Tether cannot plan its undo from it"
             elif cap.config.compensation == "auto":
                 try:
@@ -215,11 +219,15 @@ class TransactionManager:
                 await store.step_update(step["id"], {"state": state, "response_status": status})
                 continue
             try:
-                armed = up.adapter.arm_undo(plan, op, status or 0, headers, body)
-                check_undo_target(armed)
+                if up.is_mcp:  # a tool call: the undo's arguments filled in from its result
+                    armed = arm_tool_undo(up, plan, body)  # type: ignore[arg-type]
+                    created: list[str] = []
+                else:
+                    armed = up.adapter.arm_undo(plan, op, status or 0, headers, body)
+                    check_undo_target(armed)
+                    created = up.adapter.created_ids(op, status or 0, headers, body)
                 await store.step_update(step["id"], {"state": "armed", "plan": armed.to_dict(),
-                                                     "response_status": status,
-                                                     "created_ids": up.adapter.created_ids(op, status or 0, headers, body)})
+                                                     "response_status": status, "created_ids": created})
             except NotCompensable as exc:
                 await store.step_update(step["id"], {"state": "unknown", "reason": str(exc), "response_status": status})
                 await self._flag(ex.transaction_id, f"step {step['id']} could not be armed: {exc}")
@@ -316,6 +324,8 @@ class TransactionManager:
         """Run one undo step with conflict check and retries. Returns the step's final state."""
         gw = self.gw
         store = gw.store
+        if is_tool_plan(step.get("plan")):  # a tool call's step (proxy.safety.tool_undo)
+            return await compensate_tool_step(self, tx, step, force)
         up = gw.state.upstreams.get(self._upstream_of(step))
         if up is None:
             await store.step_update(step["id"], {"state": "failed", "last_error": "upstream no longer configured"})

@@ -28,6 +28,7 @@ its transaction with the ``transaction`` argument or ``_meta["tether/transaction
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import re
@@ -87,11 +88,14 @@ class AgentPrincipal:
 # --------------------------------------------------------------------------- the tool catalogue
 
 
-def tool_names(capabilities: list[str]) -> dict[str, str]:
+def tool_names(capabilities: list[str], bare: dict[str, str] | None = None) -> dict[str, str]:
     """capability id -> tool name: ``[A-Za-z0-9_-]``, at most 64 characters (every client accepts it), and
-    one-to-one — a name that two ids would share, or one cut short, gets a suffix from the id's hash."""
+    one-to-one — a name that two ids would share, or one cut short, gets a suffix from the id's hash.
+    ``bare`` names the capabilities whose tool keeps an MCP upstream's own name (``tool_names: bare``)
+    instead of one derived from the capability id; the same rule then applies to it."""
     def plain(cap: str) -> str:
-        return "".join(c if _NAME_OK.fullmatch(c) else "_" for c in cap)
+        src = bare.get(cap, cap) if bare else cap
+        return "".join(c if _NAME_OK.fullmatch(c) else "_" for c in src)
 
     out: dict[str, str] = {}
     taken: dict[str, int] = {}
@@ -205,6 +209,57 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
 }
 
 
+def tool_grants(grants: list["Grant"]) -> list["Grant"]:
+    """The grants served as tools: REST capabilities and MCP upstreams' tools (an MCP upstream's
+    resources and prompts are not offered through this door: nothing serves them, so they are denied)."""
+    return [g for g in grants if g.capability.kind in ("rest", "tool")]
+
+
+def names_of(state: Any, grants: list["Grant"]) -> dict[str, str]:
+    """capability id -> tool name for these grants (see :func:`tool_names`)."""
+    mcp = state.mcp_upstreams
+    bare = {g.capability.name: g.capability.target for g in grants if g.capability.kind == "tool"
+            and g.capability.upstream in mcp and mcp[g.capability.upstream].cfg.tool_names == "bare"}
+    return tool_names([g.capability.name for g in grants], bare or None)
+
+
+def tether_arg_names(schema: Any) -> tuple[str, str]:
+    """The names of Tether's own ``intent`` and ``transaction`` arguments for a tool whose input schema is
+    ``schema``: those, unless the tool has arguments of that name (then ``tether_intent``, ...)."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    out = []
+    for base in ("intent", "transaction"):
+        name = base
+        while name in props:
+            name = "tether_" + name
+        out.append(name)
+    return out[0], out[1]
+
+
+INTENT_ARG = {"type": "string", "minLength": 1, "maxLength": 1000,
+              "description": "why: the business intent of this call, in a sentence (journaled, shown to the people "
+                             "who review and audit it)"}
+TRANSACTION_ARG = {"type": "string", "description": "a transaction id (tether_transaction_begin) this write joins, "
+                                                    "so it can be rolled back"}
+
+
+def upstream_tool_schema(cap: "Capability", listed: Tool) -> dict[str, Any]:
+    """An MCP upstream tool's input schema as an agent sees it: the pinned ``inputSchema`` plus, for a
+    write, Tether's required ``intent`` and optional ``transaction`` (renamed if the tool has its own)."""
+    schema = copy.deepcopy(listed.input_schema) if isinstance(listed.input_schema, dict) else {}
+    schema.setdefault("type", "object")
+    if not cap.is_write:
+        return schema
+    ik, tk = tether_arg_names(schema)
+    props = dict(schema.get("properties") or {})
+    props[ik] = dict(INTENT_ARG)
+    props[tk] = dict(TRANSACTION_ARG)
+    schema["properties"] = props
+    schema["required"] = [*(r for r in schema.get("required") or [] if r != ik), ik]
+    return schema
+
+
 class ToolCatalog:
     """One agent's tools under one rules version and one set of modes (built on demand, cached)."""
 
@@ -212,17 +267,24 @@ class ToolCatalog:
         state = rt.state
         gov = rt.governance
         quarantined = agent in gov.quarantined
-        grants: list[Grant] = state.registry.agent_grants.get(agent, [])
+        grants: list[Grant] = tool_grants(state.registry.agent_grants.get(agent, []))
         self.by_name: dict[str, Capability] = {}
         tools: list[Tool] = []
         any_write = False
         for g in grants:
             cap = g.capability
             name = names[cap.name]
-            self.by_name[name] = cap
             mode = gov.grant_mode(g) if cap.is_write else "live"
+            if cap.kind == "tool":
+                up = state.mcp_upstreams.get(cap.upstream)
+                listed = up.usable(cap.target) if up is not None else None
+                if listed is None:  # changed, missing, or not listed (yet): hidden
+                    continue
+                tools.append(self._upstream_tool(cap, name, mode, quarantined, listed))
+            else:
+                tools.append(self._tool(cap, name, mode, quarantined))
+            self.by_name[name] = cap
             any_write = any_write or cap.is_write
-            tools.append(self._tool(cap, name, mode, quarantined))
         if any_write:
             for name, spec in BUILTIN_TOOLS.items():
                 tools.append(Tool(name=name, title=name.replace("_", " "), description=spec["description"],
@@ -252,20 +314,45 @@ class ToolCatalog:
                         idempotent_hint=cap.method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS"),
                         open_world_hint=True))
 
+    @staticmethod
+    def _upstream_tool(cap: "Capability", name: str, mode: str, quarantined: bool, listed: Tool) -> Tool:
+        """An MCP upstream's tool as this agent sees it: the pinned definition (description, input and
+        output schema), Tether's arguments for a write, what the mode means — and hints from the
+        capability's ``effect``, never from the server's annotations."""
+        parts = [listed.description.strip()] if (listed.description or "").strip() else []
+        parts.append(f"Tool {cap.target} of MCP server {cap.upstream}.")
+        if cap.is_write:
+            if MODE_WORDS.get(mode):
+                parts.append(MODE_WORDS[mode])
+            if quarantined:
+                parts.append(QUARANTINE_WORDS)
+            parts.append(f"Say why in '{tether_arg_names(listed.input_schema)[0]}'.")
+        title = (listed.title or "").strip() or cap.name
+        # a write may be answered "captured for review" instead of its output: no outputSchema to hold it to
+        return Tool(name=name, title=title, description=" ".join(parts),
+                    input_schema=upstream_tool_schema(cap, listed),
+                    output_schema=None if cap.is_write else listed.output_schema,
+                    annotations=ToolAnnotations(title=title, read_only_hint=not cap.is_write,
+                                                destructive_hint=True if cap.is_write else None,
+                                                idempotent_hint=not cap.is_write, open_world_hint=True))
+
 
 # --------------------------------------------------------------------------- the door
 
 
 class McpAnswer:
-    """An answer the pipeline gave through the MCP door (kept whole, bounded)."""
+    """An answer the pipeline gave through the MCP door (kept whole, bounded); ``result``: an MCP
+    upstream's tool result, relayed as it is."""
 
-    __slots__ = ("status", "headers", "body", "truncated")
+    __slots__ = ("status", "headers", "body", "truncated", "result")
 
-    def __init__(self, status: int, headers: Any, body: bytes | None, truncated: bool = False) -> None:
+    def __init__(self, status: int, headers: Any, body: bytes | None, truncated: bool = False,
+                 result: CallToolResult | None = None) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.truncated = truncated
+        self.result = result
 
 
 class McpDoor:
@@ -281,7 +368,8 @@ class McpDoor:
 
     def answer(self, ex: Exchange, status: int, reason: str | None, headers: Any, body: bytes | None, *,
                upstream: Any = None) -> None:
-        ex.response = McpAnswer(status, headers, body)
+        ex.response = McpAnswer(status, headers, body,
+                                result=upstream if isinstance(upstream, CallToolResult) else None)
 
     async def relay(self, ex: Exchange, resp: Any, headers: Any, limit: int | None, needles: Any = None,
                     found: list[bool] | None = None, tap: Any = None) -> tuple[int, str | None]:
@@ -321,6 +409,14 @@ def resolve_tool(rt: "Runtime", ex: Exchange) -> None:
     cap = backend.names_for(ex.identity.agent).get(call.name)  # type: ignore[union-attr]
     if cap is None:
         raise TetherError("capability_not_granted", f"agent {ex.identity.agent!r} has no tool {call.name!r}")  # type: ignore[union-attr]
+    if cap.kind == "tool":  # an MCP upstream's tool: callable only while its listed definition has its pin
+        mcp_up = ex.state.mcp_upstreams[cap.upstream]
+        ex.upstream = mcp_up
+        ex.capability = cap
+        ex.method = cap.method
+        ex.raw_path = cap.target
+        mcp_up.pinned(cap.target)  # tool_definition_changed (409) / upstream_unavailable: refused, journaled
+        return
     up = rt.state.upstreams[cap.upstream]
     ex.upstream = up
     ex.capability = cap
@@ -336,6 +432,9 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
     cap = ex.capability
     up = ex.upstream
     assert cap is not None and up is not None
+    if cap.kind == "tool":
+        bind_tool_arguments(rt, ex)
+        return
     args = dict(call.arguments or {})
     known = set(cap.param_names) | {"query", "body", "intent", "transaction"}
     extra = sorted(set(args) - known)
@@ -429,6 +528,46 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
     ex.operations = [op]
 
 
+def _intent_and_transaction(ex: Exchange, call: ToolCall, intent: Any, tx: Any, where: str) -> None:
+    if intent is not None:
+        if not isinstance(intent, str):
+            raise TetherError("bad_request", f"the {where} argument is a string")
+        ex.intent = admit_intent(intent, f"the {where} argument")
+    meta = call.meta or {}
+    tx = meta.get("tether/transaction") if tx is None else tx
+    if tx is not None:
+        if not isinstance(tx, str):
+            raise TetherError("bad_request", "the transaction argument is a string")
+        ex.transaction_id = tx.strip() or None
+    tp = meta.get("traceparent")
+    if isinstance(tp, str):
+        ex.traceparent = tp
+
+
+def bind_tool_arguments(rt: "Runtime", ex: Exchange) -> None:
+    """An MCP upstream tool's arguments -> the operation: Tether's own arguments (``intent``,
+    ``transaction``, under the names :func:`tether_arg_names` gives) taken out, the rest is the body the
+    capability's field rules, ``json_schema`` and ``audit_fields`` apply to — and exactly what the tool
+    is called with (its digest is journaled)."""
+    call: ToolCall = ex.extra["tool_call"]
+    cap = ex.capability
+    up = ex.upstream
+    assert cap is not None and up is not None
+    listed = up.pinned(cap.target)  # type: ignore[union-attr]
+    args = dict(call.arguments or {})
+    ik, tk = tether_arg_names(listed.input_schema)
+    _intent_and_transaction(ex, call, args.pop(ik, None), args.pop(tk, None), ik)
+    raw_body = orjson.dumps(args)
+    if len(raw_body) > rt.limits.max_body_bytes:
+        raise TetherError("body_too_large", f"the arguments exceed {rt.limits.max_body_bytes} bytes")
+    ex.body = raw_body
+    ex.body_digest = hashlib.sha256(raw_body).hexdigest()
+    ex.extra["body_kind"] = "json"
+    ex.headers = CIMultiDict()
+    ex.operations = [Operation(method=cap.method, path=cap.target, body=args, raw_body=raw_body,
+                               content_type="application/json", capability=cap)]
+
+
 MCP_INTAKE: list[tuple[str, Any]] = [
     ("resolve_tool", resolve_tool),
     ("bind_arguments", bind_arguments),
@@ -479,6 +618,18 @@ def render(ex: Exchange) -> CallToolResult:
         res = error_result("internal_error", "the call ended without an answer", status=500, request_id=ex.request_id)
         res.meta = meta
         return res
+    if ex.mode == "dry_run" and ex.review_item_id and ex.capability is not None and ex.capability.kind == "tool":
+        doc = {"dry_run": True, "applied": False, "review_item": ex.review_item_id,
+               "message": f"Captured for review: tool {ex.capability.target} was not called yet. A person approves "
+                          "it (then Tether calls it exactly as captured) or rejects it; tether_review_status tells "
+                          "which, and what the tool answered."}
+        meta["tether/review_item"] = ex.review_item_id
+        return CallToolResult(content=[TextContent(text=doc["message"] + f"\nReview item: {ex.review_item_id}")],
+                              structured_content=doc, meta=meta)
+    if ans.result is not None:  # an MCP upstream's tool result, relayed (Tether's _meta added)
+        res = ans.result
+        theirs = {k: v for k, v in (res.meta or {}).items() if not k.startswith("tether/")}
+        return res.model_copy(update={"meta": {**theirs, **meta}})
     value = _decode(ans.body, ans.headers)
     if ex.mode == "dry_run" and ex.review_item_id:
         doc = {"dry_run": True, "applied": False, "review_item": ex.review_item_id,
@@ -540,8 +691,8 @@ class PipelineBackend:
         key = (state.registry.version, agent)
         found = self._names.get(key)
         if found is None:
-            grants = state.registry.agent_grants.get(agent, [])
-            names = tool_names([g.capability.name for g in grants])
+            grants = tool_grants(state.registry.agent_grants.get(agent, []))
+            names = names_of(state, grants)
             found = {names[g.capability.name]: g.capability for g in grants}
             if len(self._names) > 4096:
                 self._names.clear()
@@ -552,15 +703,16 @@ class PipelineBackend:
         agent = principal.identity.agent
         gov = self.rt.governance
         modes = tuple(sorted((c, m) for (a, c), m in gov.promoted.items() if a == agent))
-        return (self.rt.state.registry.version, agent in gov.quarantined, modes)
+        state = self.rt.state
+        return (state.registry.version, agent in gov.quarantined, modes, state.mcp_version())
 
     def tools_for(self, principal: AgentPrincipal) -> list[Tool]:
         agent = principal.identity.agent
         key = (agent, self.tools_version(principal))
         cat = self._catalogs.get(key)
         if cat is None:
-            grants = self.rt.state.registry.agent_grants.get(agent, [])
-            cat = ToolCatalog(self.rt, agent, tool_names([g.capability.name for g in grants]))
+            state = self.rt.state
+            cat = ToolCatalog(self.rt, agent, names_of(state, tool_grants(state.registry.agent_grants.get(agent, []))))
             if len(self._catalogs) > 4096:
                 self._catalogs.clear()
             self._catalogs[key] = cat
