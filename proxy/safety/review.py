@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..core.runtime import Runtime
 
 from .captured import request_body
+from .replay_records import finish_replay, journal_replay_intent, replay_intent
 from .tool_review import is_tool_item, plan_replay_undo, recheck_tool, replay_tool
 
 log = logging.getLogger("tether.review")
@@ -701,24 +702,10 @@ class ReviewService:
             await gw.store.review_transition(item["id"], ("approved",), "replay_failed", {"replay": {
                 "status": None, "error": err.code, "message": err.message, "at": time.time(), "by": reviewer.agent}})
             raise
-        rid = new_request_id()
-        intent_rec = base_record(
-            "request", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
-            intent=item.get("intent"), capability=item["capability"], upstream=item["upstream"],
-            method=req["method"], path=req["path"], decision="replay", reason="approved")
-        intent_rec.update({"reviewer": reviewer.agent, "review_item": item["id"], "query": req["query"] or None,
-                           "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
-                           "edited": edited_body is not None, "rules_version": gw.state.registry.version,
-                           "tx": item.get("tx")})
-        intent_rec["on_behalf_of_proof"] = item.get("on_behalf_of_proof")  # as captured: verified / asserted
+        rid, intent_rec = replay_intent(gw, item, reviewer, body, edited=edited_body is not None,
+                                        method=req["method"], path=req["path"], query=req["query"] or None)
         t0 = time.perf_counter()
-        try:
-            seq = await gw.journal.write(intent_rec)
-        except JournalUnavailable:
-            await gw.store.review_transition(item["id"], ("approved",), "approved",
-                                             {"replay": {"error": "journal_unavailable", "at": time.time()}})
-            raise TetherError("journal_unavailable", "the replay was not sent: the journal is unavailable; "
-                                                    "the item stays approved and can be replayed again") from None
+        seq = await journal_replay_intent(gw, item, intent_rec)
         headers = {k: v for k, v in req["headers"]}
         content_type = req.get("content_type")
         if stamp is not None and up.record_fields:
@@ -763,19 +750,8 @@ class ReviewService:
         finally:
             if lock is not None and lock.locked():
                 lock.release()
-        replay["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        new_state = "replay_failed" if failed else "replayed"
-        await gw.store.review_transition(item["id"], ("approved",), new_state, {"replay": replay})
-        out = base_record("outcome", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
-                          capability=item["capability"], upstream=item["upstream"], method=req["method"],
-                          path=req["path"], decision="replay", reason=new_state)
-        out.update({"status": replay.get("status"), "intent_seq": seq, "review_item": item["id"], "forwarded": forwarded,
-                    "reviewer": reviewer.agent, "latency_ms": replay["latency_ms"], "error": replay.get("error")})
-        gw.journal.submit(out)
-        if failed:
-            gw.governance.on_review_decided(item, "replay_failed")
-        if not forwarded:
-            raise TetherError(replay["error"], replay["message"])
+        await finish_replay(gw, item, reviewer, rid=rid, seq=seq, method=req["method"], path=req["path"],
+                            replay=replay, forwarded=forwarded, failed=failed, t0=t0)
 
     async def _record_steps(self, item: dict[str, Any], undo: list[tuple[Operation, Any, str | None]], rid: str,
                             seq: int) -> list[tuple[Operation, dict[str, Any], Any]]:

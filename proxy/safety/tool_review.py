@@ -18,7 +18,6 @@ step of it, its undo planned from the tool's ``undo`` template (:mod:`.tool_undo
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -26,13 +25,12 @@ import orjson
 
 from adapters.base import NotCompensable, Operation
 
-from ..core.exchange import Exchange, new_request_id
 from ..core.tool_calls import call_pinned, result_digest, result_doc
 from ..errors import TetherError
-from ..journal.writer import JournalUnavailable, base_record
 from ..policy.identity import Identity
 from ..policy.validation import validator_for
 from .captured import request_body
+from .replay_records import finish_replay, journal_replay_intent, replay_intent
 from .tool_undo import arm_tool_undo, plan_tool_undo
 
 KEPT_RESULT = 64 * 1024  # bytes of a replay's result kept with its item (its digest is kept either way)
@@ -117,23 +115,10 @@ async def replay_tool(svc: Any, item: dict[str, Any], reviewer: Identity, edited
         await gw.store.review_transition(item["id"], ("approved",), "replay_failed", {"replay": {
             "status": None, "error": err.code, "message": err.message, "at": time.time(), "by": reviewer.agent}})
         raise
-    rid = new_request_id()
-    intent_rec = base_record(
-        "request", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
-        intent=item.get("intent"), capability=item["capability"], upstream=item["upstream"],
-        method="tools/call", path=tool, decision="replay", reason="approved")
-    intent_rec.update({"reviewer": reviewer.agent, "review_item": item["id"],
-                       "body_sha256": hashlib.sha256(body).hexdigest() if body else None,
-                       "edited": edited_body is not None, "rules_version": gw.state.registry.version,
-                       "tx": item.get("tx"), "on_behalf_of_proof": item.get("on_behalf_of_proof")})
+    rid, intent_rec = replay_intent(gw, item, reviewer, body, edited=edited_body is not None,
+                                    method="tools/call", path=tool)
     t0 = time.perf_counter()
-    try:
-        seq = await gw.journal.write(intent_rec)
-    except JournalUnavailable:
-        await gw.store.review_transition(item["id"], ("approved",), "approved",
-                                         {"replay": {"error": "journal_unavailable", "at": time.time()}})
-        raise TetherError("journal_unavailable", "the replay was not sent: the journal is unavailable; the item "
-                                                 "stays approved and can be replayed again") from None
+    seq = await journal_replay_intent(gw, item, intent_rec)
     replay: dict[str, Any] = {"request_id": rid, "intent_seq": seq, "at": time.time(), "by": reviewer.agent,
                               "tool": tool}
     lock = gw.transactions._lock(item["tx"]) if undo else None  # noqa: SLF001
@@ -183,21 +168,9 @@ async def replay_tool(svc: Any, item: dict[str, Any], reviewer: Identity, edited
     finally:
         if lock is not None and lock.locked():
             lock.release()
-    replay["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-    new_state = "replay_failed" if failed else "replayed"
-    await gw.store.review_transition(item["id"], ("approved",), new_state, {"replay": replay})
-    out = base_record("outcome", request_id=rid, agent=item["agent"], on_behalf_of=item.get("on_behalf_of"),
-                      capability=item["capability"], upstream=item["upstream"], method="tools/call", path=tool,
-                      decision="replay", reason=new_state)
-    out.update({"status": replay.get("status"), "intent_seq": seq, "review_item": item["id"], "forwarded": forwarded,
-                "reviewer": reviewer.agent, "latency_ms": replay["latency_ms"], "error": replay.get("error"),
-                "result_sha256": replay.get("result_sha256"), "result_bytes": replay.get("result_bytes"),
-                "tool_error": replay.get("is_error")})
-    gw.journal.submit(out)
-    if failed:
-        gw.governance.on_review_decided(item, "replay_failed")
-    if not forwarded:
-        raise TetherError(replay["error"], replay["message"])
+    await finish_replay(gw, item, reviewer, rid=rid, seq=seq, method="tools/call", path=tool, replay=replay,
+                        forwarded=forwarded, failed=failed, t0=t0, result_sha256=replay.get("result_sha256"),
+                        result_bytes=replay.get("result_bytes"), tool_error=replay.get("is_error"))
 
 
 __all__ = ["is_tool_item", "plan_replay_undo", "recheck_tool", "replay_tool"]
