@@ -62,8 +62,11 @@ SLOW_DELAY_MS = 20.0  # the slow upstream's answer time (issue 27: "a realistic 
 MCP_VERSION = "2026-07-28"  # the stateless revision: every tools/call stands alone (docs/mcp.md)
 MCP_TOOL = "contact_read"  # the MCP tool of the capability the REST GET calls (contact.read)
 # Store growth per request at commit 92941b0 (before issue 27's compact record), measured by this
-# harness (quick run, 32 connections): what "halve the bytes per request" is measured against.
-STORE_BASELINE_BYTES = {"GET": 0.0, "PATCH": 0.0, "dry-run PATCH": 0.0}
+# harness (2 rounds x 3 s, 32 connections; two journal records per request, 1,393 / 1,556 / 1,692 bytes of
+# journal rows, the dry-run's review item 3,955 more): what "halve the bytes per request" is measured
+# against. GET and PATCH are targets (half of this); the dry-run's figure is reported against it.
+STORE_BASELINE_BYTES = {"GET": 1870.0, "PATCH": 2043.0, "dry-run PATCH": 6407.0}
+STORE_BASELINE_COMMIT = "92941b0"
 
 # ~200 bytes of JSON, answered by nginx for any method and path.
 UPSTREAM_BODY = json.dumps({
@@ -1372,14 +1375,16 @@ def evaluate(cfgs: list[Config], fsync: dict[str, Any] | None = None) -> tuple[d
     target("one fsync on the store's filesystem (ms, median)", one_fsync, "info", None,
            (fsync or {}).get("filesystem", ""))
     target("Salesforce registry / 10-capability registry", ratios["registry_sf/registry_10"], ">=", 0.95)
-    # the journal's bytes per request (issue 27: halve them); the bound is half the baseline when one is recorded
-    for kind, name in (("GET", "tether GET"), ("PATCH", "tether PATCH"), ("dry-run PATCH", "tether dry-run PATCH")):
+    # the store's bytes per request (issue 27: halve them): GET and PATCH against half the baseline
+    for kind, name, bounded in (("GET", "tether GET", True), ("PATCH", "tether PATCH", True),
+                                ("dry-run PATCH", "tether dry-run PATCH", False)):
         st = by.get(name, {}).get("store") or {}
         base = STORE_BASELINE_BYTES.get(kind) or 0
-        note = (f"stored {st.get('stored_bytes_per_request', 0):,.0f} B ({st.get('journal_rows_per_request', 0):g} "
-                f"journal rows), baseline {base:,.0f} B at 92941b0" if st else "")
+        note = (f"rows {st['stored_bytes_per_request']:,.0f} B ({st['journal_rows_per_request']:g} journal rows, "
+                f"{st['other_bytes_per_request']:,.0f} B elsewhere); " if st else "")
+        note += f"baseline {base:,.0f} B at {STORE_BASELINE_COMMIT}"
         target(f"store growth per {kind} (bytes)", st.get("store_growth_per_request"),
-               "<=" if base else "info", round(base / 2) if base else None, note)
+               "<=" if bounded and base else "info", round(base / 2) if bounded and base else None, note)
     # --workers 2 on this machine (issue 27: report)
     for m in ("GET", "PATCH"):
         target(f"--workers 2 / 1 worker, {m} req/s", ratios[f"workers2/workers1 {m}"], "info", None)
