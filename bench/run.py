@@ -369,10 +369,13 @@ def cap_name(method: str, path: str, taken: set[str]) -> str:
 
 
 def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int, admin_port: int,
-                 workers: int = 1, synchronous: str = "full", registry: str = "default") -> dict[str, Any]:
+                 workers: int = 1, synchronous: str = "full", registry: str = "default",
+                 mcp: bool = False) -> dict[str, Any]:
     """The full-policy rules: JWT (HS256, iss/aud/exp), delegated identity, route match with parameter
     patterns, field rules and constraints on the PATCH, a live write grant, a dry-run grant (another
-    agent), bearer credential injection, provenance headers; journal committed before forwarding."""
+    agent), bearer credential injection, provenance headers; journal committed before forwarding. ``mcp``
+    turns the MCP door on (only where a configuration uses it: with --workers it logs that 2025-era MCP
+    sessions live in one worker, a warning the harness would report)."""
     id_pattern = "[A-Za-z0-9]{15,18}"
     caps: dict[str, Any] = {
         "contact.read": {"upstream": "crm", "method": "GET", "path": "/api/contacts/{id}",
@@ -420,13 +423,11 @@ def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int,
     agents: dict[str, Any] = {AGENT: {"grants": grants, "rate_limit": {"requests_per_minute": 60_000_000}}}
     if dry_grants:
         agents[DRY_AGENT] = {"grants": dry_grants}
-    return {
+    rules: dict[str, Any] = {
         "version": 1,
         "server": {"listen": f"127.0.0.1:{main_port}", "admin_listen": f"127.0.0.1:{admin_port}", "store": store,
                    "workers": workers, "log_level": "warning", "grace_period": 2,
                    "journal": {"synchronous": synchronous},
-                   # the MCP front door on the main listener (the REST door is the upstream's own listener)
-                   "mcp": {"path": "/mcp"},
                    # the dry-run target captures far more than any reviewer would let pile up
                    "review": {"max_pending_per_agent": 1_000_000_000, "max_pending_bytes_per_agent": 2 ** 50}},
         "identity": {"hs_secret": {"value": SECRET}, "issuer": "tether", "audience": "tether",
@@ -438,6 +439,9 @@ def tether_rules(upstream_url: str, store: str, *, main_port: int, up_port: int,
         "agents": agents,
         "capabilities": caps,
     }
+    if mcp:  # the MCP front door on the main listener (the REST door is the upstream's own listener)
+        rules["server"]["mcp"] = {"path": "/mcp"}
+    return rules
 
 
 class Lab:
@@ -529,7 +533,7 @@ class Lab:
 
     def start_tether(self, key: str, label: str, *, workers: int = 1, synchronous: str = "full",
                      store: str | None = None, registry: str = "default", cpus: str | None = "proxy",
-                     slow: bool = False) -> Server:
+                     slow: bool = False, mcp: bool = False) -> Server:
         def go(s: Server) -> None:
             main_port, up_port, admin_port = free_port(), free_port(), free_port()
             if store is None:
@@ -544,7 +548,8 @@ class Lab:
             if not up:
                 raise RuntimeError("its upstream did not start")
             rules = tether_rules(f"http://127.0.0.1:{up}", st, main_port=main_port, up_port=up_port,
-                                 admin_port=admin_port, workers=workers, synchronous=synchronous, registry=registry)
+                                 admin_port=admin_port, workers=workers, synchronous=synchronous, registry=registry,
+                                 mcp=mcp)
             path = self.workdir / f"{key}.rules.json"  # JSON is YAML
             path.write_text(json.dumps(rules, indent=1))
             s.info.update(store=st, workers=workers, synchronous=synchronous, capabilities=len(rules["capabilities"]),
@@ -771,7 +776,7 @@ class LoadProbe:
 
 
 def fs_of(path: Path) -> str:
-    """'mount point (type)' of the filesystem holding ``path``, from /proc/mounts (longest prefix)."""
+    """'type at mount point' of the filesystem holding ``path``, from /proc/mounts (longest prefix)."""
     best, kind = "", "?"
     try:
         for line in Path("/proc/mounts").read_text().splitlines():
@@ -780,7 +785,7 @@ def fs_of(path: Path) -> str:
                 best, kind = f[1], f[2]
     except OSError:
         pass
-    return f"{best or '?'} ({kind})"
+    return f"{kind} at {best or '?'}"
 
 
 def measure_fsync(directory: Path, n: int = 200, size: int = 4096) -> list[float]:
@@ -1067,7 +1072,7 @@ def start_servers(lab: Lab, needed: set[str], install: bool) -> None:
         exe, reason = ensure_mitmdump(install)
         lab.start_mitm(exe, reason)
     tethers = {
-        "tether": dict(label="Tether, full policy, SQLite sync=full, 1 worker"),
+        "tether": dict(label="Tether, full policy, SQLite sync=full, 1 worker, MCP door on", mcp=True),
         "tether-reg10": dict(label="Tether, 10 Salesforce capabilities", registry="small"),
         "tether-regsf": dict(label="Tether, every Salesforce operation as a capability", registry="sf"),
         "tether-w2": dict(label="Tether, 2 workers (SO_REUSEPORT)", workers=2, cpus="multi"),
