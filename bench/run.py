@@ -1370,6 +1370,9 @@ def evaluate(cfgs: list[Config], fsync: dict[str, Any] | None = None) -> tuple[d
     target("c1: GET p50 over the bare forwarder (ms)", added["GET p50_ms over the bare forwarder"], "<=", 0.4)
     target("c1, 20 ms upstream: GET p50 over direct (ms)", added["GET p50_ms (20 ms upstream)"], "<=", 0.3)
     target("c1, 20 ms upstream: GET p99 over direct (ms)", added["GET p99_ms (20 ms upstream)"], "<=", 1.0)
+    target("c1, 20 ms upstream: bare forwarder GET p50 over direct (ms)",
+           added["GET p50_ms (20 ms upstream, bare forwarder)"], "info", None,
+           "the floor any Python forwarder pays on this machine, for reading the GET target")
     one_fsync = (fsync or {}).get("median_ms")
     target("c1, 20 ms upstream: durable PATCH p50 over direct (ms)", added["PATCH p50_ms (20 ms upstream)"], "<=",
            round(one_fsync + 0.3, 3) if one_fsync is not None else None,
