@@ -51,13 +51,23 @@ def cli_reference() -> str:
     return re.sub(r"usage: [^\n]*\n", lambda m: m.group(0).replace("__main__.py", "tether"), text)
 
 
+def _num(v: object) -> str:
+    """A target's value as the table shows it: large figures with thousands separators."""
+    if isinstance(v, float) and abs(v) >= 100:
+        return f"{v:,.0f}"
+    return "-" if v is None else str(v)
+
+
 def bench_section() -> str:
-    """The latest benchmark figures (bench/results/latest.json) and how to reproduce them."""
+    """The latest benchmark figures (bench/results/latest.json) and how to reproduce them: every
+    configuration, the fsync the run measured, the store's bytes per request and the targets table.
+    Sections a results file does not have (an older run) are left out."""
     import json
 
     path = ROOT / "bench" / "results" / "latest.json"
     lines = ["`python bench/run.py` measures Tether against a direct call, nginx, a bare aiohttp forwarder and",
-             "mitmproxy on loopback, interleaved (`bench/README.md` explains every configuration and target).", ""]
+             "mitmproxy on loopback, interleaved, on its REST and MCP doors, with an instant upstream and one that",
+             "answers after 20 ms (`bench/README.md` explains every configuration and target).", ""]
     if not path.exists():
         return "\n".join(lines + ["No figures recorded yet."])
     d = json.loads(path.read_text())
@@ -66,18 +76,32 @@ def bench_section() -> str:
                  f"{m.get('cpu_model', '?')}, Tether {m.get('versions', {}).get('tether_commit', '?')}.")
     lines += ["", "| configuration | req/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     configs = d.get("configs") or {}
-    for name, c in (configs.items() if isinstance(configs, dict) else ((c.get("name"), c) for c in configs)):
+    items = list(configs.items() if isinstance(configs, dict) else ((c.get("name"), c) for c in configs))
+    for name, c in items:
         rps, p50, p99 = c.get("rps"), c.get("p50_ms"), c.get("p99_ms")
         if c.get("skipped") or rps is None:
             lines.append(f"| {name} | skipped: {c.get('skipped') or c.get('reason') or 'not measured'} | | |")
             continue
         lines.append(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} |")
+    fs = d.get("fsync") or {}
+    if fs.get("median_ms") is not None:
+        lines += ["", f"One fsync on the store's filesystem ({fs.get('filesystem', '?')}), measured in the same run: "
+                      f"median {fs['median_ms']:.3f} ms (p90 {fs.get('p90_ms') or 0:.3f} ms, {fs.get('n', '?')} "
+                      "fsyncs of a 4 KiB append)."]
+    stores = [(name, c["store"]) for name, c in items if c.get("store")]
+    if stores:
+        lines += ["", "| store per request (SQLite) | journal rows | journal bytes | of which records | other tables "
+                      "| store growth | files growth |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, st in stores:
+            lines.append(f"| {name} | {st['journal_rows_per_request']:.2f} | {st['journal_bytes_per_request']:,.0f} | "
+                         f"{st['record_bytes_per_request']:,.0f} | {st['other_bytes_per_request']:,.0f} | "
+                         f"{st['store_growth_per_request']:,.0f} | {st['file_growth_per_request']:,.0f} |")
     targets = d.get("targets") or []
     if targets:
-        lines += ["", "| target | value | bound | |", "|---|---:|---|---|"]
+        lines += ["", "| target | value | bound | | note |", "|---|---:|---|---|---|"]
         for t in targets:
-            v = t.get("value")
-            lines.append(f"| {t['target']} | {v if v is not None else '-'} | {t.get('bound', '')} | {t.get('status')} |")
+            lines.append(f"| {t['target']} | {_num(t.get('value'))} | {t.get('bound', '')} | {t.get('status')} | "
+                         f"{t.get('note') or ''} |")
     return "\n".join(lines)
 
 
