@@ -694,3 +694,93 @@ async def test_log_messages_of_a_call_reach_the_agent_at_its_level(make_gateway:
     outcomes = [r for r in recs if r["kind"] == "outcome" and r.get("capability") == "crm.log_levels"]
     assert [r.get("log_messages") for r in outcomes] == [4, 5, 5, None, 4]
     assert "mail server" not in json.dumps(recs) and "xxxxxxxx" not in json.dumps(recs)
+
+
+async def test_2026_clients_read_and_get_and_reloads_announce_list_changes(gw: GatewayHandle, crm: Crm) -> None:
+    """The stateless revision serves the same resources and prompts (Mcp-Name mirrors the URI or the name);
+    a reload that takes the grants away tells both kinds of clients their lists changed."""
+    import yaml
+    from mcp.client.client import Client
+    from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged
+
+    crm.put("cus_9", name="Nia", email="nia@example.com")
+    changed: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, (types.ResourceListChangedNotification, types.PromptListChangedNotification)):
+            changed.append(type(message).__name__)
+
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token('bot')}"}) as hc, \
+            tools(gw, message_handler=on_message) as s:
+        async with Client(streamable_http_client(f"{gw.url}/mcp", http_client=hc), mode="auto", cache=None) as c:
+            assert c.protocol_version == "2026-07-28"  # server/discover, then stateless requests
+            assert c.server_capabilities.resources is not None and c.server_capabilities.prompts is not None
+            assert [p.name for p in (await c.list_prompts()).prompts] == ["crm_follow_up"]
+            assert [t.uri_template for t in (await c.list_resource_templates()).resource_templates] == [
+                "tether://crmtool/crm://customers/{id}"]
+            doc = await c.read_resource("tether://crmtool/crm://customers/cus_9")
+            assert json.loads(doc.contents[0].text)["name"] == "Nia"
+            got = await c.get_prompt("crm_follow_up", {"name": "Nia"})
+            assert got.messages[0].content.text == "Write a short follow-up email to Nia."
+            with pytest.raises(MCPError) as ei:
+                await c.read_resource("tether://crmtool/crm://admin/export")
+            assert ei.value.error.data["code"] == "unknown_resource"
+            assert [p.name for p in (await s.list_prompts()).prompts] == ["crm_follow_up"]
+            await s.list_resources()
+            async with c.listen(prompts_list_changed=True, resources_list_changed=True) as sub:
+                assert sub.honored.prompts_list_changed and sub.honored.resources_list_changed
+                doc = yaml.safe_load(gw.rules_path.read_text())
+                doc["agents"]["bot"]["grants"] = [g for g in doc["agents"]["bot"]["grants"]
+                                                  if g not in ("crm.follow_up", "crm.customer_doc")]
+                gw.rules_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+                ok, _ = await gw.gw.reload("test")
+                assert ok
+                events: set[type] = set()
+                async with asyncio.timeout(10):
+                    while events != {PromptsListChanged, ResourcesListChanged}:
+                        events.add(type(await sub.__anext__()))
+            assert (await c.list_prompts()).prompts == []
+            with pytest.raises(MCPError):
+                await c.get_prompt("crm_follow_up", {"name": "Nia"})
+        for _ in range(100):  # the session's GET stream
+            if len(changed) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(changed) == ["PromptListChangedNotification", "ResourceListChangedNotification"]
+        assert (await s.list_resource_templates()).resource_templates == []
+        with pytest.raises(MCPError):
+            await s.read_resource("tether://crmtool/crm://customers/cus_9")
+    assert crm.fetched() == [{"resource": "crm://customers/cus_9"}, {"prompt": "follow_up", "arguments": {"name": "Nia"}}]
+
+
+async def test_2026_routing_headers_must_name_the_resource_or_prompt(gw: GatewayHandle, crm: Crm) -> None:
+    """Mcp-Name mirrors resources/read's uri and prompts/get's name: a request whose header says otherwise is
+    refused (400, -32020) and nothing is read."""
+    import aiohttp
+
+    v = "2026-07-28"
+    meta = {"io.modelcontextprotocol/protocolVersion": v, "io.modelcontextprotocol/clientCapabilities": {}}
+    crm.put("cus_2", name="Al", email="al@example.com")
+    async with aiohttp.ClientSession() as http:
+        async def post(method: str, params: dict[str, Any], name: str | None) -> tuple[int, Any]:
+            h = {"Authorization": f"Bearer {gw.token('bot')}", "Content-Type": "application/json",
+                 "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": v, "Mcp-Method": method}
+            if name is not None:
+                h["Mcp-Name"] = name
+            body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": meta}}
+            async with http.post(f"{gw.url}/mcp", data=orjson.dumps(body), headers=h) as r:
+                return r.status, orjson.loads(await r.read())
+
+        uri = "tether://crmtool/crm://customers/cus_2"
+        for name in (None, "tether://crmtool/crm://customers/cus_3"):
+            status, body = await post("resources/read", {"uri": uri}, name)
+            assert status == 400 and body["error"]["code"] == -32020
+        status, body = await post("prompts/get", {"name": "crm_follow_up", "arguments": {"name": "Al"}}, "other")
+        assert status == 400 and body["error"]["code"] == -32020
+        status, body = await post("resources/read", {"uri": uri}, uri)
+        assert status == 200 and json.loads(body["result"]["contents"][0]["text"])["name"] == "Al"
+        assert body["result"]["resultType"] == "complete" and body["result"]["cacheScope"] == "private"
+        status, body = await post("resources/read", {"uri": "tether://crmtool/crm://admin/export"},
+                                  "tether://crmtool/crm://admin/export")
+        assert status == 400 and body["error"]["code"] == -32602
+    assert crm.fetched() == [{"resource": "crm://customers/cus_2"}]

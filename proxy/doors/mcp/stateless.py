@@ -282,12 +282,14 @@ class Stateless:
             raise _Refuse("too_many_sessions", "this principal has as many listen streams open as it may",
                           rid=msg.id, headers={"Retry-After": "5"})
         rid = msg.id
-        want = (params.get("notifications") or {}).get("toolsListChanged") is True
+        asked = params.get("notifications") or {}
+        honored = {f: True for f in self.filters if asked.get(f) is True}  # resource subscriptions: none
+        want = [self.filters[f] for f in honored]
         sub = {SUBSCRIPTION_KEY: rid}
         ack = {"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-               "params": {"_meta": sub, "notifications": {"toolsListChanged": True} if want else {}}}
-        changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
-                                "params": {"_meta": sub}})
+               "params": {"_meta": sub, "notifications": honored}}
+        changed = {n: orjson.dumps({"jsonrpc": "2.0", "method": f"notifications/{n}/list_changed",
+                                    "params": {"_meta": sub}}) for n in want}
         wake = asyncio.Event()
         self.listeners.add(wake)
         self._listening[key] = self._listening.get(key, 0) + 1
@@ -298,15 +300,15 @@ class Stateless:
         try:
             await reply.event(orjson.dumps(ack))
             stream = reply.stream
-            baseline = self.ep.backend.tools_version(principal)
+            baseline = {n: self.ep.list_version(principal, n) for n in want}
             quiet_since = loop.time()
             while stream is not None and not (reply.broken or self.ep._closing):
                 wake.clear()
-                if want:
-                    tv = self.ep.backend.tools_version(principal)
-                    if tv != baseline:
-                        baseline = tv
-                        await stream.write(_sse_event(changed))
+                for n in want:
+                    tv = self.ep.list_version(principal, n)
+                    if tv != baseline[n]:
+                        baseline[n] = tv
+                        await stream.write(_sse_event(changed[n]))
                         quiet_since = loop.time()
                 try:
                     await asyncio.wait_for(wake.wait(), tick)
