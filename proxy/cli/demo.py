@@ -10,11 +10,11 @@ on loopback), Tether in front of it with ``rules/demo.yaml``, and then plays a s
 4. a reviewer approves it — replayed to the CRM, provenance stamped into the record;
 5. a live three-step renewal in a transaction whose last step fails — rolled back newest first, the CRM
    exactly as before;
-6. the same renewal told through MCP tools (``/mcp``): the agent lists its tools, opens a transaction
-   with a tool, and the failed quote rolls it back again;
-7. a vendor's MCP server behind Tether (the official ``mcp`` SDK's server, in-process): a granted, pinned
-   tool called live, a tool no capability names refused without reaching the server, a write tool
-   captured for review, then approved and called once;
+6. a vendor's MCP server behind Tether (the official ``mcp`` SDK's server, in-process), the agent on
+   Tether's ``/mcp``: a granted, pinned tool called live, a tool no capability names refused without
+   reaching the server, a write tool captured for review, then approved and called once;
+7. the renewal again, told through MCP tools: the agent lists its tools (REST capabilities and the
+   server's granted tools together), opens a transaction with a tool, and the failed quote rolls it back;
 8. a second agent that keeps sending bad writes — its error budget spent, quarantined on the next
    request (its writes forced to dry-run), an alert raised;
 9. the audit trail of the run (``journal tail``) and ``journal verify``.
@@ -344,11 +344,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             n.say(f"Transaction {txd['state']}: undone newest first; the CRM is as it was before.")
             outcome["transaction"] = txd["state"]
 
-            n.title("The same renewal through MCP: the capabilities are the agent's tools")
-            outcome["mcp"] = await _mcp_renewal(n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp",
-                                                agent_token, crm)
-
-            n.title("A vendor's MCP server behind Tether: granted, pinned tools only; writes reviewed")
+            n.title("A vendor's MCP server behind Tether: pinned tools only, writes reviewed")
             if billing is None:
                 n.say(f"Left out: {no_mcp}.")
                 outcome["mcp_upstream"] = {"skipped": no_mcp}
@@ -356,6 +352,10 @@ async def run_demo(args: argparse.Namespace) -> int:
                 outcome["mcp_upstream"] = await _mcp_upstream(
                     n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp", agent_token, reviewer_token, admin,
                     billing)
+
+            n.title("The same renewal through MCP: the capabilities are the agent's tools")
+            outcome["mcp"] = await _mcp_renewal(n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp",
+                                                agent_token, crm)
 
             n.title("An agent that keeps misbehaving is quarantined")
             n.say("eager-bot sends opportunity updates with stages the rules do not allow…")
@@ -446,7 +446,8 @@ async def _mcp_upstream(n: "Narrator", s: aiohttp.ClientSession, url: str, token
                         admin: str, billing: "demo_mcp.BillingServer") -> dict[str, Any]:
     """A vendor's MCP server behind Tether: what the agent sees of it, and what reaches it."""
     n.say(f"{demo_mcp.NAME} (the official mcp SDK's server) offers {len(demo_mcp.TOOLS)} tools: "
-          + ", ".join(t.name for t in demo_mcp.TOOLS) + ". Tether is its only client.")
+          + ", ".join(t.name for t in demo_mcp.TOOLS) + ". Tether is its only client; renewal-bot connects to "
+          "Tether's /mcp as its MCP server.")
     n.say("The rules grant renewal-bot get_invoice (a read) and issue_credit (a write: dry-run), each pinned to "
           "the definition a person approved; no capability names export_customers.")
     rpc = _Rpc(s, url, token)
