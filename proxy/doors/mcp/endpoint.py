@@ -207,14 +207,14 @@ def _one_header(request: web.BaseRequest, name: str) -> str | None:
 
 class _Listing:
     """One principal's list (tools, resources, templates or prompts), dumped for one protocol version;
-    ``tag`` ties pagination cursors to it."""
+    ``tag`` ties pagination cursors to it (and to its kind: a tools/list cursor pages no other list)."""
 
     __slots__ = ("version", "dumped", "tag", "_by_name", "_header_params")
 
-    def __init__(self, version: object, dumped: list[dict[str, Any]]) -> None:
+    def __init__(self, version: object, dumped: list[dict[str, Any]], kind: str = "tools") -> None:
         self.version = version
         self.dumped = dumped
-        self.tag = hashlib.sha256(repr(version).encode()).hexdigest()[:12]
+        self.tag = hashlib.sha256(repr((kind, version)).encode()).hexdigest()[:12]
         self._header_params: dict[str, list[tuple[tuple[str, ...], str]]] | None = None
 
     def header_params(self) -> dict[str, list[tuple[tuple[str, ...], str]]]:
@@ -654,7 +654,7 @@ class McpEndpoint:
             dumped = serialize_server_result(lk.method, version, listed)[lk.member]
             if len(self._list_cache) >= 4096:
                 self._list_cache.clear()
-            entry = self._list_cache[key] = _Listing(tv, dumped)
+            entry = self._list_cache[key] = _Listing(tv, dumped, kind)
         return entry
 
     def _tools(self, principal: Principal, version: str) -> _Listing:
