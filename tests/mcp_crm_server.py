@@ -9,7 +9,7 @@ Tools: ``create_customer``, ``update_customer``, ``delete_customer`` (writes), `
 ``list_customers`` (reads), and test probes: ``slow`` (sleeps; records a cancellation), ``progress_steps``,
 ``big`` (an answer of N bytes), ``whoami`` (the JSON-RPC id the server saw), ``ask_sampling`` /
 ``ask_elicitation`` / ``ask_roots`` (server→client requests), ``log_line``, ``log_levels`` (a log message at
-each of four levels), ``stream_pause`` (closes the SSE stream mid-call; the client must resume), ``stats``
+each of four levels), ``add_note`` (a new resource, and ``resources/list_changed``), ``stream_pause`` (closes the SSE stream mid-call; the client must resume), ``stats``
 (what the server observed). Resources: the template ``crm://customers/{id}`` and the static
 ``crm://customers/index`` inside it, ``crm://admin/export``, ``crm://invoices/{number}``, ``crm://blobs/{name}``
 (bytes; ``huge`` is 200 kB); prompts ``follow_up(name)`` and ``internal_notes``.
@@ -240,6 +240,16 @@ async def log_levels(ctx: Context, big: int = 0) -> str:
     if big:
         await ctx.info("x" * big)
     return "logged four"
+
+
+@server.tool()
+async def add_note(name: str, ctx: Context) -> str:
+    """Publish a static resource crm://customers/note-<name> and say the resources changed."""
+    from mcp.server.mcpserver.resources import TextResource
+
+    server.add_resource(TextResource(uri=f"crm://customers/note-{name}", name=f"note-{name}", text=f"note {name}"))
+    await ctx.session.send_resource_list_changed()
+    return "added"
 
 
 @server.resource("crm://customers/{id}")

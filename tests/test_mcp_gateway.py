@@ -84,6 +84,7 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         "crm.stats": tool("stats", effect="read"),
         "crm.big": tool("big", effect="read"),
         "crm.log_levels": tool("log_levels", effect="read"),
+        "crm.add_note": tool("add_note", effect="read"),
         "crm.blobs": {"upstream": "crmtool", "resource": "crm://blobs/{name}", "rate_limit": {"per_minute": 3}},
         "crm.follow_up": {"upstream": "crmtool", "prompt": "follow_up", "audit_fields": ["name"],
                           "body": {"allow_fields": ["name"], "constraints": {"name": {"max_length": 40}}}},
@@ -96,7 +97,8 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         {"capability": "crm.delete_customer", **live}, {"capability": "crm.annotate", **live},
         {"capability": "crm.rug_pull", **live}, "crm.follow_up", "crm.customer_doc"]
     rules["agents"]["drafter"] = {"grants": ["crm.get_customer", "crm.create_customer"]}  # writes: dry-run
-    rules["agents"]["auditor"] = {"grants": ["crm.stats", "crm.big", "crm.slow", "crm.log_levels", "crm.blobs"]}
+    rules["agents"]["auditor"] = {"grants": ["crm.stats", "crm.big", "crm.slow", "crm.log_levels", "crm.blobs",
+                                             "crm.add_note", "crm.customer_doc"]}
     return rules
 
 
@@ -626,8 +628,8 @@ async def test_ungranted_resources_and_prompts_are_refused_without_reaching_the_
 
 async def test_resource_reads_are_rate_limited_and_size_capped(gw: GatewayHandle, crm: Crm) -> None:
     async with tools(gw, "auditor") as s:
-        assert [t.uri_template for t in (await s.list_resource_templates()).resource_templates] == [
-            "tether://crmtool/crm://blobs/{name}"]
+        assert "tether://crmtool/crm://blobs/{name}" in [
+            t.uri_template for t in (await s.list_resource_templates()).resource_templates]
         with pytest.raises(MCPError) as ei:  # 200 kB, over the upstream's max_result_bytes (64 KB)
             await s.read_resource("tether://crmtool/crm://blobs/huge")
         assert ei.value.error.code == -32010 and ei.value.error.data["code"] == "upstream_response_too_large"
@@ -784,3 +786,21 @@ async def test_2026_routing_headers_must_name_the_resource_or_prompt(gw: Gateway
                                   "tether://crmtool/crm://admin/export")
         assert status == 400 and body["error"]["code"] == -32602
     assert crm.fetched() == [{"resource": "crm://customers/cus_2"}]
+
+
+async def test_a_server_announcing_new_resources_is_listed_again(gw: GatewayHandle, crm: Crm) -> None:
+    """notifications/resources/list_changed from the server (stdio): Tether lists again, and agents whose list
+    moved are told."""
+    changed = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceListChangedNotification):
+            changed.set()
+
+    async with tools(gw, "auditor", message_handler=on_message) as s:
+        assert [str(r.uri) for r in (await s.list_resources()).resources] == ["tether://crmtool/crm://customers/index"]
+        assert (await s.call_tool("crm_add_note", {"name": "vip"})).content[0].text == "added"
+        await asyncio.wait_for(changed.wait(), 15)
+        uris = [str(r.uri) for r in (await s.list_resources()).resources]
+        assert uris == ["tether://crmtool/crm://customers/index", "tether://crmtool/crm://customers/note-vip"]
+        assert (await s.read_resource(uris[1])).contents[0].text == "note vip"
