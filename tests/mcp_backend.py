@@ -4,6 +4,8 @@
   door's check) and serves two agents different tools: ``bot`` gets a structured read, a refusal, a slow
   tool that streams progress and honours cancellation, an echo and one that crashes; ``other-bot`` gets
   the read only. Tests can change an agent's tools (``set_tools``) and the version moves with them.
+* :class:`ReadsBackend` is a ``JwtBackend`` that also serves resources, templates and prompts and relays
+  log messages (the protocol layer's optional parts), with a tool that logs at every level.
 * :class:`ConformanceBackend` serves the tools the official conformance suite's server scenarios call,
   to an anonymous principal (the suite sends no token).
 """
@@ -20,14 +22,33 @@ from mcp_types import (
     AudioContent,
     CallToolResult,
     EmbeddedResource,
+    GetPromptResult,
     ImageContent,
+    Prompt,
+    PromptArgument,
+    PromptMessage,
+    ReadResourceResult,
+    Resource,
+    ResourceTemplate,
     TextContent,
     TextResourceContents,
     Tool,
     ToolAnnotations,
 )
 
-from proxy.doors.mcp import McpAuthError, ToolCall, UnknownTool, error_result, json_result
+from proxy.doors.mcp import (
+    REFUSED,
+    McpAuthError,
+    McpRefused,
+    PromptGet,
+    ResourceRead,
+    ToolCall,
+    UnknownPrompt,
+    UnknownResource,
+    UnknownTool,
+    error_result,
+    json_result,
+)
 from proxy.errors import AuthError
 
 OBJ = {"type": "object"}
@@ -144,6 +165,75 @@ class JwtBackend:
         return rid
 
 
+# --------------------------------------------------------------------------- resources, prompts, logs
+
+
+LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+class ReadsBackend(JwtBackend):
+    """Resources (three, and a template), prompts (two) and a tool whose call logs, for ``bot``; nothing of
+    the kind for ``other-bot``. ``reads`` records what reached the backend."""
+
+    relays_logs = True
+
+    def __init__(self, verifier: Any) -> None:
+        super().__init__(verifier)
+        self.tools["bot"].append(_tool("chatty", "Logs at every level (and more)"))
+        self.reads: list[Any] = []
+        self.rversion = 1
+
+    def resources_for(self, principal: Agent) -> Sequence[Resource]:
+        if principal.agent != "bot":
+            return []
+        return [Resource(name=f"doc{i}", uri=f"test://docs/{i}", mime_type="text/plain") for i in range(3)]
+
+    def resource_templates_for(self, principal: Agent) -> Sequence[ResourceTemplate]:
+        return [ResourceTemplate(name="doc", uri_template="test://docs/{n}")] if principal.agent == "bot" else []
+
+    def resources_version(self, principal: Agent) -> object:
+        return self.rversion
+
+    async def read_resource(self, read: ResourceRead) -> ReadResourceResult:
+        self.reads.append(read)
+        if read.principal.agent != "bot" or not read.uri.startswith("test://docs/"):  # type: ignore[attr-defined]
+            raise UnknownResource(read.uri)
+        if read.uri == "test://docs/limited":
+            raise McpRefused(REFUSED, "Refused by Tether (rate_limited): slow down",
+                             {"code": "rate_limited", "status": 429, "request_id": "r-9"})
+        if read.uri == "test://docs/boom":
+            raise RuntimeError("the backend crashed")
+        return ReadResourceResult(contents=[TextResourceContents(uri=read.uri, text=f"text of {read.uri}")])
+
+    def prompts_for(self, principal: Agent) -> Sequence[Prompt]:
+        if principal.agent != "bot":
+            return []
+        return [Prompt(name="greet", arguments=[PromptArgument(name="who", required=True)]), Prompt(name="plain")]
+
+    def prompts_version(self, principal: Agent) -> object:
+        return 1
+
+    async def get_prompt(self, get: PromptGet) -> GetPromptResult:
+        self.reads.append(get)
+        if get.principal.agent != "bot" or get.name not in ("greet", "plain"):  # type: ignore[attr-defined]
+            raise UnknownPrompt(get.name)
+        return GetPromptResult(messages=[PromptMessage(role="user", content=TextContent(
+            text=f"Hello {get.arguments.get('who', 'there')}"))])
+
+    async def call_tool(self, call: ToolCall) -> CallToolResult:
+        if call.name != "chatty":
+            return await super().call_tool(call)
+        n = int(call.arguments.get("extra", 0))
+        if call.log is not None:
+            for level in LEVELS:
+                await call.log(level, {"level": level}, "chatty")
+            await call.log("verbose", "not a level: dropped")
+            await call.log("info", "y" * 40_000)
+            for i in range(n):
+                await call.log("info", i)
+        return json_result({"logged": True, "sink": call.log is not None})
+
+
 # --------------------------------------------------------------------------- the conformance suite's tools
 
 _PNG = base64.b64encode(bytes.fromhex(
@@ -257,6 +347,7 @@ async def start_mcp_env(make_gateway: Any, store_url: str, *, backend: str = "jw
     if limits:
         rules["server"]["limits"] = limits
     h = await make_gateway(rules)
-    be: Any = JwtBackend(h.gw.state.verifier) if backend == "jwt" else ConformanceBackend()
+    be: Any = JwtBackend(h.gw.state.verifier) if backend == "jwt" else ReadsBackend(h.gw.state.verifier) \
+        if backend == "reads" else ConformanceBackend()
     ep = mount_mcp(h.gw, be)
     return McpEnv(h, be, ep)

@@ -8,8 +8,11 @@ MCP upstream client, and the transaction/rollback tests use its write tools.
 Tools: ``create_customer``, ``update_customer``, ``delete_customer`` (writes), ``get_customer``,
 ``list_customers`` (reads), and test probes: ``slow`` (sleeps; records a cancellation), ``progress_steps``,
 ``big`` (an answer of N bytes), ``whoami`` (the JSON-RPC id the server saw), ``ask_sampling`` /
-``ask_elicitation`` / ``ask_roots`` (server→client requests), ``log_line``, ``stream_pause`` (closes the
-SSE stream mid-call; the client must resume), ``stats`` (what the server observed).
+``ask_elicitation`` / ``ask_roots`` (server→client requests), ``log_line``, ``log_levels`` (a log message at
+each of four levels), ``add_note`` (a new resource, and ``resources/list_changed``), ``stream_pause`` (closes the SSE stream mid-call; the client must resume), ``stats``
+(what the server observed). Resources: the template ``crm://customers/{id}`` and the static
+``crm://customers/index`` inside it, ``crm://admin/export``, ``crm://invoices/{number}``, ``crm://blobs/{name}``
+(bytes; ``huge`` is 200 kB); prompts ``follow_up(name)`` and ``internal_notes``.
 
 Environment: ``MCP_CRM_STATE`` — a JSON file holding the customers (shared by restarts and readable by tests;
 default: memory); ``MCP_CRM_VARIANT=changed`` — ``delete_customer`` has another description and an extra tool
@@ -17,8 +20,9 @@ default: memory); ``MCP_CRM_VARIANT=changed`` — ``delete_customer`` has anothe
 ``MCP_CRM_TOKEN`` — with HTTP, every request must carry ``Authorization: Bearer <MCP_CRM_TOKEN>``;
 ``MCP_CRM_SEEN`` — a file where the HTTP server appends each request's Authorization header (tests check
 which credential reached the server); ``MCP_CRM_CALLS`` — a file where every ``tools/call`` the server
-receives is appended (``{"tool", "arguments"}``, one JSON line each, before it runs): the server's own
-proof of which calls reached it. The tool ``rug_pull`` rewrites ``delete_customer``'s description and tells
+receives is appended (``{"tool", "arguments"}``, one JSON line each, before it runs; ``{"resource"}`` for a
+``resources/read``, ``{"prompt", "arguments"}`` for a ``prompts/get``): the server's own proof of which
+calls reached it. The tool ``rug_pull`` rewrites ``delete_customer``'s description and tells
 the client its tools changed (``notifications/tools/list_changed``), as a server changing a tool after it
 was pinned would.
 """
@@ -226,10 +230,56 @@ def stats() -> dict[str, Any]:
     return dict(_stats)
 
 
+@server.tool()
+async def log_levels(ctx: Context, big: int = 0) -> str:
+    """Send one log message at each of debug, info, warning and error (and one of `big` characters), then answer."""
+    await ctx.debug("debug: the details")
+    await ctx.info("info: looking up the customer")
+    await ctx.warning("warning: the record is stale")
+    await ctx.error("error: the mail server refused")
+    if big:
+        await ctx.info("x" * big)
+    return "logged four"
+
+
+@server.tool()
+async def add_note(name: str, ctx: Context) -> str:
+    """Publish a static resource crm://customers/note-<name> and say the resources changed."""
+    from mcp.server.mcpserver.resources import TextResource
+
+    server.add_resource(TextResource(uri=f"crm://customers/note-{name}", name=f"note-{name}", text=f"note {name}"))
+    await ctx.session.send_resource_list_changed()
+    return "added"
+
+
 @server.resource("crm://customers/{id}")
 def customer_resource(id: str) -> str:
     """A customer record as a resource."""
     return json.dumps(_load().get(id) or {})
+
+
+@server.resource("crm://customers/index", mime_type="application/json")
+def customer_index() -> str:
+    """The ids of every customer (a static resource inside the customers' template)."""
+    return json.dumps(sorted(_load()))
+
+
+@server.resource("crm://admin/export")
+def admin_export() -> str:
+    """Every record, for administrators (a static resource no template of the tests grants)."""
+    return json.dumps(_load())
+
+
+@server.resource("crm://invoices/{number}")
+def invoice_resource(number: str) -> str:
+    """An invoice (a template the tests do not grant)."""
+    return json.dumps({"number": number, "amount": 100})
+
+
+@server.resource("crm://blobs/{name}", mime_type="application/octet-stream")
+def blob_resource(name: str) -> bytes:
+    """`name` as bytes, repeated to 200 kB when it is `huge` (over the tests' result caps)."""
+    return (name.encode() * 50_000)[:200_000] if name == "huge" else name.encode()
 
 
 @server.prompt()
@@ -238,18 +288,42 @@ def follow_up(name: str) -> str:
     return f"Write a short follow-up email to {name}."
 
 
+@server.prompt()
+def internal_notes() -> str:
+    """Notes not meant for agents (a prompt the tests do not grant)."""
+    return "Internal: never show this to an agent."
+
+
 CALLS = os.environ.get("MCP_CRM_CALLS")
 _original_call_tool = server.call_tool
+_original_read_resource = server.read_resource
+_original_get_prompt = server.get_prompt
+
+
+def _record(entry: dict[str, Any]) -> None:
+    if CALLS:
+        with open(CALLS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 async def _recorded_call_tool(name: str, arguments: dict[str, Any], *args: Any, **kw: Any) -> Any:
-    if CALLS:
-        with open(CALLS, "a") as f:
-            f.write(json.dumps({"tool": name, "arguments": arguments}) + "\n")
+    _record({"tool": name, "arguments": arguments})
     return await _original_call_tool(name, arguments, *args, **kw)
 
 
+async def _recorded_read_resource(uri: Any, *args: Any, **kw: Any) -> Any:
+    _record({"resource": str(uri)})
+    return await _original_read_resource(uri, *args, **kw)
+
+
+async def _recorded_get_prompt(name: str, arguments: dict[str, Any] | None = None, *args: Any, **kw: Any) -> Any:
+    _record({"prompt": name, "arguments": arguments})
+    return await _original_get_prompt(name, arguments, *args, **kw)
+
+
 server.call_tool = _recorded_call_tool  # type: ignore[method-assign]
+server.read_resource = _recorded_read_resource  # type: ignore[method-assign]
+server.get_prompt = _recorded_get_prompt  # type: ignore[method-assign]
 
 
 @server.tool()

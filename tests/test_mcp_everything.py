@@ -185,10 +185,55 @@ async def test_server_everything_behind_tether(make_gateway: Any, upstream: Any,
                                                                        "tool_definition_changed"}
 
 
+async def test_server_everything_resources_and_prompts_behind_tether(make_gateway: Any, upstream: Any, store_url: str,
+                                                                      everything: Recorder) -> None:
+    """Its resources and prompts, as granted: a template and the static documents are listed and read under
+    Tether's URIs, one prompt is listed and fetched; the blob template and the other prompts are neither
+    listed nor sent (the pass-through's record)."""
+    rules = base_rules(upstream.url, store_url)
+    rules["server"]["mcp"] = {"path": "/mcp"}
+    rules["upstreams"]["ev"] = {"kind": "mcp", "url": everything.url}
+    rules["capabilities"].update({
+        "ev.text": {"upstream": "ev", "resource": "demo://resource/dynamic/text/{resourceId}"},
+        "ev.docs": {"upstream": "ev", "resource": "demo://resource/static/document/{name}"},
+        "ev.args": {"upstream": "ev", "prompt": "args-prompt"},
+    })
+    rules["agents"]["bot"]["grants"] = ["ev.text", "ev.docs", "ev.args"]
+    gw = await make_gateway(rules)
+    everything.messages.clear()
+    async with tools(gw) as s:
+        templates = [t.uri_template for t in (await s.list_resource_templates()).resource_templates]
+        assert templates == ["tether://ev/demo://resource/dynamic/text/{resourceId}"]  # not the blob template
+        docs = [str(r.uri) for r in (await s.list_resources()).resources]
+        assert docs and all(u.startswith("tether://ev/demo://resource/static/document/") for u in docs)
+        prompts = (await s.list_prompts()).prompts
+        assert [(p.name, p.title) for p in prompts] == [("ev_args", "Arguments Prompt")]
+        assert {a.name for a in prompts[0].arguments} == {"city", "state"}
+        text = await s.read_resource("tether://ev/demo://resource/dynamic/text/1")
+        assert text.contents[0].text.startswith("Resource 1: This is a plaintext resource")
+        doc = await s.read_resource(docs[0])
+        assert doc.contents[0].text
+        got = await s.get_prompt("ev_args", {"city": "Lyon"})
+        assert got.messages[0].content.text == "What's weather in Lyon?"
+        for uri in ("tether://ev/demo://resource/dynamic/blob/1", "demo://resource/dynamic/text/1"):
+            with pytest.raises(MCPError) as ei:
+                await s.read_resource(uri)
+            assert ei.value.error.code == types.INVALID_PARAMS
+        for name in ("simple-prompt", "ev_simple-prompt", "args-prompt"):
+            with pytest.raises(MCPError):
+                await s.get_prompt(name, {"city": "Lyon"})
+    reads = [m["params"]["uri"] for m in everything.messages if m.get("method") == "resources/read"]
+    assert reads == ["demo://resource/dynamic/text/1", docs[0][len("tether://ev/"):]]
+    gets = [(m["params"]["name"], m["params"].get("arguments")) for m in everything.messages
+            if m.get("method") == "prompts/get"]
+    assert gets == [("args-prompt", {"city": "Lyon"})]
+
+
 # Conformance 0.1.13's server scenarios about a server's tools and protocol. The suite's tool scenarios call
 # the tools of its own reference server (test_simple_text, ...), which server-everything does not have: run
-# directly against it and through Tether, they must come out the same (resources, prompts, completions,
-# logging and server-to-client requests are not served by Tether's front door: docs/mcp.md).
+# directly against it and through Tether, they must come out the same (resources and prompts are served
+# under Tether's own URIs and names, which the suite's scenarios do not know; completions and server-to-client
+# requests are not served by Tether's front door: docs/mcp.md).
 CONFORMANCE_COMPARED = ("server-initialize", "ping", "tools-list", "tools-call-simple-text", "tools-call-image",
                         "tools-call-audio", "tools-call-embedded-resource", "tools-call-mixed-content",
                         "tools-call-error", "tools-call-with-progress", "json-schema-2020-12",
@@ -244,6 +289,7 @@ async def test_conformance_against_server_everything_directly_and_through_tether
         {k: v for k, v in compared.items() if k not in unknown_tool}
     assert compared["server-initialize"] == compared["tools-list"] == compared["ping"] == "PASS"
     recs = await gw.journal()
-    refused = {r["mcp"]["tool"] for r in recs if r["kind"] == "request" and r.get("error") == "capability_not_granted"}
+    refused = {r["mcp"].get("tool") for r in recs  # (the suite's resources and prompts are refused too: not granted)
+               if r["kind"] == "request" and r.get("error") == "capability_not_granted"}
     assert {"test_simple_text", "test_error_handling"} <= refused
     assert not [m for m in everything.calls() if m["params"]["name"].startswith("test_")]  # never sent upstream

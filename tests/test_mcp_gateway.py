@@ -83,7 +83,11 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         "crm.rug_pull": tool("rug_pull"),
         "crm.stats": tool("stats", effect="read"),
         "crm.big": tool("big", effect="read"),
-        "crm.follow_up": {"upstream": "crmtool", "prompt": "follow_up"},
+        "crm.log_levels": tool("log_levels", effect="read"),
+        "crm.add_note": tool("add_note", effect="read"),
+        "crm.blobs": {"upstream": "crmtool", "resource": "crm://blobs/{name}", "rate_limit": {"per_minute": 3}},
+        "crm.follow_up": {"upstream": "crmtool", "prompt": "follow_up", "audit_fields": ["name"],
+                          "body": {"allow_fields": ["name"], "constraints": {"name": {"max_length": 40}}}},
         "crm.customer_doc": {"upstream": "crmtool", "resource": "crm://customers/{id}"},
     })
     live = {"mode": "live"}
@@ -93,7 +97,8 @@ def crm_rules(rest_url: str, store: str, tmp: Path, **upstream: Any) -> dict[str
         {"capability": "crm.delete_customer", **live}, {"capability": "crm.annotate", **live},
         {"capability": "crm.rug_pull", **live}, "crm.follow_up", "crm.customer_doc"]
     rules["agents"]["drafter"] = {"grants": ["crm.get_customer", "crm.create_customer"]}  # writes: dry-run
-    rules["agents"]["auditor"] = {"grants": ["crm.stats", "crm.big", "crm.slow"]}
+    rules["agents"]["auditor"] = {"grants": ["crm.stats", "crm.big", "crm.slow", "crm.log_levels", "crm.blobs",
+                                             "crm.add_note", "crm.customer_doc"]}
     return rules
 
 
@@ -122,7 +127,11 @@ class Crm:
     def calls(self, tool: str | None = None) -> list[dict[str, Any]]:
         p = self.tmp / "calls.jsonl"
         out = [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-        return [c for c in out if tool is None or c["tool"] == tool]
+        return [c for c in out if tool is None or c.get("tool") == tool]
+
+    def fetched(self) -> list[dict[str, Any]]:
+        """The resources/read and prompts/get the server received."""
+        return [c for c in self.calls() if "tool" not in c]
 
     def records(self) -> dict[str, Any]:
         p = self.tmp / "crm.json"
@@ -531,3 +540,267 @@ async def test_the_rest_door_does_not_reach_an_mcp_upstream(gw: GatewayHandle, c
                                                                   "params": {"name": "delete_customer"}})
     assert r.status in (403, 404)
     assert crm.calls() == []
+
+
+# --------------------------------------------------------------------------- resources and prompts
+
+
+async def test_granted_resources_and_prompts_are_listed_and_served(gw: GatewayHandle, crm: Crm) -> None:
+    """The agent sees only the resources, templates and prompts its grants name (under namespaced URIs and
+    names), reads and gets them through the pipeline; the server saw exactly those requests."""
+    crm.put("cus_1", name="Bo", email="bo@example.com")
+    async with tools(gw, on_behalf_of="ae:jane@acme.example") as s:
+        caps = s.server_capabilities
+        assert caps.resources is not None and caps.resources.list_changed is True
+        assert caps.prompts is not None and caps.prompts.list_changed is True and caps.logging is not None
+        resources = (await s.list_resources()).resources
+        # the static index inside the granted template; never crm://admin/export
+        assert [str(r.uri) for r in resources] == ["tether://crmtool/crm://customers/index"]
+        templates = (await s.list_resource_templates()).resource_templates
+        assert [t.uri_template for t in templates] == ["tether://crmtool/crm://customers/{id}"]  # not invoices
+        prompts = (await s.list_prompts()).prompts
+        assert [p.name for p in prompts] == ["crm_follow_up"]  # not internal_notes
+        assert prompts[0].arguments[0].name == "name" and "Prompt follow_up of MCP server crmtool" in \
+            prompts[0].description
+        doc = await s.read_resource("tether://crmtool/crm://customers/cus_1")
+        assert json.loads(doc.contents[0].text) == {"id": "cus_1", "name": "Bo", "email": "bo@example.com"}
+        assert doc.meta["tether/request_id"]
+        index = await s.read_resource("tether://crmtool/crm://customers/index")
+        assert json.loads(index.contents[0].text) == ["cus_1"]
+        got = await s.get_prompt("crm_follow_up", {"name": "Bo"})
+        assert got.messages[0].content.text == "Write a short follow-up email to Bo."
+    assert crm.fetched() == [{"resource": "crm://customers/cus_1"}, {"resource": "crm://customers/index"},
+                             {"prompt": "follow_up", "arguments": {"name": "Bo"}}]
+    recs = await gw.journal()
+    read = [r for r in recs if r.get("capability") == "crm.customer_doc"]
+    intent = next(r for r in read if r["kind"] == "request" and r["path"] == "crm://customers/cus_1")
+    assert intent["method"] == "resources/read" and intent["upstream"] == "crmtool" and intent["decision"] == "live"
+    assert intent["on_behalf_of"] == "ae:jane@acme.example" and intent["channel"] == "mcp"
+    assert intent["mcp"]["resource"] == "tether://crmtool/crm://customers/cus_1"
+    outcome = next(r for r in read if r["kind"] == "outcome" and r["intent_seq"] == intent["seq"])
+    assert len(outcome["result_sha256"]) == 64 and outcome["result_bytes"] > 0 and outcome["forwarded"] is True
+    prompt = next(r for r in recs if r["kind"] == "request" and r.get("capability") == "crm.follow_up")
+    assert prompt["method"] == "prompts/get" and prompt["path"] == "follow_up" and prompt["audit"] == {"name": "Bo"}
+    assert prompt["body_sha256"] == hashlib.sha256(orjson.dumps({"name": "Bo"})).hexdigest()
+    # what the resources and the prompt said is nowhere in the journal (digests only)
+    assert "bo@example.com" not in json.dumps(recs) and "follow-up email" not in json.dumps(recs)
+
+
+async def test_ungranted_resources_and_prompts_are_refused_without_reaching_the_server(gw: GatewayHandle,
+                                                                                        crm: Crm) -> None:
+    crm.put("cus_1", name="Bo", email="bo@example.com")
+    async with tools(gw) as s:
+        for uri in ("tether://crmtool/crm://admin/export",  # a static resource no template grants
+                    "tether://crmtool/crm://invoices/7",  # a template not granted
+                    "crm://customers/cus_1",  # the server's own URI, not Tether's
+                    "tether://crmtool/crm://customers/../admin/export",  # a traversal through the granted template
+                    "tether://crmtool/crm://customers/%2e%2e",
+                    "tether://crmtool/crm://customers/cus_1/notes",
+                    "tether://other/crm://customers/cus_1"):  # another upstream
+            with pytest.raises(MCPError) as ei:
+                await s.read_resource(uri)
+            assert ei.value.error.code == types.INVALID_PARAMS and ei.value.error.data["code"] == "unknown_resource"
+        with pytest.raises(MCPError) as ei:
+            await s.get_prompt("crm_internal_notes")
+        assert ei.value.error.code == types.INVALID_PARAMS and ei.value.error.data["code"] == "unknown_prompt"
+        for name in ("internal_notes", "follow_up"):  # the server's names are not the agent's
+            with pytest.raises(MCPError):
+                await s.get_prompt(name, {"name": "x"})
+        # the prompt's field rules apply to its arguments: refused before the server, with Tether's code
+        with pytest.raises(MCPError) as ei:
+            await s.get_prompt("crm_follow_up", {"name": "Bo", "cc": "boss@example.com"})
+        assert ei.value.error.code == types.INVALID_PARAMS and ei.value.error.data["code"] == "field_not_allowed"
+        with pytest.raises(MCPError) as ei:
+            await s.get_prompt("crm_follow_up", {"name": "B" * 41})
+        assert ei.value.error.data["code"] == "constraint_violated" and ei.value.error.data["request_id"]
+    async with tools(gw, "drafter") as d:  # holds no resource or prompt
+        assert (await d.list_resources()).resources == [] and (await d.list_prompts()).prompts == []
+        with pytest.raises(MCPError):
+            await d.read_resource("tether://crmtool/crm://customers/cus_1")
+        with pytest.raises(MCPError):
+            await d.get_prompt("crm_follow_up", {"name": "Bo"})
+    assert crm.fetched() == []  # the server saw none of it
+    recs = await gw.journal()
+    denied = [r for r in recs if r["kind"] == "request" and r.get("decision") == "denied"]
+    assert {r["method"] for r in denied} >= {"resources/read", "prompts/get"}
+    assert {r["error"] for r in denied} >= {"capability_not_granted", "field_not_allowed", "constraint_violated"}
+
+
+async def test_resource_reads_are_rate_limited_and_size_capped(gw: GatewayHandle, crm: Crm) -> None:
+    async with tools(gw, "auditor") as s:
+        assert "tether://crmtool/crm://blobs/{name}" in [
+            t.uri_template for t in (await s.list_resource_templates()).resource_templates]
+        with pytest.raises(MCPError) as ei:  # 200 kB, over the upstream's max_result_bytes (64 KB)
+            await s.read_resource("tether://crmtool/crm://blobs/huge")
+        assert ei.value.error.code == -32010 and ei.value.error.data["code"] == "upstream_response_too_large"
+        small = await s.read_resource("tether://crmtool/crm://blobs/abc")
+        assert small.contents[0].blob == "YWJj"
+        assert (await s.read_resource("tether://crmtool/crm://blobs/abc")).contents[0].blob == "YWJj"
+        with pytest.raises(MCPError) as ei:  # three a minute
+            await s.read_resource("tether://crmtool/crm://blobs/abc")
+        assert ei.value.error.code == -32010 and ei.value.error.data["code"] == "rate_limited"
+    assert [c["resource"] for c in crm.fetched()] == ["crm://blobs/huge", "crm://blobs/abc", "crm://blobs/abc"]
+
+
+# --------------------------------------------------------------------------- log messages
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # setLevel: gone in 2026-07-28
+async def test_log_messages_of_a_call_reach_the_agent_at_its_level(make_gateway: Any, upstream: Any, store_url: str,
+                                                                   tmp_path: Path) -> None:
+    """A server's notifications/message on a call's stream (Streamable HTTP) are relayed on the agent's
+    response stream before the result, filtered by the session's logging/setLevel (2026-07-28: the
+    request's _meta log level, none without it), capped; the journal keeps a count, not what they say."""
+    from mcp.client.client import Client
+
+    from tests.mcp_upstreams import crm_http
+
+    srv = crm_http(tmp_path, MCP_CRM_CALLS=str(tmp_path / "calls.jsonl")).start()
+    try:
+        rules = crm_rules(upstream.url, store_url, tmp_path)
+        rules["upstreams"]["crmtool"] = {"kind": "mcp", "url": srv.url}
+        h = await make_gateway(rules)
+        seen: list[types.LoggingMessageNotificationParams] = []
+
+        async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+            seen.append(params)
+
+        async with tools(h, "auditor", logging_callback=on_log) as s:
+            assert s.server_capabilities.logging is not None
+            res = await s.call_tool("crm_log_levels", {})
+            assert res.content[0].text == "logged four"
+            assert [(p.level, p.data) for p in seen] == [
+                ("debug", "debug: the details"), ("info", "info: looking up the customer"),
+                ("warning", "warning: the record is stale"), ("error", "error: the mail server refused")]
+            seen.clear()
+            await s.set_logging_level("warning")
+            await s.call_tool("crm_log_levels", {"big": 100_000})
+            assert [p.level for p in seen] == ["warning", "error"]
+            seen.clear()
+            await s.set_logging_level("info")
+            await s.call_tool("crm_log_levels", {"big": 100_000})
+            assert [p.level for p in seen] == ["info", "warning", "error", "info"]
+            big = seen[-1].data
+            assert big.startswith("(log data of 100002 bytes, cut by Tether") and len(big) < 5000
+        # 2026-07-28: a request asks for log messages with its _meta log level, and gets none without it
+        for level, expected in ((None, []), ("error", ["error"])):
+            seen.clear()
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {h.token('auditor')}"}) as hc:
+                async with Client(streamable_http_client(f"{h.url}/mcp", http_client=hc), mode="2026-07-28",
+                                  cache=None, logging_callback=on_log, log_level=level) as c:
+                    assert (await c.call_tool("crm_log_levels", {})).content[0].text == "logged four"
+            assert [p.level for p in seen] == expected
+        recs = await h.journal()
+    finally:
+        srv.stop()
+    outcomes = [r for r in recs if r["kind"] == "outcome" and r.get("capability") == "crm.log_levels"]
+    assert [r.get("log_messages") for r in outcomes] == [4, 5, 5, None, 4]
+    assert "mail server" not in json.dumps(recs) and "xxxxxxxx" not in json.dumps(recs)
+
+
+async def test_2026_clients_read_and_get_and_reloads_announce_list_changes(gw: GatewayHandle, crm: Crm) -> None:
+    """The stateless revision serves the same resources and prompts (Mcp-Name mirrors the URI or the name);
+    a reload that takes the grants away tells both kinds of clients their lists changed."""
+    import yaml
+    from mcp.client.client import Client
+    from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged
+
+    crm.put("cus_9", name="Nia", email="nia@example.com")
+    changed: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, (types.ResourceListChangedNotification, types.PromptListChangedNotification)):
+            changed.append(type(message).__name__)
+
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token('bot')}"}) as hc, \
+            tools(gw, message_handler=on_message) as s:
+        async with Client(streamable_http_client(f"{gw.url}/mcp", http_client=hc), mode="auto", cache=None) as c:
+            assert c.protocol_version == "2026-07-28"  # server/discover, then stateless requests
+            assert c.server_capabilities.resources is not None and c.server_capabilities.prompts is not None
+            assert [p.name for p in (await c.list_prompts()).prompts] == ["crm_follow_up"]
+            assert [t.uri_template for t in (await c.list_resource_templates()).resource_templates] == [
+                "tether://crmtool/crm://customers/{id}"]
+            doc = await c.read_resource("tether://crmtool/crm://customers/cus_9")
+            assert json.loads(doc.contents[0].text)["name"] == "Nia"
+            got = await c.get_prompt("crm_follow_up", {"name": "Nia"})
+            assert got.messages[0].content.text == "Write a short follow-up email to Nia."
+            with pytest.raises(MCPError) as ei:
+                await c.read_resource("tether://crmtool/crm://admin/export")
+            assert ei.value.error.data["code"] == "unknown_resource"
+            assert [p.name for p in (await s.list_prompts()).prompts] == ["crm_follow_up"]
+            await s.list_resources()
+            async with c.listen(prompts_list_changed=True, resources_list_changed=True) as sub:
+                assert sub.honored.prompts_list_changed and sub.honored.resources_list_changed
+                doc = yaml.safe_load(gw.rules_path.read_text())
+                doc["agents"]["bot"]["grants"] = [g for g in doc["agents"]["bot"]["grants"]
+                                                  if g not in ("crm.follow_up", "crm.customer_doc")]
+                gw.rules_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+                ok, _ = await gw.gw.reload("test")
+                assert ok
+                events: set[type] = set()
+                async with asyncio.timeout(10):
+                    while events != {PromptsListChanged, ResourcesListChanged}:
+                        events.add(type(await sub.__anext__()))
+            assert (await c.list_prompts()).prompts == []
+            with pytest.raises(MCPError):
+                await c.get_prompt("crm_follow_up", {"name": "Nia"})
+        for _ in range(100):  # the session's GET stream
+            if len(changed) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(changed) == ["PromptListChangedNotification", "ResourceListChangedNotification"]
+        assert (await s.list_resource_templates()).resource_templates == []
+        with pytest.raises(MCPError):
+            await s.read_resource("tether://crmtool/crm://customers/cus_9")
+    assert crm.fetched() == [{"resource": "crm://customers/cus_9"}, {"prompt": "follow_up", "arguments": {"name": "Nia"}}]
+
+
+async def test_2026_routing_headers_must_name_the_resource_or_prompt(gw: GatewayHandle, crm: Crm) -> None:
+    """Mcp-Name mirrors resources/read's uri and prompts/get's name: a request whose header says otherwise is
+    refused (400, -32020) and nothing is read."""
+    import aiohttp
+
+    v = "2026-07-28"
+    meta = {"io.modelcontextprotocol/protocolVersion": v, "io.modelcontextprotocol/clientCapabilities": {}}
+    crm.put("cus_2", name="Al", email="al@example.com")
+    async with aiohttp.ClientSession() as http:
+        async def post(method: str, params: dict[str, Any], name: str | None) -> tuple[int, Any]:
+            h = {"Authorization": f"Bearer {gw.token('bot')}", "Content-Type": "application/json",
+                 "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": v, "Mcp-Method": method}
+            if name is not None:
+                h["Mcp-Name"] = name
+            body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": meta}}
+            async with http.post(f"{gw.url}/mcp", data=orjson.dumps(body), headers=h) as r:
+                return r.status, orjson.loads(await r.read())
+
+        uri = "tether://crmtool/crm://customers/cus_2"
+        for name in (None, "tether://crmtool/crm://customers/cus_3"):
+            status, body = await post("resources/read", {"uri": uri}, name)
+            assert status == 400 and body["error"]["code"] == -32020
+        status, body = await post("prompts/get", {"name": "crm_follow_up", "arguments": {"name": "Al"}}, "other")
+        assert status == 400 and body["error"]["code"] == -32020
+        status, body = await post("resources/read", {"uri": uri}, uri)
+        assert status == 200 and json.loads(body["result"]["contents"][0]["text"])["name"] == "Al"
+        assert body["result"]["resultType"] == "complete" and body["result"]["cacheScope"] == "private"
+        status, body = await post("resources/read", {"uri": "tether://crmtool/crm://admin/export"},
+                                  "tether://crmtool/crm://admin/export")
+        assert status == 400 and body["error"]["code"] == -32602
+    assert crm.fetched() == [{"resource": "crm://customers/cus_2"}]
+
+
+async def test_a_server_announcing_new_resources_is_listed_again(gw: GatewayHandle, crm: Crm) -> None:
+    """notifications/resources/list_changed from the server (stdio): Tether lists again, and agents whose list
+    moved are told."""
+    changed = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceListChangedNotification):
+            changed.set()
+
+    async with tools(gw, "auditor", message_handler=on_message) as s:
+        assert [str(r.uri) for r in (await s.list_resources()).resources] == ["tether://crmtool/crm://customers/index"]
+        assert (await s.call_tool("crm_add_note", {"name": "vip"})).content[0].text == "added"
+        await asyncio.wait_for(changed.wait(), 15)
+        uris = [str(r.uri) for r in (await s.list_resources()).resources]
+        assert uris == ["tether://crmtool/crm://customers/index", "tether://crmtool/crm://customers/note-vip"]
+        assert (await s.read_resource(uris[1])).contents[0].text == "note vip"

@@ -124,7 +124,7 @@ async def shoot(out_dir: Path) -> list[Path]:
     from ..app.gateway import Gateway
     from ..config import load_rules, parse_rules
     from ..policy.identity import mint_token
-    from .demo import RULES, MockCRM
+    from .demo import RULES, MockCRM, strip_mcp_upstreams
 
     os.environ.setdefault("CRM_TOKEN", "crm-shots-" + secrets.token_hex(4))
     os.environ.setdefault("TETHER_DEV_JWT_SECRET", secrets.token_hex(32))
@@ -133,6 +133,7 @@ async def shoot(out_dir: Path) -> list[Path]:
     work = Path(tempfile.mkdtemp(prefix="tether-shots-"))
     doc = load_rules(RULES).model_dump(mode="python")
     doc["upstreams"]["crm"]["url"] = f"http://127.0.0.1:{crm.port}"
+    strip_mcp_upstreams(doc)  # the screenshots show the REST story; the demo's MCP server is not started
     doc["server"].update({"store": str(work / "shots.db"), "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"})
     doc["server"]["review"]["read_current"] = True  # headlines name the record and its current values
     for g in doc["agents"]["renewal-bot"]["grants"]:

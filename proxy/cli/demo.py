@@ -10,11 +10,14 @@ on loopback), Tether in front of it with ``rules/demo.yaml``, and then plays a s
 4. a reviewer approves it — replayed to the CRM, provenance stamped into the record;
 5. a live three-step renewal in a transaction whose last step fails — rolled back newest first, the CRM
    exactly as before;
-6. the same renewal told through MCP tools (``/mcp``): the agent lists its tools, opens a transaction
-   with a tool, and the failed quote rolls it back again;
-7. a second agent that keeps sending bad writes — its error budget spent, quarantined on the next
+6. a vendor's MCP server behind Tether (the official ``mcp`` SDK's server, in-process), the agent on
+   Tether's ``/mcp``: a granted, pinned tool called live, a tool no capability names refused without
+   reaching the server, a write tool captured for review, then approved and called once;
+7. the renewal again, told through MCP tools: the agent lists its tools (REST capabilities and the
+   server's granted tools together), opens a transaction with a tool, and the failed quote rolls it back;
+8. a second agent that keeps sending bad writes — its error budget spent, quarantined on the next
    request (its writes forced to dry-run), an alert raised;
-8. the audit trail of the run (``journal tail``) and ``journal verify``.
+9. the audit trail of the run (``journal tail``) and ``journal verify``.
 
 ``--keep-running`` leaves everything up afterwards and prints how to try the CLI and the console.
 """
@@ -38,6 +41,7 @@ from aiohttp import web
 from ..config import load_rules, parse_rules
 from ..journal.lines import human_line
 from ..journal.writer import verify
+from . import demo_mcp
 
 RULES = Path(__file__).resolve().parents[2] / "rules" / "demo.yaml"
 
@@ -160,8 +164,26 @@ class Narrator:
         for k, v in (headers or {}).items():
             print(f"                   {k}: {v}")
 
-    def state(self, label: str, doc: Any) -> None:
-        print(self._c("35", f"   CRM {label}: ") + orjson.dumps(doc).decode())
+    def state(self, label: str, doc: Any, who: str = "CRM") -> None:
+        print(self._c("35", f"   {who} {label}: ") + orjson.dumps(doc).decode())
+
+    def refused(self, text: str) -> None:
+        print(self._c("31", "   Tether → agent: ") + text)
+
+
+def strip_mcp_upstreams(doc: dict[str, Any]) -> list[str]:
+    """Leave the rules' MCP upstreams out (their capabilities and grants too), for a run without their
+    servers; returns the upstreams removed."""
+    gone = [n for n, u in doc["upstreams"].items() if (u or {}).get("kind") == "mcp"]
+    caps = [c for c, v in doc["capabilities"].items() if v.get("upstream") in gone]
+    for n in gone:
+        del doc["upstreams"][n]
+    for c in caps:
+        del doc["capabilities"][c]
+    for agent in doc["agents"].values():
+        agent["grants"] = [g for g in agent["grants"]
+                           if (g if isinstance(g, str) else g["capability"]) not in caps]
+    return gone
 
 
 # --------------------------------------------------------------------------- the script
@@ -206,6 +228,16 @@ async def run_demo(args: argparse.Namespace) -> int:
     base = load_rules(args.rules)
     doc = base.model_dump(mode="python")
     doc["upstreams"]["crm"]["url"] = f"http://127.0.0.1:{crm.port}"
+    billing: demo_mcp.BillingServer | None = None
+    no_mcp = demo_mcp.missing() if "billing" in doc["upstreams"] else "the rules have no billing upstream"
+    if no_mcp is None:
+        billing = demo_mcp.BillingServer()
+        try:
+            doc["upstreams"]["billing"]["url"] = await billing.start()
+        except Exception as exc:  # noqa: BLE001 - the rest of the demo runs without it
+            no_mcp, billing = f"its MCP server could not start ({exc})", None
+    if billing is None:
+        strip_mcp_upstreams(doc)
     doc["server"]["store"] = store
     doc["server"]["journal"]["mirror_file"] = str(workdir / "journal.jsonl")
     port, admin_port = demo_ports(args)
@@ -219,6 +251,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"tether demo: {exc}; is another Tether running there? Pass --port/--admin-port "
               "(0 picks a free port).", file=sys.stderr)
         await crm.stop()
+        if billing is not None:
+            await billing.stop()
         return 1
     url = f"http://127.0.0.1:{gw.listeners[0].bound_port}/crm"
     admin = f"http://127.0.0.1:{gw.admin_port}"
@@ -310,6 +344,15 @@ async def run_demo(args: argparse.Namespace) -> int:
             n.say(f"Transaction {txd['state']}: undone newest first; the CRM is as it was before.")
             outcome["transaction"] = txd["state"]
 
+            n.title("A vendor's MCP server behind Tether: pinned tools only, writes reviewed")
+            if billing is None:
+                n.say(f"Left out: {no_mcp}.")
+                outcome["mcp_upstream"] = {"skipped": no_mcp}
+            else:
+                outcome["mcp_upstream"] = await _mcp_upstream(
+                    n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp", agent_token, reviewer_token, admin,
+                    billing)
+
             n.title("The same renewal through MCP: the capabilities are the agent's tools")
             outcome["mcp"] = await _mcp_renewal(n, s, f"http://127.0.0.1:{gw.listeners[0].bound_port}/mcp",
                                                 agent_token, crm)
@@ -365,30 +408,96 @@ async def run_demo(args: argparse.Namespace) -> int:
     finally:
         await gw.stop(grace=1)
         await crm.stop()
+        if billing is not None:
+            await billing.stop()
     ok = (outcome.get("verified") and outcome.get("transaction") == "rolled_back" and outcome.get("quarantined")
-          and outcome.get("mcp") == "rolled_back")
+          and outcome.get("mcp") == "rolled_back" and (billing is None or outcome["mcp_upstream"].get("ok")))
     return 0 if ok else 1
 
 
-async def _mcp_renewal(n: "Narrator", s: aiohttp.ClientSession, url: str, token: str, crm: "MockCRM") -> str:
-    """The renewal again, as an MCP client (Claude, the OpenAI Agents SDK, LangGraph) would run it: plain
-    JSON-RPC over Streamable HTTP here, so the demo needs nothing beyond Tether itself."""
-    h = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
-    ids = iter(range(1, 100))
+class _Rpc:
+    """An MCP client in a few lines — plain JSON-RPC over Streamable HTTP, as Claude, the OpenAI Agents SDK
+    or LangGraph speak it — so the demo needs nothing beyond Tether itself on the agent's side."""
 
-    async def rpc(method: str, params: dict[str, Any] | None = None) -> Any:
-        body = {"jsonrpc": "2.0", "id": next(ids), "method": method, "params": params or {}}
-        async with s.post(url, json=body, headers=h) as r:
+    def __init__(self, s: aiohttp.ClientSession, url: str, token: str) -> None:
+        self.s, self.url = s, url
+        self.h = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+        self.ids = iter(range(1, 1000))
+
+    async def __call__(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The result, or ``{"error": {...}}`` for a JSON-RPC error."""
+        body = {"jsonrpc": "2.0", "id": next(self.ids), "method": method, "params": params or {}}
+        async with self.s.post(self.url, json=body, headers=self.h) as r:
             if "Mcp-Session-Id" in r.headers:
-                h["Mcp-Session-Id"] = r.headers["Mcp-Session-Id"]
+                self.h["Mcp-Session-Id"] = r.headers["Mcp-Session-Id"]
             doc = orjson.loads(await r.read())
-        return doc.get("result", doc.get("error"))
+        return doc["result"] if "result" in doc else {"error": doc.get("error")}
 
-    init = await rpc("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                    "clientInfo": {"name": "tether-demo", "version": "1"}})
-    async with s.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h):
-        pass
-    n.say(f"MCP session open (protocol {init['protocolVersion']}); renewal-bot's tools are its grants:")
+    async def open(self) -> str:
+        init = await self("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                         "clientInfo": {"name": "tether-demo", "version": "1"}})
+        async with self.s.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                               headers=self.h):
+            pass
+        return str(init["protocolVersion"])
+
+
+async def _mcp_upstream(n: "Narrator", s: aiohttp.ClientSession, url: str, token: str, reviewer_token: str,
+                        admin: str, billing: "demo_mcp.BillingServer") -> dict[str, Any]:
+    """A vendor's MCP server behind Tether: what the agent sees of it, and what reaches it."""
+    n.say(f"{demo_mcp.NAME} (the official mcp SDK's server) offers {len(demo_mcp.TOOLS)} tools: "
+          + ", ".join(t.name for t in demo_mcp.TOOLS) + ". Tether is its only client; renewal-bot connects to "
+          "Tether's /mcp as its MCP server.")
+    n.say("The rules grant renewal-bot get_invoice (a read) and issue_credit (a write: dry-run), each pinned to "
+          "the definition a person approved; no capability names export_customers.")
+    rpc = _Rpc(s, url, token)
+    await rpc.open()
+    listed = [t for t in (await rpc("tools/list"))["tools"] if t["name"].startswith("billing_")]
+    for t in listed:
+        mode = "  [dry-run: a person reviews each call]" if "Dry-run" in t["description"] else ""
+        n.say(f"  {t['name']:<22} {t['description'].split('. ')[0][:60]}{mode}")
+
+    async def call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        n.request("tools/call", name, orjson.dumps(args).decode()[:100])
+        res = await rpc("tools/call", {"name": name, "arguments": args})
+        if "error" in res:
+            err = res["error"]
+            n.refused(f"JSON-RPC error {err['code']}: {err['message']}")
+        else:
+            n.answer(200, res.get("structuredContent") or {"text": res["content"][0]["text"][:200]})
+        return res
+
+    await call("billing_get_invoice", {"number": "INV-1002"})
+    for name in ("export_customers", "billing_export_customers"):
+        await call(name, {})
+    n.say(f"The billing server received {len(billing.calls)} call(s): "
+          + ", ".join(t for t, _ in billing.calls) + " — never export_customers.")
+    res = await call("billing_issue_credit", {"invoice": "INV-1002", "amount": 480, "reason": "late delivery",
+                                              "intent": "credit Acme 10% for the late delivery"})
+    item = (res.get("structuredContent") or {}).get("review_item")
+    n.say(f"Captured for review as {item}; the billing server still received {len(billing.calls)} call(s).")
+    async with s.post(f"{admin}/api/review/items/{item}/approve", json={"note": "goodwill credit agreed"},
+                      headers={"Authorization": f"Bearer {reviewer_token}"}) as r:
+        decided = await r.json()
+    replay = decided.get("replay") or {}
+    credit = ((replay.get("body") or {}).get("structuredContent") or {}).get("credit_id")
+    n.say(f"rita@acme.example approved it: Tether called issue_credit once, exactly as captured "
+          f"(credit {credit}); state {decided.get('state')}.")
+    n.state("calls received", [t for t, _ in billing.calls], who=demo_mcp.NAME)
+    calls = [[t, a] for t, a in billing.calls]
+    ok = (calls == [["get_invoice", {"number": "INV-1002"}],
+                    ["issue_credit", {"invoice": "INV-1002", "amount": 480, "reason": "late delivery"}]]
+          and decided.get("state") == "replayed" and [t["name"] for t in listed] == ["billing_get_invoice",
+                                                                                     "billing_issue_credit"])
+    return {"ok": ok, "listed": [t["name"] for t in listed], "calls": calls, "review_item": item,
+            "review_state": decided.get("state")}
+
+
+async def _mcp_renewal(n: "Narrator", s: aiohttp.ClientSession, url: str, token: str, crm: "MockCRM") -> str:
+    """The renewal again, as an MCP client (Claude, the OpenAI Agents SDK, LangGraph) would run it."""
+    rpc = _Rpc(s, url, token)
+    version = await rpc.open()
+    n.say(f"MCP session open (protocol {version}); renewal-bot's tools are its grants:")
     tools = (await rpc("tools/list"))["tools"]
     for t in tools:
         if not t["name"].startswith("tether_"):

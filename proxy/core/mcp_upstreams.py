@@ -15,6 +15,13 @@ Each change of what agents may see moves :attr:`McpUpstreamRuntime.version` (par
 ``tools_version``, so open sessions are told) and calls the gateway's hooks; a definition that differs
 from its pin is reported once per new digest (journal and alert).
 
+Resources, resource templates and prompts are listed at the same moments, when the rules grant any of
+them on this upstream and the server declares them (a failure hides them; resources are read through a
+granted template whether listed or not, prompts fetched by their granted name): they are not pinned, so
+they only feed what agents are shown (``resources/list``, ``prompts/list``). Their versions
+(:attr:`~McpUpstreamRuntime.resources_version`, :attr:`~McpUpstreamRuntime.prompts_version`) move with
+them, and the same hook announces it.
+
 A runtime outlives a rules reload when its upstream's configuration is unchanged (its session, its stdio
 process and its listing are kept; the pins are checked again against the new capabilities,
 :meth:`McpUpstreamRuntime.bind`); otherwise the gateway starts the new one and closes the old one once its
@@ -28,7 +35,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from mcp_types import CallToolResult, Tool
+from mcp_types import CallToolResult, GetPromptResult, Prompt, ReadResourceResult, Resource, ResourceTemplate, Tool
 
 from adapters.base import Adapter
 
@@ -76,6 +83,15 @@ class McpUpstreamRuntime:
         self.capabilities: dict[str, McpCapabilityConfig] = {}
         self.pins: dict[str, PinStatus] = {}
         self.version = 0
+        # resources, templates and prompts: the last listing of each (None: not listed — not wanted by the
+        # rules, not declared by the server, or the listing failed), and versions that move with them
+        self.resources: list[Resource] | None = None
+        self.templates: list[ResourceTemplate] | None = None
+        self.prompts: list[Prompt] | None = None
+        self.resources_version = 0
+        self.prompts_version = 0
+        self._extras_sig: dict[str, Any] = {}
+        self._extras_for: tuple[bool, bool] = (False, False)  # (resources, prompts) wanted at the last listing
         self._signature: Any = None
         self._reported: set[tuple[str, str, str | None]] = set()  # (tool, state, actual digest) already told
         self._lock = asyncio.Lock()
@@ -133,6 +149,12 @@ class McpUpstreamRuntime:
         self.capabilities = {n: c for n, c in capabilities.items()
                              if isinstance(c, McpCapabilityConfig) and c.upstream == self.name}
         self._apply()
+        if self._extras_wanted() != self._extras_for:  # resources or prompts newly granted (or no more)
+            self.schedule_refresh("rules changed")
+
+    def _extras_wanted(self) -> tuple[bool, bool]:
+        kinds = {c.kind for c in self.capabilities.values()}
+        return "resource" in kinds, "prompt" in kinds
 
     # -- listing ----------------------------------------------------------------------------------
 
@@ -149,10 +171,56 @@ class McpUpstreamRuntime:
                     log.warning("MCP upstream %s: listing its tools failed (%s): its tools are hidden", self.name, msg)
                     self._call(self.hooks.on_listing_failed, self.name, msg)
                 self._apply()
+                self._set_extras(None, None, None)
                 raise
             self.tools, self.listing_error, self.listed_gen = tools, None, self.client.session_gen
             log.debug("MCP upstream %s: %d tools listed (%s)", self.name, len(tools), why)
             self._apply()
+            await self._list_extras()
+
+    async def _list_extras(self) -> None:
+        """List resources, templates and prompts — only those the rules grant on this upstream and the
+        server declares; one that fails is hidden (logged), never the tools."""
+        wanted = self._extras_wanted()
+        self._extras_for = wanted
+        caps = self.client.server_capabilities
+        resources = templates = prompts = None
+        if wanted[0] and caps is not None and caps.resources is not None:
+            try:
+                resources = await self.client.list_resources()
+                templates = await self.client.list_resource_templates()
+            except Exception as exc:  # noqa: BLE001 - McpUpstreamError: hidden
+                log.warning("MCP upstream %s: listing its resources failed (%s): hidden", self.name,
+                            getattr(exc, "message", None) or exc)
+                resources = templates = None
+        if wanted[1] and caps is not None and caps.prompts is not None:
+            try:
+                prompts = await self.client.list_prompts()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MCP upstream %s: listing its prompts failed (%s): hidden", self.name,
+                            getattr(exc, "message", None) or exc)
+        self._set_extras(resources, templates, prompts)
+
+    def _set_extras(self, resources: list[Resource] | None, templates: list[ResourceTemplate] | None,
+                    prompts: list[Prompt] | None) -> None:
+        """Keep the listings; move a version (and announce it) when what they say changed."""
+        def sig(items: list[Any] | None) -> Any:
+            return None if items is None else tuple(i.model_dump_json(by_alias=True, exclude_none=True) for i in items)
+
+        moved = False
+        new_res = (sig(resources), sig(templates))
+        if new_res != self._extras_sig.get("resources", (None, None)):
+            self._extras_sig["resources"] = new_res
+            self.resources_version += 1
+            moved = True
+        new_prompts = sig(prompts)
+        if new_prompts != self._extras_sig.get("prompts"):
+            self._extras_sig["prompts"] = new_prompts
+            self.prompts_version += 1
+            moved = True
+        self.resources, self.templates, self.prompts = resources, templates, prompts
+        if moved:
+            self._call(self.hooks.on_tools_changed)
 
     def schedule_refresh(self, why: str) -> None:
         """Refresh soon, in the background (a notification or a new session asked for it)."""
@@ -240,6 +308,22 @@ class McpUpstreamRuntime:
         finally:
             self.in_flight -= 1
 
+    async def read(self, uri: str, **kw: Any) -> ReadResourceResult:
+        """``client.read_resource``, counted. Which URIs may be read is decided before (the grants)."""
+        self.in_flight += 1
+        try:
+            return await self.client.read_resource(uri, **kw)
+        finally:
+            self.in_flight -= 1
+
+    async def prompt(self, name: str, arguments: Mapping[str, str] | None, **kw: Any) -> GetPromptResult:
+        """``client.get_prompt``, counted."""
+        self.in_flight += 1
+        try:
+            return await self.client.get_prompt(name, arguments, **kw)
+        finally:
+            self.in_flight -= 1
+
     # -- internals --------------------------------------------------------------------------------
 
     def _apply(self) -> None:
@@ -266,8 +350,9 @@ class McpUpstreamRuntime:
                 self._call(self.hooks.on_tools_changed)
 
     def _on_notification(self, method: str, params: dict[str, Any]) -> None:
-        if method == "notifications/tools/list_changed":
-            self.schedule_refresh("tools/list_changed")
+        if method in ("notifications/tools/list_changed", "notifications/resources/list_changed",
+                      "notifications/prompts/list_changed"):
+            self.schedule_refresh(method[len("notifications/"):])
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") == "mcp_upstream_session" and event.get("state") in ("opened", "reinitialized") \

@@ -106,6 +106,14 @@ class RulesState:
         """Moves whenever an MCP upstream's listing or pin states do (part of the MCP door's tools_version)."""
         return tuple(rt.version for rt in self.mcp_upstreams.values())
 
+    def mcp_resources_version(self) -> tuple[int, ...]:
+        """Moves whenever an MCP upstream's resource or template listing does (the door's resources_version)."""
+        return tuple(rt.resources_version for rt in self.mcp_upstreams.values())
+
+    def mcp_prompts_version(self) -> tuple[int, ...]:
+        """Moves whenever an MCP upstream's prompt listing does (the door's prompts_version)."""
+        return tuple(rt.prompts_version for rt in self.mcp_upstreams.values())
+
 
 def build_state(rules: RulesFile, session_getter: Any, file: str = "<rules>", keysets: Any = None, *,
                 previous: RulesState | None = None, mcp_hooks: McpHooks | None = None) -> RulesState:

@@ -311,8 +311,11 @@ class McpUpstream:
     async def list_resource_templates(self, *, timeout: float | None = None) -> list[mcp_types.ResourceTemplate]:
         return await self._list("resources/templates/list", "resource_templates", timeout)  # type: ignore[return-value]
 
-    async def read_resource(self, uri: str, *, timeout: float | None = None) -> mcp_types.ReadResourceResult:
-        raw = await self._request("resources/read", {"uri": uri}, timeout=self._bounded(timeout, self.request_timeout))
+    async def read_resource(self, uri: str, *, timeout: float | None = None,
+                            cancelled: asyncio.Event | None = None) -> mcp_types.ReadResourceResult:
+        """``resources/read`` of ``uri``, sent as given (what it may be is the caller's decision)."""
+        raw = await self._request("resources/read", {"uri": uri}, timeout=self._bounded(timeout, self.request_timeout),
+                                  cancelled=cancelled)
         res = self._parse_result("resources/read", raw)
         if not isinstance(res, mcp_types.ReadResourceResult):
             raise UpstreamProtocolError("resources/read answered with something else", upstream=self.name)
@@ -322,11 +325,12 @@ class McpUpstream:
         return await self._list("prompts/list", "prompts", timeout)  # type: ignore[return-value]
 
     async def get_prompt(self, name: str, arguments: Mapping[str, str] | None = None, *,
-                         timeout: float | None = None) -> mcp_types.GetPromptResult:
+                         timeout: float | None = None, cancelled: asyncio.Event | None = None) -> mcp_types.GetPromptResult:
         params: dict[str, Any] = {"name": name}
         if arguments:
             params["arguments"] = dict(arguments)
-        raw = await self._request("prompts/get", params, timeout=self._bounded(timeout, self.request_timeout))
+        raw = await self._request("prompts/get", params, timeout=self._bounded(timeout, self.request_timeout),
+                                  cancelled=cancelled)
         res = self._parse_result("prompts/get", raw)
         if not isinstance(res, mcp_types.GetPromptResult):
             raise UpstreamProtocolError("prompts/get answered with something else", upstream=self.name)

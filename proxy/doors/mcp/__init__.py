@@ -3,7 +3,9 @@
 Public surface::
 
     ToolBackend, Principal, ToolCall, McpSessionInfo, ProgressSink    the interface the core implements
-    McpAuthError, UnknownTool                                          what the backend raises
+    ResourceBackend, PromptBackend, ResourceRead, PromptGet, LogSink   ... and its optional parts
+    McpAuthError, UnknownTool, UnknownResource, UnknownPrompt,         what the backend raises
+    McpRefused
     McpEndpoint, McpSettings, mount_mcp, settings_from_config          the endpoint and its wiring
     error_result, error_result_from, json_result                       tool results from Tether's outcomes
 
@@ -18,13 +20,22 @@ import logging
 from typing import Any
 
 from .backend import (
+    REFUSED,
     JsonRpcId,
+    LogSink,
     McpAuthError,
+    McpRefused,
     McpSessionInfo,
+    PromptBackend,
+    PromptGet,
     Principal,
     ProgressSink,
+    ResourceBackend,
+    ResourceRead,
     ToolBackend,
     ToolCall,
+    UnknownPrompt,
+    UnknownResource,
     UnknownTool,
 )
 from .endpoint import McpEndpoint, McpSettings
@@ -33,7 +44,8 @@ from .wire import MCP_ERROR_CODES
 
 __all__ = [
     "JsonRpcId", "McpAuthError", "McpSessionInfo", "Principal", "ProgressSink", "ToolBackend", "ToolCall",
-    "UnknownTool", "MCP_ERROR_CODES", "McpEndpoint", "McpSettings", "mount_mcp", "settings_from_config",
+    "UnknownTool", "REFUSED", "LogSink", "McpRefused", "PromptBackend", "PromptGet", "ResourceBackend", "ResourceRead",
+    "UnknownPrompt", "UnknownResource", "MCP_ERROR_CODES", "McpEndpoint", "McpSettings", "mount_mcp", "settings_from_config",
     "error_result", "error_result_from", "json_result",
 ]
 

@@ -14,12 +14,24 @@ Objects crossing the boundary::
     ToolCall         one tools/call: principal, session, tool name, arguments, _meta, JSON-RPC id,
                      a progress sink (None when the client cannot receive progress), a cancel signal
     ProgressSink     await sink(progress, total, message): one notifications/progress to the client
+    LogSink          await sink(level, data, logger): one notifications/message to the client, if the
+                     client's log level lets it through (the layer filters and caps it)
+    ResourceRead     one resources/read: principal, session, URI, _meta, JSON-RPC id, a cancel signal
+    PromptGet        one prompts/get: principal, session, prompt name, arguments, _meta, JSON-RPC id
     McpAuthError     raised by authenticate(): HTTP 401 (or 403) with the RFC 9728 challenge
     UnknownTool      raised by call_tool(): JSON-RPC -32602 "Unknown tool" (a protocol error, per spec)
+    UnknownResource  raised by read_resource(): JSON-RPC -32602 "Resource not found"
+    UnknownPrompt    raised by get_prompt(): JSON-RPC -32602 "Unknown prompt"
+    McpRefused       raised by read_resource()/get_prompt(): a JSON-RPC error carrying Tether's code (these
+                     results have no ``isError``)
 
 Everything else a backend wants to say about a call — refusals, upstream failures, dry-run captures —
 is an ordinary ``CallToolResult`` (``isError: true`` for refusals; see :func:`proxy.doors.mcp.results.error_result`),
 so the model can read it and correct itself.
+
+Resources and prompts are optional (:class:`ResourceBackend`, :class:`PromptBackend`): the layer declares
+and serves them only for a backend that has their methods, and MCP logging only for one whose
+``relays_logs`` is true — a tools-only backend gets a tools-only server (-32601 for the rest).
 """
 
 from __future__ import annotations
@@ -29,9 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from aiohttp import web
-from mcp_types import CallToolResult, Tool
+from mcp_types import CallToolResult, GetPromptResult, Prompt, ReadResourceResult, Resource, ResourceTemplate, Tool
 
 JsonRpcId = str | int
+# the JSON-RPC code of a resources/read or prompts/get refused for another reason than its params (a rate
+# limit, an upstream failure): an implementation-defined server error (JSON-RPC's -32000..-32019 band, of
+# which the SDKs use -32000 and -32001); Tether's own code is in the error's data
+REFUSED = -32010
 
 
 @runtime_checkable
@@ -59,6 +75,18 @@ class ProgressSink(Protocol):
     async def __call__(self, progress: float, total: float | None = None, message: str | None = None) -> None: ...
 
 
+class LogSink(Protocol):
+    """Send one ``notifications/message`` (MCP logging) for the request being served.
+
+    ``level`` is one of the spec's eight (``debug`` … ``emergency``); a message below the level the client
+    asked for (``logging/setLevel``, or 2026-07-28's per-request ``_meta`` log level) is dropped by the
+    sink, as is one whose level is not a known one. ``data`` (any JSON value) is capped by the layer: an
+    oversized one is replaced by a short text saying so. Returns quietly when the client has gone.
+    """
+
+    async def __call__(self, level: str, data: Any, logger: str | None = None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class McpSessionInfo:
     """One MCP session, fixed at ``initialize``. ``client_name``/``client_version`` are what the client
@@ -82,7 +110,9 @@ class ToolCall:
     or None. ``request_id`` is the JSON-RPC id, unique among the session's calls in flight.
     ``cancelled`` is set when the client sends ``notifications/cancelled`` for this id: the layer never
     cancels the backend's coroutine itself (a write half done must finish and be journaled), so a
-    backend that can stop early checks it at points where stopping is safe.
+    backend that can stop early checks it at points where stopping is safe. ``log`` relays the
+    server's log messages about this call to the client (None: the client cannot receive them — no SSE,
+    or, under 2026-07-28, no log level asked for).
     """
 
     principal: Principal
@@ -92,6 +122,32 @@ class ToolCall:
     meta: dict[str, Any] | None
     request_id: JsonRpcId
     progress: ProgressSink | None
+    cancelled: asyncio.Event
+    log: LogSink | None = None
+
+
+@dataclass(slots=True)
+class ResourceRead:
+    """One ``resources/read``: ``uri`` exactly as the client sent it (the backend maps it to an upstream)."""
+
+    principal: Principal
+    session: McpSessionInfo
+    uri: str
+    meta: dict[str, Any] | None
+    request_id: JsonRpcId
+    cancelled: asyncio.Event
+
+
+@dataclass(slots=True)
+class PromptGet:
+    """One ``prompts/get``: the prompt's name as listed, and its arguments (strings, ``{}`` when none)."""
+
+    principal: Principal
+    session: McpSessionInfo
+    name: str
+    arguments: dict[str, str]
+    meta: dict[str, Any] | None
+    request_id: JsonRpcId
     cancelled: asyncio.Event
 
 
@@ -118,6 +174,37 @@ class UnknownTool(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
+
+
+class UnknownResource(Exception):
+    """``read_resource`` was asked for a URI the caller may not read (not granted, or not one the backend
+    serves): JSON-RPC -32602 "Resource not found" (the SDKs' code; 2025's -32002 is retired), exactly as for
+    a resource that does not exist, so that grants cannot be probed."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.uri = uri
+
+
+class UnknownPrompt(Exception):
+    """``get_prompt`` was asked for a prompt name the caller has no such prompt for (JSON-RPC -32602)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class McpRefused(Exception):
+    """A ``resources/read`` or ``prompts/get`` refused or failed after it was found (a rate limit, a field
+    rule, the upstream's error): their results have no ``isError``, so the refusal is a JSON-RPC error
+    (``rpc_code``) whose ``data`` carries Tether's error body (``code``, ``message``, ``status``,
+    ``request_id``, ``details``)."""
+
+    def __init__(self, rpc_code: int, message: str, data: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.rpc_code = rpc_code
+        self.message = message
+        self.data = dict(data)
 
 
 class ToolBackend(Protocol):
@@ -157,4 +244,42 @@ class ToolBackend(Protocol):
         expired or evicted) and return the request id used for it, which the layer echoes in its answer.
         ``event["event"]`` names it (``mcp_refused``, ``mcp_session_opened``, ``mcp_session_closed``);
         the other keys are plain JSON values (see docs/mcp.md)."""
+        ...
+
+
+class ResourceBackend(Protocol):
+    """Optional: a backend with these methods gets ``resources/list``, ``resources/templates/list`` and
+    ``resources/read`` served, and ``resources: {listChanged: true}`` declared."""
+
+    def resources_for(self, principal: Principal) -> Sequence[Resource]:
+        """The concrete resources the caller may read, in a stable order (pagination slices it)."""
+        ...
+
+    def resource_templates_for(self, principal: Principal) -> Sequence[ResourceTemplate]:
+        """The resource templates the caller may read through, in a stable order."""
+        ...
+
+    def resources_version(self, principal: Principal) -> object:
+        """Changes whenever either list would (``notifications/resources/list_changed``). Cheap."""
+        ...
+
+    async def read_resource(self, read: ResourceRead) -> ReadResourceResult:
+        """Read through the policy pipeline. Raise :class:`UnknownResource` for a URI the caller may not
+        read, :class:`McpRefused` for a refusal or failure; anything else is -32603."""
+        ...
+
+
+class PromptBackend(Protocol):
+    """Optional: a backend with these methods gets ``prompts/list`` and ``prompts/get`` served, and
+    ``prompts: {listChanged: true}`` declared."""
+
+    def prompts_for(self, principal: Principal) -> Sequence[Prompt]:
+        ...
+
+    def prompts_version(self, principal: Principal) -> object:
+        ...
+
+    async def get_prompt(self, get: PromptGet) -> GetPromptResult:
+        """Raise :class:`UnknownPrompt` for a name the caller has no prompt for, :class:`McpRefused` for a
+        refusal or failure."""
         ...

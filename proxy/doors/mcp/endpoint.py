@@ -19,17 +19,21 @@ endpoint (``server.mcp.path``, default ``/mcp``) or its RFC 9728 metadata docume
    version, not refused).
 5. **Dispatch**: ``ping``, ``tools/list`` (cursor pagination), ``tools/call`` (to the backend),
    ``notifications/initialized`` and ``notifications/cancelled``; batches only on 2025-03-26 sessions.
-6. **Answer**: ``application/json``, or ``text/event-stream`` from the moment a call reports progress
-   (so the common call stays one JSON write). ``GET`` opens the session's one server→client stream,
-   which carries ``notifications/tools/list_changed`` when the backend's ``tools_version`` moves;
-   ``DELETE`` ends the session.
+   For a backend that serves them (:class:`~.backend.ResourceBackend`, :class:`~.backend.PromptBackend`,
+   ``relays_logs``): ``resources/list``, ``resources/templates/list``, ``resources/read``,
+   ``prompts/list``, ``prompts/get`` and ``logging/setLevel`` (the session's log level), each declared
+   in the capabilities.
+6. **Answer**: ``application/json``, or ``text/event-stream`` from the moment a call reports progress or
+   a log message (so the common call stays one JSON write). ``GET`` opens the session's one
+   server→client stream, which carries ``notifications/tools/list_changed`` (and the resources' and
+   prompts' ``list_changed``) when the backend's versions move; ``DELETE`` ends the session.
 
 HTTP-level refusals carry a JSON-RPC error with no id (or the message's id when it was read) whose
 ``data`` holds Tether's stable ``code`` and the ``request_id`` the backend journaled it under.
 
 Not offered (each is optional in the spec): SSE resumability (``Last-Event-ID`` replay — Tether never
 sends event ids, so a client never asks), server→client requests (sampling, elicitation, roots),
-resources, prompts, logging, completions, tasks.
+resource subscriptions, completions, tasks.
 """
 
 from __future__ import annotations
@@ -48,8 +52,13 @@ import orjson
 from aiohttp import web
 from mcp_types import (
     CallToolResult,
+    GetPromptResult,
     Implementation,
     InitializeResult,
+    LoggingCapability,
+    PromptsCapability,
+    ReadResourceResult,
+    ResourcesCapability,
     ServerCapabilities,
     ToolsCapability,
 )
@@ -64,19 +73,31 @@ from ...errors import TetherError
 from ...policy.bodies import media_type, parse_json
 from ...transport import jsonrpc as J
 from .backend import (
+    LogSink,
     McpAuthError,
+    McpRefused,
+    McpSessionInfo,
+    PromptGet,
     Principal,
     ProgressSink,
+    ResourceRead,
     ToolBackend,
     ToolCall,
+    UnknownPrompt,
+    UnknownResource,
     UnknownTool,
 )
 from .sessions import Session, SessionStore, TooManySessions
 from .stateless import Stateless, looks_modern
 from .wire import (
+    _CHANGED,
     _SSE_HEADERS,
+    LIST_OF_METHOD,
+    LISTS,
+    LOG_RANK,
     _Ctx,
     _first_error,
+    _Log,
     _Progress,
     _Refuse,
     _Reply,
@@ -93,9 +114,8 @@ REQUEST_ID_HEADER = "X-Tether-Request-Id"
 _ALLOW = "GET, POST, DELETE"
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _SERVED_REQUESTS = frozenset({"initialize", "ping", "tools/list", "tools/call"})
-
-# The layer's own refusal codes (HTTP status, meaning): in JSON-RPC error data and the journal.
-
+RESOURCE_METHODS = frozenset({"resources/list", "resources/templates/list", "resources/read"})
+PROMPT_METHODS = frozenset({"prompts/list", "prompts/get"})
 
 
 @dataclass(frozen=True)
@@ -185,15 +205,16 @@ def _one_header(request: web.BaseRequest, name: str) -> str | None:
     return values[0] if values else None
 
 
-class _ToolList:
-    """One principal's tools, dumped for one protocol version; ``tag`` ties pagination cursors to it."""
+class _Listing:
+    """One principal's list (tools, resources, templates or prompts), dumped for one protocol version;
+    ``tag`` ties pagination cursors to it (and to its kind: a tools/list cursor pages no other list)."""
 
     __slots__ = ("version", "dumped", "tag", "_by_name", "_header_params")
 
-    def __init__(self, version: object, dumped: list[dict[str, Any]]) -> None:
+    def __init__(self, version: object, dumped: list[dict[str, Any]], kind: str = "tools") -> None:
         self.version = version
         self.dumped = dumped
-        self.tag = hashlib.sha256(repr(version).encode()).hexdigest()[:12]
+        self.tag = hashlib.sha256(repr((kind, version)).encode()).hexdigest()[:12]
         self._header_params: dict[str, list[tuple[tuple[str, ...], str]]] | None = None
 
     def header_params(self) -> dict[str, list[tuple[tuple[str, ...], str]]]:
@@ -233,9 +254,22 @@ class McpEndpoint:
                                      max_total=s.max_sessions, on_drop=self._on_drop)
         self._closing = False
         self._init_results: dict[str, bytes] = {}
-        self._tool_cache: dict[tuple[str, str], _ToolList] = {}
+        self._list_cache: dict[tuple[str, str, str], _Listing] = {}
+        # what the backend serves besides tools (optional protocols, read once)
+        self.serves_resources = callable(getattr(backend, "read_resource", None))
+        self.serves_prompts = callable(getattr(backend, "get_prompt", None))
+        self.serves_logging = bool(getattr(backend, "relays_logs", False))
+        self.served = _SERVED_REQUESTS | (RESOURCE_METHODS if self.serves_resources else frozenset()) \
+            | (PROMPT_METHODS if self.serves_prompts else frozenset()) \
+            | (frozenset({"logging/setLevel"}) if self.serves_logging else frozenset())
+        self.list_kinds = tuple(k for k, v in LISTS.items() if v.method in self.served)
+        self.notify_kinds = tuple(dict.fromkeys(LISTS[k].notify for k in self.list_kinds))
+        self.capabilities = caps = ServerCapabilities(
+            tools=ToolsCapability(list_changed=True),
+            resources=ResourcesCapability(list_changed=True) if self.serves_resources else None,
+            prompts=PromptsCapability(list_changed=True) if self.serves_prompts else None,
+            logging=LoggingCapability() if self.serves_logging else None)
         self.stateless = Stateless(self)
-        caps = ServerCapabilities(tools=ToolsCapability(list_changed=True))
         info = Implementation(name=s.server_name, version=s.server_version)
         for v in J.HANDSHAKE_VERSIONS:
             res = InitializeResult(protocol_version=v, capabilities=caps, server_info=info, instructions=s.instructions)
@@ -485,7 +519,7 @@ class McpEndpoint:
         except TooManySessions as e:
             raise _Refuse("too_many_sessions", str(e), rid=msg.id, headers={"Retry-After": "5"}) from None
         ctx.session = session
-        session.listed_version = self.backend.tools_version(ctx.principal)
+        session.listed = {n: self.list_version(ctx.principal, n) for n in self.notify_kinds}
         self._record({"event": "mcp_session_opened", "session": session.id, "principal": session.owner,
                       "protocol_version": version, "requested_version": requested,
                       "client_name": session.info.client_name, "client_version": session.info.client_version})
@@ -561,11 +595,11 @@ class McpEndpoint:
 
     async def _request(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message,
                        reply: _Reply) -> bytes:
-        """One request's JSON-RPC response (bytes); progress, if any, goes out on ``reply`` before it."""
+        """One request's JSON-RPC response (bytes); progress and logs, if any, go out on ``reply`` before it."""
         method = msg.method
         assert method is not None
         version = session.info.protocol_version
-        if method not in _SERVED_REQUESTS:
+        if method not in self.served:
             return self._rpc_error(ctx, msg.id, J.METHOD_NOT_FOUND, f"Method not found: {method[:100]}",
                                    "method_not_found")
         try:
@@ -577,54 +611,126 @@ class McpEndpoint:
                                    "invalid_params")
         if method == "tools/call":
             return await self._call(ctx, session, principal, msg, reply)
-        if method == "tools/list":
-            return self._list(ctx, session, principal, msg)
+        kind = LIST_OF_METHOD.get(method)
+        if kind is not None:
+            return self._list(ctx, session, principal, msg, kind)
+        if method == "resources/read" or method == "prompts/get":
+            rid = msg.id
+            if rid in session.in_flight:
+                return self._rpc_error(ctx, rid, J.INVALID_REQUEST,
+                                       f"the request id {rid!r} is already used by a request in flight", "duplicate_id")
+            cancelled = session.in_flight[rid] = asyncio.Event()
+            try:
+                out = await self._fetch(ctx, principal, session.info, msg, version, cancelled)
+            finally:
+                session.in_flight.pop(rid, None)
+                session.last_seen = time.monotonic()
+            return out if isinstance(out, bytes) else J.response_bytes(rid, orjson.dumps(out))
+        if method == "logging/setLevel":
+            assert msg.params is not None
+            session.log_level = LOG_RANK[msg.params["level"]]
+            return J.response_bytes(msg.id, b"{}")
         if method == "ping":
             return J.response_bytes(msg.id, b"{}")
         return self._rpc_error(ctx, msg.id, J.INVALID_REQUEST, "this session is already initialized",
                                "mcp_session_exists")
 
-    def _tools(self, principal: Principal, version: str) -> _ToolList:
-        """The principal's tool list as ``version`` shapes it, rebuilt when ``tools_version`` moves."""
-        tv = self.backend.tools_version(principal)
-        key = (principal.key, version)
-        entry = self._tool_cache.get(key)
+    def list_version(self, principal: Principal, notify: str) -> object:
+        """The backend's version of the ``notify`` lists (tools; resources and their templates; prompts)."""
+        return getattr(self.backend, f"{notify}_version")(principal)
+
+    def _listing(self, principal: Principal, version: str, kind: str = "tools") -> _Listing:
+        """The principal's ``kind`` list as ``version`` shapes it, rebuilt when its version moves."""
+        lk = LISTS[kind]
+        tv = getattr(self.backend, lk.version)(principal)
+        key = (kind, principal.key, version)
+        entry = self._list_cache.get(key)
         if entry is None or entry.version != tv:
-            tools = self.backend.tools_for(principal)
-            listed: dict[str, Any] = {"tools": [t.model_dump(by_alias=True, mode="json", exclude_none=True)
-                                                for t in tools]}
+            items = getattr(self.backend, lk.items)(principal)
+            listed: dict[str, Any] = {lk.member: [t.model_dump(by_alias=True, mode="json", exclude_none=True)
+                                                  for t in items]}
             if version in J.MODERN_VERSIONS:
                 listed["ttlMs"], listed["cacheScope"], listed["resultType"] = 0, "private", "complete"
-            dumped = serialize_server_result("tools/list", version, listed)["tools"]
-            if len(self._tool_cache) >= 4096:
-                self._tool_cache.clear()
-            entry = self._tool_cache[key] = _ToolList(tv, dumped)
+            dumped = serialize_server_result(lk.method, version, listed)[lk.member]
+            if len(self._list_cache) >= 4096:
+                self._list_cache.clear()
+            entry = self._list_cache[key] = _Listing(tv, dumped, kind)
         return entry
 
-    def _page(self, ctx: _Ctx, principal: Principal, version: str, msg: J.Message) -> dict[str, Any] | bytes:
-        """One tools/list page (a result dict), or the JSON-RPC error for a bad cursor (bytes)."""
-        entry = self._tools(principal, version)
+    def _tools(self, principal: Principal, version: str) -> _Listing:
+        return self._listing(principal, version, "tools")
+
+    def _page(self, ctx: _Ctx, principal: Principal, version: str, msg: J.Message,
+              kind: str = "tools") -> dict[str, Any] | bytes:
+        """One page of a list (a result dict), or the JSON-RPC error for a bad cursor (bytes)."""
+        entry = self._listing(principal, version, kind)
         offset: int | None = 0
         cursor = (msg.params or {}).get("cursor")
         if cursor is not None:
             offset = _decode_cursor(cursor, entry.tag)
             if offset is None or offset > len(entry.dumped):
                 return self._rpc_error(ctx, msg.id, J.INVALID_PARAMS,
-                                       "Invalid params: the cursor is invalid or the tool list changed since; "
+                                       "Invalid params: the cursor is invalid or the list changed since; "
                                        "list again without a cursor", "invalid_cursor")
         assert offset is not None
         end = offset + self.settings.page_size
-        result: dict[str, Any] = {"tools": entry.dumped[offset:end]}
+        member = LISTS[kind].member
+        result: dict[str, Any] = {member: entry.dumped[offset:end]}
         if end < len(entry.dumped):
             result["nextCursor"] = _encode_cursor(end, entry.tag)
         return result
 
-    def _list(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message) -> bytes:
-        page = self._page(ctx, principal, session.info.protocol_version, msg)
+    def _list(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message, kind: str = "tools") -> bytes:
+        page = self._page(ctx, principal, session.info.protocol_version, msg, kind)
         if isinstance(page, bytes):
             return page
-        session.listed_version = self._tool_cache[(principal.key, session.info.protocol_version)].version
+        session.listed[LISTS[kind].notify] = self._list_cache[(kind, principal.key, session.info.protocol_version)].version
         return J.response_bytes(msg.id, orjson.dumps(page))
+
+    async def _fetch(self, ctx: _Ctx, principal: Principal, info: McpSessionInfo, msg: J.Message, version: str,
+                     cancelled: asyncio.Event) -> dict[str, Any] | bytes:
+        """A ``resources/read`` or ``prompts/get`` by the backend: the result as ``version`` shapes it, or
+        the JSON-RPC error (bytes). Unknown (not granted) and refused ones are errors: these results have no
+        ``isError``."""
+        params = msg.params
+        assert params is not None
+        rid = msg.id
+        method = msg.method
+        meta = params.get("_meta")
+        try:
+            if method == "resources/read":
+                res: Any = await self.backend.read_resource(  # type: ignore[attr-defined]
+                    ResourceRead(principal, info, params["uri"], meta, rid, cancelled))
+                expected: type = ReadResourceResult
+            else:
+                args = params.get("arguments") or {}
+                res = await self.backend.get_prompt(  # type: ignore[attr-defined]
+                    PromptGet(principal, info, params["name"], dict(args), meta, rid, cancelled))
+                expected = GetPromptResult
+        except UnknownResource as e:
+            return self._rpc_error(ctx, rid, J.INVALID_PARAMS, f"Resource not found: {e.uri[:200]}",
+                                   "unknown_resource")
+        except UnknownPrompt as e:
+            return self._rpc_error(ctx, rid, J.INVALID_PARAMS, f"Unknown prompt: {e.name[:200]}", "unknown_prompt")
+        except McpRefused as e:  # journaled by the backend already
+            return J.error_bytes(rid, e.rpc_code, e.message, e.data)
+        except Exception:  # noqa: BLE001 - a backend failure is the server's error, answered as such
+            log.exception("MCP %s failed inside the backend", method)
+            return self._rpc_error(ctx, rid, J.INTERNAL_ERROR, f"Internal error: the {method} failed inside Tether",
+                                   "internal_error")
+        try:
+            if not isinstance(res, expected):
+                raise TypeError(f"{method} returned {type(res).__name__}, not {expected.__name__}")
+            data = res.model_dump(by_alias=True, mode="json", exclude_none=True)
+            if version in J.MODERN_VERSIONS:
+                data.setdefault("resultType", "complete")
+                if method == "resources/read":
+                    data["ttlMs"], data["cacheScope"] = 0, "private"
+            return serialize_server_result(method, version, data)  # type: ignore[arg-type]
+        except (TypeError, ValueError, ValidationError):
+            log.exception("MCP %s: the backend's result cannot be sent", method)
+            return self._rpc_error(ctx, rid, J.INTERNAL_ERROR, "Internal error: the result is malformed",
+                                   "internal_error")
 
     async def _call(self, ctx: _Ctx, session: Session, principal: Principal, msg: J.Message,
                     reply: _Reply) -> bytes:
@@ -641,10 +747,11 @@ class McpEndpoint:
             token = meta.get("progressToken")
             if type(token) is str or type(token) is int:
                 sink = _Progress(reply, token, version != "2024-11-05")
+        logs: LogSink | None = _Log(reply, lambda: session.log_level) if reply.sse_ok and self.serves_logging else None
         cancelled = asyncio.Event()
         session.in_flight[rid] = cancelled
         call = ToolCall(principal, session.info, params["name"], params.get("arguments") or {}, meta, rid, sink,
-                        cancelled)
+                        cancelled, logs)
         try:
             result = await self.backend.call_tool(call)
         except UnknownTool as e:
@@ -721,11 +828,12 @@ class McpEndpoint:
             quiet_since = loop.time()
             while not (session.closed or self._closing):
                 session.outbox.clear()
-                tv = self.backend.tools_version(session.principal)
-                if tv != session.listed_version and tv != session.notified_version:
-                    session.notified_version = tv
-                    await stream.write(_sse_event(b'{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}'))
-                    quiet_since = loop.time()
+                for n in self.notify_kinds:
+                    tv = self.list_version(session.principal, n)
+                    if tv != session.listed.get(n) and tv != session.notified.get(n):
+                        session.notified[n] = tv
+                        await stream.write(_sse_event(_CHANGED[n]))
+                        quiet_since = loop.time()
                 try:
                     await asyncio.wait_for(session.outbox.wait(), tick)
                 except TimeoutError:

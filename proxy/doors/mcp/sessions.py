@@ -1,8 +1,8 @@
 """MCP sessions: created by ``initialize``, bound to the principal that opened them, bounded in number.
 
 A session is protocol state only — the negotiated version, what the client said it is, the calls in
-flight (for cancellation and duplicate-id checks), the one server→client GET stream, and which tool
-list version the client last saw. It is never authentication: every request is authenticated on its
+flight (for cancellation and duplicate-id checks), the one server→client GET stream, which version of
+each list (tools, resources, prompts) the client last saw, and the log level it asked for. It is never authentication: every request is authenticated on its
 own, and a session id presented with another principal's credentials is answered exactly like an
 unknown one (404), so that ids cannot be probed across principals (the spec's session-hijacking
 mitigation: key sessions by ``<principal>:<session id>``).
@@ -26,8 +26,8 @@ from .backend import JsonRpcId, McpSessionInfo, Principal
 
 
 class Session:
-    __slots__ = ("id", "info", "owner", "principal", "created", "last_seen", "in_flight", "stream", "listed_version",
-                 "notified_version", "initialized", "closed", "outbox")
+    __slots__ = ("id", "info", "owner", "principal", "created", "last_seen", "in_flight", "stream", "listed",
+                 "notified", "initialized", "closed", "outbox", "log_level")
 
     def __init__(self, sid: str, info: McpSessionInfo, principal: Principal, now: float) -> None:
         self.id = sid
@@ -38,8 +38,10 @@ class Session:
         self.last_seen = now
         self.in_flight: dict[JsonRpcId, asyncio.Event] = {}
         self.stream: Any = None  # the open GET stream (endpoint._GetStream), if any
-        self.listed_version: object = None
-        self.notified_version: object = None
+        # per list ("tools", "resources", "prompts"): the version the client last listed / was told changed
+        self.listed: dict[str, object] = {}
+        self.notified: dict[str, object] = {}
+        self.log_level = 0  # the lowest severity relayed (logging/setLevel; 0: debug, everything)
         self.initialized = False
         self.closed = False
         # wakes the GET stream: tool list changes, session closed

@@ -12,7 +12,10 @@ routed or rate-limited on the header, so a request whose body says something els
 served by one reading or the other. JSON-RPC errors carry the HTTP status the revision gives them
 (400 for malformed, invalid params, header mismatch, unsupported version; 404 for an unknown method).
 ``subscriptions/listen`` replaces the GET stream: the acknowledgement first, then
-``notifications/tools/list_changed`` (if asked for) whenever the backend's ``tools_version`` moves.
+``notifications/tools/list_changed`` (and the resources' and prompts' when the backend serves them), each
+if asked for, whenever the backend's versions move. Resources, prompts and logging are served as the
+session-based half serves them; ``logging/setLevel`` is gone in this revision: a request asks for log
+messages with ``_meta["io.modelcontextprotocol/logLevel"]`` and gets none without it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
 from ...transport import jsonrpc as J
-from .backend import McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownTool
-from .wire import _first_error, _Progress, _Refuse, _sse_event
+from .backend import LogSink, McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownTool
+from .wire import LIST_OF_METHOD, LOG_RANK, _first_error, _Log, _Progress, _Refuse, _sse_event
 
 if TYPE_CHECKING:
     from .wire import _Ctx, _Reply
@@ -43,7 +46,12 @@ CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
 CLIENT_CAPS_KEY = "io.modelcontextprotocol/clientCapabilities"
 SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
 SUBSCRIPTION_KEY = "io.modelcontextprotocol/subscriptionId"
+LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
 _SERVED = frozenset({"server/discover", "tools/list", "tools/call", "subscriptions/listen"})
+# the params member each method mirrors into Mcp-Name
+_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+# subscriptions/listen filter member -> the lists it is about
+_FILTERS = {"toolsListChanged": "tools", "resourcesListChanged": "resources", "promptsListChanged": "prompts"}
 _STATUS = {J.PARSE_ERROR: 400, J.INVALID_REQUEST: 400, J.INVALID_PARAMS: 400, J.HEADER_MISMATCH: 400,
            J.UNSUPPORTED_PROTOCOL_VERSION: 400, J.METHOD_NOT_FOUND: 404}
 _SENTINEL = re.compile(r"=\?base64\?(.*)\?=")
@@ -113,9 +121,11 @@ class Stateless:
         self._listening: dict[str, int] = {}
         import mcp_types as types
 
+        # what the endpoint serves besides tools (its backend's optional protocols), minus logging/setLevel
+        self.served = _SERVED | (ep.served - {"initialize", "ping", "logging/setLevel"})
+        self.filters = {f: n for f, n in _FILTERS.items() if n in ep.notify_kinds}
         discover = types.DiscoverResult(
-            supported_versions=list(J.ALL_VERSIONS), instructions=s.instructions,
-            capabilities=types.ServerCapabilities(tools=types.ToolsCapability(list_changed=True)),
+            supported_versions=list(J.ALL_VERSIONS), instructions=s.instructions, capabilities=ep.capabilities,
             _meta={SERVER_INFO_KEY: self.server_info})
         self._discover = {v: orjson.dumps(serialize_server_result(
             "server/discover", v, discover.model_dump(by_alias=True, mode="json", exclude_none=True)))
@@ -177,13 +187,14 @@ class Stateless:
             return self._error(ctx, reply, rid, J.HEADER_MISMATCH,
                                "Header mismatch: MCP-Protocol-Version differs from the body's protocol version",
                                "header_mismatch")
-        if method == "tools/call":
-            name = params.get("name")
+        named = _NAMED.get(method)
+        if named is not None:
+            name = params.get(named)
             if type(name) is str and decode_header(request.headers.get("Mcp-Name")) != name:
                 return self._error(ctx, reply, rid, J.HEADER_MISMATCH,
-                                   "Header mismatch: Mcp-Name is missing or differs from the tool name",
+                                   f"Header mismatch: Mcp-Name is missing or differs from the {named} in the body",
                                    "header_mismatch")
-        if method not in _SERVED:
+        if method not in self.served:
             return self._error(ctx, reply, rid, J.METHOD_NOT_FOUND, f"Method not found: {method[:100]}",
                                "method_not_found")
         try:
@@ -196,12 +207,15 @@ class Stateless:
                                "invalid_params")
         if method == "tools/call":
             return await self._call(ctx, principal, msg, pv, params, reply)
-        if method == "tools/list":
-            page = self.ep._page(ctx, principal, pv, msg)
+        kind = LIST_OF_METHOD.get(method)
+        if kind is not None:
+            page = self.ep._page(ctx, principal, pv, msg, kind)
             if isinstance(page, bytes):
                 return page, 400
             page.update(ttlMs=0, cacheScope="private", resultType="complete")
             return self._result(rid, page)
+        if method == "resources/read" or method == "prompts/get":
+            return await self._fetch(ctx, principal, msg, pv, params, reply)
         if method == "server/discover":
             return J.response_bytes(rid, self._discover[pv]), 200
         return await self._listen(ctx, principal, msg, params, reply)
@@ -219,15 +233,18 @@ class Stateless:
                                    f"Header mismatch: Mcp-Param-{token} is missing or differs from the argument "
                                    f"{'.'.join(path)!r}", "header_mismatch")
         meta = params["_meta"]
-        client = meta.get("io.modelcontextprotocol/clientInfo") or {}
-        info = McpSessionInfo(None, pv, client.get("name"), client.get("version"), meta.get(CLIENT_CAPS_KEY) or {})
+        info = self._info(meta, pv)
         sink: ProgressSink | None = None
         token = meta.get("progressToken")
         if reply.sse_ok and (type(token) is str or type(token) is int):
             sink = _Progress(reply, token, True)
+        logs: LogSink | None = None
+        level = LOG_RANK.get(meta.get(LOG_LEVEL_KEY))  # type: ignore[arg-type]
+        if level is not None and reply.sse_ok and self.ep.serves_logging:  # no level asked for: no log messages
+            logs = _Log(reply, lambda: level)  # type: ignore[return-value]
         cancelled = asyncio.Event()
         reply.on_broken = cancelled.set  # closing the response stream is this revision's cancellation
-        call = ToolCall(principal, info, name, arguments, meta, rid, sink, cancelled)
+        call = ToolCall(principal, info, name, arguments, meta, rid, sink, cancelled, logs)
         try:
             result = await self.ep.backend.call_tool(call)
         except UnknownTool as e:
@@ -239,6 +256,22 @@ class Stateless:
             return data, 200
         return self._result(rid, data)
 
+    @staticmethod
+    def _info(meta: dict[str, Any], pv: str) -> McpSessionInfo:
+        client = meta.get(CLIENT_INFO_KEY) or {}
+        return McpSessionInfo(None, pv, client.get("name"), client.get("version"), meta.get(CLIENT_CAPS_KEY) or {})
+
+    async def _fetch(self, ctx: _Ctx, principal: Principal, msg: J.Message, pv: str, params: dict[str, Any],
+                     reply: _Reply) -> tuple[bytes | None, int]:
+        """``resources/read`` / ``prompts/get``: as the session-based half serves them, stateless."""
+        cancelled = asyncio.Event()
+        reply.on_broken = cancelled.set
+        out = await self.ep._fetch(ctx, principal, self._info(params["_meta"], pv), msg, pv, cancelled)
+        if isinstance(out, bytes):
+            code = orjson.loads(out)["error"]["code"]
+            return out, _STATUS.get(code, 200)
+        return self._result(msg.id, out)
+
     async def _listen(self, ctx: _Ctx, principal: Principal, msg: J.Message, params: dict[str, Any],
                       reply: _Reply) -> tuple[bytes | None, int]:
 
@@ -249,12 +282,14 @@ class Stateless:
             raise _Refuse("too_many_sessions", "this principal has as many listen streams open as it may",
                           rid=msg.id, headers={"Retry-After": "5"})
         rid = msg.id
-        want = (params.get("notifications") or {}).get("toolsListChanged") is True
+        asked = params.get("notifications") or {}
+        honored = {f: True for f in self.filters if asked.get(f) is True}  # resource subscriptions: none
+        want = [self.filters[f] for f in honored]
         sub = {SUBSCRIPTION_KEY: rid}
         ack = {"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-               "params": {"_meta": sub, "notifications": {"toolsListChanged": True} if want else {}}}
-        changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
-                                "params": {"_meta": sub}})
+               "params": {"_meta": sub, "notifications": honored}}
+        changed = {n: orjson.dumps({"jsonrpc": "2.0", "method": f"notifications/{n}/list_changed",
+                                    "params": {"_meta": sub}}) for n in want}
         wake = asyncio.Event()
         self.listeners.add(wake)
         self._listening[key] = self._listening.get(key, 0) + 1
@@ -265,15 +300,15 @@ class Stateless:
         try:
             await reply.event(orjson.dumps(ack))
             stream = reply.stream
-            baseline = self.ep.backend.tools_version(principal)
+            baseline = {n: self.ep.list_version(principal, n) for n in want}
             quiet_since = loop.time()
             while stream is not None and not (reply.broken or self.ep._closing):
                 wake.clear()
-                if want:
-                    tv = self.ep.backend.tools_version(principal)
-                    if tv != baseline:
-                        baseline = tv
-                        await stream.write(_sse_event(changed))
+                for n in want:
+                    tv = self.ep.list_version(principal, n)
+                    if tv != baseline[n]:
+                        baseline[n] = tv
+                        await stream.write(_sse_event(changed[n]))
                         quiet_since = loop.time()
                 try:
                     await asyncio.wait_for(wake.wait(), tick)

@@ -24,6 +24,10 @@ decisions:
 Built-in tools let an agent use transactions and follow its review items from MCP
 (``tether_transaction_begin/commit/rollback/status``, ``tether_review_status``); a write may also name
 its transaction with the ``transaction`` argument or ``_meta["tether/transaction"]``.
+
+MCP upstreams' resources and prompts an agent is granted are served beside its tools (:mod:`.reads`): the
+backend is also a ``ResourceBackend`` and a ``PromptBackend``, and relays the servers' log messages about
+a call (``relays_logs``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,17 @@ from urllib.parse import quote, urlencode
 
 import orjson
 from aiohttp import web
-from mcp_types import CallToolResult, TextContent, Tool, ToolAnnotations
+from mcp_types import (
+    CallToolResult,
+    GetPromptResult,
+    Prompt,
+    ReadResourceResult,
+    Resource,
+    ResourceTemplate,
+    TextContent,
+    Tool,
+    ToolAnnotations,
+)
 from multidict import CIMultiDict
 
 from adapters.base import FORM_CT, Operation
@@ -49,7 +63,18 @@ from ...normalise import ambiguous, canonical_path, decode_segments
 from ...pipeline.stages import admit_intent, refuse_smuggled
 from ...policy.bodies import OVERRIDE_FIELDS, encode_form, media_type, parse_body
 from ...policy.identity import USER_TOKEN, Identity
-from .backend import McpAuthError, ToolCall, UnknownTool
+from .backend import (
+    REFUSED,
+    McpAuthError,
+    McpRefused,
+    PromptGet,
+    ResourceRead,
+    ToolCall,
+    UnknownPrompt,
+    UnknownResource,
+    UnknownTool,
+)
+from .reads import PromptCatalog, ResourceCatalog, bind_prompt_arguments, fetch_grants, resolve_fetch
 from .results import error_result, error_result_from
 
 if TYPE_CHECKING:
@@ -60,6 +85,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.mcp")
 
 MAX_TEXT = 64 * 1024  # characters of a result's text rendering (the structured content is whole)
+MAX_RECORDED_URI = 2200  # characters of a resource URI or prompt name the journal keeps (longer ones match nothing)
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]")
 _TOOL_NAME_MAX = 64  # the strictest client limit in use (OpenAI's function names); MCP allows 128
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -210,8 +236,8 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
 
 
 def tool_grants(grants: list["Grant"]) -> list["Grant"]:
-    """The grants served as tools: REST capabilities and MCP upstreams' tools (an MCP upstream's
-    resources and prompts are not offered through this door: nothing serves them, so they are denied)."""
+    """The grants served as tools: REST capabilities and MCP upstreams' tools (an MCP upstream's resources
+    and prompts are served as resources and prompts, :mod:`.reads`)."""
     return [g for g in grants if g.capability.kind in ("rest", "tool")]
 
 
@@ -342,7 +368,7 @@ class ToolCatalog:
 
 class McpAnswer:
     """An answer the pipeline gave through the MCP door (kept whole, bounded); ``result``: an MCP
-    upstream's tool result, relayed as it is."""
+    upstream's tool result (or resource, or prompt), relayed as it is."""
 
     __slots__ = ("status", "headers", "body", "truncated", "result")
 
@@ -352,7 +378,7 @@ class McpAnswer:
         self.headers = headers
         self.body = body
         self.truncated = truncated
-        self.result = result
+        self.result: Any = result
 
 
 class McpDoor:
@@ -368,8 +394,8 @@ class McpDoor:
 
     def answer(self, ex: Exchange, status: int, reason: str | None, headers: Any, body: bytes | None, *,
                upstream: Any = None) -> None:
-        ex.response = McpAnswer(status, headers, body,
-                                result=upstream if isinstance(upstream, CallToolResult) else None)
+        ex.response = McpAnswer(status, headers, body, result=upstream if isinstance(
+            upstream, (CallToolResult, ReadResourceResult, GetPromptResult)) else None)
 
     async def relay(self, ex: Exchange, resp: Any, headers: Any, limit: int | None, needles: Any = None,
                     found: list[bool] | None = None, tap: Any = None) -> tuple[int, str | None]:
@@ -404,6 +430,9 @@ class McpDoor:
 def resolve_tool(rt: "Runtime", ex: Exchange) -> None:
     """The tool a ``tools/call`` names -> its capability and upstream (default deny: a name the caller
     has no tool for is refused, journaled, and answered as the protocol's unknown-tool error)."""
+    if "mcp_fetch" in ex.extra:  # a resources/read or prompts/get (.reads)
+        resolve_fetch(rt, ex)
+        return
     call: ToolCall = ex.extra["tool_call"]
     backend: PipelineBackend = ex.extra["mcp_backend"]
     cap = backend.names_for(ex.identity.agent).get(call.name)  # type: ignore[union-attr]
@@ -428,6 +457,9 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
     the template (each parameter one segment, checked against its pattern), the query, the body encoded
     the way the upstream takes it and parsed back exactly as the REST door parses it, the intent and the
     transaction. The path is then matched like any other (it must reach this very capability)."""
+    if "mcp_fetch" in ex.extra:
+        bind_prompt_arguments(rt, ex)
+        return
     call: ToolCall = ex.extra["tool_call"]
     cap = ex.capability
     up = ex.upstream
@@ -656,7 +688,10 @@ def render(ex: Exchange) -> CallToolResult:
 
 
 class PipelineBackend:
-    """The :class:`~.backend.ToolBackend` over Tether's pipeline (see the module doc)."""
+    """The :class:`~.backend.ToolBackend` over Tether's pipeline (see the module doc); also the
+    resource and prompt backend, and it relays the servers' log messages about a call."""
+
+    relays_logs = True
 
     def __init__(self, rt: "Runtime", pipeline: "Pipeline", max_result_bytes: int) -> None:
         self.rt = rt
@@ -664,6 +699,10 @@ class PipelineBackend:
         self.door = McpDoor(max_result_bytes)
         self._names: dict[tuple[str, str], dict[str, Capability]] = {}  # (rules version, agent) -> tools
         self._catalogs: dict[tuple[str, object], ToolCatalog] = {}
+        # (rules version, agent) -> granted resource templates by upstream / prompts by name
+        self._resource_grants: dict[tuple[str, str], dict[str, list[Capability]]] = {}
+        self._prompt_names: dict[tuple[str, str], dict[str, Capability]] = {}
+        self._read_catalogs: dict[tuple[str, str, object], Any] = {}
 
     # -- who ----------------------------------------------------------------------------------
 
@@ -718,6 +757,74 @@ class PipelineBackend:
             self._catalogs[key] = cat
         return cat.tools
 
+    # -- which resources and prompts -------------------------------------------------------------
+
+    def resource_grants_for(self, agent: str) -> dict[str, list["Capability"]]:
+        """upstream -> the agent's granted resource capabilities there, in grant order (what a read may reach)."""
+        reg = self.rt.state.registry
+        key = (reg.version, agent)
+        found = self._resource_grants.get(key)
+        if found is None:
+            found = {}
+            for g in fetch_grants(reg.agent_grants.get(agent, []), "resource"):
+                found.setdefault(g.capability.upstream, []).append(g.capability)
+            if len(self._resource_grants) > 4096:
+                self._resource_grants.clear()
+            self._resource_grants[key] = found
+        return found
+
+    def prompt_names_for(self, agent: str) -> dict[str, "Capability"]:
+        """prompt name -> capability for the agent's granted prompts (named as tools are, :func:`tool_names`)."""
+        state = self.rt.state
+        key = (state.registry.version, agent)
+        found = self._prompt_names.get(key)
+        if found is None:
+            grants = fetch_grants(state.registry.agent_grants.get(agent, []), "prompt")
+            names = self._prompt_name_map(grants)
+            found = {names[g.capability.name]: g.capability for g in grants}
+            if len(self._prompt_names) > 4096:
+                self._prompt_names.clear()
+            self._prompt_names[key] = found
+        return found
+
+    def _prompt_name_map(self, grants: list["Grant"]) -> dict[str, str]:
+        mcp = self.rt.state.mcp_upstreams
+        bare = {g.capability.name: g.capability.target for g in grants
+                if g.capability.upstream in mcp and mcp[g.capability.upstream].cfg.tool_names == "bare"}
+        return tool_names([g.capability.name for g in grants], bare or None)
+
+    def resources_version(self, principal: AgentPrincipal) -> object:
+        state = self.rt.state
+        return state.registry.version, state.mcp_resources_version()
+
+    def prompts_version(self, principal: AgentPrincipal) -> object:
+        state = self.rt.state
+        return state.registry.version, state.mcp_prompts_version()
+
+    def _read_catalog(self, kind: str, principal: AgentPrincipal) -> Any:
+        agent = principal.identity.agent
+        version = self.resources_version(principal) if kind == "resources" else self.prompts_version(principal)
+        key = (kind, agent, version)
+        cat = self._read_catalogs.get(key)
+        if cat is None:
+            state = self.rt.state
+            grants = state.registry.agent_grants.get(agent, [])
+            cat = ResourceCatalog(state, grants) if kind == "resources" else PromptCatalog(
+                state, grants, self._prompt_name_map(fetch_grants(grants, "prompt")))
+            if len(self._read_catalogs) > 4096:
+                self._read_catalogs.clear()
+            self._read_catalogs[key] = cat
+        return cat
+
+    def resources_for(self, principal: AgentPrincipal) -> list[Resource]:
+        return self._read_catalog("resources", principal).resources  # type: ignore[no-any-return]
+
+    def resource_templates_for(self, principal: AgentPrincipal) -> list[ResourceTemplate]:
+        return self._read_catalog("resources", principal).templates  # type: ignore[no-any-return]
+
+    def prompts_for(self, principal: AgentPrincipal) -> list[Prompt]:
+        return self._read_catalog("prompts", principal).prompts  # type: ignore[no-any-return]
+
     def resource_metadata(self, resource: str) -> dict[str, Any]:
         ident = self.rt.state.rules.identity
         servers = [i.issuer for i in getattr(ident, "issuers", None) or [] if getattr(i, "issuer", None)]
@@ -727,24 +834,73 @@ class PipelineBackend:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    async def call_tool(self, call: ToolCall) -> CallToolResult:
-        principal: AgentPrincipal = call.principal  # type: ignore[assignment]
-        ident = principal.identity
-        if call.name in BUILTIN_TOOLS:
-            return await self._builtin(call, ident)
+    def _exchange(self, principal: AgentPrincipal, session: Any, request_id: Any, **what: Any) -> Exchange:
         state = self.rt.state
         ex = Exchange(self.door, state.registry, None, "POST", "", CIMultiDict())
         ex.state = state
-        ex.identity = ident
-        ex.mcp = {"tool": call.name, "jsonrpc_id": call.request_id, "session": call.session.id,
-                  "client": call.session.client_name, "client_version": call.session.client_version,
-                  "protocol": call.session.protocol_version}
-        ex.extra["tool_call"] = call
+        ex.identity = principal.identity
+        ex.mcp = {**what, "jsonrpc_id": request_id, "session": session.id, "client": session.client_name,
+                  "client_version": session.client_version, "protocol": session.protocol_version}
         ex.extra["mcp_backend"] = self
+        return ex
+
+    async def call_tool(self, call: ToolCall) -> CallToolResult:
+        principal: AgentPrincipal = call.principal  # type: ignore[assignment]
+        if call.name in BUILTIN_TOOLS:
+            return await self._builtin(call, principal.identity)
+        ex = self._exchange(principal, call.session, call.request_id, tool=call.name)
+        ex.extra["tool_call"] = call
         await self.pipeline.run(ex)
         if ex.reason == "capability_not_granted" and ex.capability is None:
             raise UnknownTool(call.name)  # journaled as a denial; answered as the protocol's error
         return render(ex)
+
+    async def read_resource(self, read: ResourceRead) -> ReadResourceResult:
+        """``resources/read`` through the pipeline (see :mod:`.reads`)."""
+        uri = read.uri[:MAX_RECORDED_URI]  # what the records keep of a URI too long to match anything
+        ex = self._exchange(read.principal, read.session, read.request_id, resource=uri)  # type: ignore[arg-type]
+        ex.method, ex.raw_path = "resources/read", uri
+        ex.extra["mcp_fetch"] = read
+        await self.pipeline.run(ex)
+        if ex.reason == "capability_not_granted" and ex.capability is None:
+            raise UnknownResource(read.uri)  # journaled as a denial; answered as a resource that does not exist
+        return self._fetched(ex, ReadResourceResult)  # type: ignore[no-any-return]
+
+    async def get_prompt(self, get: PromptGet) -> GetPromptResult:
+        """``prompts/get`` through the pipeline (see :mod:`.reads`)."""
+        name = get.name[:MAX_RECORDED_URI]
+        ex = self._exchange(get.principal, get.session, get.request_id, prompt=name)  # type: ignore[arg-type]
+        ex.method, ex.raw_path = "prompts/get", name
+        ex.extra["mcp_fetch"] = get
+        await self.pipeline.run(ex)
+        if ex.reason == "capability_not_granted" and ex.capability is None:
+            raise UnknownPrompt(get.name)
+        return self._fetched(ex, GetPromptResult)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _fetched(ex: Exchange, expected: type) -> Any:
+        """The upstream's result with Tether's ``_meta``, or the refusal as a JSON-RPC error (McpRefused):
+        -32602 when the request is at fault (its arguments), the server's own code for its JSON-RPC error
+        when that is -32602 or -32603, else REFUSED; ``data`` is the REST door's error body."""
+        err = ex.error
+        ans = ex.response
+        if err is None and not (isinstance(ans, McpAnswer) and isinstance(ans.result, expected)):
+            err = TetherError("internal_error", "the request ended without an answer")
+        if err is not None:
+            details = dict(err.details or {})
+            data: dict[str, Any] = {"code": err.code, "message": err.message, "status": err.status,
+                                    "request_id": ex.request_id}
+            if details:
+                data["details"] = details
+            rpc = REFUSED
+            if err.status in (400, 413, 422):
+                rpc = -32602
+            elif err.code == "upstream_rpc_error" and details.get("rpc_code") in (-32602, -32603):
+                rpc = details["rpc_code"]
+            raise McpRefused(rpc, f"Refused by Tether ({err.code}): {err.message}", data)
+        assert isinstance(ans, McpAnswer)
+        theirs = {k: v for k, v in (ans.result.meta or {}).items() if not k.startswith("tether/")}
+        return ans.result.model_copy(update={"meta": {**theirs, "tether/request_id": ex.request_id}})
 
     async def _builtin(self, call: ToolCall, ident: Identity) -> CallToolResult:
         """Transactions and review status, as the REST door's /_tether/ endpoints offer them."""

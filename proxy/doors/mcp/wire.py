@@ -14,8 +14,17 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ...transport import jsonrpc as J
+from mcp_types import LoggingMessageNotificationParams
+
 from .backend import Principal
 from .sessions import Session
+
+# MCP logging: the spec's severities, lowest first (RFC 5424's, as the spec names them)
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+LOG_RANK: dict[str, int] = {name: i for i, name in enumerate(LOG_LEVELS)}
+MAX_LOG_DATA = 16 * 1024  # bytes of one log message's data (as JSON) relayed; more is cut
+MAX_LOGS_PER_REQUEST = 1000  # log messages relayed for one request; more are dropped
+MAX_LOGGER = 256  # characters of a logger name
 
 MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
     "jsonrpc_invalid": (400, "the body is not a valid JSON-RPC 2.0 message for MCP"),
@@ -37,6 +46,30 @@ MCP_ERROR_CODES: dict[str, tuple[int, str]] = {
 }
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                 "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class _ListKind:
+    """One of the lists the endpoint pages: the method, its result's member, the backend's methods, and
+    which ``list_changed`` notification tells a client it moved."""
+
+    method: str
+    member: str
+    items: str
+    version: str
+    notify: str
+
+
+LISTS: dict[str, _ListKind] = {
+    "tools": _ListKind("tools/list", "tools", "tools_for", "tools_version", "tools"),
+    "resources": _ListKind("resources/list", "resources", "resources_for", "resources_version", "resources"),
+    "templates": _ListKind("resources/templates/list", "resourceTemplates", "resource_templates_for",
+                           "resources_version", "resources"),
+    "prompts": _ListKind("prompts/list", "prompts", "prompts_for", "prompts_version", "prompts"),
+}
+LIST_OF_METHOD = {k.method: name for name, k in LISTS.items()}
+_CHANGED = {n: orjson.dumps({"jsonrpc": "2.0", "method": f"notifications/{n}/list_changed"})
+            for n in ("tools", "resources", "prompts")}
 
 
 class _Refuse(Exception):
@@ -141,6 +174,37 @@ class _Progress:
             params["message"] = message
         await self.reply.event(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
                                              "params": params}))
+
+
+class _Log:
+    """LogSink for one request: ``notifications/message`` on the request's own response stream, at or
+    above the level the client asked for (read at each message: a ``logging/setLevel`` sent while a call
+    runs applies at once), the data capped, at most MAX_LOGS_PER_REQUEST messages."""
+
+    __slots__ = ("reply", "threshold", "sent")
+
+    def __init__(self, reply: _Reply, threshold: Callable[[], int]) -> None:
+        self.reply = reply
+        self.threshold = threshold
+        self.sent = 0
+
+    async def __call__(self, level: str, data: Any, logger: str | None = None) -> None:
+        rank = LOG_RANK.get(level)
+        if rank is None or rank < self.threshold() or self.sent >= MAX_LOGS_PER_REQUEST or self.reply.broken:
+            return
+        self.sent += 1
+        try:
+            raw = orjson.dumps(data)
+        except TypeError:
+            data, raw = str(data)[:MAX_LOG_DATA], b""
+        if len(raw) > MAX_LOG_DATA:
+            data = (f"(log data of {len(raw)} bytes, cut by Tether to {MAX_LOG_DATA // 4}) "
+                    + raw[: MAX_LOG_DATA // 4].decode("utf-8", "replace"))
+        params = LoggingMessageNotificationParams(
+            level=level, data=data, logger=logger[:MAX_LOGGER] if isinstance(logger, str) else None,  # type: ignore[arg-type]
+        ).model_dump(by_alias=True, mode="json", exclude_none=True)
+        params["data"] = data  # a JSON null is data too
+        await self.reply.event(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/message", "params": params}))
 
 
 @dataclass
