@@ -7,8 +7,9 @@ It offers three tools: ``get_invoice`` (a read), ``issue_credit`` (a write), ``e
 capability names: invisible to agents, refused if called by name). It keeps the list of calls it received,
 so the demo can show what reached it and what did not.
 
-The ``mcp`` SDK and uvicorn are test extras, not Tether's runtime dependencies (Tether's own MCP client
-and front door need only ``mcp-types``): without them the demo says so and leaves this step out
+The ``mcp`` SDK (which brings uvicorn) is a runtime dependency for this demo alone — Tether's own MCP
+client and front door need only ``mcp-types`` — so the README's ``pip install -e . && tether demo`` shows
+the step; an install without it (``--no-deps``, a trimmed image) gets a message and the step left out
 (:func:`missing`). The tool definitions need ``mcp-types`` only, so pins can be checked anywhere.
 """
 

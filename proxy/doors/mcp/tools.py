@@ -849,6 +849,7 @@ class PipelineBackend:
         if call.name in BUILTIN_TOOLS:
             return await self._builtin(call, principal.identity)
         ex = self._exchange(principal, call.session, call.request_id, tool=call.name)
+        ex.method, ex.raw_path = "tools/call", call.name[:MAX_RECORDED_URI]  # what a refusal before binding records
         ex.extra["tool_call"] = call
         await self.pipeline.run(ex)
         if ex.reason == "capability_not_granted" and ex.capability is None:
