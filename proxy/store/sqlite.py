@@ -419,7 +419,16 @@ class SQLiteStore(Store):
         order = "DESC" if descending else "ASC"
         sql = f"{self._SELECT} WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?"
         params.append(limit)
-        return [self._record(r) for r in await self._fetchall(sql, params)]
+        return await self.with_intents([self._record(r) for r in await self._fetchall(sql, params)])
+
+    async def journal_payloads(self, seqs: list[int]) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            for seq, raw in await self._fetchall(
+                    f"SELECT seq, record FROM journal WHERE seq IN ({', '.join('?' * len(chunk))})", chunk):
+                out[int(seq)] = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        return out
 
     async def journal_scan(self, batch: int = 5000) -> AsyncIterator[StoredRecord]:  # type: ignore[override]
         after = (await self.journal_anchor())[0]
@@ -427,8 +436,8 @@ class SQLiteStore(Store):
             rows = await self._fetchall(f"{self._SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after, batch))
             if not rows:
                 return
-            for r in rows:
-                yield self._record(r)
+            for r in await self.with_intents([self._record(r) for r in rows]):
+                yield r
             after = rows[-1][0]
 
     async def journal_archive(self, upto_seq: int) -> list[StoredRecord]:
