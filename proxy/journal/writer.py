@@ -210,6 +210,16 @@ class JournalWriter:
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
             await self._commit(batch)
+            if self.store.journal_maintenance_due():
+                await self._maintain()
+
+    async def _maintain(self) -> None:
+        """The store's housekeeping (SQLite: a WAL checkpoint's last step), between two batches: after
+        the waiters of the last one were answered, before the next one is committed."""
+        try:
+            await self.store.journal_maintenance()
+        except (StoreUnavailable, Exception) as exc:  # noqa: BLE001 - housekeeping never fails a commit
+            log.warning("journal store housekeeping failed (tried again later): %s", exc)
 
     async def _commit(self, batch: list["_Entry"]) -> None:
         payloads = [e[0] for e in batch]

@@ -62,6 +62,15 @@ class Store(abc.ABC):
         store may do the append on the calling thread rather than hand it to its own thread and back (two
         context switches saved per commit on an idle gateway). A store may ignore it."""
 
+    def journal_maintenance_due(self) -> bool:
+        """Does the store want :meth:`journal_maintenance` run (by the journal writer, between two
+        batches: never during a commit)? Default: never."""
+        return False
+
+    async def journal_maintenance(self) -> None:
+        """Housekeeping that must not run during a commit but may run between two (SQLite: the last step
+        of a WAL checkpoint). Default: nothing."""
+
     @abc.abstractmethod
     async def journal_head(self) -> tuple[int, str]:
         """(seq, hash) of the last record, or (anchor_seq, anchor_hash) when empty."""
