@@ -1,7 +1,8 @@
 """The journal's hash chain: how a record's hash is computed and how a chain is checked.
 
-Each record is stored as its canonical JSON (``orjson`` with sorted keys) together with its sequence
-number, the previous record's hash and its own hash::
+Each record is stored as canonical JSON (``orjson`` with sorted keys) — request and outcome records in
+their compact form (:mod:`proxy.compact`), read back whole by :meth:`StoredRecord.record` — together
+with its sequence number, the previous record's hash and its own hash::
 
     hash = sha256( prev_hash || "\\n" || seq || "\\n" || canonical_json )
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import orjson
+
+from .compact import compact, expand, refers_to
 
 GENESIS = "0" * 64
 
@@ -121,10 +124,12 @@ def lenient(value: Any, path: str = "") -> tuple[Any, list[str]]:
     return walk(value, path), escaped
 
 
-def encode_record(record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def encode_record(record: dict[str, Any], intent: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
     """(canonical payload, indexed column values) of a journal record; never fails.
 
-    The common case is one ``orjson.dumps``. A record carrying a value JSON cannot hold (an identity
+    A request or outcome record is stored in its compact form (:mod:`proxy.compact`; ``intent``: an
+    outcome's intent record as written, whose fields it then need not repeat); the columns always hold
+    the full record's values. The common case is one ``orjson.dumps``. A record carrying a value JSON cannot hold (an identity
     claim or a header with bytes that are not UTF-8, a number beyond 64 bits) is stored with those values
     escaped and their fields listed in ``escaped``, so that one agent's bytes can never make a commit
     fail for the records of others that share it. Indexed columns must be text: a non-text value there
@@ -132,9 +137,11 @@ def encode_record(record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     columns = {k: record.get(k) for k in INDEXED_FIELDS}
     try:
         if all(v is None or type(v) is str for v in columns.values()):
-            return canonical(record), columns
+            small = compact(record, intent)
+            return canonical(record if small is None else small), columns
     except TypeError:
         pass
+    # stored whole (as every record was before the compact form), escaped where it must be
     fixed, escaped = lenient(record)
     for k in INDEXED_FIELDS:
         v = fixed.get(k)
@@ -169,14 +176,62 @@ def link(head_seq: int, head_hash: str, payloads: list[bytes]) -> list[tuple[int
 
 @dataclass(slots=True)
 class StoredRecord:
+    """One stored record: ``payload`` is the exact bytes the chain hashed; ``base`` the payload of the
+    intent record a compact outcome refers to (attached by the store that read it, see
+    :func:`intents_wanted`), None when there is none or it is no longer in the store."""
+
     seq: int
     prev_hash: str
     hash: str
     payload: bytes
     columns: dict[str, Any]
+    base: bytes | None = None
 
     def record(self) -> dict[str, Any]:
-        return orjson.loads(self.payload)
+        """The record as readers know it (a compact one expanded: :func:`proxy.compact.expand`)."""
+        doc = orjson.loads(self.payload)
+        if "kind" in doc or "k" not in doc:
+            return doc  # type: ignore[no-any-return]
+        intent = None
+        if self.base is not None and refers_to(doc) is not None:
+            intent = expand(orjson.loads(self.base))
+        return expand(doc, intent, self.columns)
+
+    def intent_ref(self) -> int | None:
+        """The seq of the intent record this (compact) outcome inherits fields from, or None."""
+        if b'"of":' not in self.payload:  # cheap: most records are not such outcomes
+            return None
+        try:
+            return refers_to(orjson.loads(self.payload))
+        except orjson.JSONDecodeError:
+            return None
+
+
+def intents_wanted(rows: Iterable[StoredRecord]) -> list[int]:
+    """Attach, from ``rows`` themselves, the intent records the compact outcomes among them refer to;
+    return the seqs still missing (the store fetches those: :func:`attach_intents`)."""
+    rows = list(rows)
+    want: dict[int, list[StoredRecord]] = {}
+    for r in rows:
+        of = r.intent_ref()
+        if of is not None and r.base is None:
+            want.setdefault(of, []).append(r)
+    if not want:
+        return []
+    for r in rows:
+        if r.seq in want:
+            for o in want.pop(r.seq):
+                o.base = r.payload
+    return sorted(want)
+
+
+def attach_intents(rows: Iterable[StoredRecord], found: dict[int, bytes]) -> None:
+    """Give the compact outcomes among ``rows`` the intent payloads the store fetched (seq -> payload)."""
+    for r in rows:
+        if r.base is None:
+            of = r.intent_ref()
+            if of is not None and of in found:
+                r.base = found[of]
 
 
 @dataclass(slots=True)
@@ -208,8 +263,8 @@ def verify_chain(rows: Iterable[StoredRecord], anchor_seq: int = 0, anchor_hash:
             return VerifyResult(False, checked, first, row.seq, row.seq,
                                 f"record {row.seq} was altered (its hash does not match its content)")
         try:
-            rec = orjson.loads(row.payload)
-        except orjson.JSONDecodeError:
+            rec = row.record()  # compact records expanded: the columns hold the full record's values
+        except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
             return VerifyResult(False, checked, first, row.seq, row.seq, f"record {row.seq} is not JSON")
         for col in INDEXED_FIELDS:
             if col in row.columns and row.columns[col] != rec.get(col):

@@ -25,7 +25,9 @@ def test_demo_runs_every_pattern(tmp_path):
     assert contact["last_on_behalf_of"] == "ae:jane@acme.example"
     # the journal holds the story
     con = sqlite3.connect(state["store"])
-    recs = [json.loads(row[0]) for row in con.execute("SELECT record FROM journal ORDER BY seq")]
+    from proxy.compact import expand  # request records are stored compact
+
+    recs = [expand(json.loads(row[0])) for row in con.execute("SELECT record FROM journal ORDER BY seq")]
     con.close()
     kinds = {(x["kind"], x.get("decision"), x.get("reason")) for x in recs}
     assert ("request", "denied", "route_not_registered") in kinds

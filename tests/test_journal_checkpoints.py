@@ -120,7 +120,11 @@ async def test_a_rechained_history_passes_verify_but_not_the_signed_checkpoints(
 
 
 def await_records(url: str) -> list[dict[str, Any]]:
-    return [orjson.loads(bytes(r[1])) | {"seq": r[0]} for r in store_sql(url, "SELECT seq, record FROM journal ORDER BY seq")]
+    """The records as stored, request records expanded from their compact form (proxy.compact)."""
+    from proxy.compact import expand
+
+    return [expand(orjson.loads(bytes(r[1]))) | {"seq": r[0]}
+            for r in store_sql(url, "SELECT seq, record FROM journal ORDER BY seq")]
 
 
 async def test_a_cut_tail_is_caught_by_the_last_checkpoint(make_gateway, upstream, store_url, tmp_path):

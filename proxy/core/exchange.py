@@ -74,7 +74,7 @@ class Exchange:
         "mode", "decision", "reason", "body", "body_digest", "operations", "intent_seq", "response",
         "status", "error", "upstream_ids", "review_item_id", "quarantined", "undo_step_id", "response_body",
         "upstream_latency_ms", "audit", "redacted", "forwarded", "composite", "extra", "authz_event", "state",
-        "listener",
+        "listener", "intent_record",
     )
 
     def __init__(self, door: Door, registry: "Registry", upstream: "UpstreamRuntime | None", method: str,
@@ -110,6 +110,7 @@ class Exchange:
         self.operations: list[Operation] = []
         self.composite = False
         self.intent_seq: int | None = None
+        self.intent_record: dict[str, Any] | None = None  # the last request record built (the outcome's base)
         self.authz_event: str | None = None
         self.response: Any = None  # the answer as its door recorded it (an aiohttp response, a tool result)
         self.status: int | None = None

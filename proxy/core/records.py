@@ -63,6 +63,8 @@ def request_record(ex: Exchange) -> dict[str, Any]:
     if ex.mcp is not None:  # the door it came by, when not REST: channel, tool, JSON-RPC id, session, client
         rec["channel"] = ex.channel
         rec["mcp"] = ex.mcp
+    # the outcome is stored referring to this record (proxy.compact): it must not change once written
+    ex.intent_record = rec
     return rec
 
 
@@ -95,6 +97,8 @@ def collect_audit(ex: Exchange) -> None:
 
 
 def outcome_record(ex: Exchange) -> dict[str, Any]:
+    """The outcome record, whole (fixed schema): the journal stores it without what it shares with the
+    intent record ``ex.intent_record`` (see ``JournalWriter.submit``), and readers get it back whole."""
     ident = ex.identity
     rec: dict[str, Any] = {
         "ts": now_iso(), "kind": "outcome", "request_id": ex.request_id,

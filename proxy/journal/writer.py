@@ -42,7 +42,9 @@ from ..chain import (
     INDEXED_FIELDS,
     StoredRecord,
     VerifyResult,
+    canonical,
     encode_record,
+    intents_wanted,
     verify_chain,
 )
 from ..store.base import Store, StoreUnavailable
@@ -86,13 +88,15 @@ def base_record(kind: str, **fields: Any) -> dict[str, Any]:
     return rec
 
 
-# (canonical payload, indexed columns, future of a waiting caller or None, side row or None)
-_Entry = tuple[bytes, dict[str, Any], "asyncio.Future[int] | None", "tuple[str, PreparedRow] | None"]
+# (canonical payload, indexed columns, future of a waiting caller or None, side row or None,
+#  the record whole for the mirror or None)
+_Entry = tuple[bytes, dict[str, Any], "asyncio.Future[int] | None", "tuple[str, PreparedRow] | None", "bytes | None"]
 
 
 def mirror_line(seq: int, h: str, payload: bytes) -> bytes:
     """One JSON line of the mirror: ``{"seq": .., "hash": .., <the record's fields>}`` spliced from the
-    stored payload (a canonical JSON object), so the mirror holds exactly what the chain hashed."""
+    record's canonical JSON: for a record stored whole, exactly the bytes the chain hashed; for one
+    stored compact (:mod:`proxy.compact`), the record whole (its chain hash is over the compact form)."""
     head = b'{"seq":%d,"hash":"%s"' % (seq, h.encode("ascii"))
     return head + (b"}" if payload == b"{}" else b"," + payload[1:]) + b"\n"
 
@@ -146,7 +150,7 @@ class JournalWriter:
             raise JournalUnavailable("the journal is closed")
         payload, columns = encode_record(record)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((payload, columns, fut, side))
+        self._queue.append((payload, columns, fut, side, self._view(record, payload)))
         self._idle.clear()
         self._wakeup.set()
         return await fut
@@ -159,17 +163,30 @@ class JournalWriter:
             raise JournalUnavailable("the journal is closed")
         payload, columns = encode_record(record)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((payload, columns, fut, None))
+        self._queue.append((payload, columns, fut, None, self._view(record, payload)))
         self._idle.clear()
         self._wakeup.set()
         return fut
 
-    def submit(self, record: dict[str, Any]) -> None:
-        """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome)."""
-        payload, columns = encode_record(record)
-        self._queue.append((payload, columns, None, None))
+    def submit(self, record: dict[str, Any], intent: dict[str, Any] | None = None) -> None:
+        """Queue a record without waiting (its loss on a crash is acceptable: e.g. an outcome).
+
+        ``intent``: an outcome's intent record as it was written; the outcome is then stored without the
+        fields it shares with it (:mod:`proxy.compact`), and readers get them back from the intent."""
+        payload, columns = encode_record(record, intent)
+        self._queue.append((payload, columns, None, None, self._view(record, payload)))
         self._idle.clear()
         self._wakeup.set()
+
+    def _view(self, record: dict[str, Any], payload: bytes) -> bytes | None:
+        """What the mirror shows of a record (only when there is a mirror): the record whole, as readers
+        of the store see it, even when it is stored compact — a log shipper cannot expand it."""
+        if self._mirror_path is None:
+            return None
+        try:
+            return canonical(record)
+        except TypeError:
+            return payload  # stored whole, escaped (encode_record): show exactly that
 
     def subscribe(self) -> asyncio.Event:
         """An event set after each commit (tail -f from inside the process, SSE)."""
@@ -193,20 +210,31 @@ class JournalWriter:
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
             await self._commit(batch)
+            if self.store.journal_maintenance_due():
+                await self._maintain()
+
+    async def _maintain(self) -> None:
+        """The store's housekeeping (SQLite: a WAL checkpoint's last step), between two batches: after
+        the waiters of the last one were answered, before the next one is committed."""
+        try:
+            await self.store.journal_maintenance()
+        except (StoreUnavailable, Exception) as exc:  # noqa: BLE001 - housekeeping never fails a commit
+            log.warning("journal store housekeeping failed (tried again later): %s", exc)
 
     async def _commit(self, batch: list["_Entry"]) -> None:
-        payloads = [p for p, _, _, _ in batch]
-        columns = [c for _, c, _, _ in batch]
-        sides = [side for _, _, _, side in batch if side is not None]
+        payloads = [e[0] for e in batch]
+        columns = [e[1] for e in batch]
+        sides = [e[3] for e in batch if e[3] is not None]
         # a batch nobody waits for (outcomes, overload refusals) is committed without the fsync: it
         # still survives kill -9, and the next awaited commit's fsync makes it power-safe too
-        durable = any(fut is not None for _, _, fut, _ in batch)
+        durable = any(e[2] is not None for e in batch)
         t0 = time.perf_counter()
         try:
             result = await self.store.journal_append(payloads, columns, sides or None, durable=durable,
                                                      inline=self._quiet is not None and self._quiet())
         except asyncio.CancelledError:
-            for _, _, fut, _ in batch:
+            for e in batch:
+                fut = e[2]
                 if fut is not None and not fut.done():
                     fut.set_exception(JournalUnavailable("the journal writer stopped"))
             raise
@@ -215,7 +243,8 @@ class JournalWriter:
             self.last_error = str(exc)
             log.error("journal commit failed; %d record(s) refused: %s", len(batch), exc)
             err = JournalUnavailable(str(exc))
-            for _, _, fut, _ in batch:
+            for e in batch:
+                fut = e[2]
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
             return
@@ -228,10 +257,11 @@ class JournalWriter:
             self._on_commit(time.perf_counter() - t0, len(batch))
         if self._mirror is not None:
             try:
-                self._mirror.write(b"".join(mirror_line(seq, h, p) for p, (seq, h) in zip(payloads, result)))
+                self._mirror.write(b"".join(mirror_line(seq, h, e[4] or e[0]) for e, (seq, h) in zip(batch, result)))
             except OSError as exc:
                 log.error("journal mirror write failed: %s", exc)
-        for (_, _, fut, _), (seq, _) in zip(batch, result):
+        for e, (seq, _) in zip(batch, result):
+            fut = e[2]
             if fut is not None and not fut.done():
                 fut.set_result(seq)
         for ev in self._listeners:
@@ -411,15 +441,20 @@ async def archive(store: Store, archive_dir: str | os.PathLike[str], *, older_th
 
 
 def read_archive(path: str | os.PathLike[str]) -> list[StoredRecord]:
+    """The records of one archive file; a compact outcome is given its intent record when that is in the
+    same file (else ``record()`` leaves its inherited fields null: the intent is in an earlier file)."""
     out = []
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 d = orjson.loads(line)
                 payload = d["payload"].encode("utf-8")
-                rec = orjson.loads(payload)
                 out.append(StoredRecord(seq=d["seq"], prev_hash=d["prev_hash"], hash=d["hash"], payload=payload,
-                                        columns={k: rec.get(k) for k in INDEXED_FIELDS}))
+                                        columns={}))
+    intents_wanted(out)  # attaches those in this file
+    for r in out:
+        rec = r.record()
+        r.columns = {k: rec.get(k) for k in INDEXED_FIELDS}
     return out
 
 

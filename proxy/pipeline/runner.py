@@ -98,6 +98,6 @@ class Pipeline:
                 except JournalUnavailable:
                     log.error("could not journal the denial of request %s", ex.request_id)
             else:
-                gw.journal.submit(outcome_record(ex))
+                gw.journal.submit(outcome_record(ex), ex.intent_record)
         finally:
             gw.observe(ex)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from typing import Any, AsyncIterator, Callable, Iterable
 
-from ..chain import StoredRecord
+from ..chain import StoredRecord, attach_intents, intents_wanted
 
 
 class StoreUnavailable(Exception):
@@ -62,6 +62,15 @@ class Store(abc.ABC):
         store may do the append on the calling thread rather than hand it to its own thread and back (two
         context switches saved per commit on an idle gateway). A store may ignore it."""
 
+    def journal_maintenance_due(self) -> bool:
+        """Does the store want :meth:`journal_maintenance` run (by the journal writer, between two
+        batches: never during a commit)? Default: never."""
+        return False
+
+    async def journal_maintenance(self) -> None:
+        """Housekeeping that must not run during a commit but may run between two (SQLite: the last step
+        of a WAL checkpoint). Default: nothing."""
+
     @abc.abstractmethod
     async def journal_head(self) -> tuple[int, str]:
         """(seq, hash) of the last record, or (anchor_seq, anchor_hash) when empty."""
@@ -87,6 +96,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def journal_scan(self, batch: int = 5000) -> AsyncIterator[StoredRecord]:
         """Every record from the anchor on, in order (for verify)."""
+
+    @abc.abstractmethod
+    async def journal_payloads(self, seqs: list[int]) -> dict[int, bytes]:
+        """seq -> stored payload of those records still in the store (the intent records compact outcomes
+        refer to: :meth:`with_intents`)."""
+
+    async def with_intents(self, rows: list[StoredRecord]) -> list[StoredRecord]:
+        """Give each compact outcome among ``rows`` its intent record (from ``rows``, else fetched in one
+        query), so that ``record()`` expands it whole. Every read of the journal goes through here."""
+        missing = intents_wanted(rows)
+        if missing:
+            attach_intents(rows, await self.journal_payloads(missing))
+        return rows
 
     @abc.abstractmethod
     async def journal_archive(self, upto_seq: int) -> list[StoredRecord]:

@@ -537,20 +537,26 @@ class PostgresStore(Store):
 
     @staticmethod
     def _record(row: Any) -> StoredRecord:
-        cols = dict(zip(INDEXED_FIELDS, row[4:]))
-        payload = bytes(row[3])
-        if any(isinstance(v, str) and "\ufffd" in v for v in cols.values()):
-            # a value with NUL was stored with U+FFFD (TEXT cannot hold NUL): give back the record's own
-            # value when, and only when, that is exactly what was stored
-            try:
-                rec = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                rec = {}
-            for k, v in cols.items():
-                real = rec.get(k)
-                if isinstance(v, str) and isinstance(real, str) and "\x00" in real and _text(real) == v:
-                    cols[k] = real
-        return StoredRecord(seq=int(row[0]), prev_hash=row[1], hash=row[2], payload=payload, columns=cols)
+        return StoredRecord(seq=int(row[0]), prev_hash=row[1], hash=row[2], payload=bytes(row[3]),
+                            columns=dict(zip(INDEXED_FIELDS, row[4:])))
+
+    async def _records(self, rows: list[Any]) -> list[StoredRecord]:
+        """Rows -> records, compact outcomes given their intent records (``with_intents``), and a column
+        value with NUL restored: it was stored with U+FFFD (TEXT cannot hold NUL), so the record's own
+        value is given back when, and only when, that is exactly what was stored."""
+        out = await self.with_intents([self._record(r) for r in rows])
+        for r in out:
+            cols = r.columns
+            if any(isinstance(v, str) and "\ufffd" in v for v in cols.values()):
+                try:
+                    rec = r.record()
+                except orjson.JSONDecodeError:
+                    rec = {}
+                for k, v in cols.items():
+                    real = rec.get(k)
+                    if isinstance(v, str) and isinstance(real, str) and "\x00" in real and _text(real) == v:
+                        cols[k] = real
+        return out
 
     async def journal_query(self, *, after_seq: int = 0, before_seq: int | None = None, limit: int = 1000,
                             filters: dict[str, Any] | None = None, since: str | None = None,
@@ -574,7 +580,11 @@ class PostgresStore(Store):
             where.append(f"ts < {arg(until)}")
         order = "DESC" if descending else "ASC"
         sql = f"{self._sql['select']} WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT {arg(limit)}"
-        return [self._record(r) for r in await self._fetch(sql, *params)]
+        return await self._records(await self._fetch(sql, *params))
+
+    async def journal_payloads(self, seqs: list[int]) -> dict[int, bytes]:
+        rows = await self._fetch(f"SELECT seq, record FROM {self._s}.journal WHERE seq = ANY($1::bigint[])", seqs)
+        return {int(r[0]): bytes(r[1]) for r in rows}
 
     async def journal_scan(self, batch: int = 5000) -> AsyncIterator[StoredRecord]:  # type: ignore[override]
         after = (await self.journal_anchor())[0]
@@ -583,8 +593,8 @@ class PostgresStore(Store):
             rows = await self._fetch(sql, after, batch)
             if not rows:
                 return
-            for r in rows:
-                yield self._record(r)
+            for r in await self._records(rows):
+                yield r
             after = int(rows[-1][0])
 
     async def journal_archive(self, upto_seq: int) -> list[StoredRecord]:
