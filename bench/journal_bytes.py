@@ -10,13 +10,19 @@ audit fields) and a dry-run PATCH (captured for review) — stops the gateway, a
 * ``file B/req``: the growth of the database file (WAL checkpointed) over an empty store, per request
   (a dry-run PATCH also stores its review item).
 
-    python bench/journal_bytes.py [--requests 1000] [--json FILE]
+With ``--postgres URL`` (a server where it may create and drop a schema of its own), the same on
+PostgreSQL: ``journal B/req`` is then ``pg_total_relation_size`` of the journal table (heap, TOAST and
+indexes, after ``VACUUM``) and there is no file column.
+
+    python bench/journal_bytes.py [--requests 1000] [--json FILE] [--postgres postgresql://postgres@127.0.0.1:5432/test]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import secrets
 import os
 import signal
 import sqlite3
@@ -61,10 +67,35 @@ KINDS = {
 }
 
 
-def measure(workdir: Path, up_port: int, kind: str | None, n: int) -> dict[str, Any]:
+async def _pg(url: str, sql: str) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+def measure_pg(workdir: Path, up_port: int, kind: str, n: int, server: str) -> dict[str, Any]:
+    schema = f"tether_bytes_{secrets.token_hex(4)}"
+    store = f"{server}{'&' if '?' in server else '?'}schema={schema}"
+    try:
+        serve(workdir, up_port, kind, n, store)
+        asyncio.run(_pg(server, f'VACUUM "{schema}".journal'))
+        rows = asyncio.run(_pg(server, f"SELECT COUNT(DISTINCT request_id), COALESCE(SUM(length(record)), 0), "
+                                       f"pg_total_relation_size('\"{schema}\".journal') FROM \"{schema}\".journal "
+                                       f"WHERE kind IN ('request', 'outcome')"))
+    finally:
+        asyncio.run(_pg(server, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    requests, record, pages = rows[0]
+    return {"requests": requests, "record": record, "pages": pages, "file": None, "sample": []}
+
+
+def serve(workdir: Path, up_port: int, kind: str | None, n: int, store: str) -> None:
+    """Start the full-policy Tether on ``store``, send ``n`` requests of ``kind``, stop it."""
     main_port, port, admin_port = free_port(), free_port(), free_port()
-    db = workdir / f"{(kind or 'empty').replace(' ', '-')}.db"
-    rules = tether_rules(f"http://127.0.0.1:{up_port}", str(db), main_port=main_port, up_port=port,
+    rules = tether_rules(f"http://127.0.0.1:{up_port}", store, main_port=main_port, up_port=port,
                          admin_port=admin_port)
     rules_path = workdir / "rules.json"
     rules_path.write_text(json.dumps(rules))
@@ -84,6 +115,11 @@ def measure(workdir: Path, up_port: int, kind: str | None, n: int) -> dict[str, 
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(30)
         log.close()
+
+
+def measure(workdir: Path, up_port: int, kind: str | None, n: int) -> dict[str, Any]:
+    db = workdir / f"{(kind or 'empty').replace(' ', '-')}.db"
+    serve(workdir, up_port, kind, n, str(db))
     with sqlite3.connect(db) as c:
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         requests = c.execute("SELECT COUNT(DISTINCT request_id) FROM journal WHERE kind IN ('request','outcome')"
@@ -104,6 +140,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--json", help="write the figures (and a sample intent/outcome pair per kind) here")
     ap.add_argument("--show", action="store_true", help="print a sample intent and outcome record per kind")
+    ap.add_argument("--postgres", metavar="URL", help="measure on this PostgreSQL server instead (a schema of its own)")
     args = ap.parse_args()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tether-journal-bytes-") as tmp:
@@ -113,18 +150,21 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_port(up_port, 30, up)
-            empty = measure(workdir, up_port, None, 0)
+            empty = None if args.postgres else measure(workdir, up_port, None, 0)
             print(f"{'kind':<15} {'record B/req':>12} {'journal B/req':>13} {'file B/req':>10}  requests")
             for kind in KINDS:
-                m = measure(workdir, up_port, kind, args.requests)
+                if args.postgres:
+                    m = measure_pg(workdir, up_port, kind, args.requests, args.postgres)
+                else:
+                    m = measure(workdir, up_port, kind, args.requests)
                 n = m["requests"]
                 row = {"requests": n, "record_bytes_per_request": round(m["record"] / n, 1),
                        "journal_bytes_per_request": round(m["pages"] / n, 1),
-                       "file_bytes_per_request": round((m["file"] - empty["file"]) / n, 1),
+                       "file_bytes_per_request": None if empty is None else round((m["file"] - empty["file"]) / n, 1),
                        "sample": m["sample"]}
                 out[kind] = row
                 print(f"{kind:<15} {row['record_bytes_per_request']:>12} {row['journal_bytes_per_request']:>13} "
-                      f"{row['file_bytes_per_request']:>10}  {n}")
+                      f"{str(row['file_bytes_per_request'] or '-'):>10}  {n}")
                 if args.show:
                     for s in m["sample"]:
                         print(f"    {len(s):>4} {s}")

@@ -2,13 +2,16 @@
 
 Each record is stored as canonical JSON (``orjson`` with sorted keys) — request and outcome records in
 their compact form (:mod:`proxy.compact`), read back whole by :meth:`StoredRecord.record` — together
-with its sequence number, the previous record's hash and its own hash::
+with its sequence number and its hash::
 
     hash = sha256( prev_hash || "\\n" || seq || "\\n" || canonical_json )
 
-so editing a record's content, reordering, inserting or deleting one breaks the chain at that point.
-Both stores (SQLite, PostgreSQL) assign ``seq`` and ``prev_hash`` inside the same database transaction
-that inserts the record, so concurrent writers — even several gateway processes — extend one chain.
+where ``prev_hash`` is the hash of the record before (GENESIS for the first), so editing a record's
+content, reordering, inserting or deleting one breaks the chain at that point. Rows store their own
+hash only (rows written before the compact form also kept ``prev_hash``); the stores fill
+``StoredRecord.prev_hash`` in from the row before when they read. Both stores (SQLite, PostgreSQL)
+assign ``seq`` and link to the head inside the same database transaction that inserts the record, so
+concurrent writers — even several gateway processes — extend one chain.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def rechain(url: str, seq: int, tamper: Callable[[dict[str, Any]], dict[str, Any
             continue
         payload = bytes(rec)
         if s < seq:
-            prev = h
+            prev = h.hex() if isinstance(h, bytes) else h  # the SQLite store keeps a hash as its 32 bytes
             continue
         if s == seq:
             payload = canonical(tamper(orjson.loads(payload)))

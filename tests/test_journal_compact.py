@@ -190,6 +190,11 @@ async def test_every_reader_sees_the_records_as_written(make_gateway, upstream, 
     exported = [json.loads(x) for x in run_cli("journal", "export", "--store", store).stdout.splitlines()]
     assert [{k: v for k, v in e.items() if k not in ("seq", "hash", "prev_hash")} for e in exported] == \
         [r.record() for r in rows]
+    # a row keeps its hash (SQLite: its 32 bytes), not the one before it: reading fills prev_hash in
+    assert exported[0]["prev_hash"] == "0" * 64
+    assert all(e["prev_hash"] == before["hash"] for before, e in zip(exported, exported[1:]))
+    stored_hashes = store_sql(store, "SELECT prev_hash, length(hash) FROM journal")
+    assert {tuple(x) for x in stored_hashes} == {("", 64 if store.startswith("postgres") else 32)}
     assert run_cli("journal", "verify", "--store", store).returncode == 0
 
     # the console's record view: the outcome whole, its intent among the related records, integrity intact

@@ -232,7 +232,6 @@ _MIGRATIONS: list[list[str]] = [
 
 LATEST_VERSION = len(_MIGRATIONS)
 
-_JOURNAL_COLS = "seq, prev_hash, hash, record, " + ", ".join(INDEXED_FIELDS)
 
 
 def _unavailable_types() -> tuple[type[BaseException], ...]:
@@ -354,7 +353,13 @@ class PostgresStore(Store):
                 f"$4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[])), "
                 f"upd AS (UPDATE {s}.journal_meta SET head_seq = $12, head_hash = $13 WHERE id = 1) "
                 f"SELECT pg_notify($14, $15)"),
-            "select": f"SELECT {_JOURNAL_COLS} FROM {s}.journal",
+            # prev_hash is the hash of the record before (or the anchor's): rows written since the compact
+            # form store '' and get it here; older rows, and a row someone edited, keep their own
+            "select": (f"SELECT j.seq, CASE WHEN j.prev_hash = '' THEN COALESCE("
+                       f"(SELECT p.hash FROM {s}.journal p WHERE p.seq = j.seq - 1), "
+                       f"(SELECT m.anchor_hash FROM {s}.journal_meta m WHERE m.id = 1 AND m.anchor_seq = j.seq - 1)) "
+                       f"ELSE j.prev_hash END, j.hash, j.record, "
+                       f"{', '.join('j.' + c for c in INDEXED_FIELDS)} FROM {s}.journal j"),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -503,7 +508,7 @@ class PostgresStore(Store):
                         last_seq, _, last_hash = linked[-1]
                         await conn.execute(
                             self._sql["append"], [seq for seq, _, _ in linked], *cols,
-                            [prev for _, prev, _ in linked], [h for _, _, h in linked], payloads,
+                            [""] * len(linked), [h for _, _, h in linked], payloads,  # prev_hash: see _sql
                             last_seq, last_hash, self.channel, str(last_seq))
                         for kind, row in sides or ():
                             if kind != "review_insert":
@@ -537,7 +542,7 @@ class PostgresStore(Store):
 
     @staticmethod
     def _record(row: Any) -> StoredRecord:
-        return StoredRecord(seq=int(row[0]), prev_hash=row[1], hash=row[2], payload=bytes(row[3]),
+        return StoredRecord(seq=int(row[0]), prev_hash=row[1] or "", hash=row[2], payload=bytes(row[3]),
                             columns=dict(zip(INDEXED_FIELDS, row[4:])))
 
     async def _records(self, rows: list[Any]) -> list[StoredRecord]:

@@ -210,10 +210,12 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
     try:
         head_seq, head_hash = conn.execute("SELECT head_seq, head_hash FROM journal_meta WHERE id = 1").fetchone()
         linked = link(head_seq, head_hash, payloads)
+        # the hash as its 32 bytes; prev_hash is not stored (''): it is the hash of the record before,
+        # which reading fills in (_SELECT), so storing it again cost 64 bytes a record for nothing
         conn.executemany(_INSERT_JOURNAL, [
             (seq, c.get("ts"), c.get("kind"), c.get("request_id"), c.get("agent"), c.get("on_behalf_of"),
-             c.get("capability"), c.get("decision"), prev, h, p)
-            for (seq, prev, h), c, p in zip(linked, columns, payloads)])
+             c.get("capability"), c.get("decision"), "", bytes.fromhex(h), p)
+            for (seq, _, h), c, p in zip(linked, columns, payloads)])
         last_seq, _, last_hash = linked[-1]
         conn.execute("UPDATE journal_meta SET head_seq = ?, head_hash = ? WHERE id = 1", (last_seq, last_hash))
         for kind, row in sides:
@@ -231,6 +233,13 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
 
 
 _BUSY_TIMEOUT_MS = 5000
+
+
+def _hex(value: Any) -> str:
+    """A stored hash as hex: rows written since the compact form keep its 32 bytes, older ones the text."""
+    if isinstance(value, (bytes, memoryview)):
+        return bytes(value).hex()
+    return value or ""
 _BEGIN_PAUSES = (0.0001, 0.0002, 0.0005, 0.001)  # seconds between two attempts at the write lock; then 1 ms
 
 
@@ -532,9 +541,16 @@ class SQLiteStore(Store):
         cols = dict(zip(INDEXED_FIELDS, row[4:11]))
         raw = row[3]
         payload = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-        return StoredRecord(seq=row[0], prev_hash=row[1], hash=row[2], payload=payload, columns=cols)
+        return StoredRecord(seq=row[0], prev_hash=_hex(row[1]), hash=_hex(row[2]), payload=payload, columns=cols)
 
-    _SELECT = "SELECT seq, prev_hash, hash, record, ts, kind, request_id, agent, on_behalf_of, capability, decision FROM journal"
+    # A record's prev_hash is the hash of the record before it (or the anchor's, after an archive); rows
+    # written since the compact form store '' and get it here. Rows written before keep theirs, and so
+    # does a row someone edited: verify compares it with the record before, as it always did.
+    _SELECT = ("SELECT j.seq, CASE WHEN j.prev_hash = '' THEN COALESCE("
+               "(SELECT p.hash FROM journal p WHERE p.seq = j.seq - 1), "
+               "(SELECT m.anchor_hash FROM journal_meta m WHERE m.id = 1 AND m.anchor_seq = j.seq - 1)) "
+               "ELSE j.prev_hash END, j.hash, j.record, j.ts, j.kind, j.request_id, j.agent, j.on_behalf_of, "
+               "j.capability, j.decision FROM journal j")
 
     async def journal_query(self, *, after_seq: int = 0, before_seq: int | None = None, limit: int = 1000,
                             filters: dict[str, Any] | None = None, since: str | None = None,
