@@ -105,11 +105,32 @@ def bench_section() -> str:
     return "\n".join(lines)
 
 
+def bench_summary() -> str:
+    """The README's short form of the latest run: when, on what, and each target's verdict (the figures
+    behind them are in docs/benchmarks.md)."""
+    import json
+
+    path = ROOT / "bench" / "results" / "latest.json"
+    if not path.exists():
+        return "No benchmark run recorded yet: `python bench/run.py`."
+    d = json.loads(path.read_text())
+    m = d.get("machine", {})
+    lines = [f"Latest full run of `python bench/run.py`: {d.get('date', '?')[:10]}, {m.get('nproc', '?')} × "
+             f"{m.get('cpu_model', '?')}, Tether {m.get('versions', {}).get('tether_commit', '?')}",
+             "(every figure, and why a target fails: [benchmarks](docs/benchmarks.md)).", "",
+             "| target | value | bound | |", "|---|---:|---|---|"]
+    for t in d.get("targets") or []:
+        if t.get("status") in ("PASS", "FAIL"):
+            lines.append(f"| {t['target']} | {_num(t.get('value'))} | {t.get('bound', '')} | {t.get('status')} |")
+    return "\n".join(lines)
+
+
 # file -> {section name -> what writes it}
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
     "docs/cli.md": {"cli": cli_reference},
     "docs/errors.md": {"errors": error_table_markdown},
     "docs/benchmarks.md": {"bench": bench_section},
+    "README.md": {"bench-summary": bench_summary},
 }
 
 
