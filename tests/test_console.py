@@ -9,47 +9,25 @@ always run.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
 from proxy.doors.admin.console_routes import CONSOLE_DIR
+from tests.chromium import chromium_path, launched_chromium
 from tests.conftest import ROOT, base_rules
 
 SHOTS = ROOT / "test-artifacts" / "console"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 10_000
-
-
-def chromium_path() -> str | None:
-    for cand in (os.environ.get("TETHER_TEST_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if cand and (shutil.which(cand) or (os.path.isabs(cand) and os.access(cand, os.X_OK))):
-            return shutil.which(cand) or cand
-    return None
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.skip("Playwright for Python is not installed (pip install playwright); browser tests skipped")
-    exe = chromium_path()
-    if exe is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium, or set TETHER_TEST_CHROMIUM); "
-                    "browser tests skipped")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with launched_chromium("browser tests") as b:
+        yield b
 
 
 class Console:

@@ -456,7 +456,10 @@ async def test_a_relative_cap_refusal_hides_the_value_from_an_agent_that_cannot_
         assert r.status == 422 and err["code"] == "constraint_violated"
         assert err["details"]["rule"] == "max_increase_pct: 10"
         assert ("100" in err["message"]) is read_grant, err["message"]
-        assert ("100" in orjson.dumps(await r.json()).decode()) is read_grant
+        # the request id is random hex and may hold "100" by chance: the rest of the answer may not
+        body = await r.json()
+        body["error"].pop("request_id")
+        assert ("100" in orjson.dumps(body).decode()) is read_grant
     assert ledger.writes == 0
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -31,6 +30,7 @@ import jwt
 import pytest
 from aiohttp import web
 
+from tests.chromium import launched_chromium
 from tests.conftest import ROOT, base_rules
 from tests.fakes import serve_app
 
@@ -216,21 +216,8 @@ async def person_id_token(browser: Any, provider: Provider, app_cb: AppCallback,
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    from tests.test_console import CHROMIUM_ARGS, chromium_path
-
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.skip("Playwright for Python is not installed; browser sign-in tests skipped")
-    exe = chromium_path()
-    if exe is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium); browser sign-in tests skipped")
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with launched_chromium("browser sign-in tests") as b:
+        yield b
 
 
 async def test_reviewer_signs_in_with_the_provider_and_approves(make_gateway, upstream, tmp_path, provider, admin_port,
@@ -272,7 +259,10 @@ async def test_reviewer_signs_in_with_the_provider_and_approves(make_gateway, up
 
         await page.goto(f"{gw.admin_url}/console/#/queue/{item}")
         await page.wait_for_selector(f'a.item-link[data-id="{item}"][aria-current="true"]')
+        # "a" approves the item shown in the detail pane: wait for it, not only for the list's selection
+        await page.wait_for_selector(".detail-pane button.primary:has-text('Approve')")
         await page.keyboard.press("a")
+        await page.wait_for_selector("#action-dialog[open]")
         await page.click("#action-submit")
         await page.wait_for_selector(".decision .badge.state-replayed")
         assert "PATCH" in [r.method for r in upstream.received if r.path == "/api/contacts/5"]  # replayed
