@@ -415,3 +415,31 @@ async def test_a_worker_that_keeps_dying_stops_the_gateway_with_the_reason(two, 
     assert [x for x in rows if x.get("event") == "workers_stopped"]
     assert len([x for x in rows if x.get("event") == "worker_died"]) == 4
     assert len([x for x in rows if x.get("event") == "stopped"]) >= 1  # the survivor drained and stopped
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone: it serves nothing and holds no port)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("two", [pytest.param("workers2", id="workers2")], indirect=True)
+async def test_workers_stop_when_their_supervisor_is_killed(two, upstream):
+    """A supervisor killed with SIGKILL cannot pass SIGTERM on: its workers get it from the kernel
+    (parent-death signal), drain and stop, instead of serving on as orphans nobody restarts."""
+    g = await two(lambda store: base_rules(upstream.url, store))
+    p = g.procs[0]
+    assert p.proc is not None
+    workers = worker_pids(p.pid)
+    assert len(workers) == 2 and all(_alive(w) for w in workers)
+    os.kill(p.pid, signal.SIGKILL)
+    p.proc.wait(5)
+    deadline = time.monotonic() + 15
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], p.log()[-2000:]
+    stopped = [x for x in await g.journal() if x.get("event") == "stopped"]
+    assert len(stopped) == 2, p.log()[-2000:]  # each drained and journaled its stop

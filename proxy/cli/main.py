@@ -154,6 +154,26 @@ def set_process_name(name: str) -> None:
         pass
 
 
+def die_with_parent(parent: int) -> None:
+    """In a forked child: be sent SIGTERM when the supervising parent dies (Linux PR_SET_PDEATHSIG).
+
+    Why: a supervisor killed with SIGKILL (an OOM kill, ``kill -9``) cannot pass SIGTERM on, and its
+    workers would go on serving — and holding the port and the store — as orphans nobody supervises or
+    restarts. With the parent-death signal they drain and stop like on any SIGTERM. If the parent died
+    between the fork and this call, the child is already an orphan: it stops itself at once."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - elsewhere than Linux the supervisor's own signals are all there is
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _in_child(make_coro: Any, *, wait: bool = True) -> tuple[int, str]:
     """Run a coroutine in a short-lived child process: (exit code, its error message).
 
@@ -162,10 +182,16 @@ def _in_child(make_coro: Any, *, wait: bool = True) -> tuple[int, str]:
     of a fork, and a worker would then wait forever on a lock nobody will release — a gateway that never
     becomes ready. Store work (preparing it, journaling a worker's death) runs in a child that exits."""
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         set_process_name("tether-helper")
+        import signal
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the supervisor's handlers
+            signal.signal(s, signal.SIG_DFL)
+        die_with_parent(parent)
         code = 0
         try:
             run_async(make_coro())
@@ -237,12 +263,14 @@ class _Supervisor:
         import signal
 
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(r)
             set_process_name("tether-worker")
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(s, signal.SIG_DFL)
+            die_with_parent(parent)
             errors: list[str] = []
             code = 1
             try:
