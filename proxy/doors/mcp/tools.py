@@ -472,21 +472,7 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
     extra = sorted(set(args) - known)
     if extra:
         raise TetherError("bad_request", f"unknown argument(s) {', '.join(map(repr, extra))} for tool {call.name!r}")
-    # intent, transaction, trace
-    intent = args.get("intent")
-    if intent is not None:
-        if not isinstance(intent, str):
-            raise TetherError("bad_request", "the intent argument is a string")
-        ex.intent = admit_intent(intent, "the intent argument")
-    meta = call.meta or {}
-    tx = args.get("transaction", meta.get("tether/transaction"))
-    if tx is not None:
-        if not isinstance(tx, str):
-            raise TetherError("bad_request", "the transaction argument is a string")
-        ex.transaction_id = tx.strip() or None
-    tp = meta.get("traceparent")
-    if isinstance(tp, str):
-        ex.traceparent = tp
+    _intent_and_transaction(ex, call, args.get("intent"), args.get("transaction"), "intent")
     # the path: one segment per parameter, as the REST door would have decoded it
     segs: list[str] = []
     for seg in cap.template.strip("/").split("/") if cap.template != "/" else []:
@@ -561,6 +547,8 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
 
 
 def _intent_and_transaction(ex: Exchange, call: ToolCall, intent: Any, tx: Any, where: str) -> None:
+    """Tether's own arguments of a call: the intent (admitted like the REST header), the transaction
+    (the argument, else ``_meta["tether/transaction"]``; null counts as not given) and the trace context."""
     if intent is not None:
         if not isinstance(intent, str):
             raise TetherError("bad_request", f"the {where} argument is a string")
