@@ -30,15 +30,23 @@ class GatewayProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.banner: dict[str, Any] = {}
         self._buf = b""
+        self._pipe = 0
         self.stderr_path = workdir / f"gateway-{time.monotonic_ns()}.log"
 
-    def start(self, timeout: float = 20.0) -> "GatewayProcess":
+    def launch(self) -> "GatewayProcess":
+        """Start ``tether serve`` without waiting for it (:meth:`start` waits for the ready banner)."""
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(self.rules_path), *self.args],
             cwd=str(self.workdir), env=self.env, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        return self
+
+    def start(self, timeout: float = 20.0) -> "GatewayProcess":
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
+        self._pipe = os.fstat(self.proc.stdout.fileno()).st_ino
         while time.monotonic() < deadline:
             line = self.read_line(deadline)
             if line is None:
@@ -48,11 +56,33 @@ class GatewayProcess:
             try:
                 doc = json.loads(line)
             except ValueError:
+                if '"event"' in line:  # fail now, not after the timeout: two announcements mixed
+                    self.stop(signal.SIGKILL, 5)
+                    raise RuntimeError(f"gateway printed a garbled announcement: {line!r}") from None
                 continue
             if doc.get("event") == "ready":
                 self.banner = doc
                 return self
-        raise RuntimeError(f"gateway not ready in {timeout}s: {self.stderr_path.read_text()}")
+        why = f"gateway not ready in {timeout}s ({self.pipe_state()}): {self.stderr_path.read_text()}"
+        self.stop(signal.SIGKILL, 5)  # a gateway that never said it was ready is not left running
+        raise RuntimeError(why)
+
+    def pipe_state(self) -> str:
+        """What the stdout pipe looks like when no banner came: for telling a gateway that never printed
+        from a pipe this process lost track of (a diagnostic for a rare stall under heavy load)."""
+        import fcntl
+        import struct
+        import termios
+
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        try:
+            ino = os.fstat(fd).st_ino
+            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, struct.pack("i", 0)))[0]
+        except OSError as exc:
+            return f"stdout fd {fd}: {exc}"
+        return (f"stdout fd {fd}, pipe inode {ino} (at start {self._pipe}), {pending} bytes unread, "
+                f"{len(self._buf)} bytes buffered: {self._buf[-300:]!r}")
 
     def read_line(self, deadline: float) -> str | None:
         """The next line the gateway printed, or None at the deadline or at its end. Reads the pipe itself

@@ -19,6 +19,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -31,7 +33,7 @@ from proxy.policy.identity import mint_token
 from proxy.store import open_store
 from tests.conftest import base_rules, drop_schema, new_pg_url, pg_unavailable
 from tests.fakes import FakeUpstream
-from tests.procs import GatewayProcess, run_cli
+from tests.procs import ROOT, GatewayProcess, run_cli
 
 pytestmark = [pytest.mark.slow]
 
@@ -114,7 +116,7 @@ def wait_for_banners(proc: GatewayProcess, n: int, timeout: float = 30.0) -> Non
         if '"event": "ready"' in line or '"event":"ready"' in line:
             seen += 1
     if seen < n:
-        raise RuntimeError(f"only {seen} of {n} workers ready: {proc.log()}")
+        raise RuntimeError(f"only {seen} of {n} workers ready ({proc.pipe_state()}): {proc.log()}")
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -443,3 +445,27 @@ async def test_workers_stop_when_their_supervisor_is_killed(two, upstream):
     assert not [w for w in workers if _alive(w)], p.log()[-2000:]
     stopped = [x for x in await g.journal() if x.get("event") == "stopped"]
     assert len(stopped) == 2, p.log()[-2000:]  # each drained and journaled its stop
+
+
+def test_each_worker_announces_itself_on_a_line_of_its_own():
+    """The workers share the supervisor's stdout. Under PYTHONUNBUFFERED (set on many CI machines and
+    containers) ``print`` wrote a banner and its newline as two writes, and two workers starting together
+    produced ``{...}{...}`` on one line: the reader never saw a parseable ready banner (a start that
+    stalled for 40 s in CI). Two processes announcing 3,000 lines each at once must leave 6,000 JSON
+    documents, one per line (with ``print`` here, hundreds come out joined)."""
+    code = """if True:
+        import os
+        from proxy.app.gateway import announce
+        pid = os.fork()
+        for i in range(3000):
+            announce('{"event": "ready", "worker": %d, "n": %d, "pad": "%s"}' % (pid == 0, i, "x" * 150))
+        if pid:
+            os.waitpid(pid, 0)
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    lines = out.stdout.decode().split("\n")
+    assert lines.pop() == ""
+    docs = [json.loads(line) for line in lines]  # a joined line fails here
+    assert sorted((d["worker"], d["n"]) for d in docs) == [(w, n) for w in (0, 1) for n in range(3000)]

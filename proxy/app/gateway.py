@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import time
 from typing import Any
 
@@ -461,11 +462,24 @@ async def run_forever(gw: Gateway) -> None:
     await gw.start()
     settle_heap()
     watcher = asyncio.ensure_future(_watch_rules(gw, stop))
-    print(_ready_banner(gw), flush=True)
+    announce(_ready_banner(gw))
     await stop.wait()
     log.info("draining (grace %ss)", gw.server_cfg.grace_period)
     watcher.cancel()
     await gw.stop()
+
+
+def announce(line: str) -> None:
+    """Write one line to stdout in a single ``write``: the workers of ``--workers N`` share that pipe, and
+    ``print`` under ``PYTHONUNBUFFERED`` (the text layer writes through) issues the text and its newline
+    as two writes — two workers starting together then produced ``{...}{...}\n\n``, a line no reader
+    could parse (a supervisor watching for the ready banner waited forever). One write of up to
+    PIPE_BUF bytes to a pipe is atomic, so lines from several workers never mix."""
+    data = (line + "\n").encode()
+    sys.stdout.flush()  # whatever was printed before goes first
+    while data:
+        n = os.write(sys.stdout.fileno(), data)
+        data = data[n:]
 
 
 GC_THRESHOLD = (2000, 10, 10)  # CPython's default is (700, 10, 10)
