@@ -469,3 +469,24 @@ def test_each_worker_announces_itself_on_a_line_of_its_own():
     assert lines.pop() == ""
     docs = [json.loads(line) for line in lines]  # a joined line fails here
     assert sorted((d["worker"], d["n"]) for d in docs) == [(w, n) for w in (0, 1) for n in range(3000)]
+
+
+@pytest.mark.parametrize("two", [pytest.param("workers2", id="workers2")], indirect=True)
+async def test_a_worker_that_cannot_drain_is_killed_after_the_grace_period(two, upstream):
+    """A worker that does not stop (here: SIGSTOPped, as wedged as a process can be) must not keep the
+    gateway from exiting: the supervisor kills it once the grace period and a margin are over."""
+    g = await two(lambda store: base_rules(upstream.url, store))
+    p = g.procs[0]
+    assert p.proc is not None
+    wedged, other = worker_pids(p.pid)
+    os.kill(wedged, signal.SIGSTOP)
+    t0 = time.monotonic()
+    p.proc.send_signal(signal.SIGTERM)
+    rc = await asyncio.to_thread(p.proc.wait, 30)
+    took = time.monotonic() - t0
+    assert rc == 1, p.log()[-2000:]
+    assert 5.0 <= took < 15, took  # grace period 1 s + 5 s margin, not forever
+    assert f"(pid {wedged}) did not stop within the grace period" in p.log(), p.log()[-2000:]
+    assert not _alive(wedged) and not _alive(other)
+    stopped = [x for x in await g.journal() if x.get("event") == "stopped"]
+    assert len(stopped) == 1  # the other one drained and journaled its stop

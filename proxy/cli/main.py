@@ -249,6 +249,7 @@ class _Supervisor:
     GIVE_UP = 5
     QUICK = 30.0
     POLL = 0.05
+    STOP_MARGIN = 5.0  # seconds past the grace period a stopping worker gets before SIGKILL
 
     def __init__(self, rules: RulesFile, config_path: str | None, workers: int) -> None:
         self.rules = rules
@@ -256,6 +257,7 @@ class _Supervisor:
         self.slots: list[dict[str, Any]] = [{"slot": i, "pid": None, "started": 0.0, "deaths": 0, "due": 0.0,
                                              "pipe": None} for i in range(workers)]
         self.stopping = False
+        self.kill_at: float | None = None  # when workers still draining are killed (see stop())
         self.gave_up: str | None = None
         self.worst = 0
 
@@ -295,6 +297,30 @@ class _Supervisor:
                 except ProcessLookupError:
                     pass
 
+    def stop(self, signum: int) -> None:
+        """Pass a stop signal on and start the clock: a worker still running ``STOP_MARGIN`` seconds after
+        the grace period is killed. Why: a worker that cannot finish its drain (wedged in a C library,
+        stopped by a debugger) would otherwise keep the gateway from ever exiting — its port bound,
+        the rollout waiting — and only the parent, another process, can still act on it."""
+        self.stopping = True
+        if self.kill_at is None:
+            self.kill_at = time.monotonic() + float(self.rules.server.grace_period) + self.STOP_MARGIN
+        self.forward(signum)
+
+    def kill_stragglers(self) -> None:
+        import signal
+
+        for slot in self.slots:
+            if slot["pid"] is not None:
+                print(f"tether: worker {slot['slot']} (pid {slot['pid']}) did not stop within the grace period "
+                      f"+ {self.STOP_MARGIN:g}s; killing it", file=sys.stderr)
+                try:
+                    os.kill(slot["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.worst = max(self.worst, 1)
+        self.kill_at = float("inf")  # once
+
     def journal(self, event: str, **fields: Any) -> None:
         """Journal a supervisor event from a child process (see :func:`_in_child`)."""
         code, why = _in_child(lambda: _journal_event(self.rules, event, **fields))
@@ -305,8 +331,7 @@ class _Supervisor:
         import signal
 
         def on_stop(signum: int, _frame: Any) -> None:
-            self.stopping = True
-            self.forward(signum)
+            self.stop(signum)
 
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, on_stop)
@@ -323,6 +348,8 @@ class _Supervisor:
                 pid, status = 0, 0
             if pid == 0:
                 now = time.monotonic()
+                if self.kill_at is not None and now >= self.kill_at:
+                    self.kill_stragglers()
                 for slot in self.slots:
                     if slot["pid"] is None and slot["due"] and now >= slot["due"] and not self.stopping:
                         self.spawn(slot)
@@ -363,8 +390,7 @@ class _Supervisor:
             self.gave_up = (f"worker {slot['slot']} keeps dying ({slot['deaths']} times in a row, each within "
                             f"{self.QUICK:g}s of starting; last: {reason}); stopping the gateway")
             self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
-            self.stopping = True
-            self.forward(int(signal.SIGTERM))  # the others drain and stop
+            self.stop(int(signal.SIGTERM))  # the others drain and stop
             return
         delay = self.BACKOFF[min(slot["deaths"], len(self.BACKOFF)) - 1]
         slot["due"] = time.monotonic() + delay

@@ -155,6 +155,9 @@ class Registry:
         self.version = hashlib.sha256(orjson.dumps(rules.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
         self.adapters = adapters
         self.validators: dict[str, Any] = {}  # capability -> BodyValidator (compiled at build time)
+        # (agent, capability, upstream) -> the rate-limit buckets a one-operation request draws on
+        # (proxy.safety.ratelimit.demands_for fills it on first use)
+        self.demand_cache: dict[tuple[str, str, str], list[Any]] = {}
         self.capabilities: dict[str, Capability] = {}
         self.routers: dict[str, Router] = {}  # REST upstreams only: MCP capabilities are found by name
         for up_name in rules.rest_upstreams:

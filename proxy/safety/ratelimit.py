@@ -137,7 +137,26 @@ class RateLimiter:
 
 
 def demands_for(ex: "Exchange") -> list[tuple[str, float, int | None, float, str]]:
-    """Which buckets this request draws on, and how many tokens from each."""
+    """Which buckets this request draws on, and how many tokens from each.
+
+    A request of one operation (all but composite/batch ones) draws on buckets that depend only on the
+    agent, the capability and the upstream: they are worked out once per rules version (the cache lives
+    on the immutable registry) instead of formatting four descriptions per request. The list is shared:
+    callers read it, never change it."""
+    ident = ex.identity
+    assert ident is not None and ex.upstream is not None
+    ops = ex.operations
+    if len(ops) == 1 and ops[0].capability is not None:
+        key = (ident.agent, ops[0].capability.name, ex.upstream.name)
+        cache = ex.registry.demand_cache
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = _demands(ex)
+        return found
+    return _demands(ex)
+
+
+def _demands(ex: "Exchange") -> list[tuple[str, float, int | None, float, str]]:
     rules = ex.registry.rules
     ident = ex.identity
     assert ident is not None and ex.upstream is not None
