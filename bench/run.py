@@ -1625,23 +1625,30 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 def run_profile(args: argparse.Namespace, lab: Lab, wrk: str) -> dict[str, Any]:
     pyspy = ensure_pyspy(not args.no_install)
-    srv = lab.start_tether("tether", "Tether, full policy (profiled)")
+    srv = lab.start_tether("tether", "Tether, full policy, MCP door on (profiled)", mcp=True)
     if srv.error:
         return {"error": srv.error}
     path = f"/api/contacts/{RECORD_ID}"
     out: dict[str, Any] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    loads = (("get", "GET", tether_headers(), None), ("patch", "PATCH", tether_headers(write=True), PATCH_BODY),
-             ("dryrun", "PATCH", tether_headers(DRY_AGENT, write=True), PATCH_BODY))
-    for kind, method, headers, body in loads:
+    mh, mb = mcp_call()
+    loads = (("get", "GET", tether_headers(), None, path),
+             ("patch", "PATCH", tether_headers(write=True), PATCH_BODY, path),
+             ("dryrun", "PATCH", tether_headers(DRY_AGENT, write=True), PATCH_BODY, path),
+             ("mcp", "POST", mh, mb, "/mcp"))  # the MCP door (main listener): tools/call of the GET capability
+    for kind, method, headers, body, target in loads:
+        if args.profile_only and kind not in args.profile_only:
+            continue
         script = lab.workdir / f"profile-{kind}.lua"
         script.write_text(lua_script(method, headers, body))
-        url = f"http://127.0.0.1:{srv.port}{path}"
+        port = int(srv.info["main_port"]) if kind == "mcp" else srv.port
+        url = f"http://127.0.0.1:{port}{target}"
         run_wrk(wrk, url, script, connections=args.connections, duration=3)
         dst = RESULTS / f"profile-{kind}.speedscope.json"
         dur = int(args.profile_duration)
         spy = subprocess.Popen([pyspy, "record", "-p", str(srv.pids[0]), "-d", str(dur + 2), "-r", "250",
-                                "--function", "--format", "speedscope", "-o", str(dst)],
+                                "--function", *(["--gil"] if args.profile_gil else []),
+                                "--format", "speedscope", "-o", str(dst)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         lab.procs.procs[f"py-spy-{kind}"] = spy
         time.sleep(1)
@@ -1696,6 +1703,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run wrk and every server with this niceness (e.g. -10 as root on a shared machine, "
                          "to win the CPU from other people's jobs; default 0: off)")
     ap.add_argument("--only", action="append", metavar="REGEX", help="only configurations whose name matches")
+    ap.add_argument("--profile-only", action="append", choices=("get", "patch", "dryrun", "mcp"),
+                    help="with --profile: only these loads (repeatable; default all four)")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: sample only the thread holding the GIL (py-spy --gil): Python's "
+                         "own work, without the time threads spend waiting for the GIL")
     ap.add_argument("--soak", action="store_true", help="run the memory soak instead of the matrix")
     ap.add_argument("--soak-duration", type=float, default=300, help="soak seconds (default 300)")
     ap.add_argument("--soak-interval", type=float, default=5, help="RSS sampling interval (default 5 s)")

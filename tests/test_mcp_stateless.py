@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from proxy.transport.jsonrpc import ALL_VERSIONS
 from tests.mcp_backend import READ, McpEnv, start_mcp_env
 
 V = "2026-07-28"
@@ -275,3 +276,46 @@ async def test_the_sdk_client_mirrors_param_headers(env):
                                                      "opts": {"dry": False}})
             assert res.is_error is False
             assert res.structured_content["arguments"]["region"] == "eu-central"
+
+
+# --------------------------------------------------------------------------- the plain result fast path
+
+
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+def test_plain_tool_results_are_exactly_what_mcp_types_serialises(version, monkeypatch):
+    """The door builds the usual tools/call result directly (three pydantic passes saved per call): for
+    every protocol version it must equal mcp_types' own serialisation, and anything unusual goes the slow
+    way."""
+    from mcp_types import CallToolResult, ImageContent, TextContent
+    from mcp_types.methods import serialize_server_result
+
+    from proxy.doors.mcp import endpoint as E
+
+    monkeypatch.setattr(E, "_PLAIN_CHECKED", {})
+
+    def slow(r: CallToolResult) -> dict:
+        return serialize_server_result("tools/call", version, r.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+    usual = [
+        CallToolResult(content=[TextContent(text='{\n  "id": 1\n}')], structured_content={"id": 1, "n": None, "l": [1, {}]},
+                       meta={"tether/request_id": "abc"}),
+        CallToolResult(content=[TextContent(text="plain text")], meta={"tether/request_id": "abc"}),
+        CallToolResult(content=[TextContent(text="")]),
+    ]
+    for r in usual:
+        fast = E.plain_tool_result(version, r)
+        assert fast is not None and fast == slow(r)
+    assert E._PLAIN_CHECKED == {version: True}
+    unusual = [
+        CallToolResult(content=[TextContent(text="no")], is_error=True),
+        CallToolResult(content=[TextContent(text="a"), TextContent(text="b")]),
+        CallToolResult(content=[ImageContent(data="AAAA", mime_type="image/png")]),
+        CallToolResult(content=[]),
+    ]
+    for r in unusual:
+        assert E.plain_tool_result(version, r) is None
+    # a shape the check finds different (as a new mcp_types might make it): that version goes the slow way
+    monkeypatch.setattr(E, "_PLAIN_CHECKED", {})
+    monkeypatch.setattr(E, "_plain", lambda v, r: {"content": [], "isError": False})
+    assert E.plain_tool_result(version, usual[0]) == slow(usual[0])
+    assert E.plain_tool_result(version, usual[0]) is None and E._PLAIN_CHECKED == {version: False}

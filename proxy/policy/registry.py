@@ -158,6 +158,8 @@ class Registry:
         # (agent, capability, upstream) -> the rate-limit buckets a one-operation request draws on
         # (proxy.safety.ratelimit.demands_for fills it on first use)
         self.demand_cache: dict[tuple[str, str, str], list[Any]] = {}
+        # capability -> its path template taken apart, for the MCP door (proxy.doors.mcp.tools)
+        self.tool_plans: dict[str, Any] = {}
         self.capabilities: dict[str, Capability] = {}
         self.routers: dict[str, Router] = {}  # REST upstreams only: MCP capabilities are found by name
         for up_name in rules.rest_upstreams:

@@ -60,6 +60,7 @@ from mcp_types import (
     ReadResourceResult,
     ResourcesCapability,
     ServerCapabilities,
+    TextContent,
     ToolsCapability,
 )
 from mcp_types.methods import (
@@ -239,6 +240,54 @@ class _Listing:
                     out[tool["name"]] = found
             self._header_params = out
         return self._header_params
+
+
+
+# protocol version -> does plain_tool_result give exactly what mcp_types' serialisation gives? (checked on
+# first use of each version, against the real thing)
+_PLAIN_CHECKED: dict[str, bool] = {}
+
+
+def _plain(version: str, result: CallToolResult) -> dict[str, Any] | None:
+    if type(result) is not CallToolResult or result.is_error or result.model_extra or len(result.content) != 1:
+        return None
+    c = result.content[0]
+    if type(c) is not TextContent or c.annotations is not None or c.meta is not None or c.model_extra:
+        return None
+    sc = result.structured_content
+    if sc is not None and type(sc) is not dict:
+        return None
+    out: dict[str, Any] = {"content": [{"type": "text", "text": c.text}], "isError": False}
+    if sc is not None:
+        out["structuredContent"] = sc
+    if result.meta:
+        out["_meta"] = result.meta
+    if version in J.MODERN_VERSIONS:
+        out["resultType"] = "complete"
+    return out
+
+
+def plain_tool_result(version: str, result: CallToolResult) -> dict[str, Any] | None:
+    """The usual tools/call result — one text block, a JSON object as ``structuredContent``, Tether's
+    ``_meta`` — as a dict built directly, or None for anything else (then mcp_types serialises it).
+
+    Why: mcp_types dumps the model, validates the dump against the version's schema and dumps that
+    again — three pydantic passes that were ~6% of the MCP door's time per call, for a shape that is
+    always the same. The first result of each protocol version is also serialised the slow way and
+    compared: if they ever differ (a new mcp_types), that version keeps the slow way."""
+    out = _plain(version, result)
+    if out is None:
+        return None
+    ok = _PLAIN_CHECKED.get(version)
+    if ok is None:
+        slow = serialize_server_result("tools/call", version,
+                                       result.model_dump(by_alias=True, mode="json", exclude_none=True))
+        ok = _PLAIN_CHECKED[version] = slow == out
+        if not ok:
+            log.warning("MCP %s: plain tool results differ from mcp_types' (%r != %r); serialising each", version,
+                        out, slow)
+            return slow
+    return out if ok else None
 
 
 class McpEndpoint:
@@ -774,6 +823,9 @@ class McpEndpoint:
         try:
             if not isinstance(result, CallToolResult):
                 raise TypeError(f"call_tool returned {type(result).__name__}, not CallToolResult")
+            plain = plain_tool_result(version, result)
+            if plain is not None:
+                return plain
             return serialize_server_result("tools/call", version,
                                            result.model_dump(by_alias=True, mode="json", exclude_none=True))
         except (TypeError, ValueError, ValidationError):

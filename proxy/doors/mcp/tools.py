@@ -467,30 +467,28 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
     if cap.kind == "tool":
         bind_tool_arguments(rt, ex)
         return
-    args = dict(call.arguments or {})
-    known = set(cap.param_names) | {"query", "body", "intent", "transaction"}
-    extra = sorted(set(args) - known)
-    if extra:
+    args = call.arguments or {}
+    plan = _path_plan(ex.registry, cap)
+    if not plan.known.issuperset(args):
+        extra = sorted(set(args) - plan.known)
         raise TetherError("bad_request", f"unknown argument(s) {', '.join(map(repr, extra))} for tool {call.name!r}")
     _intent_and_transaction(ex, call, args.get("intent"), args.get("transaction"), "intent")
     # the path: one segment per parameter, as the REST door would have decoded it
     segs: list[str] = []
-    for seg in cap.template.strip("/").split("/") if cap.template != "/" else []:
-        if seg.startswith("{") and seg.endswith("}"):
-            name = seg[1:-1]
-            value = args.get(name)
-            if isinstance(value, bool) or not isinstance(value, (str, int)):
-                raise TetherError("bad_request", f"path parameter {name!r} is required (a string)")
-            value = str(value)
-            if value in ("", ".", "..") or "/" in value or "\\" in value:
-                raise ambiguous(f"path parameter {name!r} must be one plain path segment")
-            pattern = cap.param_patterns[cap.param_names.index(name)]
-            if pattern is not None and not pattern.fullmatch(value):
-                raise TetherError("bad_request", f"path parameter {name!r} must match {pattern.pattern!r}")
-            segs.append(quote(value, safe=""))
-        else:
-            segs.append(seg)
-    raw = "/" + "/".join(segs) + ("/" if cap.template.endswith("/") and len(cap.template) > 1 else "")
+    for literal, name, pattern in plan.segments:
+        if name is None:
+            segs.append(literal)
+            continue
+        value = args.get(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TetherError("bad_request", f"path parameter {name!r} is required (a string)")
+        value = str(value)
+        if value in ("", ".", "..") or "/" in value or "\\" in value:
+            raise ambiguous(f"path parameter {name!r} must be one plain path segment")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise TetherError("bad_request", f"path parameter {name!r} must match {pattern.pattern!r}")
+        segs.append(quote(value, safe=""))
+    raw = "/" + "/".join(segs) + plan.trailing
     query = ""
     q = args.get("query")
     if q is not None:
@@ -544,6 +542,33 @@ def bind_arguments(rt: "Runtime", ex: Exchange) -> None:
         ex.body = b""
     ex.headers = headers
     ex.operations = [op]
+
+
+class _PathPlan:
+    """A registry tool's path template, taken apart once per rules version (not per call): its segments
+    as (literal, None, None) or ("", parameter, pattern), the trailing slash, the arguments it knows."""
+
+    __slots__ = ("segments", "trailing", "known")
+
+    def __init__(self, cap: Any) -> None:
+        segs: list[tuple[str, str | None, Any]] = []
+        for seg in cap.template.strip("/").split("/") if cap.template != "/" else []:
+            if seg.startswith("{") and seg.endswith("}"):
+                name = seg[1:-1]
+                segs.append(("", name, cap.param_patterns[cap.param_names.index(name)]))
+            else:
+                segs.append((seg, None, None))
+        self.segments = tuple(segs)
+        self.trailing = "/" if cap.template.endswith("/") and len(cap.template) > 1 else ""
+        self.known = frozenset(cap.param_names) | {"query", "body", "intent", "transaction"}
+
+
+def _path_plan(registry: Any, cap: Any) -> _PathPlan:
+    plans = registry.tool_plans
+    plan = plans.get(cap.name)
+    if plan is None:
+        plan = plans[cap.name] = _PathPlan(cap)
+    return plan
 
 
 def _intent_and_transaction(ex: Exchange, call: ToolCall, intent: Any, tx: Any, where: str) -> None:
