@@ -228,6 +228,10 @@ _MIGRATIONS: list[list[str]] = [
             doc BYTEA NOT NULL
         )""",
     ],
+    # 5: pending review items by expiry (the expiry sweep reads only the due ones)
+    [
+        "CREATE INDEX review_due ON {s}.review_items (state, expires_at)",
+    ],
 ]
 
 LATEST_VERSION = len(_MIGRATIONS)

@@ -166,6 +166,11 @@ _MIGRATIONS: list[str] = [
         doc BLOB NOT NULL
     );
     """,
+    # 5: pending review items by expiry: the expiry sweep reads the due ones through the index instead
+    # of every pending row (with 100,000 captured items the scan held the store for 0.5 s every sweep)
+    """
+    CREATE INDEX review_due ON review_items(state, expires_at);
+    """,
 ]
 
 
