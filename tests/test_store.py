@@ -1007,3 +1007,34 @@ async def test_a_replica_frozen_inside_an_append_cannot_stall_the_chain_for_long
         await frozen.close()
         await other.close()
         drop_schema(schema)
+
+
+async def test_a_cancelled_store_call_never_leaves_the_connection_to_the_next_caller_mid_transaction(tmp_path):
+    """A background loop cancelled at shutdown while the database thread works for it (here: waiting for
+    another process's write lock inside BEGIN) must not hand the connection on until that work is over
+    and its transaction rolled back. Before, the next caller — the gateway's 'stopped' record, committed
+    inline — ran on the same connection at once: "cannot start a transaction within a transaction"."""
+    import sqlite3
+
+    from proxy.chain import encode_record
+
+    path = str(tmp_path / "t.db")
+    store = open_store(path)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)  # another process holding the write lock
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        lease = asyncio.ensure_future(store.try_lease("review-expiry", "me", 60))
+        await asyncio.sleep(0.2)  # its BEGIN is waiting on the database thread
+        lease.cancel()
+        asyncio.get_running_loop().call_later(0.3, other.execute, "ROLLBACK")  # the other process finishes
+        payload, columns = encode_record(base_record("system", event="stopped"))
+        linked = await store.journal_append([payload], [columns], inline=True)
+        assert [seq for seq, _ in linked] == [1]
+        with pytest.raises(asyncio.CancelledError):
+            await lease
+        assert (await store.journal_head())[0] == 1
+        assert await store.try_lease("review-expiry", "me", 60)  # the connection is usable, no transaction left
+    finally:
+        other.close()
+        await store.close()

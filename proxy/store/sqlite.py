@@ -240,6 +240,17 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
 _BUSY_TIMEOUT_MS = 5000
 
 
+def _noop() -> None:
+    """Queued behind whatever the database thread is doing (SQLiteStore._settle)."""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
 def _hex(value: Any) -> str:
     """A stored hash as hex: rows written since the compact form keep its 32 bytes, older ones the text."""
     if isinstance(value, (bytes, memoryview)):
@@ -457,9 +468,51 @@ class SQLiteStore(Store):
         return self._db
 
     @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The connection, for one caller at a time. A caller cancelled while the database thread works
+        for it (a background loop stopped at shutdown, a client gone) does not let go of the connection
+        until that work is over: aiosqlite cannot take back what its thread started, and the next holder
+        — possibly on the event loop's own thread (inline journal commits) — would otherwise run on the
+        same connection at once ("cannot start a transaction within a transaction", a journal commit
+        lost at shutdown)."""
+        async with self._lock:
+            try:
+                yield
+            except asyncio.CancelledError:
+                await self._settle()
+                raise
+
+    async def _settle(self) -> None:
+        """Wait until the database thread has done all it was given (its queue is first in, first out);
+        then roll back a transaction the cancelled caller left open (cancelled right after its BEGIN)."""
+        db = self._db
+        if db is None:
+            return
+        await self._on_thread(_noop)
+        conn = db._conn
+        if conn is not None and conn.in_transaction:
+            await self._on_thread(_rollback, conn)
+
+    async def _on_thread(self, fn: Any, *args: Any) -> None:
+        """``fn(*args)`` on the database thread, waited for even through further cancellations."""
+        try:
+            done = asyncio.ensure_future(self._conn()._execute(fn, *args))
+        except (ValueError, StoreUnavailable):  # the connection is closed
+            return
+        while not done.done():
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                continue  # cancelled again: still the connection must not be shared while the thread works
+            except Exception:  # noqa: BLE001 - only the wait matters
+                break
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved: nothing to report, the caller's own error is what propagates
+
+    @asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
         """One write transaction at a time on this connection; BEGIN IMMEDIATE across processes."""
-        async with self._lock:
+        async with self._locked():
             db = self._conn()
             try:
                 await db._execute(_begin, db._conn)
@@ -485,7 +538,7 @@ class SQLiteStore(Store):
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
-            async with self._lock:
+            async with self._locked():
                 cur = await self._conn().execute(sql, tuple(params))
                 return list(await cur.fetchall())
         except sqlite3.Error as exc:
@@ -505,7 +558,7 @@ class SQLiteStore(Store):
         db = self._conn()
         relax_to = None if durable or self.synchronous not in ("FULL", "EXTRA") else self.synchronous
         try:
-            async with self._lock:
+            async with self._locked():
                 linked = _append_inline(db._conn, payloads, columns, sides or (), relax_to) if inline else None
                 if linked is None:
                     linked = await db._execute(_append_batch, db._conn, payloads, columns, sides or (), relax_to)
@@ -528,7 +581,7 @@ class SQLiteStore(Store):
         except OSError:
             return
         try:
-            async with self._lock:
+            async with self._locked():
                 await db._execute(_checkpoint, db._conn, "RESTART" if big else "PASSIVE")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: checkpoint: {exc}") from None
@@ -836,7 +889,7 @@ class SQLiteStore(Store):
             return []
         db = self._conn()
         try:
-            async with self._lock:
+            async with self._locked():
                 return await db._execute(_bucket_take, db._conn, time.time(), reqs)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
@@ -845,7 +898,7 @@ class SQLiteStore(Store):
                        prune_before: float | None = None) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         db = self._conn()
         try:
-            async with self._lock:
+            async with self._locked():
                 return await db._execute(_sli_sync, db._conn, increments, since, prune_before)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{self.path}: {exc}") from None
