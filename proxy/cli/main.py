@@ -166,12 +166,24 @@ def die_with_parent(parent: int) -> None:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - elsewhere than Linux the supervisor's own signals are all there is
         return
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _become_child(name: str, parent: int) -> None:
+    """First steps of a process forked by the supervisor (a worker, a store helper): its name, the
+    default handlers for the stop signals (not the supervisor's, which would forward them again), and
+    SIGTERM when the supervisor dies (:func:`die_with_parent`)."""
+    import signal
+
+    set_process_name(name)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    die_with_parent(parent)
 
 
 def _in_child(make_coro: Any, *, wait: bool = True) -> tuple[int, str]:
@@ -186,12 +198,7 @@ def _in_child(make_coro: Any, *, wait: bool = True) -> tuple[int, str]:
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        set_process_name("tether-helper")
-        import signal
-
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the supervisor's handlers
-            signal.signal(s, signal.SIG_DFL)
-        die_with_parent(parent)
+        _become_child("tether-helper", parent)
         code = 0
         try:
             run_async(make_coro())
@@ -262,17 +269,12 @@ class _Supervisor:
         self.worst = 0
 
     def spawn(self, slot: dict[str, Any]) -> None:
-        import signal
-
         r, w = os.pipe()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(r)
-            set_process_name("tether-worker")
-            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(s, signal.SIG_DFL)
-            die_with_parent(parent)
+            _become_child("tether-worker", parent)
             errors: list[str] = []
             code = 1
             try:

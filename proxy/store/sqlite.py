@@ -229,10 +229,7 @@ def _append_batch(conn: sqlite3.Connection, payloads: list[bytes], columns: list
             conn.execute(_INSERT_REVIEW, _review_params(row))
         conn.execute("COMMIT")
     except BaseException:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+        _rollback(conn)
         raise
     return linked
 
@@ -245,6 +242,7 @@ def _noop() -> None:
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
+    """ROLLBACK, quietly: the transaction may already be gone (the error that brought us here ended it)."""
     try:
         conn.execute("ROLLBACK")
     except sqlite3.Error:
@@ -506,7 +504,7 @@ class SQLiteStore(Store):
                 continue  # cancelled again: still the connection must not be shared while the thread works
             except Exception:  # noqa: BLE001 - only the wait matters
                 break
-        if done.done() and not done.cancelled():
+        if not done.cancelled():
             done.exception()  # retrieved: nothing to report, the caller's own error is what propagates
 
     @asynccontextmanager
@@ -521,19 +519,13 @@ class SQLiteStore(Store):
             try:
                 yield
             except BaseException:
-                try:
-                    await db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                await db._execute(_rollback, db._conn)
                 raise
             else:
                 try:
                     await db.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    try:
-                        await db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
+                    await db._execute(_rollback, db._conn)
                     raise StoreUnavailable(f"{self.path}: commit failed: {exc}") from None
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
@@ -995,10 +987,7 @@ def _bucket_take(conn: sqlite3.Connection, now: float,
             out.append((granted, avail - granted))
         conn.execute("COMMIT")
     except BaseException:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+        _rollback(conn)
         raise
     return out
 
@@ -1026,9 +1015,6 @@ def _sli_sync(conn: sqlite3.Connection, increments: list[tuple[str, int, float, 
                 totals.setdefault(agent, {})[kind] = int(n)
         conn.execute("COMMIT")
     except BaseException:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+        _rollback(conn)
         raise
     return totals, epochs

@@ -242,7 +242,6 @@ class _Listing:
         return self._header_params
 
 
-
 # protocol version -> does plain_tool_result give exactly what mcp_types' serialisation gives? (checked on
 # first use of each version, against the real thing)
 _PLAIN_CHECKED: dict[str, bool] = {}

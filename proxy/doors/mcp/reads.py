@@ -158,6 +158,18 @@ def resolve_fetch(rt: "Runtime", ex: Exchange) -> None:
         ex.traceparent = tp
 
 
+def json_arguments_body(rt: "Runtime", ex: Exchange, args: dict[str, Any]) -> bytes:
+    """A call's arguments as the JSON body the pipeline checks and journals (size-capped like any body,
+    digested): for a prompt's arguments and for an MCP upstream tool's."""
+    raw = orjson.dumps(args)
+    if len(raw) > rt.limits.max_body_bytes:
+        raise TetherError("body_too_large", f"the arguments exceed {rt.limits.max_body_bytes} bytes")
+    ex.body = raw
+    ex.body_digest = hashlib.sha256(raw).hexdigest()
+    ex.extra["body_kind"] = "json"
+    return raw
+
+
 def bind_prompt_arguments(rt: "Runtime", ex: Exchange) -> None:
     """A prompt's arguments (strings) -> the operation's body: what its ``body`` rules, ``json_schema`` and
     ``audit_fields`` apply to, what is journaled as a digest, and exactly what the server is sent."""
@@ -170,12 +182,7 @@ def bind_prompt_arguments(rt: "Runtime", ex: Exchange) -> None:
             raise TetherError("bad_request", f"prompt argument {k!r} is a string")
         if len(v) > MAX_PROMPT_ARGUMENT:
             raise TetherError("body_too_large", f"prompt argument {k!r} exceeds {MAX_PROMPT_ARGUMENT} characters")
-    raw = orjson.dumps(args)
-    if len(raw) > rt.limits.max_body_bytes:
-        raise TetherError("body_too_large", f"the arguments exceed {rt.limits.max_body_bytes} bytes")
-    ex.body = raw
-    ex.body_digest = hashlib.sha256(raw).hexdigest()
-    ex.extra["body_kind"] = "json"
+    raw = json_arguments_body(rt, ex, args)
     op = ex.operations[0]
     op.body, op.raw_body, op.content_type = args, raw, "application/json"
 

@@ -74,7 +74,14 @@ from .backend import (
     UnknownResource,
     UnknownTool,
 )
-from .reads import PromptCatalog, ResourceCatalog, bind_prompt_arguments, fetch_grants, resolve_fetch
+from .reads import (
+    PromptCatalog,
+    ResourceCatalog,
+    bind_prompt_arguments,
+    fetch_grants,
+    json_arguments_body,
+    resolve_fetch,
+)
 from .results import error_result, error_result_from
 
 if TYPE_CHECKING:
@@ -602,12 +609,7 @@ def bind_tool_arguments(rt: "Runtime", ex: Exchange) -> None:
     args = dict(call.arguments or {})
     ik, tk = tether_arg_names(listed.input_schema)
     _intent_and_transaction(ex, call, args.pop(ik, None), args.pop(tk, None), ik)
-    raw_body = orjson.dumps(args)
-    if len(raw_body) > rt.limits.max_body_bytes:
-        raise TetherError("body_too_large", f"the arguments exceed {rt.limits.max_body_bytes} bytes")
-    ex.body = raw_body
-    ex.body_digest = hashlib.sha256(raw_body).hexdigest()
-    ex.extra["body_kind"] = "json"
+    raw_body = json_arguments_body(rt, ex, args)
     ex.headers = CIMultiDict()
     ex.operations = [Operation(method=cap.method, path=cap.target, body=args, raw_body=raw_body,
                                content_type="application/json", capability=cap)]
