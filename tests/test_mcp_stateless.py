@@ -319,3 +319,50 @@ def test_plain_tool_results_are_exactly_what_mcp_types_serialises(version, monke
     monkeypatch.setattr(E, "_plain", lambda v, r: {"content": [], "isError": False})
     assert E.plain_tool_result(version, usual[0]) == slow(usual[0])
     assert E.plain_tool_result(version, usual[0]) is None and E._PLAIN_CHECKED == {version: False}
+
+
+# --------------------------------------------------------------------------- remembered request validation
+
+
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+def test_remembered_validation_accepts_and_refuses_exactly_as_mcp_types(version, monkeypatch):
+    """The door remembers the tools/call params mcp_types accepted (arguments left out, the schema takes
+    any object there): every verdict must still be mcp_types' own, remembered or not."""
+    from mcp_types.methods import validate_client_request
+    from pydantic import ValidationError
+
+    from proxy.doors.mcp import wire as W
+
+    monkeypatch.setattr(W, "_valid", set())
+    assert version in W._FREE_ARGUMENTS  # every version the SDK knows takes any object as arguments
+    meta = {"io.modelcontextprotocol/protocolVersion": version, "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "c", "version": "1"}}
+
+    def verdict(fn, method, params) -> str:
+        try:
+            fn(method, version, params)
+            return "ok"
+        except KeyError:
+            return "no such method"
+        except ValidationError:
+            return "invalid"
+
+    cases = [
+        ("tools/call", {"name": "t", "arguments": {"id": 1}, "_meta": meta}),
+        ("tools/call", {"name": "t", "arguments": {"id": 2, "deep": {"x": [1]}}, "_meta": meta}),  # remembered
+        ("tools/call", {"name": "t", "arguments": [1, 2], "_meta": meta}),  # not an object: never remembered
+        ("tools/call", {"name": "t", "arguments": "x", "_meta": meta}),
+        ("tools/call", {"name": 7, "arguments": {"id": 1}, "_meta": meta}),
+        ("tools/call", {"name": "t", "arguments": {"id": 1}, "_meta": {**meta, "progressToken": {"no": 1}}}),
+        ("tools/call", {"arguments": {"id": 1}, "_meta": meta}),
+        ("tools/list", {"_meta": meta}),
+        ("tools/list", {"cursor": 5, "_meta": meta}),
+        ("no/such", {"_meta": meta}),
+        ("tools/call", {"name": "t", "arguments": {"big": 2 ** 70}, "_meta": meta}),  # not JSON-encodable by orjson
+    ]
+    for _ in range(2):  # the second pass answers from what the first remembered
+        for method, params in cases:
+            assert verdict(W.validate_request, method, params) == verdict(validate_client_request, method, params), \
+                (method, params)
+    assert ("tools/call", version, W.orjson.dumps({**cases[0][1], "arguments": {}})) in W._valid
+    assert not any(b'"arguments":[' in k[2] or b'"name":7' in k[2] for k in W._valid)

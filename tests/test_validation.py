@@ -126,8 +126,8 @@ async def test_field_rules_over_the_gateway(make_gateway, upstream, tmp_path):
 
 
 # --------------------------------------------------------------------------- the orjson fast path
-# parse_json reads most bodies with orjson and proves, by counting colons, that no key was repeated;
-# anything it cannot prove goes to the strict stdlib parser. Both must agree on every body.
+# parse_json reads most bodies with orjson and proves, by writing them back or by counting colons, that no
+# key was repeated; anything it cannot prove goes to the strict stdlib parser. Both must agree on every body.
 
 import json as _json  # noqa: E402
 
@@ -189,3 +189,29 @@ def test_fast_path_only_takes_what_it_can_prove(body: bytes, fast: bool) -> None
     except (TetherError, ValueError):
         with pytest.raises(TetherError):
             parse_json(body)
+
+
+@pytest.mark.parametrize("body", [
+    b'[[[[1]]]]',                      # compact: the shortcut's bracket bound does not hold, the walk refuses it
+    b'[ [ [ [1] ] ] ]',                # not compact: the counting path refuses it
+    b'{"a":{"b":{"c":{"d":1}}}}',
+])
+def test_depth_is_enforced_on_every_path(body: bytes) -> None:
+    with pytest.raises(TetherError) as err:
+        parse_json(body, 3)
+    assert err.value.code == "json_too_deep"
+    assert parse_json(body, 4) == _strict(body)
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"a":-0}', {"a": 0}),                    # orjson writes 0: not the same bytes, read the careful way
+    (b'{"a":1E2,"b":1.50}', {"a": 100.0, "b": 1.5}),  # orjson writes 100.0 and 1.5
+    (b'{"x":"\\/"}', {"x": "/"}),                # an escape orjson does not write back
+    (b'{"a":18446744073709551616}', "unrepresentable_value"),  # past 64 bits: orjson would read a float
+])
+def test_bodies_orjson_would_write_differently_read_as_the_strict_parser_reads_them(body: bytes, expected: object) -> None:
+    try:
+        got: object = parse_json(body)
+    except TetherError as err:
+        got = err.code
+    assert got == expected

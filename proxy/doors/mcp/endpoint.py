@@ -103,6 +103,7 @@ from .wire import (
     _Refuse,
     _Reply,
     _sse_event,
+    validate_request,
 )
 
 log = logging.getLogger("tether.mcp")
@@ -651,7 +652,7 @@ class McpEndpoint:
             return self._rpc_error(ctx, msg.id, J.METHOD_NOT_FOUND, f"Method not found: {method[:100]}",
                                    "method_not_found")
         try:
-            validate_client_request(method, version, msg.params)
+            validate_request(method, version, msg.params)
         except KeyError:
             return self._rpc_error(ctx, msg.id, J.METHOD_NOT_FOUND, f"Method not found: {method}", "method_not_found")
         except ValidationError as e:

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 from mcp_types import PROTOCOL_VERSION_META_KEY
-from mcp_types.methods import serialize_server_result, validate_client_request
+from mcp_types.methods import serialize_server_result
 from pydantic import ValidationError
 
 from ...transport import jsonrpc as J
 from .backend import LogSink, McpSessionInfo, Principal, ProgressSink, ToolCall, UnknownTool
-from .wire import LIST_OF_METHOD, LOG_RANK, _first_error, _Log, _Progress, _Refuse, _sse_event
+from .wire import LIST_OF_METHOD, LOG_RANK, _first_error, _Log, _Progress, _Refuse, _sse_event, validate_request
 
 if TYPE_CHECKING:
     from .wire import _Ctx, _Reply
@@ -198,7 +198,7 @@ class Stateless:
             return self._error(ctx, reply, rid, J.METHOD_NOT_FOUND, f"Method not found: {method[:100]}",
                                "method_not_found")
         try:
-            validate_client_request(method, pv, params)
+            validate_request(method, pv, params)
         except KeyError:
             return self._error(ctx, reply, rid, J.METHOD_NOT_FOUND, f"Method not found: {method}", "method_not_found")
         except ValidationError as e:

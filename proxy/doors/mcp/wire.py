@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import orjson
 from aiohttp import web
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ...transport import jsonrpc as J
 from mcp_types import LoggingMessageNotificationParams
+from mcp_types.methods import CLIENT_REQUESTS, validate_client_request
 
 from .backend import Principal
 from .sessions import Session
@@ -226,3 +227,55 @@ def _first_error(e: ValidationError) -> str:
     first = errs[0]
     loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("params",))
     return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
+
+
+# -- request validation, remembered -------------------------------------------------------------------
+
+_VALID_MAX = 4096  # remembered valid requests (cleared when full: a flood of distinct ones costs what it did)
+_VALID_KEY_MAX = 2048  # bytes of a remembered request's params (arguments aside); longer ones are not kept
+_valid: set[tuple[str, str, bytes]] = set()
+
+
+def _free_arguments() -> frozenset[str]:
+    """The versions whose ``tools/call`` takes ``arguments`` as any JSON object (``dict[str, Any] | None``):
+    for them the arguments cannot make a request invalid, so they are left out of what is remembered.
+    Read from mcp_types' own models, so a version that ever types them otherwise is validated whole."""
+    free = set()
+    for (method, version), model in CLIENT_REQUESTS.items():
+        if method != "tools/call":
+            continue
+        params = model.model_fields.get("params")
+        fields = getattr(params.annotation, "model_fields", {}) if params is not None else {}
+        arguments = fields.get("arguments")
+        if arguments is not None and arguments.annotation == Optional[dict[str, Any]]:
+            free.add(version)
+    return frozenset(free)
+
+
+_FREE_ARGUMENTS = _free_arguments()
+
+
+def validate_request(method: str, version: str, params: dict[str, Any] | None) -> None:
+    """mcp_types' ``validate_client_request`` (KeyError: no such method in ``version``; ValidationError:
+    invalid params), remembering what it accepted.
+
+    Why: validating a ``tools/call`` with pydantic was ~4% of the MCP door's time per call, and an agent
+    sends the same ``_meta`` (version, client info, capabilities) with every call; only the arguments
+    change, and the schema takes any object there. A request is remembered by its exact params (as JSON
+    bytes, arguments left out where the version's schema takes any object), so a remembered request is
+    one mcp_types accepted, byte for byte."""
+    skeleton: Any = params
+    if method == "tools/call" and version in _FREE_ARGUMENTS and type(params) is dict \
+            and type(params.get("arguments")) is dict:
+        skeleton = {**params, "arguments": {}}
+    try:
+        key = (method, version, orjson.dumps(skeleton))
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer past 64 bits: validate, remember nothing
+        key = None
+    if key is not None and key in _valid:
+        return
+    validate_client_request(method, version, params)
+    if key is not None and len(key[2]) <= _VALID_KEY_MAX:
+        if len(_valid) >= _VALID_MAX:
+            _valid.clear()
+        _valid.add(key)
