@@ -750,6 +750,36 @@ def _proc_ticks(pid: int) -> int:
         return 0
 
 
+def _dirty_kb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Dirty:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def settle(srv: "Server", max_wait: float = 15.0, window: float = 0.5, idle_cores: float = 0.06,
+           dirty_kb: int = 32 * 1024) -> float:
+    """Wait (at least one window, at most ``max_wait`` s) until the server's processes are idle and the
+    kernel has written back what the last run left dirty; the seconds waited.
+
+    Why: a run leaves work behind — a dry-run capture's WAL to checkpoint, its pages to flush, a batch to
+    commit — and whatever is measured next on the same server paid for it (the MCP door, measured after
+    the dry-run PATCH on the same gateway, lost up to 40% of its throughput that way in one full run, and
+    its ratio to the REST GET with it). Each measurement now starts from a quiet server."""
+    t0 = time.monotonic()
+    pids = tree_pids(srv.pids[0]) if srv.pids else []
+    tick = os.sysconf("SC_CLK_TCK")
+    while True:
+        before = sum(_proc_ticks(p) for p in pids)
+        time.sleep(window)
+        used = (sum(_proc_ticks(p) for p in pids) - before) / tick / window
+        if (used <= idle_cores and _dirty_kb() <= dirty_kb) or time.monotonic() - t0 >= max_wait:
+            return round(time.monotonic() - t0, 2)
+
+
 class LoadProbe:
     """CPU used during a measurement by processes that are not the harness's (other people's test runs,
     cron, ...): all busy CPU time minus wrk's and the servers'. In cores (1.0 = one core fully busy)."""
@@ -1005,6 +1035,9 @@ def build_configs(args: argparse.Namespace) -> list[Config]:
         Config("bare GET", "bare", "GET", get_path, "bare aiohttp forwarder", c),
         Config("mitm GET", "mitm", "GET", get_path, "mitmproxy reverse mode", c),
         Config("tether GET", "tether", "GET", get_path, "Tether full policy, 1 worker", c, tg),
+        # measured next to the REST GET it is compared with (same capability, same server, same moment)
+        Config("tether MCP tools/call", "tether", "POST", "/mcp", "MCP door: tools/call of the same GET (2026-07-28)",
+               c, mh, mb, **mcp),  # type: ignore[arg-type]
         Config("direct PATCH", "direct", "PATCH", get_path, "nginx upstream directly", c, patch_h, PATCH_BODY),
         Config("nginx PATCH", "nginx", "PATCH", get_path, "nginx reverse proxy", c, patch_h, PATCH_BODY),
         Config("bare PATCH", "bare", "PATCH", get_path, "bare aiohttp forwarder", c, patch_h, PATCH_BODY),
@@ -1013,8 +1046,6 @@ def build_configs(args: argparse.Namespace) -> list[Config]:
                tp, PATCH_BODY),
         Config("tether dry-run PATCH", "tether", "PATCH", get_path, "Tether, grant mode: dry_run (capture)", c,
                td, PATCH_BODY),
-        Config("tether MCP tools/call", "tether", "POST", "/mcp", "MCP door: tools/call of the same GET (2026-07-28)",
-               c, mh, mb, **mcp),  # type: ignore[arg-type]
         # sequential requests: added latency
         Config("direct GET c1", "direct", "GET", get_path, "1 connection, sequential", 1, group="latency"),
         Config("bare GET c1", "bare", "GET", get_path, "1 connection, sequential", 1, group="latency"),
@@ -1233,7 +1264,7 @@ def run_matrix(args: argparse.Namespace, lab: Lab, wrk: str) -> list[Config]:
             attempts: list[dict[str, Any]] = []
             db = sqlite_store(srv)
             for attempt in range(1 + args.retries):
-                time.sleep(0.5)
+                waited = settle(srv)
                 before = store_snapshot(db) if db else None
                 probe = LoadProbe(lab)
                 try:
@@ -1243,6 +1274,7 @@ def run_matrix(args: argparse.Namespace, lab: Lab, wrk: str) -> list[Config]:
                     log(f"  ! round {r + 1} {c.name}: {exc}")
                     break
                 res["other_load_cores"] = probe.other_load()
+                res["settled_s"] = waited
                 if db:  # after the load probe: reading the store is the harness's work, not the run's
                     res["store"] = store_delta(db, before, store_snapshot(db))
                 res["round"] = r + 1
@@ -1260,7 +1292,8 @@ def run_matrix(args: argparse.Namespace, lab: Lab, wrk: str) -> list[Config]:
             bad = (f"  non-2xx={res['non_2xx']} socket_errors={res['socket_errors']} bad_body={res['bad_body']}"
                    if res["non_2xx"] or res["socket_errors"] or res["bad_body"] else "")
             log(f"  [{r + 1}/{args.rounds}] {c.name:<26} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.3f} ms"
-                f"  p99 {res['p99_ms']:.3f} ms  other load {res['other_load_cores']:.2f}{bad}")
+                f"  p99 {res['p99_ms']:.3f} ms  other load {res['other_load_cores']:.2f}"
+                f"{'  settled %.1f s' % res['settled_s'] if res['settled_s'] > 1 else ''}{bad}")
     lab.fsync_samples += measure_fsync(fsync_dir)
     lab.fsync = fsync_summary(lab.fsync_samples, fsync_dir)
     return cfgs
