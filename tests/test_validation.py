@@ -208,6 +208,8 @@ def test_depth_is_enforced_on_every_path(body: bytes) -> None:
     (b'{"a":1E2,"b":1.50}', {"a": 100.0, "b": 1.5}),  # orjson writes 100.0 and 1.5
     (b'{"x":"\\/"}', {"x": "/"}),                # an escape orjson does not write back
     (b'{"a":18446744073709551616}', "unrepresentable_value"),  # past 64 bits: orjson would read a float
+    (b'{"a":18446744073709551615,"b":-9223372036854775808}', {"a": 2**64 - 1, "b": -2**63}),  # orjson's range's ends
+    (b'{"a":9007199254740993}', {"a": 2**53 + 1}),  # past 53 bits: still exact
 ])
 def test_bodies_orjson_would_write_differently_read_as_the_strict_parser_reads_them(body: bytes, expected: object) -> None:
     try:
