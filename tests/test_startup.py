@@ -84,6 +84,9 @@ def test_serve_that_cannot_bind_exits_at_once_with_the_reason(tmp_path: Path, bu
     assert f"cannot listen on {addr} ({busy}): Address already in use" in err, err
     assert '"event": "ready"' not in out and "ready" not in out
     assert "Traceback" not in err
+    if args:  # --workers: a worker that cannot listen at its first start stops the gateway, never restarted
+        assert "restarting in" not in err and "keeps dying" not in err, err
+        assert "could not start (cannot start: cannot listen on" in err, err
 
 
 def test_demo_that_cannot_bind_exits_at_once_with_the_reason(tmp_path: Path, busy_port: int) -> None:

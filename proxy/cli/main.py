@@ -106,8 +106,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_one(rules, config_path)
 
 
-def _serve_one(rules: RulesFile, config_path: str | None, errors: list[str] | None = None) -> int:
-    from ..app.gateway import Gateway, run_forever
+# a worker's exit code when it cannot listen (single-process serve exits 1): restarting it cannot help
+WORKER_CANNOT_LISTEN = 3
+
+
+def _serve_one(rules: RulesFile, config_path: str | None, errors: list[str] | None = None,
+               worker: bool = False) -> int:
+    from ..app.gateway import Gateway, ListenError, run_forever
 
     def fail(message: str, code: int) -> int:
         print(f"tether: {message}", file=sys.stderr)
@@ -121,6 +126,8 @@ def _serve_one(rules: RulesFile, config_path: str | None, errors: list[str] | No
         return fail(str(exc), 2)
     try:
         run_async(run_forever(gw))
+    except ListenError as exc:
+        return fail(f"cannot start: {exc}", WORKER_CANNOT_LISTEN if worker else 1)
     except OSError as exc:
         return fail(f"cannot start: {exc}", 1)
     except Exception as exc:  # StoreUnavailable and friends
@@ -249,8 +256,12 @@ async def _journal_event(rules: RulesFile, event: str, **fields: Any) -> None:
 class _Supervisor:
     """The parent of ``--workers N``: restarts a worker that dies, with backoff, journaling each death
     and restart; when one worker keeps dying (``GIVE_UP`` deaths in a row, each within ``QUICK`` seconds
-    of its start) it stops the others and exits 1 with the reason. SIGTERM/SIGINT/SIGHUP are passed on;
-    after SIGTERM/SIGINT nothing is restarted and the parent exits with the worst worker status."""
+    of its start) it stops the others and exits 1 with the reason. A worker whose *first* start fails
+    because it cannot listen or its configuration is refused stops the gateway at once, as a single
+    process would (exit 1 or 2): the port another program holds, or the secret that cannot be read, does
+    not come right by restarting, and ten seconds of backoff would only hide the reason. SIGTERM/SIGINT/
+    SIGHUP are passed on; after SIGTERM/SIGINT nothing is restarted and the parent exits with the worst
+    worker status."""
 
     BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
     GIVE_UP = 5
@@ -262,7 +273,7 @@ class _Supervisor:
         self.rules = rules
         self.config_path = config_path
         self.slots: list[dict[str, Any]] = [{"slot": i, "pid": None, "started": 0.0, "deaths": 0, "due": 0.0,
-                                             "pipe": None} for i in range(workers)]
+                                             "pipe": None, "spawns": 0} for i in range(workers)]
         self.stopping = False
         self.kill_at: float | None = None  # when workers still draining are killed (see stop())
         self.gave_up: str | None = None
@@ -278,7 +289,7 @@ class _Supervisor:
             errors: list[str] = []
             code = 1
             try:
-                code = _serve_one(self.rules, self.config_path, errors)
+                code = _serve_one(self.rules, self.config_path, errors, worker=True)
             except BaseException as exc:  # noqa: BLE001 - report why, whatever it was
                 errors.append(f"{type(exc).__name__}: {exc}")
             finally:
@@ -289,7 +300,7 @@ class _Supervisor:
                         pass
                 os._exit(code)
         os.close(w)
-        slot.update(pid=pid, started=time.monotonic(), pipe=r, due=0.0)
+        slot.update(pid=pid, started=time.monotonic(), pipe=r, due=0.0, spawns=slot["spawns"] + 1)
 
     def forward(self, signum: int) -> None:
         for slot in self.slots:
@@ -365,7 +376,7 @@ class _Supervisor:
             self.reaped(slot, os.waitstatus_to_exitcode(status))
         if self.gave_up:
             print(f"tether: {self.gave_up}", file=sys.stderr)
-            return 1
+            return max(self.worst, 1)
         return self.worst
 
     def reaped(self, slot: dict[str, Any], code: int) -> None:
@@ -382,12 +393,18 @@ class _Supervisor:
             os.close(slot["pipe"])
             slot["pipe"] = None
         if self.stopping:
-            self.worst = max(self.worst, code)
+            self.worst = max(self.worst, 1 if code == WORKER_CANNOT_LISTEN else code)  # 3 is the workers' word
             return
         lived = time.monotonic() - slot["started"]
         slot["deaths"] = slot["deaths"] + 1 if lived < self.QUICK else 1
         status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
         reason = f"{status}" + (f": {why}" if why else "")
+        if slot["spawns"] == 1 and code in (2, WORKER_CANNOT_LISTEN):
+            self.gave_up = f"worker {slot['slot']} could not start ({why or status}); stopping the gateway"
+            self.worst = max(self.worst, 2 if code == 2 else 1)
+            self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
+            self.stop(int(signal.SIGTERM))  # the others (if they started) drain and stop
+            return
         if slot["deaths"] >= self.GIVE_UP:
             self.gave_up = (f"worker {slot['slot']} keeps dying ({slot['deaths']} times in a row, each within "
                             f"{self.QUICK:g}s of starting; last: {reason}); stopping the gateway")
