@@ -379,9 +379,15 @@ class _Supervisor:
             return max(self.worst, 1)
         return self.worst
 
-    def reaped(self, slot: dict[str, Any], code: int) -> None:
+    def give_up(self, slot: dict[str, Any], pid: int | None, why: str) -> None:
+        """Stop the gateway because of one worker: journaled, said on exit, the others drain and stop."""
         import signal
 
+        self.gave_up = f"worker {slot['slot']} {why}; stopping the gateway"
+        self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
+        self.stop(int(signal.SIGTERM))
+
+    def reaped(self, slot: dict[str, Any], code: int) -> None:
         pid, slot["pid"] = slot["pid"], None
         why = ""
         if slot["pipe"] is not None:
@@ -392,24 +398,22 @@ class _Supervisor:
                 pass
             os.close(slot["pipe"])
             slot["pipe"] = None
+        # the gateway's exit code for this worker's (WORKER_CANNOT_LISTEN is the workers' word for 1)
+        gateway_code = 1 if code == WORKER_CANNOT_LISTEN else code
         if self.stopping:
-            self.worst = max(self.worst, 1 if code == WORKER_CANNOT_LISTEN else code)  # 3 is the workers' word
+            self.worst = max(self.worst, gateway_code)
             return
         lived = time.monotonic() - slot["started"]
         slot["deaths"] = slot["deaths"] + 1 if lived < self.QUICK else 1
         status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
         reason = f"{status}" + (f": {why}" if why else "")
         if slot["spawns"] == 1 and code in (2, WORKER_CANNOT_LISTEN):
-            self.gave_up = f"worker {slot['slot']} could not start ({why or status}); stopping the gateway"
-            self.worst = max(self.worst, 2 if code == 2 else 1)
-            self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
-            self.stop(int(signal.SIGTERM))  # the others (if they started) drain and stop
+            self.worst = max(self.worst, gateway_code)
+            self.give_up(slot, pid, f"could not start ({why or status})")
             return
         if slot["deaths"] >= self.GIVE_UP:
-            self.gave_up = (f"worker {slot['slot']} keeps dying ({slot['deaths']} times in a row, each within "
-                            f"{self.QUICK:g}s of starting; last: {reason}); stopping the gateway")
-            self.journal("workers_stopped", worker=slot["slot"], pid=pid, reason=self.gave_up)
-            self.stop(int(signal.SIGTERM))  # the others drain and stop
+            self.give_up(slot, pid, f"keeps dying ({slot['deaths']} times in a row, each within {self.QUICK:g}s "
+                                    f"of starting; last: {reason})")
             return
         delay = self.BACKOFF[min(slot["deaths"], len(self.BACKOFF)) - 1]
         slot["due"] = time.monotonic() + delay
